@@ -1,0 +1,85 @@
+"""The reference step arithmetic in plain torch, op for op as diffusers' ``KarrasVeScheduler``.
+
+Every faster backend is checked against these functions. Scalars (``sigma``, ``sigma_hat``,
+``sigma_prev``) are 0-d float32 tensors on the CPU, exactly as the reference pipeline holds them:
+torch then divides by them truly on the CPU and multiplies by a host-computed float32 reciprocal on
+CUDA, which is what "bit-exact with the reference" means on each device. Never simplify the algebra
+here (``(x - pred) / s`` is not rewritten as ``-model_output``): the rounding must stay the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def churn(sample: torch.Tensor, eps: torch.Tensor, sigma, sigma_hat) -> torch.Tensor:
+    """Algorithm 2, line 6: x_hat = x + sqrt(t_hat^2 - t^2) * eps (eps already scaled by S_noise)."""
+    return sample + ((sigma_hat**2 - sigma**2) ** 0.5 * eps)
+
+
+def model_input(sample: torch.Tensor) -> torch.Tensor:
+    """Map a sample from [-1, 1] to the [0, 1] image space the score model is called in."""
+    return (sample + 1) / 2
+
+
+def scale_model_output(raw: torch.Tensor, sigma) -> torch.Tensor:
+    """Turn the model's [0, 1]-space score into the reference's ``model_output`` (paper eq. 213)."""
+    return (sigma / 2) * raw
+
+
+def euler(model_output: torch.Tensor, sigma_hat, sigma_prev, sample_hat: torch.Tensor):
+    """Algorithm 2, lines 7-8: d = (x_hat - D(x_hat)) / t_hat; x_next = x_hat + (t_next - t_hat) d.
+
+    Returns ``(sample_prev, derivative, pred_original_sample)``.
+    """
+    pred_original_sample = sample_hat + sigma_hat * model_output
+    derivative = (sample_hat - pred_original_sample) / sigma_hat
+    sample_prev = sample_hat + (sigma_prev - sigma_hat) * derivative
+    return sample_prev, derivative, pred_original_sample
+
+
+def heun(model_output: torch.Tensor, sigma_hat, sigma_prev, sample_hat, sample_prev, derivative):
+    """Algorithm 2, lines 9-11: the second-order correction with d' at t_next.
+
+    Returns ``(sample_prev, pred_original_sample)``.
+    """
+    pred_original_sample = sample_prev + sigma_prev * model_output
+    derivative_corr = (sample_prev - pred_original_sample) / sigma_prev
+    sample_prev = sample_hat + (sigma_prev - sigma_hat) * (0.5 * derivative + 0.5 * derivative_corr)
+    return sample_prev, pred_original_sample
+
+
+def to_image(sample: torch.Tensor) -> torch.Tensor:
+    """The pipeline's final map from [-1, 1] to a clamped [0, 1] image."""
+    return (sample / 2 + 0.5).clamp(0, 1)
+
+
+class TorchStep:
+    """The torch step backend: the reference's ops, one small kernel each, on any device."""
+
+    name = "torch"
+
+    def __init__(self, s_noise: float):
+        self.s_noise = s_noise
+
+    def churn(self, sample, eps, step):
+        """Lines 5-6 from unscaled noise ``eps``; returns ``(sample_hat, model input)``."""
+        eps = self.s_noise * eps
+        sample_hat = churn(sample, eps, step.sigma, step.sigma_hat)
+        return sample_hat, model_input(sample_hat)
+
+    def euler(self, raw, sample_hat, step, want_input: bool):
+        """Lines 7-8 from the raw model output; returns ``(sample_prev, derivative, denoised, model input)``."""
+        model_output = scale_model_output(raw, step.sigma_hat)
+        sample_prev, derivative, pred = euler(model_output, step.sigma_hat, step.sigma_prev, sample_hat)
+        return sample_prev, derivative, pred, model_input(sample_prev) if want_input else None
+
+    def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, eps_next=None):
+        """Lines 9-11, then (if ``next_step``) the next step's churn; returns ``(sample, denoised, churned)``."""
+        model_output = scale_model_output(raw, step.sigma_prev)
+        sample, pred = heun(model_output, step.sigma_hat, step.sigma_prev, sample_hat, sample_prev, derivative)
+        churned = None if next_step is None else self.churn(sample, eps_next, next_step)
+        return sample, pred, churned
+
+    def finish(self, sample):
+        return to_image(sample)

@@ -1,0 +1,173 @@
+"""``KarrasVePipeline``: a drop-in for diffusers' deprecated pipeline, driving ``kve_fast.sampler``."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+from ._checks import check_generator, check_int
+from .ops.step_torch import to_image
+from .sampler import get_backend, sample_karras_ve
+from .scheduler import KarrasVeScheduler
+
+OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")
+CALLBACK_TENSOR_INPUTS = ("sample", "pred_original_sample")
+
+
+def _as_kve_scheduler(scheduler) -> KarrasVeScheduler:
+    """Our scheduler with ``scheduler``'s settings (for schedulers of diffusers' own class)."""
+    if isinstance(scheduler, KarrasVeScheduler):
+        return scheduler
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        raise TypeError(f"`scheduler` must be a KarrasVeScheduler, got {type(scheduler).__name__}")
+    return KarrasVeScheduler.from_config(config)
+
+
+class KarrasVePipeline(DiffusionPipeline):
+    """Unconditional image generation with the stochastic sampler of Karras et al. (2022), Algorithm 2.
+
+    The same call and, in float32 with the default torch backend, the same outputs bit for bit as
+    ``diffusers.pipelines.deprecated.stochastic_karras_ve.KarrasVePipeline``.
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` or any module called as ``model(x, sigma)`` returning a tensor
+            (or an object with ``.sample``) shaped like ``x``. The channel count comes from
+            ``unet.config.in_channels`` when there is one (the reference hard-codes 3), else 3.
+        scheduler: a ``KarrasVeScheduler`` (ours or diffusers'; ``from_pipe`` converts the latter).
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
+
+    def __init__(self, unet: torch.nn.Module, scheduler: KarrasVeScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self._interrupt = False
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs) -> "KarrasVePipeline":
+        """Build a kve_fast pipeline from an existing diffusers one, sharing its UNet (no copies)."""
+        unet = kwargs.pop("unet", None) or getattr(pipeline, "unet", None)
+        scheduler = kwargs.pop("scheduler", None) or getattr(pipeline, "scheduler", None)
+        if kwargs:
+            raise TypeError(f"from_pipe() got unexpected arguments: {sorted(kwargs)}")
+        if unet is None or scheduler is None:
+            raise ValueError("`pipeline` must have a `unet` and a `scheduler`")
+        return cls(unet=unet, scheduler=_as_kve_scheduler(scheduler))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "KarrasVePipeline":
+        """Load a pipeline saved by ``save_pretrained`` (ours or diffusers') from a local folder."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            raise ValueError(f"`pretrained_model_name_or_path` must be a local folder, got {path!r}")
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", **kwargs)
+        scheduler = KarrasVeScheduler.from_pretrained(path, subfolder="scheduler")
+        return cls(unet=unet, scheduler=scheduler)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (the CPU for a model without any)."""
+        for tensor in list(self.unet.parameters()) + list(self.unet.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _image_shape(self, batch_size: int) -> tuple[int, ...]:
+        config = getattr(self.unet, "config", None)
+        size = getattr(config, "sample_size", None) if config is not None else None
+        if size is None:
+            raise ValueError("`unet` needs a `config.sample_size` (the image size) to generate images")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        channels = getattr(config, "in_channels", 3)
+        out_channels = getattr(config, "out_channels", channels)
+        if out_channels != channels:
+            raise ValueError(
+                f"`unet` maps {channels} channels to {out_channels}: a score model's output must match its input"
+            )
+        return (batch_size, channels, height, width)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("sample",),
+        backend: str = "auto",
+        **kwargs,
+    ):
+        """Generate ``batch_size`` images with ``num_inference_steps`` Heun steps (2N - 1 model calls).
+
+        Args:
+            generator: a ``torch.Generator`` or a list of ``batch_size`` of them (one per image).
+            output_type: ``"pil"``, ``"np"``/``"numpy"`` (BHWC float32 in [0, 1]), ``"pt"`` (BCHW
+                tensor in [0, 1]) or ``"latent"`` (the final sample before ``(x / 2 + 0.5).clamp(0, 1)``).
+            callback_on_step_end: ``f(pipe, step_index, timestep, callback_kwargs) -> dict`` after each
+                step; ``callback_kwargs`` holds the tensors named in
+                ``callback_on_step_end_tensor_inputs`` (``"sample"``, ``"pred_original_sample"``); a
+                returned ``"sample"`` replaces the sample, and setting ``pipe._interrupt = True`` stops.
+            backend: ``"auto"`` or ``"torch"`` (the reference's ops).
+
+        Returns:
+            ``ImagePipelineOutput`` with ``.images``, or ``(images,)`` when ``return_dict`` is False.
+        """
+        if kwargs:
+            raise TypeError(f"KarrasVePipeline got unexpected keyword arguments: {sorted(kwargs)}")
+        batch_size = check_int("batch_size", batch_size, 1)
+        check_int("num_inference_steps", num_inference_steps, 2)
+        output_type = "np" if output_type is None else output_type
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        generator = check_generator(generator, batch_size)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError("`callback_on_step_end` must be callable")
+        tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        unknown = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only name {CALLBACK_TENSOR_INPUTS}, got {unknown}"
+            )
+        shape = self._image_shape(batch_size)
+        scheduler = _as_kve_scheduler(self.scheduler)
+        device = self.device
+        get_backend(backend, device, scheduler.config.s_noise)  # checks the name before any work
+
+        callback = None
+        if callback_on_step_end is not None:
+            self._interrupt = False
+
+            def callback(state):
+                kwargs = {k: state[k] for k in tensor_inputs}
+                out = callback_on_step_end(self, state["i"], state["timestep"], kwargs) or {}
+                return {"sample": out.get("sample", state["sample"]), "stop": self._interrupt}
+
+        sample = sample_karras_ve(
+            self.unet, scheduler, shape, num_inference_steps, generator, device,
+            backend=backend, callback=callback, progress=self.progress_bar,
+        )
+        # Leave the scheduler as the reference does after a call.
+        self.scheduler.set_timesteps(num_inference_steps)
+
+        if output_type == "latent":
+            image = sample
+        else:
+            image = to_image(sample)
+            if output_type != "pt":
+                image = image.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    image = self.numpy_to_pil(image)
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

@@ -1,0 +1,183 @@
+"""The sampler loop: Algorithm 2 of Karras et al. (2022), one Heun step at a time.
+
+The loop owns the order of things (noise draws, model calls, callbacks); the arithmetic of each
+stage lives in a step backend (``kve_fast.ops``) and the randomness in a noise source
+(``kve_fast.noise``). With the torch backend and the reference noise stream, every tensor the loop
+produces is bit-identical to what diffusers' ``KarrasVePipeline`` produces on the same device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ._checks import check_generator, check_int
+from .noise import ReferenceNoise
+from .ops.step_torch import TorchStep
+
+BACKENDS = ("auto", "torch")
+
+
+@dataclass(frozen=True)
+class Step:
+    """Per-step scalars as the reference computes them (0-d float32 CPU tensors; sigma_prev is 0 last)."""
+
+    index: int
+    timestep: torch.Tensor
+    sigma: torch.Tensor
+    sigma_hat: torch.Tensor
+    sigma_prev: torch.Tensor | int
+    gamma: float
+
+    @property
+    def last(self) -> bool:
+        return isinstance(self.sigma_prev, int)
+
+
+def plan_steps(scheduler, num_inference_steps: int) -> list[Step]:
+    """The scalars of every step, computed like the reference pipeline does, without touching ``scheduler``."""
+    timesteps, schedule = scheduler.make_schedule(num_inference_steps)
+    steps = []
+    for i, t in enumerate(timesteps):
+        # here sigma_t == t_i from the paper (the reference's schedule)
+        sigma = schedule[t]
+        sigma_prev = schedule[t - 1] if t > 0 else 0
+        sigma_hat, gamma = scheduler.churn_sigma(sigma, num_inference_steps)
+        steps.append(Step(i, t, sigma, sigma_hat, sigma_prev, gamma))
+    return steps
+
+
+def get_backend(name: str, device: torch.device, s_noise: float):
+    """Pick the step backend: ``"torch"`` (reference ops) or ``"auto"``."""
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}")
+    return TorchStep(s_noise)
+
+
+class ModelOutputError(ValueError):
+    """The model returned something that is not a tensor shaped like its input."""
+
+
+def _raw_output(out):
+    """The model's output tensor: ``.sample`` of a diffusers output, the first item of a tuple, or itself."""
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+class _RngSnapshot:
+    """Generator states taken before sampling, restored if the run is rejected after it started."""
+
+    def __init__(self, generator, device: torch.device):
+        gens = generator if isinstance(generator, list) else [generator]
+        self.states = [(g, g.get_state()) for g in gens if g is not None]
+        self.cpu = torch.get_rng_state() if generator is None else None
+        self.cuda = None
+        if generator is None and device.type == "cuda":
+            self.cuda = (device, torch.cuda.get_rng_state(device))
+
+    def restore(self) -> None:
+        for g, state in self.states:
+            g.set_state(state)
+        if self.cpu is not None:
+            torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
+def sample_karras_ve(
+    model: Callable,
+    scheduler,
+    shape: tuple[int, ...],
+    num_inference_steps: int = 50,
+    generator=None,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    callback: Callable[[dict], dict | None] | None = None,
+    progress: Callable | bool = False,
+) -> torch.Tensor:
+    """Run Algorithm 2 with ``model`` and ``scheduler``; return the final sample (float32, in [-1, 1] space).
+
+    ``model(x, sigma / 2)`` is called with ``x`` in [0, 1] image space and returns the score there
+    (a tensor, a tuple, or an object with ``.sample``). ``generator`` is None, a ``torch.Generator`` or
+    a list with one per sample. ``callback(state)`` runs after each step with ``state`` holding ``i``,
+    ``timestep``, ``sigma``, ``sigma_hat``, ``sigma_prev``, ``sample`` and ``pred_original_sample``; it
+    may return a dict whose ``"sample"`` replaces the sample and whose ``"stop": True`` ends the run.
+    ``progress`` is True for a tqdm bar, or a function wrapping the step iterable (a pipeline's
+    ``progress_bar``). ``scheduler`` is not modified.
+    """
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"`shape` must be (batch, channels, ...), got {shape}")
+    batch_size = check_int("shape[0]", shape[0], 1)
+    generator = check_generator(generator, batch_size)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
+    device = torch.device(device)
+    steps = plan_steps(scheduler, num_inference_steps)
+    step_backend = get_backend(backend, device, scheduler.config.s_noise)
+    noise = ReferenceNoise(shape, generator, device)
+    snapshot = _RngSnapshot(generator, device)
+
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(steps)
+    elif callable(progress):
+        iterator = progress(steps)
+    else:
+        iterator = steps
+
+    def call_model(x, sigma):
+        out = _raw_output(model(x, sigma / 2))
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x.shape)}, got {got}")
+        return out
+
+    # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not schedule[0]).
+    sample = noise.initial() * scheduler.init_noise_sigma
+    churned = None
+    try:
+        for step in iterator:
+            i = step.index
+            # Lines 4-6: increase the noise level temporarily, sigma -> sigma_hat, with fresh noise.
+            if churned is None:
+                churned = step_backend.churn(sample, noise.step(), step)
+            sample_hat, x_in = churned
+            churned = None
+            # Lines 7-8: Euler step from sigma_hat to sigma_prev (the model sees [0, 1] images).
+            raw = call_model(x_in, step.sigma_hat)
+            sample_prev, derivative, pred, x_in = step_backend.euler(raw, sample_hat, step, not step.last)
+            if step.last:
+                sample = sample_prev
+            else:
+                # Lines 9-11: second-order correction at sigma_prev; with no callback to see the
+                # sample in between, the next step's churn (lines 4-6) is fused into the same stage.
+                raw = call_model(x_in, step.sigma_prev)
+                fuse = callback is None and i + 1 < len(steps)
+                sample, pred, churned = step_backend.heun(
+                    raw, sample_hat, sample_prev, derivative, step,
+                    steps[i + 1] if fuse else None, noise.step() if fuse else None,
+                )
+            if callback is not None:
+                state = {
+                    "i": i, "timestep": step.timestep, "sigma": step.sigma, "sigma_hat": step.sigma_hat,
+                    "sigma_prev": step.sigma_prev, "sample": sample, "pred_original_sample": pred,
+                }
+                out = callback(state)
+                if out:
+                    sample = out.get("sample", sample)
+                    if out.get("stop", False):
+                        break
+    except ModelOutputError:
+        snapshot.restore()  # rejected at the first model call: leave the generators as they were
+        raise
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
+    return sample

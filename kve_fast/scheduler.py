@@ -1,0 +1,129 @@
+"""``KarrasVeScheduler``: the reference scheduler's API and arithmetic, with its inputs checked.
+
+A drop-in for ``diffusers.schedulers.deprecated.scheduling_karras_ve.KarrasVeScheduler``: the same
+config fields and defaults, the same ``set_timesteps`` / ``add_noise_to_input`` / ``step`` /
+``step_correct`` results bit for bit, and diffusers-style config files, so it also works inside
+diffusers' own ``KarrasVePipeline``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ._checks import check_int, check_real
+from .noise import draw_randn
+from .ops import step_torch
+from .schedules import diffusers_schedule
+
+
+@dataclass
+class KarrasVeOutput(BaseOutput):
+    """Output of ``step`` / ``step_correct``: the next sample, the derivative and the denoised estimate."""
+
+    prev_sample: torch.Tensor
+    derivative: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+def _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max) -> None:
+    check_real("sigma_min", sigma_min, positive=True)
+    check_real("sigma_max", sigma_max, positive=True)
+    if not sigma_min < sigma_max:
+        raise ValueError(f"`sigma_min` ({sigma_min}) must be smaller than `sigma_max` ({sigma_max})")
+    check_real("s_noise", s_noise, minimum=0)
+    check_real("s_churn", s_churn, minimum=0)
+    check_real("s_min", s_min, minimum=0)
+    check_real("s_max", s_max, minimum=0)
+    if s_min > s_max:
+        raise ValueError(f"`s_min` ({s_min}) must not be larger than `s_max` ({s_max})")
+
+
+class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
+    """Stochastic sampler of Karras et al. (2022), Algorithm 2, for variance-exploding models.
+
+    Args:
+        sigma_min: smallest noise level of Table 1's VE column (the schedule ends at sigma_min**2).
+        sigma_max: largest noise level (the schedule starts at sigma_max**2; initial noise std).
+        s_noise: S_noise, scale of the churn noise (paper: 1.000 to 1.011).
+        s_churn: S_churn, overall amount of stochasticity (gamma_i = min(S_churn / N, sqrt(2) - 1)).
+        s_min, s_max: the sigma range [S_tmin, S_tmax] in which churn is applied.
+    """
+
+    order = 2
+
+    @register_to_config
+    def __init__(
+        self,
+        sigma_min: float = 0.02,
+        sigma_max: float = 100,
+        s_noise: float = 1.007,
+        s_churn: float = 80,
+        s_min: float = 0.05,
+        s_max: float = 50,
+    ):
+        _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max)
+        self.init_noise_sigma = sigma_max
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+        self.schedule: torch.Tensor | None = None  # sigma(t_i), ascending, indexed by timesteps
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """Identity, for interchangeability with schedulers that scale the model input."""
+        return sample
+
+    def make_schedule(self, num_inference_steps: int, device=None):
+        """Return ``(timesteps, schedule)`` for ``num_inference_steps`` without changing the scheduler."""
+        check_int("num_inference_steps", num_inference_steps, 2)
+        return diffusers_schedule(num_inference_steps, self.config.sigma_min, self.config.sigma_max, device)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """Set ``timesteps`` and the noise levels ``schedule`` (bitwise the reference's)."""
+        timesteps, schedule = self.make_schedule(num_inference_steps, device)
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = timesteps
+        self.schedule = schedule
+
+    def churn_sigma(self, sigma, num_inference_steps: int | None = None):
+        """Algorithm 2, lines 4-5: gamma_i and sigma_hat = sigma + gamma_i * sigma, as the reference rounds them."""
+        n = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        if n is None:
+            raise ValueError("call `set_timesteps` before adding churn noise (num_inference_steps is unset)")
+        if self.config.s_min <= sigma <= self.config.s_max:
+            gamma = min(self.config.s_churn / n, 2**0.5 - 1)
+        else:
+            gamma = 0
+        return sigma + gamma * sigma, gamma
+
+    def add_noise_to_input(self, sample: torch.Tensor, sigma, generator: torch.Generator | None = None):
+        """Algorithm 2, lines 5-6: raise the noise level to sigma_hat; returns ``(sample_hat, sigma_hat)``.
+
+        The noise is drawn like the reference's (``randn`` on the CPU, or on a CUDA generator's own
+        device, which the reference rejects) and moved to ``sample``'s device.
+        """
+        sigma_hat, _ = self.churn_sigma(sigma)
+        eps = self.config.s_noise * draw_randn(sample.shape, generator).to(sample.device)
+        return step_torch.churn(sample, eps, sigma, sigma_hat), sigma_hat
+
+    def step(self, model_output, sigma_hat, sigma_prev, sample_hat, return_dict: bool = True):
+        """Algorithm 2, lines 7-8: the Euler step from sigma_hat to sigma_prev."""
+        sample_prev, derivative, pred = step_torch.euler(model_output, sigma_hat, sigma_prev, sample_hat)
+        if not return_dict:
+            return (sample_prev, derivative)
+        return KarrasVeOutput(prev_sample=sample_prev, derivative=derivative, pred_original_sample=pred)
+
+    def step_correct(
+        self, model_output, sigma_hat, sigma_prev, sample_hat, sample_prev, derivative, return_dict: bool = True
+    ):
+        """Algorithm 2, lines 9-11: the Heun correction at sigma_prev."""
+        sample_prev, pred = step_torch.heun(model_output, sigma_hat, sigma_prev, sample_hat, sample_prev, derivative)
+        if not return_dict:
+            return (sample_prev, derivative)
+        return KarrasVeOutput(prev_sample=sample_prev, derivative=derivative, pred_original_sample=pred)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        raise NotImplementedError("KarrasVeScheduler is a sampling-only scheduler, as in diffusers")

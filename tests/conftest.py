@@ -1,0 +1,146 @@
+"""Models, the diffusers reference and a verbose bitwise assertion shared by the tests."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from diffusers.pipelines.deprecated.stochastic_karras_ve import KarrasVePipeline as RefPipeline
+from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler as RefScheduler
+from diffusers.utils import BaseOutput
+
+import kve_fast
+
+
+def assert_bitwise(actual, expected, what: str = "output") -> None:
+    """``torch.equal`` / ``np.array_equal``, and on failure: how many differ, where, and by how much."""
+    a = actual if isinstance(actual, torch.Tensor) else torch.from_numpy(np.array(actual))
+    e = expected if isinstance(expected, torch.Tensor) else torch.from_numpy(np.array(expected))
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert a.dtype == e.dtype, f"{what}: dtype {a.dtype} != {e.dtype}"
+    if torch.equal(a, e):
+        return
+    a, e = a.detach().cpu(), e.detach().cpu()
+    diff = a != e
+    if a.is_floating_point():
+        diff &= ~(torch.isnan(a) & torch.isnan(e))
+    idx = diff.nonzero()[:5].tolist()
+    worst = (a.double() - e.double()).abs().max().item()
+    raise AssertionError(f"{what}: {int(diff.sum())} of {a.numel()} elements differ; first at {idx}; max |diff| {worst:g}")
+
+
+def reference_test_unet(sample_size: int = 16, channels: int = 3) -> UNet2DModel:
+    """The tiny UNet of diffusers' own KarrasVePipeline tests (at a smaller image size)."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=sample_size,
+        in_channels=channels, out_channels=channels,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def ncsnpp_unet(sample_size: int = 16) -> UNet2DModel:
+    """A small NCSN++-style UNet: fourier noise embedding and FIR Skip blocks, as the score-SDE models."""
+    torch.manual_seed(1)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(32, 32, 64), time_embedding_type="fourier", norm_eps=1e-6,
+        mid_block_scale_factor=math.sqrt(2), flip_sin_to_cos=True,
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
+    ).eval()
+
+
+class GaussianScore(torch.nn.Module):
+    """The exact score of Gaussian data N(mean, std^2 I) in [0, 1] image space: outputs never saturate.
+
+    Called like a diffusers UNet: ``model(y, sigma_y).sample`` with ``y`` in [0, 1] space.
+    """
+
+    def __init__(self, sample_size: int = 8, channels: int = 3, mean: float = 0.5, std: float = 0.15):
+        super().__init__()
+        self.config = types.SimpleNamespace(sample_size=sample_size, in_channels=channels, out_channels=channels)
+        g = torch.Generator().manual_seed(3)
+        self.register_buffer("mean", mean + 0.2 * (torch.rand(channels, sample_size, sample_size, generator=g) - 0.5))
+        self.std = std
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mean.dtype
+
+    def forward(self, y, sigma):
+        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
+        return BaseOutput(sample=(self.mean - y) / (self.std**2 + sigma**2))
+
+
+MODELS = {
+    "test_unet": lambda: reference_test_unet(16),
+    "ncsnpp": lambda: ncsnpp_unet(16),
+    "gaussian": lambda: GaussianScore(8),
+}
+
+
+@pytest.fixture(scope="session")
+def models():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = MODELS[name]()
+        return cache[name]
+
+    return get
+
+
+def make_generator(form: str, seed: int, batch_size: int):
+    """``"global"`` seeds the global RNG and returns None; ``"single"`` one generator; ``"list"`` one per sample."""
+    if form == "global":
+        torch.manual_seed(seed)
+        return None
+    if form == "single":
+        return torch.Generator().manual_seed(seed)
+    return [torch.Generator().manual_seed(seed + 1000 * i) for i in range(batch_size)]
+
+
+def reference_pipe(unet, **scheduler_config) -> RefPipeline:
+    pipe = RefPipeline(unet=unet, scheduler=RefScheduler(**scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def kve_pipe(unet, **scheduler_config) -> kve_fast.KarrasVePipeline:
+    pipe = kve_fast.KarrasVePipeline(unet=unet, scheduler=kve_fast.KarrasVeScheduler(**scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def reference_latent(unet, scheduler, shape, num_inference_steps, generator, device="cpu"):
+    """diffusers' KarrasVePipeline loop verbatim (with diffusers' own scheduler and randn_tensor), stopped
+    before the final clamp, for any channel count. The oracle for ``output_type="latent"``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    model = unet
+    sample = randn_tensor(shape, generator=generator, device=torch.device(device)) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps:
+        sigma = scheduler.schedule[t]
+        sigma_prev = scheduler.schedule[t - 1] if t > 0 else 0
+        sample_hat, sigma_hat = scheduler.add_noise_to_input(sample, sigma, generator=generator)
+        model_output = (sigma_hat / 2) * model((sample_hat + 1) / 2, sigma_hat / 2).sample
+        step_output = scheduler.step(model_output, sigma_hat, sigma_prev, sample_hat)
+        if sigma_prev != 0:
+            model_output = (sigma_prev / 2) * model((step_output.prev_sample + 1) / 2, sigma_prev / 2).sample
+            step_output = scheduler.step_correct(
+                model_output, sigma_hat, sigma_prev, sample_hat, step_output.prev_sample, step_output["derivative"]
+            )
+        sample = step_output.prev_sample
+    return sample

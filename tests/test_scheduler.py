@@ -1,0 +1,117 @@
+"""KarrasVeScheduler: the reference's schedule, step arithmetic and config files, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import RefScheduler, assert_bitwise
+
+from kve_fast import KarrasVeScheduler
+
+SETTINGS = [
+    {},
+    {"sigma_min": 0.01, "sigma_max": 50.0, "s_noise": 1.0, "s_churn": 30.0, "s_min": 0.1, "s_max": 10.0},
+    {"sigma_min": 0.002, "sigma_max": 80, "s_noise": 1.003, "s_churn": 0, "s_min": 0, "s_max": 1000},
+]
+
+
+@pytest.mark.parametrize("config", SETTINGS)
+@pytest.mark.parametrize("n", [2, 3, 7, 50, 257])
+def test_set_timesteps_matches_reference(config, n):
+    ours, ref = KarrasVeScheduler(**config), RefScheduler(**config)
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    assert_bitwise(ours.timesteps, ref.timesteps, "timesteps")
+    assert_bitwise(ours.schedule, ref.schedule, "schedule")
+    assert ours.num_inference_steps == ref.num_inference_steps == n
+    assert ours.init_noise_sigma == ref.init_noise_sigma
+
+
+@pytest.mark.parametrize("config", SETTINGS)
+def test_step_functions_match_reference(config):
+    n = 12
+    ours, ref = KarrasVeScheduler(**config), RefScheduler(**config)
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    g = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, 3, 5, 7, generator=g) * 3
+    for t in ref.timesteps:  # every step, so churned and unchurned (gamma = 0) levels are both covered
+        sigma = ref.schedule[t]
+        sigma_prev = ref.schedule[t - 1] if t > 0 else 0
+        hat_o, sh_o = ours.add_noise_to_input(sample, sigma, generator=torch.Generator().manual_seed(int(t)))
+        hat_r, sh_r = ref.add_noise_to_input(sample, sigma, generator=torch.Generator().manual_seed(int(t)))
+        assert_bitwise(hat_o, hat_r, f"sample_hat at t={int(t)}")
+        assert_bitwise(sh_o, sh_r, f"sigma_hat at t={int(t)}")
+        model_output = torch.randn(sample.shape, generator=g)
+        so, sr = ours.step(model_output, sh_r, sigma_prev, hat_r), ref.step(model_output, sh_r, sigma_prev, hat_r)
+        for field in ("prev_sample", "derivative", "pred_original_sample"):
+            assert_bitwise(so[field], sr[field], f"step {field}")
+        if sigma_prev != 0:
+            mo2 = torch.randn(sample.shape, generator=g)
+            co = ours.step_correct(mo2, sh_r, sigma_prev, hat_r, sr.prev_sample, sr.derivative)
+            cr = ref.step_correct(mo2, sh_r, sigma_prev, hat_r, sr.prev_sample, sr.derivative)
+            for field in ("prev_sample", "derivative", "pred_original_sample"):
+                assert_bitwise(co[field], cr[field], f"step_correct {field}")
+            assert_bitwise(
+                ours.step_correct(mo2, sh_r, sigma_prev, hat_r, sr.prev_sample, sr.derivative, return_dict=False)[0],
+                cr.prev_sample,
+            )
+        sample = hat_r
+
+
+def test_config_round_trips(tmp_path):
+    config = SETTINGS[1]
+    ours = KarrasVeScheduler(**config)
+    ours.save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "KarrasVeScheduler"
+    assert {k: saved[k] for k in config} == config
+    loaded = KarrasVeScheduler.from_pretrained(tmp_path)
+    assert {k: loaded.config[k] for k in config} == config
+    # A config written by diffusers' own scheduler loads too, and the other way round.
+    ref_dir = tmp_path / "ref"
+    RefScheduler(**SETTINGS[2]).save_config(ref_dir)
+    from_ref = KarrasVeScheduler.from_pretrained(ref_dir)
+    assert {k: from_ref.config[k] for k in SETTINGS[2]} == SETTINGS[2]
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(KarrasVeScheduler.from_config(RefScheduler().config).config) == public(KarrasVeScheduler().config)
+    assert public(RefScheduler.from_config(ours.config).config) == public(RefScheduler(**config).config)
+
+
+@pytest.mark.parametrize(
+    "config, name",
+    [
+        ({"sigma_min": 100, "sigma_max": 100}, "sigma_min"),
+        ({"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
+        ({"sigma_min": 0.0}, "sigma_min"),
+        ({"sigma_max": -1}, "sigma_max"),
+        ({"s_churn": -1.0}, "s_churn"),
+        ({"s_noise": -0.5}, "s_noise"),
+        ({"s_min": 2.0, "s_max": 1.0}, "s_min"),
+        ({"s_min": -1.0}, "s_min"),
+        ({"sigma_max": float("inf")}, "sigma_max"),
+    ],
+)
+def test_bad_settings_raise_value_error(config, name):
+    with pytest.raises(ValueError, match=name):
+        KarrasVeScheduler(**config)
+
+
+@pytest.mark.parametrize("value", ["50", None, True, [1.0]])
+def test_bad_setting_types_raise_type_error(value):
+    with pytest.raises(TypeError, match="s_churn"):
+        KarrasVeScheduler(s_churn=value)
+
+
+@pytest.mark.parametrize("n, error", [(1, ValueError), (0, ValueError), (-3, ValueError), (2.0, TypeError), ("5", TypeError), (True, TypeError)])
+def test_bad_num_inference_steps_leaves_scheduler_unchanged(n, error):
+    scheduler = KarrasVeScheduler()
+    scheduler.set_timesteps(5)
+    before = (scheduler.num_inference_steps, scheduler.timesteps.clone(), scheduler.schedule.clone())
+    with pytest.raises(error, match="num_inference_steps"):
+        scheduler.set_timesteps(n)
+    assert scheduler.num_inference_steps == before[0]
+    assert_bitwise(scheduler.timesteps, before[1])
+    assert_bitwise(scheduler.schedule, before[2])
