@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ._checks import check_generator, check_int
-from .ops.step_torch import to_image
-from .sampler import get_backend, sample_karras_ve
+from .backends import check_backend
+from .noise import NOISE_MODES
+from .sampler import sample_karras_ve
 from .scheduler import KarrasVeScheduler
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")
@@ -26,6 +29,13 @@ def _as_kve_scheduler(scheduler) -> KarrasVeScheduler:
     if config is None:
         raise TypeError(f"`scheduler` must be a KarrasVeScheduler, got {type(scheduler).__name__}")
     return KarrasVeScheduler.from_config(config)
+
+
+def uint8_to_pil(images: np.ndarray) -> list[Image.Image]:
+    """BHWC uint8 images to PIL, as diffusers' ``numpy_to_pil`` does after rounding (1 channel: mode L)."""
+    if images.shape[-1] == 1:
+        return [Image.fromarray(image.squeeze(-1), mode="L") for image in images]
+    return [Image.fromarray(image) for image in images]
 
 
 class KarrasVePipeline(DiffusionPipeline):
@@ -106,6 +116,7 @@ class KarrasVePipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("sample",),
         backend: str = "auto",
+        noise: str = "exact",
         **kwargs,
     ):
         """Generate ``batch_size`` images with ``num_inference_steps`` Heun steps (2N - 1 model calls).
@@ -118,7 +129,11 @@ class KarrasVePipeline(DiffusionPipeline):
                 step; ``callback_kwargs`` holds the tensors named in
                 ``callback_on_step_end_tensor_inputs`` (``"sample"``, ``"pred_original_sample"``); a
                 returned ``"sample"`` replaces the sample, and setting ``pipe._interrupt = True`` stops.
-            backend: ``"auto"`` or ``"torch"`` (the reference's ops).
+            backend: ``"auto"`` (Triton on CUDA when it imports, else torch), ``"torch"`` (the
+                reference's ops) or ``"triton"`` (fused kernels; bit-identical in exact mode).
+            noise: ``"exact"`` (the reference's noise stream, bit-identical results) or ``"fast"``
+                (generated on the device from a seed drawn from ``generator``; reproducible, but
+                not the reference's stream).
 
         Returns:
             ``ImagePipelineOutput`` with ``.images``, or ``(images,)`` when ``return_dict`` is False.
@@ -142,7 +157,9 @@ class KarrasVePipeline(DiffusionPipeline):
         shape = self._image_shape(batch_size)
         scheduler = _as_kve_scheduler(self.scheduler)
         device = self.device
-        get_backend(backend, device, scheduler.config.s_noise)  # checks the name before any work
+        check_backend(backend, device)  # checks the name and the device before any work
+        if not isinstance(noise, str) or noise not in NOISE_MODES:
+            raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
 
         callback = None
         if callback_on_step_end is not None:
@@ -153,21 +170,18 @@ class KarrasVePipeline(DiffusionPipeline):
                 out = callback_on_step_end(self, state["i"], state["timestep"], kwargs) or {}
                 return {"sample": out.get("sample", state["sample"]), "stop": self._interrupt}
 
-        sample = sample_karras_ve(
+        output = {"latent": "latent", "pil": "uint8"}.get(output_type, "float")
+        image = sample_karras_ve(
             self.unet, scheduler, shape, num_inference_steps, generator, device,
-            backend=backend, callback=callback, progress=self.progress_bar,
+            backend=backend, noise=noise, callback=callback, progress=self.progress_bar, output=output,
         )
         # Leave the scheduler as the reference does after a call.
         self.scheduler.set_timesteps(num_inference_steps)
 
-        if output_type == "latent":
-            image = sample
-        else:
-            image = to_image(sample)
-            if output_type != "pt":
-                image = image.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    image = self.numpy_to_pil(image)
+        if output_type == "pil":
+            image = uint8_to_pil(image.cpu().numpy())
+        elif output_type in ("np", "numpy"):
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)

@@ -14,11 +14,10 @@ from typing import Callable
 import torch
 
 from ._checks import check_generator, check_int
-from .noise import ReferenceNoise
-from .ops.step_torch import TorchStep
+from .backends import make_backend
+from .noise import NOISE_MODES, make_noise
 
-BACKENDS = ("auto", "torch")
-
+OUTPUTS = ("latent", "float", "uint8")
 
 @dataclass(frozen=True)
 class Step:
@@ -47,13 +46,6 @@ def plan_steps(scheduler, num_inference_steps: int) -> list[Step]:
         sigma_hat, gamma = scheduler.churn_sigma(sigma, num_inference_steps)
         steps.append(Step(i, t, sigma, sigma_hat, sigma_prev, gamma))
     return steps
-
-
-def get_backend(name: str, device: torch.device, s_noise: float):
-    """Pick the step backend: ``"torch"`` (reference ops) or ``"auto"``."""
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}")
-    return TorchStep(s_noise)
 
 
 class ModelOutputError(ValueError):
@@ -97,18 +89,23 @@ def sample_karras_ve(
     generator=None,
     device: torch.device | str = "cpu",
     backend: str = "auto",
+    noise: str = "exact",
     callback: Callable[[dict], dict | None] | None = None,
     progress: Callable | bool = False,
+    output: str = "latent",
 ) -> torch.Tensor:
-    """Run Algorithm 2 with ``model`` and ``scheduler``; return the final sample (float32, in [-1, 1] space).
+    """Run Algorithm 2 with ``model`` and ``scheduler``; return the final sample or image.
 
     ``model(x, sigma / 2)`` is called with ``x`` in [0, 1] image space and returns the score there
     (a tensor, a tuple, or an object with ``.sample``). ``generator`` is None, a ``torch.Generator`` or
-    a list with one per sample. ``callback(state)`` runs after each step with ``state`` holding ``i``,
-    ``timestep``, ``sigma``, ``sigma_hat``, ``sigma_prev``, ``sample`` and ``pred_original_sample``; it
-    may return a dict whose ``"sample"`` replaces the sample and whose ``"stop": True`` ends the run.
-    ``progress`` is True for a tqdm bar, or a function wrapping the step iterable (a pipeline's
-    ``progress_bar``). ``scheduler`` is not modified.
+    a list with one per sample. ``backend``: ``"auto"``, ``"torch"`` or ``"triton"``; ``noise``:
+    ``"exact"`` (the reference's stream) or ``"fast"`` (generated on the device). ``callback(state)``
+    runs after each step with ``state`` holding ``i``, ``timestep``, ``sigma``, ``sigma_hat``,
+    ``sigma_prev``, ``sample`` and ``pred_original_sample``; it may return a dict whose ``"sample"``
+    replaces the sample and whose ``"stop": True`` ends the run. ``progress`` is True for a tqdm bar, or
+    a function wrapping the step iterable (a pipeline's ``progress_bar``). ``output``: ``"latent"`` (the
+    sample, float32, [-1, 1] space), ``"float"`` (``(x / 2 + 0.5).clamp(0, 1)``, BCHW) or ``"uint8"``
+    (that image as PIL rounds it, BHWC). ``scheduler`` is not modified.
     """
     shape = tuple(shape)
     if len(shape) < 2:
@@ -117,11 +114,18 @@ def sample_karras_ve(
     generator = check_generator(generator, batch_size)
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
+    if not isinstance(noise, str) or noise not in NOISE_MODES:
+        raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"`output` must be one of {OUTPUTS}, got {output!r}")
+    if output != "latent" and len(shape) != 4:
+        raise ValueError(f"`output`={output!r} needs a (batch, channels, height, width) shape, got {shape}")
     device = torch.device(device)
     steps = plan_steps(scheduler, num_inference_steps)
-    step_backend = get_backend(backend, device, scheduler.config.s_noise)
-    noise = ReferenceNoise(shape, generator, device)
+    step_backend = make_backend(backend, device, scheduler.config.s_noise, want_pred=callback is not None)
+    image_kind = None if output == "latent" else output
     snapshot = _RngSnapshot(generator, device)
+    source = make_noise(noise, shape, generator, device, len(steps))
 
     if progress is True:
         from tqdm.auto import tqdm
@@ -137,22 +141,29 @@ def sample_karras_ve(
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x.shape)}, got {got}")
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         return out
 
-    # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not schedule[0]).
-    sample = noise.initial() * scheduler.init_noise_sigma
-    churned = None
+    image = None
     try:
+        # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not schedule[0]).
+        sample = source.initial() * scheduler.init_noise_sigma
+        churned = None
         for step in iterator:
             i = step.index
             # Lines 4-6: increase the noise level temporarily, sigma -> sigma_hat, with fresh noise.
             if churned is None:
-                churned = step_backend.churn(sample, noise.step(), step)
+                churned = step_backend.churn(sample, source.step(), step)
             sample_hat, x_in = churned
             churned = None
-            # Lines 7-8: Euler step from sigma_hat to sigma_prev (the model sees [0, 1] images).
+            # Lines 7-8: Euler step from sigma_hat to sigma_prev (the model sees [0, 1] images). On the
+            # last step, with no callback to change the sample, the final image is fused in.
             raw = call_model(x_in, step.sigma_hat)
-            sample_prev, derivative, pred, x_in = step_backend.euler(raw, sample_hat, step, not step.last)
+            fuse_image = step.last and callback is None
+            sample_prev, derivative, pred, x_in, image = step_backend.euler(
+                raw, sample_hat, step, not step.last, image_kind if fuse_image else None
+            )
             if step.last:
                 sample = sample_prev
             else:
@@ -162,7 +173,7 @@ def sample_karras_ve(
                 fuse = callback is None and i + 1 < len(steps)
                 sample, pred, churned = step_backend.heun(
                     raw, sample_hat, sample_prev, derivative, step,
-                    steps[i + 1] if fuse else None, noise.step() if fuse else None,
+                    steps[i + 1] if fuse else None, source.step() if fuse else None,
                 )
             if callback is not None:
                 state = {
@@ -171,13 +182,22 @@ def sample_karras_ve(
                 }
                 out = callback(state)
                 if out:
-                    sample = out.get("sample", sample)
+                    new = out.get("sample", sample)
+                    if new is not sample:
+                        if not isinstance(new, torch.Tensor) or new.shape != sample.shape or new.dtype != sample.dtype \
+                                or new.device != sample.device:
+                            raise ValueError("`callback` must return a `sample` of the same shape, dtype and device")
+                        sample = new
                     if out.get("stop", False):
                         break
     except ModelOutputError:
+        source.close()
         snapshot.restore()  # rejected at the first model call: leave the generators as they were
         raise
     finally:
+        source.close()
         if hasattr(iterator, "close"):
             iterator.close()
-    return sample
+    if output == "latent":
+        return sample
+    return image if image is not None else step_backend.to_image(sample, output)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 import types
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # No GPU: Triton kernels run in its interpreter (numpy on the CPU). Must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from diffusers import UNet2DModel
 from diffusers.pipelines.deprecated.stochastic_karras_ve import KarrasVePipeline as RefPipeline
 from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler as RefScheduler
@@ -27,7 +32,9 @@ def assert_bitwise(actual, expected, what: str = "output") -> None:
     a, e = a.detach().cpu(), e.detach().cpu()
     diff = a != e
     if a.is_floating_point():
-        diff &= ~(torch.isnan(a) & torch.isnan(e))
+        diff &= ~(torch.isnan(a) & torch.isnan(e))  # NaN where the reference has NaN is a match
+        if not diff.any():
+            return
     idx = diff.nonzero()[:5].tolist()
     worst = (a.double() - e.double()).abs().max().item()
     raise AssertionError(f"{what}: {int(diff.sum())} of {a.numel()} elements differ; first at {idx}; max |diff| {worst:g}")

@@ -49,30 +49,52 @@ def heun(model_output: torch.Tensor, sigma_hat, sigma_prev, sample_hat, sample_p
     return sample_prev, pred_original_sample
 
 
-def to_image(sample: torch.Tensor) -> torch.Tensor:
-    """The pipeline's final map from [-1, 1] to a clamped [0, 1] image."""
-    return (sample / 2 + 0.5).clamp(0, 1)
+def to_image(sample: torch.Tensor, kind: str = "float") -> torch.Tensor:
+    """The pipeline's final map from [-1, 1] to a clamped [0, 1] image (BCHW).
+
+    ``kind="uint8"`` continues as ``numpy_to_pil`` does, ``(image * 255).round()`` as uint8, BHWC
+    (torch rounds half to even, like numpy, and multiplies by 255 in float32, like numpy).
+    """
+    image = (sample / 2 + 0.5).clamp(0, 1)
+    if kind == "uint8":
+        image = (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    return image
 
 
 class TorchStep:
-    """The torch step backend: the reference's ops, one small kernel each, on any device."""
+    """The torch step backend: the reference's ops, one small kernel each, on any device.
+
+    Noise arrives as a tensor (the reference's stream) or as an int seed (fast mode: drawn here by
+    torch's RNG on the sample's device).
+    """
 
     name = "torch"
 
-    def __init__(self, s_noise: float):
+    def __init__(self, s_noise: float, want_pred: bool = False):
         self.s_noise = s_noise
 
-    def churn(self, sample, eps, step):
-        """Lines 5-6 from unscaled noise ``eps``; returns ``(sample_hat, model input)``."""
-        eps = self.s_noise * eps
+    @staticmethod
+    def _eps(noise, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(noise, int):
+            g = torch.Generator(like.device).manual_seed(noise)
+            return torch.randn(like.shape, generator=g, device=like.device)
+        return noise
+
+    def churn(self, sample, noise, step):
+        """Lines 5-6 from unscaled noise; returns ``(sample_hat, model input)``."""
+        eps = self.s_noise * self._eps(noise, sample)
         sample_hat = churn(sample, eps, step.sigma, step.sigma_hat)
         return sample_hat, model_input(sample_hat)
 
-    def euler(self, raw, sample_hat, step, want_input: bool):
-        """Lines 7-8 from the raw model output; returns ``(sample_prev, derivative, denoised, model input)``."""
+    def euler(self, raw, sample_hat, step, want_input: bool, image: str | None = None):
+        """Lines 7-8 from the raw model output.
+
+        Returns ``(sample_prev, derivative, denoised, model input, image)``.
+        """
         model_output = scale_model_output(raw, step.sigma_hat)
         sample_prev, derivative, pred = euler(model_output, step.sigma_hat, step.sigma_prev, sample_hat)
-        return sample_prev, derivative, pred, model_input(sample_prev) if want_input else None
+        xin = model_input(sample_prev) if want_input else None
+        return sample_prev, derivative, pred, xin, None if image is None else to_image(sample_prev, image)
 
     def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, eps_next=None):
         """Lines 9-11, then (if ``next_step``) the next step's churn; returns ``(sample, denoised, churned)``."""
@@ -81,5 +103,5 @@ class TorchStep:
         churned = None if next_step is None else self.churn(sample, eps_next, next_step)
         return sample, pred, churned
 
-    def finish(self, sample):
-        return to_image(sample)
+    def to_image(self, sample, kind: str):
+        return to_image(sample, kind)

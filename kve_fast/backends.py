@@ -1,0 +1,62 @@
+"""Step-backend selection: ``"torch"`` (the reference's ops), ``"triton"`` (fused kernels), ``"auto"``."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def triton_available() -> tuple[bool, str]:
+    """Whether the Triton backend can be imported, and why not."""
+    try:
+        from .ops import step_triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a Triton that fails to initialise
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def check_backend(name: str, device: torch.device) -> str:
+    """Resolve ``name`` for ``device`` to ``"torch"`` or ``"triton"``; raise on a bad name or device."""
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if name == "torch":
+        return "torch"
+    if name == "triton":
+        if device.type != "cuda" and not interpret:
+            raise ValueError(f"`backend`='triton' needs CUDA tensors (or TRITON_INTERPRET=1), the device is {device}")
+        ok, why = triton_available()
+        if not ok:
+            raise ValueError(f"`backend`='triton' but Triton cannot be used: {why}")
+        return "triton"
+    # auto: Triton on CUDA when it imports, torch otherwise (one warning when Triton is missing on CUDA).
+    if device.type != "cuda":
+        return "torch"
+    ok, why = triton_available()
+    if not ok:
+        _warn_once("auto-triton", f"kve_fast: Triton is unavailable ({why}); using the torch backend (same results, slower)")
+        return "torch"
+    return "triton"
+
+
+def make_backend(name: str, device: torch.device, s_noise: float, want_pred: bool = False):
+    """The step backend object for a resolved or unresolved ``name``."""
+    name = check_backend(name, device)
+    if name == "triton":
+        from .ops.step_triton import TritonStep
+
+        return TritonStep(s_noise, want_pred)
+    from .ops.step_torch import TorchStep
+
+    return TorchStep(s_noise, want_pred)

@@ -1,0 +1,348 @@
+"""Fused Triton step kernels: one launch per stage of a Heun step, float32 state.
+
+Three kernels replace the reference's ~20 elementwise launches per step:
+
+- ``churn``: x_hat = x + c * (S_noise * eps), and the model input (x_hat + 1) / 2.
+- ``euler``: from the raw model output, the derivative, x_prev and the next model input, or on the
+  last step the final image (x / 2 + 0.5).clamp(0, 1) (float BCHW, or uint8 BHWC for PIL).
+- ``heun``: the second-order correction, fused with the next step's churn.
+
+Bit-exactness: each kernel performs the reference's float32 operations in the reference's order,
+with scalars computed on the host exactly as the reference computes them. Kernels are launched with
+``enable_fp_fusion=False`` (a contracted multiply-add rounds once, the reference rounds twice). The
+reference divides by a CPU scalar differently per device: on CUDA torch multiplies by the host's
+float32 reciprocal, on the CPU it divides; ``TRUE_DIV`` selects the CPU form (only reachable under
+``TRITON_INTERPRET=1``), and Triton's own fp32 ``/`` (approximate on GPUs) is never used.
+
+Noise: ``eps`` comes from a tensor (the reference's stream, "exact" mode) or, with ``DEVICE_NOISE``,
+is generated in the kernel by Philox (``tl.randn``) from a per-step seed ("fast" mode): no noise tensor
+is written, read or copied.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .step_torch import to_image
+
+_BLOCK = 1024
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Launch options: no mul+add contraction into FMA, so each op rounds like torch's separate kernels.
+_LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+_MAX_ELEMENTS = 2**31 - _BLOCK  # int32 offsets (and Philox counters)
+
+
+@triton.jit
+def _noise(eps_ptr, offs, mask, seed, s_noise, DEVICE_NOISE: tl.constexpr):
+    # eps = S_noise * N(0, 1)
+    if DEVICE_NOISE:
+        e = tl.randn(seed, offs)
+    else:
+        e = tl.load(eps_ptr + offs, mask=mask, other=0.0)
+    return s_noise * e
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c,
+                  DEVICE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    # x_hat = x + c * eps ; model input (x_hat + 1) / 2
+    hat = x + c * _noise(eps_ptr, offs, mask, seed, s_noise, DEVICE_NOISE)
+    tl.store(hat_ptr + offs, hat, mask=mask)
+    tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
+
+
+@triton.jit
+def _divide(num, s, inv_s, TRUE_DIV: tl.constexpr):
+    # num / s, as torch rounds it on the device the kernel runs on
+    if TRUE_DIV:
+        q = tl.div_rn(num, s)
+    else:
+        q = num * inv_s
+    return q
+
+
+@triton.jit
+def _store_image(img_ptr, offs, mask, x, hw, C: tl.constexpr, TO_UINT8: tl.constexpr):
+    # (x / 2 + 0.5).clamp(0, 1) ; for PIL: round(img * 255) as uint8, BCHW -> BHWC
+    img = x * 0.5 + 0.5
+    img = tl.minimum(tl.maximum(img, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
+    if TO_UINT8:
+        v = img * 255.0
+        v = (v + 8388608.0) - 8388608.0  # round half to even, exact for 0 <= v < 2**23
+        b = offs // (C * hw)
+        rem = offs - b * (C * hw)
+        ch = rem // hw
+        p = rem - ch * hw
+        tl.store(img_ptr + (b * hw + p) * C + ch, v.to(tl.uint8), mask=mask)
+    else:
+        tl.store(img_ptr + offs, img, mask=mask)
+
+
+@triton.jit
+def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr, n, hw,
+                  half_sigma_hat, sigma_hat, inv_sigma_hat, dt,
+                  TRUE_DIV: tl.constexpr, STORE_D: tl.constexpr, STORE_XIN: tl.constexpr,
+                  STORE_PRED: tl.constexpr, STORE_IMG: tl.constexpr, C: tl.constexpr,
+                  TO_UINT8: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    raw = tl.load(raw_ptr + offs, mask=mask)
+    hat = tl.load(hat_ptr + offs, mask=mask)
+    # model_output = (sigma_hat / 2) * F ; D = x_hat + sigma_hat * model_output
+    mo = half_sigma_hat * raw
+    pred = hat + sigma_hat * mo
+    # d = (x_hat - D) / sigma_hat ; x_prev = x_hat + (sigma_prev - sigma_hat) * d
+    d = _divide(hat - pred, sigma_hat, inv_sigma_hat, TRUE_DIV)
+    prev = hat + dt * d
+    tl.store(prev_ptr + offs, prev, mask=mask)
+    if STORE_D:
+        tl.store(d_ptr + offs, d, mask=mask)
+    if STORE_XIN:
+        tl.store(xin_ptr + offs, (prev + 1.0) * 0.5, mask=mask)
+    if STORE_PRED:
+        tl.store(pred_ptr + offs, pred, mask=mask)
+    if STORE_IMG:
+        _store_image(img_ptr, offs, mask, prev, hw, C, TO_UINT8)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, hat_next_ptr, xin_ptr, n,
+                 half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, s_noise, c_next,
+                 TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr, STORE_PRED: tl.constexpr,
+                 CHURN: tl.constexpr, DEVICE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    raw = tl.load(raw_ptr + offs, mask=mask)
+    hat = tl.load(hat_ptr + offs, mask=mask)
+    prev = tl.load(prev_ptr + offs, mask=mask)
+    d = tl.load(d_ptr + offs, mask=mask)
+    # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
+    mo = half_sigma_prev * raw
+    pred = prev + sigma_prev * mo
+    # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
+    dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+    x = hat + dt * (0.5 * d + 0.5 * dc)
+    if STORE_X:
+        tl.store(x_ptr + offs, x, mask=mask)
+    if STORE_PRED:
+        tl.store(pred_ptr + offs, pred, mask=mask)
+    if CHURN:
+        # next step: x_hat = x + c * eps ; model input (x_hat + 1) / 2
+        hat_next = x + c_next * _noise(eps_ptr, offs, mask, seed, s_noise, DEVICE_NOISE)
+        tl.store(hat_next_ptr + offs, hat_next, mask=mask)
+        tl.store(xin_ptr + offs, (hat_next + 1.0) * 0.5, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side: the reference's scalars, input checks, launches.
+
+
+def _f32(x) -> float:
+    """A 0-d tensor or number as the float32 value torch would use (exact in a Python float)."""
+    return float(torch.as_tensor(x, dtype=torch.float32))
+
+
+def _reciprocal(s) -> float:
+    """1 / s in float32 on the host: what torch on CUDA multiplies by when dividing by a CPU scalar."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.as_tensor(s, dtype=torch.float32))
+
+
+def churn_coefficient(sigma, sigma_hat) -> float:
+    """c = sqrt(sigma_hat^2 - sigma^2), computed with the reference's 0-d float32 tensor ops."""
+    return _f32((torch.as_tensor(sigma_hat) ** 2 - torch.as_tensor(sigma) ** 2) ** 0.5)
+
+
+def euler_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
+    """(sigma_hat / 2, sigma_hat, 1 / sigma_hat, sigma_prev - sigma_hat) as the reference rounds them."""
+    sigma_hat = torch.as_tensor(sigma_hat)
+    return _f32(sigma_hat / 2), _f32(sigma_hat), _reciprocal(sigma_hat), _f32(sigma_prev - sigma_hat)
+
+
+def heun_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
+    """(sigma_prev / 2, sigma_prev, 1 / sigma_prev, sigma_prev - sigma_hat) as the reference rounds them."""
+    sigma_prev = torch.as_tensor(sigma_prev)
+    return _f32(sigma_prev / 2), _f32(sigma_prev), _reciprocal(sigma_prev), _f32(sigma_prev - sigma_hat)
+
+
+def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"`{name}` must be float32, got {t.dtype}")
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
+        if t.device != like.device:
+            raise ValueError(f"`{name}` is on {t.device}, expected {like.device}")
+    if t.numel() > _MAX_ELEMENTS:
+        raise ValueError(f"`{name}` has {t.numel()} elements; the kernels index with int32 (at most {_MAX_ELEMENTS})")
+    return t.contiguous()
+
+
+def _grid(n: int):
+    return (triton.cdiv(n, _BLOCK),)
+
+
+def _true_div(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+# Launchers: no checks (callers pass contiguous float32 tensors of one shape); None for "not wanted".
+
+
+def _launch_churn(x, eps, seed, s_noise: float, c: float):
+    hat, xin = torch.empty_like(x), torch.empty_like(x)
+    n = x.numel()
+    _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, xin, n, seed or 0, s_noise, c,
+                            DEVICE_NOISE=eps is None, BLOCK=_BLOCK, **_LAUNCH)
+    return hat, xin
+
+
+def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, want_pred: bool, image):
+    n = hat.numel()
+    prev = torch.empty_like(hat)
+    d = torch.empty_like(hat) if want_derivative else None
+    xin = torch.empty_like(hat) if want_input else None
+    pred = torch.empty_like(hat) if want_pred else None
+    img, hw, channels = None, 1, 1
+    if image is not None:
+        b, channels, h, w = hat.shape
+        hw = h * w
+        img = (torch.empty_like(hat) if image == "float"
+               else torch.empty((b, h, w, channels), dtype=torch.uint8, device=hat.device))
+    _euler_kernel[_grid(n)](
+        raw, hat, prev, prev if d is None else d, prev if xin is None else xin, prev if pred is None else pred,
+        prev if img is None else img, n, hw, *scalars,
+        TRUE_DIV=_true_div(hat), STORE_D=want_derivative, STORE_XIN=want_input, STORE_PRED=want_pred,
+        STORE_IMG=img is not None, C=channels, TO_UINT8=image == "uint8", BLOCK=_BLOCK, **_LAUNCH,
+    )
+    return prev, d, xin, pred, img
+
+
+def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool, churn_next):
+    """``churn_next``: None, or ``(eps or None, seed, s_noise, c)`` for the fused next-step churn."""
+    n = hat.numel()
+    x = torch.empty_like(hat) if want_sample else None
+    pred = torch.empty_like(hat) if want_pred else None
+    hat_next = xin = None
+    eps, seed, s_noise, c = hat, 0, 0.0, 0.0
+    if churn_next is not None:
+        eps, seed, s_noise, c = churn_next
+        hat_next, xin = torch.empty_like(hat), torch.empty_like(hat)
+    _heun_kernel[_grid(n)](
+        raw, hat, prev, d, hat if x is None else x, hat if pred is None else pred, hat if eps is None else eps,
+        hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed or 0, s_noise, c,
+        TRUE_DIV=_true_div(hat), STORE_X=want_sample, STORE_PRED=want_pred, CHURN=churn_next is not None,
+        DEVICE_NOISE=churn_next is not None and eps is None, BLOCK=_BLOCK, **_LAUNCH,
+    )
+    return x, pred, hat_next, xin
+
+
+# Public ops: check inputs (wrong dtype or device is an error; non-contiguous inputs are copied).
+
+
+def churn(sample, eps, s_noise, sigma, sigma_hat, seed: int | None = None):
+    """Lines 5-6. ``eps`` is unscaled noise, or None with ``seed`` for in-kernel Philox noise.
+
+    Returns ``(sample_hat, model_input)``.
+    """
+    sample = _check("sample", sample)
+    if eps is None and seed is None:
+        raise ValueError("`seed` is required when `eps` is None (device noise)")
+    eps = None if eps is None else _check("eps", eps, sample)
+    return _launch_churn(sample, eps, seed, _f32(s_noise), churn_coefficient(sigma, sigma_hat))
+
+
+def euler(raw, sample_hat, sigma_hat, sigma_prev, want_input=True, want_derivative=True,
+          want_pred=False, image: str | None = None):
+    """Lines 7-8 from the raw model output (scaled by sigma_hat / 2 here, as the reference does).
+
+    Returns ``(sample_prev, derivative, model_input, pred, image)`` with None for what was not asked.
+    ``image``: None, ``"float"`` ((x / 2 + 0.5).clamp(0, 1), BCHW) or ``"uint8"`` (BHWC, rounded as PIL).
+    """
+    sample_hat = _check("sample_hat", sample_hat)
+    raw = _check("raw", raw, sample_hat)
+    if image not in (None, "float", "uint8"):
+        raise ValueError(f"`image` must be None, 'float' or 'uint8', got {image!r}")
+    if image is not None and sample_hat.dim() != 4:
+        raise ValueError("`image` output needs a BCHW `sample_hat`")
+    return _launch_euler(raw, sample_hat, euler_scalars(sigma_hat, sigma_prev), want_input, want_derivative,
+                         want_pred, image)
+
+
+def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_sample=True, want_pred=False,
+         next_churn: tuple | None = None):
+    """Lines 9-11, optionally fused with the next step's churn.
+
+    ``next_churn`` is ``(eps, s_noise, sigma_next, sigma_hat_next, seed)`` (eps None for device noise).
+    Returns ``(sample, pred, sample_hat_next, model_input_next)`` with None for what was not asked.
+    """
+    sample_hat = _check("sample_hat", sample_hat)
+    raw = _check("raw", raw, sample_hat)
+    sample_prev = _check("sample_prev", sample_prev, sample_hat)
+    derivative = _check("derivative", derivative, sample_hat)
+    churn_next = None
+    if next_churn is not None:
+        eps, s_noise, sigma_n, sigma_hat_n, seed = next_churn
+        if eps is None and seed is None:
+            raise ValueError("`seed` is required when `eps` is None (device noise)")
+        eps = None if eps is None else _check("eps", eps, sample_hat)
+        churn_next = (eps, seed, _f32(s_noise), churn_coefficient(sigma_n, sigma_hat_n))
+    return _launch_heun(raw, sample_hat, sample_prev, derivative, heun_scalars(sigma_hat, sigma_prev),
+                        want_sample, want_pred, churn_next)
+
+
+class TritonStep:
+    """The Triton step backend: three fused launches per Heun step (see the module docstring).
+
+    Noise arrives from the sampler's noise source as a tensor (exact mode) or an int seed (fast mode).
+    Each step's host scalars are computed once and cached.
+    """
+
+    name = "triton"
+
+    def __init__(self, s_noise: float, want_pred: bool = False):
+        self.s_noise = _f32(s_noise)
+        self.want_pred = want_pred
+        self._scalars: dict[int, tuple] = {}
+
+    def _consts(self, step):
+        consts = self._scalars.get(step.index)
+        if consts is None:
+            consts = (churn_coefficient(step.sigma, step.sigma_hat), euler_scalars(step.sigma_hat, step.sigma_prev),
+                      None if step.last else heun_scalars(step.sigma_hat, step.sigma_prev))
+            self._scalars[step.index] = consts
+        return consts
+
+    @staticmethod
+    def _noise(noise):
+        return (None, int(noise)) if isinstance(noise, int) else (noise.contiguous(), None)
+
+    def churn(self, sample, noise, step):
+        eps, seed = self._noise(noise)
+        return _launch_churn(sample.contiguous(), eps, seed, self.s_noise, self._consts(step)[0])
+
+    def euler(self, raw, sample_hat, step, want_input: bool, image: str | None = None):
+        prev, d, xin, pred, img = _launch_euler(raw.contiguous(), sample_hat, self._consts(step)[1], want_input,
+                                                not step.last, self.want_pred, image)
+        return prev, d, pred, xin, img
+
+    def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, noise_next=None):
+        churn_next = None
+        if next_step is not None:
+            eps, seed = self._noise(noise_next)
+            churn_next = (eps, seed, self.s_noise, self._consts(next_step)[0])
+        x, pred, hat, xin = _launch_heun(raw.contiguous(), sample_hat, sample_prev, derivative, self._consts(step)[2],
+                                         next_step is None, self.want_pred, churn_next)
+        return x, pred, None if next_step is None else (hat, xin)
+
+    def to_image(self, sample, kind: str):
+        """The final image of a sample that a callback replaced (the fused Euler path did not run)."""
+        return to_image(sample, kind)
