@@ -8,7 +8,7 @@ produces is bit-identical to what diffusers' ``KarrasVePipeline`` produces on th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -19,9 +19,14 @@ from .noise import NOISE_MODES, make_noise
 
 OUTPUTS = ("latent", "float", "uint8")
 
+
 @dataclass(frozen=True)
 class Step:
-    """Per-step scalars as the reference computes them (0-d float32 CPU tensors; sigma_prev is 0 last)."""
+    """Per-step scalars as the reference computes them (0-d float32 CPU tensors; sigma_prev is 0 last).
+
+    ``half_sigma_hat`` / ``half_sigma_prev`` are the model's noise-level arguments (``sigma / 2``);
+    ``cache`` holds constants a backend derives from the scalars (computed once per plan).
+    """
 
     index: int
     timestep: torch.Tensor
@@ -29,14 +34,42 @@ class Step:
     sigma_hat: torch.Tensor
     sigma_prev: torch.Tensor | int
     gamma: float
+    half_sigma_hat: torch.Tensor
+    half_sigma_prev: torch.Tensor | None
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def last(self) -> bool:
         return isinstance(self.sigma_prev, int)
 
 
-def plan_steps(scheduler, num_inference_steps: int) -> list[Step]:
-    """The scalars of every step, computed like the reference pipeline does, without touching ``scheduler``."""
+def plan_steps(scheduler, num_inference_steps: int) -> tuple[Step, ...]:
+    """The scalars of every step, computed like the reference pipeline does, without touching ``scheduler``.
+
+    Plans are cached by scheduler class, config and step count (they are immutable).
+    """
+    check_int("num_inference_steps", num_inference_steps, 2)
+    try:
+        key = (type(scheduler), tuple(sorted((k, v) for k, v in scheduler.config.items() if not k.startswith("_"))))
+        hash(key)
+    except TypeError:  # an unhashable config value: plan without the cache
+        return _plan(scheduler, num_inference_steps)
+    return _cached_plan(key, num_inference_steps, scheduler)
+
+
+_PLANS: dict = {}
+
+
+def _cached_plan(key, num_inference_steps, scheduler):
+    plan = _PLANS.get((key, num_inference_steps))
+    if plan is None:
+        if len(_PLANS) >= 64:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[(key, num_inference_steps)] = _plan(scheduler, num_inference_steps)
+    return plan
+
+
+def _plan(scheduler, num_inference_steps: int) -> tuple[Step, ...]:
     timesteps, schedule = scheduler.make_schedule(num_inference_steps)
     steps = []
     for i, t in enumerate(timesteps):
@@ -44,8 +77,9 @@ def plan_steps(scheduler, num_inference_steps: int) -> list[Step]:
         sigma = schedule[t]
         sigma_prev = schedule[t - 1] if t > 0 else 0
         sigma_hat, gamma = scheduler.churn_sigma(sigma, num_inference_steps)
-        steps.append(Step(i, t, sigma, sigma_hat, sigma_prev, gamma))
-    return steps
+        half_prev = None if isinstance(sigma_prev, int) else sigma_prev / 2
+        steps.append(Step(i, t, sigma, sigma_hat, sigma_prev, gamma, sigma_hat / 2, half_prev))
+    return tuple(steps)
 
 
 class ModelOutputError(ValueError):
@@ -136,8 +170,8 @@ def sample_karras_ve(
     else:
         iterator = steps
 
-    def call_model(x, sigma):
-        out = _raw_output(model(x, sigma / 2))
+    def call_model(x, half_sigma):
+        out = _raw_output(model(x, half_sigma))
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x.shape)}, got {got}")
@@ -159,7 +193,7 @@ def sample_karras_ve(
             churned = None
             # Lines 7-8: Euler step from sigma_hat to sigma_prev (the model sees [0, 1] images). On the
             # last step, with no callback to change the sample, the final image is fused in.
-            raw = call_model(x_in, step.sigma_hat)
+            raw = call_model(x_in, step.half_sigma_hat)
             fuse_image = step.last and callback is None
             sample_prev, derivative, pred, x_in, image = step_backend.euler(
                 raw, sample_hat, step, not step.last, image_kind if fuse_image else None
@@ -169,7 +203,7 @@ def sample_karras_ve(
             else:
                 # Lines 9-11: second-order correction at sigma_prev; with no callback to see the
                 # sample in between, the next step's churn (lines 4-6) is fused into the same stage.
-                raw = call_model(x_in, step.sigma_prev)
+                raw = call_model(x_in, step.half_sigma_prev)
                 fuse = callback is None and i + 1 < len(steps)
                 sample, pred, churned = step_backend.heun(
                     raw, sample_hat, sample_prev, derivative, step,

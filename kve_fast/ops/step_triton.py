@@ -29,7 +29,8 @@ import triton.language as tl
 
 from .step_torch import to_image
 
-_BLOCK = 1024
+_BLOCK = 1024  # Euler kernel: one block per program
+_BLOCK4 = 4096  # churn and Heun kernels: 4 sub-blocks of 1024 per program (one randn4x call per 4 elements)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch options: no mul+add contraction into FMA, so each op rounds like torch's separate kernels.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
@@ -37,25 +38,39 @@ _MAX_ELEMENTS = 2**31 - _BLOCK  # int32 offsets (and Philox counters)
 
 
 @triton.jit
-def _noise(eps_ptr, offs, mask, seed, s_noise, DEVICE_NOISE: tl.constexpr):
-    # eps = S_noise * N(0, 1)
-    if DEVICE_NOISE:
-        e = tl.randn(seed, offs)
+def _pick(n0, n1, n2, n3, K: tl.constexpr):
+    if K == 0:
+        r = n0
+    elif K == 1:
+        r = n1
+    elif K == 2:
+        r = n2
     else:
-        e = tl.load(eps_ptr + offs, mask=mask, other=0.0)
-    return s_noise * e
+        r = n3
+    return r
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c,
                   DEVICE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask)
-    # x_hat = x + c * eps ; model input (x_hat + 1) / 2
-    hat = x + c * _noise(eps_ptr, offs, mask, seed, s_noise, DEVICE_NOISE)
-    tl.store(hat_ptr + offs, hat, mask=mask)
-    tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
+    # A program covers 4 sub-blocks of BLOCK // 4, so one Philox call (randn4x) feeds 4 elements.
+    Q: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0)
+    if DEVICE_NOISE:
+        z0, z1, z2, z3 = tl.randn4x(seed, pid * Q + tl.arange(0, Q))
+    for k in tl.static_range(4):
+        offs = pid * BLOCK + k * Q + tl.arange(0, Q)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask)
+        # eps = S_noise * N(0, 1)
+        if DEVICE_NOISE:
+            e = s_noise * _pick(z0, z1, z2, z3, k)
+        else:
+            e = s_noise * tl.load(eps_ptr + offs, mask=mask)
+        # x_hat = x + c * eps ; model input (x_hat + 1) / 2
+        hat = x + c * e
+        tl.store(hat_ptr + offs, hat, mask=mask)
+        tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
 
 
 @triton.jit
@@ -117,27 +132,36 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
                  half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, s_noise, c_next,
                  TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr, STORE_PRED: tl.constexpr,
                  CHURN: tl.constexpr, DEVICE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    raw = tl.load(raw_ptr + offs, mask=mask)
-    hat = tl.load(hat_ptr + offs, mask=mask)
-    prev = tl.load(prev_ptr + offs, mask=mask)
-    d = tl.load(d_ptr + offs, mask=mask)
-    # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
-    mo = half_sigma_prev * raw
-    pred = prev + sigma_prev * mo
-    # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
-    dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
-    x = hat + dt * (0.5 * d + 0.5 * dc)
-    if STORE_X:
-        tl.store(x_ptr + offs, x, mask=mask)
-    if STORE_PRED:
-        tl.store(pred_ptr + offs, pred, mask=mask)
-    if CHURN:
-        # next step: x_hat = x + c * eps ; model input (x_hat + 1) / 2
-        hat_next = x + c_next * _noise(eps_ptr, offs, mask, seed, s_noise, DEVICE_NOISE)
-        tl.store(hat_next_ptr + offs, hat_next, mask=mask)
-        tl.store(xin_ptr + offs, (hat_next + 1.0) * 0.5, mask=mask)
+    Q: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0)
+    if CHURN and DEVICE_NOISE:
+        z0, z1, z2, z3 = tl.randn4x(seed, pid * Q + tl.arange(0, Q))
+    for k in tl.static_range(4):
+        offs = pid * BLOCK + k * Q + tl.arange(0, Q)
+        mask = offs < n
+        raw = tl.load(raw_ptr + offs, mask=mask)
+        hat = tl.load(hat_ptr + offs, mask=mask)
+        prev = tl.load(prev_ptr + offs, mask=mask)
+        d = tl.load(d_ptr + offs, mask=mask)
+        # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
+        mo = half_sigma_prev * raw
+        pred = prev + sigma_prev * mo
+        # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
+        dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+        x = hat + dt * (0.5 * d + 0.5 * dc)
+        if STORE_X:
+            tl.store(x_ptr + offs, x, mask=mask)
+        if STORE_PRED:
+            tl.store(pred_ptr + offs, pred, mask=mask)
+        if CHURN:
+            # next step: eps = S_noise * N(0, 1) ; x_hat = x + c * eps ; model input (x_hat + 1) / 2
+            if DEVICE_NOISE:
+                e = s_noise * _pick(z0, z1, z2, z3, k)
+            else:
+                e = s_noise * tl.load(eps_ptr + offs, mask=mask)
+            hat_next = x + c_next * e
+            tl.store(hat_next_ptr + offs, hat_next, mask=mask)
+            tl.store(xin_ptr + offs, (hat_next + 1.0) * 0.5, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,8 +210,8 @@ def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torc
     return t.contiguous()
 
 
-def _grid(n: int):
-    return (triton.cdiv(n, _BLOCK),)
+def _grid(n: int, block: int = _BLOCK):
+    return (triton.cdiv(n, block),)
 
 
 def _true_div(t: torch.Tensor) -> bool:
@@ -197,19 +221,24 @@ def _true_div(t: torch.Tensor) -> bool:
 # Launchers: no checks (callers pass contiguous float32 tensors of one shape); None for "not wanted".
 
 
-def _launch_churn(x, eps, seed, s_noise: float, c: float):
-    hat, xin = torch.empty_like(x), torch.empty_like(x)
+def _launch_churn(x, eps, seed, s_noise: float, c: float, out=None):
+    hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
     n = x.numel()
-    _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, xin, n, seed or 0, s_noise, c,
-                            DEVICE_NOISE=eps is None, BLOCK=_BLOCK, **_LAUNCH)
+    _churn_kernel[_grid(n, _BLOCK4)](x, x if eps is None else eps, hat, xin, n, seed or 0, s_noise, c,
+                                     DEVICE_NOISE=eps is None, BLOCK=_BLOCK4, **_LAUNCH)
     return hat, xin
 
 
-def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, want_pred: bool, image):
+def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, want_pred: bool, image, out=None):
+    """``out``: optional ``(prev, d, xin)`` buffers to write instead of new tensors."""
     n = hat.numel()
-    prev = torch.empty_like(hat)
-    d = torch.empty_like(hat) if want_derivative else None
-    xin = torch.empty_like(hat) if want_input else None
+    if out is not None:
+        prev, d, xin = out
+        d, xin = (d if want_derivative else None), (xin if want_input else None)
+    else:
+        prev = torch.empty_like(hat)
+        d = torch.empty_like(hat) if want_derivative else None
+        xin = torch.empty_like(hat) if want_input else None
     pred = torch.empty_like(hat) if want_pred else None
     img, hw, channels = None, 1, 1
     if image is not None:
@@ -226,8 +255,12 @@ def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, wa
     return prev, d, xin, pred, img
 
 
-def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool, churn_next):
-    """``churn_next``: None, or ``(eps or None, seed, s_noise, c)`` for the fused next-step churn."""
+def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool, churn_next, out=None):
+    """``churn_next``: None, or ``(eps or None, seed, s_noise, c)`` for the fused next-step churn.
+
+    ``out``: optional ``(hat_next, xin)`` buffers for the churn outputs (``hat_next`` may be ``hat``:
+    each element is read before it is written, by the same program).
+    """
     n = hat.numel()
     x = torch.empty_like(hat) if want_sample else None
     pred = torch.empty_like(hat) if want_pred else None
@@ -235,12 +268,12 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
     eps, seed, s_noise, c = hat, 0, 0.0, 0.0
     if churn_next is not None:
         eps, seed, s_noise, c = churn_next
-        hat_next, xin = torch.empty_like(hat), torch.empty_like(hat)
-    _heun_kernel[_grid(n)](
+        hat_next, xin = out if out is not None else (torch.empty_like(hat), torch.empty_like(hat))
+    _heun_kernel[_grid(n, _BLOCK4)](
         raw, hat, prev, d, hat if x is None else x, hat if pred is None else pred, hat if eps is None else eps,
         hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed or 0, s_noise, c,
         TRUE_DIV=_true_div(hat), STORE_X=want_sample, STORE_PRED=want_pred, CHURN=churn_next is not None,
-        DEVICE_NOISE=churn_next is not None and eps is None, BLOCK=_BLOCK, **_LAUNCH,
+        DEVICE_NOISE=churn_next is not None and eps is None, BLOCK=_BLOCK4, **_LAUNCH,
     )
     return x, pred, hat_next, xin
 
@@ -303,7 +336,10 @@ class TritonStep:
     """The Triton step backend: three fused launches per Heun step (see the module docstring).
 
     Noise arrives from the sampler's noise source as a tensor (exact mode) or an int seed (fast mode).
-    Each step's host scalars are computed once and cached.
+    Each step's host scalars are computed once per plan (kept in ``step.cache``). The state the loop
+    never hands out (x_hat, the model inputs, x_prev, d) lives in five buffers reused every step, so a
+    step allocates nothing; what it hands out (the final sample or image, and the sample and denoised
+    estimate a callback sees) is always a new tensor.
     """
 
     name = "triton"
@@ -311,14 +347,21 @@ class TritonStep:
     def __init__(self, s_noise: float, want_pred: bool = False):
         self.s_noise = _f32(s_noise)
         self.want_pred = want_pred
-        self._scalars: dict[int, tuple] = {}
+        self._buffers = None
 
-    def _consts(self, step):
-        consts = self._scalars.get(step.index)
+    def _buf(self, like: torch.Tensor):
+        b = self._buffers
+        if b is None or b[0].shape != like.shape or b[0].device != like.device:
+            b = self._buffers = [torch.empty_like(like, dtype=torch.float32) for _ in range(5)]
+        return b  # hat, xin (first model input), prev, d, xin2 (second model input)
+
+    @staticmethod
+    def _consts(step):
+        consts = step.cache.get("triton")
         if consts is None:
-            consts = (churn_coefficient(step.sigma, step.sigma_hat), euler_scalars(step.sigma_hat, step.sigma_prev),
-                      None if step.last else heun_scalars(step.sigma_hat, step.sigma_prev))
-            self._scalars[step.index] = consts
+            consts = step.cache["triton"] = (
+                churn_coefficient(step.sigma, step.sigma_hat), euler_scalars(step.sigma_hat, step.sigma_prev),
+                None if step.last else heun_scalars(step.sigma_hat, step.sigma_prev))
         return consts
 
     @staticmethod
@@ -327,11 +370,15 @@ class TritonStep:
 
     def churn(self, sample, noise, step):
         eps, seed = self._noise(noise)
-        return _launch_churn(sample.contiguous(), eps, seed, self.s_noise, self._consts(step)[0])
+        b = self._buf(sample)
+        return _launch_churn(sample.contiguous(), eps, seed, self.s_noise, self._consts(step)[0], out=(b[0], b[1]))
 
     def euler(self, raw, sample_hat, step, want_input: bool, image: str | None = None):
+        b = self._buf(sample_hat)
+        # The last step's x_prev is the final sample, handed out: a new tensor then.
+        out = None if step.last else (b[2], b[3], b[4])
         prev, d, xin, pred, img = _launch_euler(raw.contiguous(), sample_hat, self._consts(step)[1], want_input,
-                                                not step.last, self.want_pred, image)
+                                                not step.last, self.want_pred, image, out=out)
         return prev, d, pred, xin, img
 
     def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, noise_next=None):
@@ -339,8 +386,9 @@ class TritonStep:
         if next_step is not None:
             eps, seed = self._noise(noise_next)
             churn_next = (eps, seed, self.s_noise, self._consts(next_step)[0])
+        b = self._buf(sample_hat)
         x, pred, hat, xin = _launch_heun(raw.contiguous(), sample_hat, sample_prev, derivative, self._consts(step)[2],
-                                         next_step is None, self.want_pred, churn_next)
+                                         next_step is None, self.want_pred, churn_next, out=(b[0], b[1]))
         return x, pred, None if next_step is None else (hat, xin)
 
     def to_image(self, sample, kind: str):
