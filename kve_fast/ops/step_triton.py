@@ -29,8 +29,9 @@ import triton.language as tl
 
 from .step_torch import to_image
 
-_BLOCK = 1024  # Euler kernel: one block per program
-_BLOCK4 = 4096  # churn and Heun kernels: 4 sub-blocks of 1024 per program (one randn4x call per 4 elements)
+_BLOCK = 1024
+# Device noise: one Philox randn4x call per 4 elements (True) or tl.randn per element (False).
+NOISE4 = True
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch options: no mul+add contraction into FMA, so each op rounds like torch's separate kernels.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
@@ -38,39 +39,34 @@ _MAX_ELEMENTS = 2**31 - _BLOCK  # int32 offsets (and Philox counters)
 
 
 @triton.jit
-def _pick(n0, n1, n2, n3, K: tl.constexpr):
-    if K == 0:
-        r = n0
-    elif K == 1:
-        r = n1
-    elif K == 2:
-        r = n2
+def _block_randn(seed, pid, BLOCK: tl.constexpr, NOISE4: tl.constexpr):
+    # BLOCK standard normals for program pid (Philox, counter-based: a pure function of seed and offset).
+    if NOISE4:
+        # one randn4x call per 4 elements; element 4q + j takes the j-th output of counter q
+        Q: tl.constexpr = BLOCK // 4
+        z0, z1, z2, z3 = tl.randn4x(seed, pid * Q + tl.arange(0, Q))
+        z = tl.reshape(tl.join(tl.join(z0, z1), tl.join(z2, z3)), [BLOCK])
     else:
-        r = n3
-    return r
+        z = tl.randn(seed, pid * BLOCK + tl.arange(0, BLOCK))
+    return z
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c,
-                  DEVICE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    # A program covers 4 sub-blocks of BLOCK // 4, so one Philox call (randn4x) feeds 4 elements.
-    Q: tl.constexpr = BLOCK // 4
+                  DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    # eps = S_noise * N(0, 1)
     if DEVICE_NOISE:
-        z0, z1, z2, z3 = tl.randn4x(seed, pid * Q + tl.arange(0, Q))
-    for k in tl.static_range(4):
-        offs = pid * BLOCK + k * Q + tl.arange(0, Q)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask)
-        # eps = S_noise * N(0, 1)
-        if DEVICE_NOISE:
-            e = s_noise * _pick(z0, z1, z2, z3, k)
-        else:
-            e = s_noise * tl.load(eps_ptr + offs, mask=mask)
-        # x_hat = x + c * eps ; model input (x_hat + 1) / 2
-        hat = x + c * e
-        tl.store(hat_ptr + offs, hat, mask=mask)
-        tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
+        e = s_noise * _block_randn(seed, pid, BLOCK, NOISE4)
+    else:
+        e = s_noise * tl.load(eps_ptr + offs, mask=mask)
+    # x_hat = x + c * eps ; model input (x_hat + 1) / 2
+    hat = x + c * e
+    tl.store(hat_ptr + offs, hat, mask=mask)
+    tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
 
 
 @triton.jit
@@ -131,37 +127,33 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
 def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, hat_next_ptr, xin_ptr, n,
                  half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, s_noise, c_next,
                  TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr, STORE_PRED: tl.constexpr,
-                 CHURN: tl.constexpr, DEVICE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    Q: tl.constexpr = BLOCK // 4
+                 CHURN: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    if CHURN and DEVICE_NOISE:
-        z0, z1, z2, z3 = tl.randn4x(seed, pid * Q + tl.arange(0, Q))
-    for k in tl.static_range(4):
-        offs = pid * BLOCK + k * Q + tl.arange(0, Q)
-        mask = offs < n
-        raw = tl.load(raw_ptr + offs, mask=mask)
-        hat = tl.load(hat_ptr + offs, mask=mask)
-        prev = tl.load(prev_ptr + offs, mask=mask)
-        d = tl.load(d_ptr + offs, mask=mask)
-        # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
-        mo = half_sigma_prev * raw
-        pred = prev + sigma_prev * mo
-        # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
-        dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
-        x = hat + dt * (0.5 * d + 0.5 * dc)
-        if STORE_X:
-            tl.store(x_ptr + offs, x, mask=mask)
-        if STORE_PRED:
-            tl.store(pred_ptr + offs, pred, mask=mask)
-        if CHURN:
-            # next step: eps = S_noise * N(0, 1) ; x_hat = x + c * eps ; model input (x_hat + 1) / 2
-            if DEVICE_NOISE:
-                e = s_noise * _pick(z0, z1, z2, z3, k)
-            else:
-                e = s_noise * tl.load(eps_ptr + offs, mask=mask)
-            hat_next = x + c_next * e
-            tl.store(hat_next_ptr + offs, hat_next, mask=mask)
-            tl.store(xin_ptr + offs, (hat_next + 1.0) * 0.5, mask=mask)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    raw = tl.load(raw_ptr + offs, mask=mask)
+    hat = tl.load(hat_ptr + offs, mask=mask)
+    prev = tl.load(prev_ptr + offs, mask=mask)
+    d = tl.load(d_ptr + offs, mask=mask)
+    # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
+    mo = half_sigma_prev * raw
+    pred = prev + sigma_prev * mo
+    # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
+    dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+    x = hat + dt * (0.5 * d + 0.5 * dc)
+    if STORE_X:
+        tl.store(x_ptr + offs, x, mask=mask)
+    if STORE_PRED:
+        tl.store(pred_ptr + offs, pred, mask=mask)
+    if CHURN:
+        # next step: eps = S_noise * N(0, 1) ; x_hat = x + c * eps ; model input (x_hat + 1) / 2
+        if DEVICE_NOISE:
+            e = s_noise * _block_randn(seed, pid, BLOCK, NOISE4)
+        else:
+            e = s_noise * tl.load(eps_ptr + offs, mask=mask)
+        hat_next = x + c_next * e
+        tl.store(hat_next_ptr + offs, hat_next, mask=mask)
+        tl.store(xin_ptr + offs, (hat_next + 1.0) * 0.5, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,8 +202,8 @@ def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torc
     return t.contiguous()
 
 
-def _grid(n: int, block: int = _BLOCK):
-    return (triton.cdiv(n, block),)
+def _grid(n: int):
+    return (triton.cdiv(n, _BLOCK),)
 
 
 def _true_div(t: torch.Tensor) -> bool:
@@ -224,8 +216,8 @@ def _true_div(t: torch.Tensor) -> bool:
 def _launch_churn(x, eps, seed, s_noise: float, c: float, out=None):
     hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
     n = x.numel()
-    _churn_kernel[_grid(n, _BLOCK4)](x, x if eps is None else eps, hat, xin, n, seed or 0, s_noise, c,
-                                     DEVICE_NOISE=eps is None, BLOCK=_BLOCK4, **_LAUNCH)
+    _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, xin, n, seed or 0, s_noise, c,
+                            DEVICE_NOISE=eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH)
     return hat, xin
 
 
@@ -269,11 +261,11 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
     if churn_next is not None:
         eps, seed, s_noise, c = churn_next
         hat_next, xin = out if out is not None else (torch.empty_like(hat), torch.empty_like(hat))
-    _heun_kernel[_grid(n, _BLOCK4)](
+    _heun_kernel[_grid(n)](
         raw, hat, prev, d, hat if x is None else x, hat if pred is None else pred, hat if eps is None else eps,
         hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed or 0, s_noise, c,
         TRUE_DIV=_true_div(hat), STORE_X=want_sample, STORE_PRED=want_pred, CHURN=churn_next is not None,
-        DEVICE_NOISE=churn_next is not None and eps is None, BLOCK=_BLOCK4, **_LAUNCH,
+        DEVICE_NOISE=churn_next is not None and eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH,
     )
     return x, pred, hat_next, xin
 
