@@ -4,8 +4,8 @@ Fast and, in float32, bit-exact with diffusers' ``KarrasVePipeline``.
 """
 
 from .pipeline import KarrasVePipeline
-from .sampler import sample_karras_ve
+from .sampler import sample_heun, sample_karras_ve
 from .scheduler import KarrasVeOutput, KarrasVeScheduler
 
-__all__ = ["KarrasVePipeline", "KarrasVeScheduler", "KarrasVeOutput", "sample_karras_ve"]
+__all__ = ["KarrasVePipeline", "KarrasVeScheduler", "KarrasVeOutput", "sample_karras_ve", "sample_heun"]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from ._checks import check_generator, check_int
 from .backends import check_backend
 from .noise import NOISE_MODES
-from .sampler import sample_karras_ve
+from .sampler import SOLVERS, sample_karras_ve
 from .scheduler import KarrasVeScheduler
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")
@@ -117,6 +117,7 @@ class KarrasVePipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("sample",),
         backend: str = "auto",
         noise: str = "exact",
+        solver: str = "heun",
         **kwargs,
     ):
         """Generate ``batch_size`` images with ``num_inference_steps`` Heun steps (2N - 1 model calls).
@@ -134,6 +135,7 @@ class KarrasVePipeline(DiffusionPipeline):
             noise: ``"exact"`` (the reference's noise stream, bit-identical results) or ``"fast"``
                 (generated on the device from a seed drawn from ``generator``; reproducible, but
                 not the reference's stream).
+            solver: ``"heun"`` (Algorithm 2, 2N - 1 model calls) or ``"euler"`` (N model calls).
 
         Returns:
             ``ImagePipelineOutput`` with ``.images``, or ``(images,)`` when ``return_dict`` is False.
@@ -160,6 +162,8 @@ class KarrasVePipeline(DiffusionPipeline):
         check_backend(backend, device)  # checks the name and the device before any work
         if not isinstance(noise, str) or noise not in NOISE_MODES:
             raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
+        if not isinstance(solver, str) or solver not in SOLVERS:
+            raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}")
 
         callback = None
         if callback_on_step_end is not None:
@@ -174,6 +178,7 @@ class KarrasVePipeline(DiffusionPipeline):
         image = sample_karras_ve(
             self.unet, scheduler, shape, num_inference_steps, generator, device,
             backend=backend, noise=noise, callback=callback, progress=self.progress_bar, output=output,
+            solver=solver,
         )
         # Leave the scheduler as the reference does after a call.
         self.scheduler.set_timesteps(num_inference_steps)

@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput
 from ._checks import check_int, check_real
 from .noise import draw_randn
 from .ops import step_torch
-from .schedules import diffusers_schedule
+from .schedules import SCHEDULES, make_schedule
 
 
 @dataclass
@@ -30,7 +30,17 @@ class KarrasVeOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-def _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max) -> None:
+def churn_sigma(sigma, num_inference_steps: int, s_churn, s_min, s_max):
+    """Algorithm 2, lines 4-5: gamma_i and sigma_hat = sigma + gamma_i * sigma, rounded as the reference does
+    (``sigma`` a 0-d float32 tensor; the range test and the products in float32)."""
+    if s_min <= sigma <= s_max:
+        gamma = min(s_churn / num_inference_steps, 2**0.5 - 1)
+    else:
+        gamma = 0
+    return sigma + gamma * sigma, gamma
+
+
+def _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule="diffusers", rho=7.0) -> None:
     check_real("sigma_min", sigma_min, positive=True)
     check_real("sigma_max", sigma_max, positive=True)
     if not sigma_min < sigma_max:
@@ -41,6 +51,9 @@ def _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max) -> None:
     check_real("s_max", s_max, minimum=0)
     if s_min > s_max:
         raise ValueError(f"`s_min` ({s_min}) must not be larger than `s_max` ({s_max})")
+    if not isinstance(sigma_schedule, str) or sigma_schedule not in SCHEDULES:
+        raise ValueError(f"`sigma_schedule` must be one of {SCHEDULES}, got {sigma_schedule!r}")
+    check_real("rho", rho, positive=True)
 
 
 class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
@@ -52,6 +65,10 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
         s_noise: S_noise, scale of the churn noise (paper: 1.000 to 1.011).
         s_churn: S_churn, overall amount of stochasticity (gamma_i = min(S_churn / N, sqrt(2) - 1)).
         s_min, s_max: the sigma range [S_tmin, S_tmax] in which churn is applied.
+        sigma_schedule: ``"diffusers"`` (default: the reference's, bit-exact; it uses Table 1's VE t_i directly
+            as sigma, from sigma_max**2 down to sigma_min**2), ``"ve"`` (Table 1's VE column as the paper
+            means it: sigma_i = sqrt(t_i), sigma_max down to sigma_min) or ``"edm"`` (Eq. 5 with ``rho``).
+        rho: the EDM schedule's exponent (paper: 7).
     """
 
     order = 2
@@ -65,8 +82,10 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
         s_churn: float = 80,
         s_min: float = 0.05,
         s_max: float = 50,
+        sigma_schedule: str = "diffusers",
+        rho: float = 7.0,
     ):
-        _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max)
+        _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule, rho)
         self.init_noise_sigma = sigma_max
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
@@ -79,7 +98,9 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
     def make_schedule(self, num_inference_steps: int, device=None):
         """Return ``(timesteps, schedule)`` for ``num_inference_steps`` without changing the scheduler."""
         check_int("num_inference_steps", num_inference_steps, 2)
-        return diffusers_schedule(num_inference_steps, self.config.sigma_min, self.config.sigma_max, device)
+        c = self.config
+        return make_schedule(c.get("sigma_schedule", "diffusers"), num_inference_steps, c.sigma_min, c.sigma_max,
+                             c.get("rho", 7.0), device)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """Set ``timesteps`` and the noise levels ``schedule`` (bitwise the reference's)."""
@@ -93,11 +114,7 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
         n = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         if n is None:
             raise ValueError("call `set_timesteps` before adding churn noise (num_inference_steps is unset)")
-        if self.config.s_min <= sigma <= self.config.s_max:
-            gamma = min(self.config.s_churn / n, 2**0.5 - 1)
-        else:
-            gamma = 0
-        return sigma + gamma * sigma, gamma
+        return churn_sigma(sigma, n, self.config.s_churn, self.config.s_min, self.config.s_max)
 
     def add_noise_to_input(self, sample: torch.Tensor, sigma, generator: torch.Generator | None = None):
         """Algorithm 2, lines 5-6: raise the noise level to sigma_hat; returns ``(sample_hat, sigma_hat)``.

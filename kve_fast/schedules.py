@@ -1,20 +1,25 @@
-"""Noise-level schedules: the sigmas a sampler visits, highest first."""
+"""Noise-level schedules: the sigmas a sampler visits.
+
+Each returns ``(timesteps, schedule)`` in the reference's layout: ``timesteps = [N-1, ..., 0]`` and an
+ascending float32 ``schedule`` indexed by them, so step i runs at ``schedule[timesteps[i]]``.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+SCHEDULES = ("diffusers", "ve", "edm")
+
 
 def diffusers_schedule(num_inference_steps: int, sigma_min: float, sigma_max: float, device=None):
-    """The reference's schedule, bit for bit: ``(timesteps, schedule)`` as diffusers computes them.
+    """The reference's schedule, bit for bit, as diffusers computes it.
 
     diffusers' ``KarrasVeScheduler`` uses t_i of Table 1's VE column directly as sigma:
     ``schedule[i] = sigma_max**2 * (sigma_min**2 / sigma_max**2) ** (i / (N - 1))`` in float32, so the
     sampler runs from sigma_max**2 down to sigma_min**2 (1e4 to 4e-4 with the defaults) while the
-    initial noise has standard deviation sigma_max. ``schedule`` is ascending and indexed by
-    ``timesteps = [N-1, ..., 0]``. The same torch ops as the reference, on ``device``, so that the
-    float32 rounding is the reference's on every device.
+    initial noise has standard deviation sigma_max. The same torch ops as the reference, on
+    ``device``, so that the float32 rounding is the reference's on every device.
     """
     timesteps = np.arange(0, num_inference_steps)[::-1].copy()
     timesteps = torch.from_numpy(timesteps).to(device)
@@ -23,3 +28,30 @@ def diffusers_schedule(num_inference_steps: int, sigma_min: float, sigma_max: fl
         for i in timesteps
     ]
     return timesteps, torch.tensor(schedule, dtype=torch.float32, device=device)
+
+
+def ve_sigmas(num_inference_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """Table 1, VE column, as the paper means it: sigma_i = sqrt(t_i), i.e. a geometric sequence
+    from sigma_max down to sigma_min (float64, descending)."""
+    i = np.arange(num_inference_steps, dtype=np.float64)
+    return sigma_max * (sigma_min / sigma_max) ** (i / (num_inference_steps - 1))
+
+
+def edm_sigmas(num_inference_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """The paper's Eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    (float64, descending)."""
+    i = np.arange(num_inference_steps, dtype=np.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + i / (num_inference_steps - 1) * (b - a)) ** rho
+
+
+def make_schedule(name: str, num_inference_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+                  device=None):
+    """``(timesteps, schedule)`` for ``name`` in the reference's layout (see the module docstring)."""
+    if name == "diffusers":
+        return diffusers_schedule(num_inference_steps, sigma_min, sigma_max, device)
+    sigmas = ve_sigmas(num_inference_steps, sigma_min, sigma_max) if name == "ve" else \
+        edm_sigmas(num_inference_steps, sigma_min, sigma_max, rho)
+    timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device)
+    schedule = torch.tensor(sigmas[::-1].copy(), dtype=torch.float32, device=device)
+    return timesteps, schedule

@@ -86,7 +86,8 @@ class TorchStep:
         sample_hat = churn(sample, eps, step.sigma, step.sigma_hat)
         return sample_hat, model_input(sample_hat)
 
-    def euler(self, raw, sample_hat, step, want_input: bool, image: str | None = None):
+    def euler(self, raw, sample_hat, step, want_input: bool, want_derivative: bool = True,
+              image: str | None = None, keep: bool = True):
         """Lines 7-8 from the raw model output.
 
         Returns ``(sample_prev, derivative, denoised, model input, image)``.

@@ -365,12 +365,13 @@ class TritonStep:
         b = self._buf(sample)
         return _launch_churn(sample.contiguous(), eps, seed, self.s_noise, self._consts(step)[0], out=(b[0], b[1]))
 
-    def euler(self, raw, sample_hat, step, want_input: bool, image: str | None = None):
+    def euler(self, raw, sample_hat, step, want_input: bool, want_derivative: bool = True,
+              image: str | None = None, keep: bool = True):
+        """``keep``: x_prev is handed out (the final sample, or a callback's): a new tensor, not a buffer."""
         b = self._buf(sample_hat)
-        # The last step's x_prev is the final sample, handed out: a new tensor then.
-        out = None if step.last else (b[2], b[3], b[4])
+        out = None if keep else (b[2], b[3], b[4])
         prev, d, xin, pred, img = _launch_euler(raw.contiguous(), sample_hat, self._consts(step)[1], want_input,
-                                                not step.last, self.want_pred, image, out=out)
+                                                want_derivative, self.want_pred, image, out=out)
         return prev, d, pred, xin, img
 
     def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, noise_next=None):
