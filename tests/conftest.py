@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import types
 
 import numpy as np
 import pytest
@@ -16,9 +15,9 @@ if not torch.cuda.is_available():
 from diffusers import UNet2DModel
 from diffusers.pipelines.deprecated.stochastic_karras_ve import KarrasVePipeline as RefPipeline
 from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler as RefScheduler
-from diffusers.utils import BaseOutput
 
 import kve_fast
+from kve_fast.oracle import GaussianScore as OracleScore
 
 
 def assert_bitwise(actual, expected, what: str = "output") -> None:
@@ -62,30 +61,9 @@ def ncsnpp_unet(sample_size: int = 16) -> UNet2DModel:
     ).eval()
 
 
-class GaussianScore(torch.nn.Module):
-    """The exact score of Gaussian data N(mean, std^2 I) in [0, 1] image space: outputs never saturate.
-
-    Called like a diffusers UNet: ``model(y, sigma_y).sample`` with ``y`` in [0, 1] space.
-    """
-
-    def __init__(self, sample_size: int = 8, channels: int = 3, mean: float = 0.5, std: float = 0.15):
-        super().__init__()
-        self.config = types.SimpleNamespace(sample_size=sample_size, in_channels=channels, out_channels=channels)
-        g = torch.Generator().manual_seed(3)
-        self.register_buffer("mean", mean + 0.2 * (torch.rand(channels, sample_size, sample_size, generator=g) - 0.5))
-        self.std = std
-
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.mean.dtype
-
-    def forward(self, y, sigma):
-        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
-        return BaseOutput(sample=(self.mean - y) / (self.std**2 + sigma**2))
+def GaussianScore(sample_size: int = 8, channels: int = 3) -> OracleScore:  # noqa: N802
+    """The exact score of Gaussian data (kve_fast.oracle): images stay inside (0, 1), never saturate."""
+    return OracleScore.random(channels=channels, size=sample_size, std=(0.15, 0.15))
 
 
 MODELS = {

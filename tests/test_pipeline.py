@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    GaussianScore, RefPipeline, RefScheduler, assert_bitwise, kve_pipe, make_generator, reference_latent,
+    GaussianScore, OracleScore, RefPipeline, RefScheduler, assert_bitwise, kve_pipe, make_generator, reference_latent,
     reference_pipe,
 )
 from PIL import Image
@@ -190,7 +190,7 @@ def test_device_and_to(models):
     assert pipe.to("cpu") is pipe
 
 
-class _WrongShape(GaussianScore):
+class _WrongShape(OracleScore):
     def forward(self, y, sigma):
         return super().forward(y, sigma).sample[:, :1]
 
@@ -238,7 +238,7 @@ def test_bad_input_is_rejected_before_any_work(models, call, error, name):
 
 @pytest.mark.parametrize("form", ["single", "global"])
 def test_model_with_wrong_output_shape_is_rejected_and_rng_restored(form):
-    pipe = kve_pipe(_WrongShape())
+    pipe = kve_pipe(_WrongShape.random())
     pipe.scheduler.set_timesteps(7)
     gen = make_generator(form, 0, 2)
     state = (gen or torch.default_generator).get_state()
