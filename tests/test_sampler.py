@@ -1,0 +1,98 @@
+"""The sampler loop's other entry points and options: sample_heun, the paper's schedules, Euler-only."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import GaussianScore, assert_bitwise
+
+import kve_fast
+from kve_fast.schedules import edm_sigmas, ve_sigmas
+
+BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("schedule", ["diffusers", "ve", "edm"])
+def test_sample_heun_over_the_schedulers_sigmas_equals_the_sampler(backend, schedule):
+    model = GaussianScore(8)
+    config = {"sigma_schedule": schedule, "s_churn": 30.0, "s_min": 0.1, "s_max": 20.0, "s_noise": 1.003}
+    scheduler = kve_fast.KarrasVeScheduler(**config)
+    n, shape = 6, (3, 3, 8, 8)
+    expected = kve_fast.sample_karras_ve(model, scheduler, shape, n, torch.Generator().manual_seed(5), backend=backend)
+    timesteps, schedule_values = scheduler.make_schedule(n)
+    sigmas = torch.cat([schedule_values[timesteps], torch.zeros(1)])
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(shape, generator=g) * scheduler.init_noise_sigma
+    seen = []
+    got = kve_fast.sample_heun(model, x0, sigmas, s_churn=30.0, s_tmin=0.1, s_tmax=20.0, s_noise=1.003, generator=g,
+                               backend=backend, callback=lambda d: seen.append(sorted(d)))
+    assert_bitwise(got, expected)
+    assert len(seen) == n and {"x", "i", "sigma", "sigma_hat", "denoised"} <= set(seen[0])
+
+
+@pytest.mark.parametrize("sigmas, error", [
+    ([3.0, 2.0, 1.0], ValueError),       # no trailing 0
+    ([3.0, 4.0, 0.0], ValueError),       # increasing
+    ([3.0, 0.0, 1.0, 0.0], ValueError),  # 0 inside
+    ([[3.0, 0.0]], ValueError),          # 2-D
+    ([0.0], ValueError),                 # too short
+    ([3.0, float("nan"), 0.0], ValueError),
+    ("3, 2, 0", TypeError),
+])
+def test_sample_heun_rejects_bad_sigmas(sigmas, error):
+    with pytest.raises(error, match="sigmas"):
+        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), sigmas)
+
+
+def test_sample_heun_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="`x`"):
+        kve_fast.sample_heun(GaussianScore(8), np.zeros((1, 3, 8, 8)), [1.0, 0.0])
+    with pytest.raises(ValueError, match="s_tmax"):
+        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], s_tmin=2.0, s_tmax=1.0)
+    with pytest.raises(ValueError, match="solver"):
+        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], solver="rk4")
+
+
+def test_paper_schedules():
+    ve = ve_sigmas(5, 0.02, 100.0)
+    assert math.isclose(ve[0], 100.0) and math.isclose(ve[-1], 0.02)
+    assert np.allclose(ve[1:] / ve[:-1], (0.02 / 100.0) ** 0.25)  # geometric: sigma_i = sqrt(t_i)
+    edm = edm_sigmas(5, 0.002, 80.0, 7.0)
+    assert math.isclose(edm[0], 80.0) and math.isclose(edm[-1], 0.002)
+    root = edm ** (1 / 7)
+    assert np.allclose(np.diff(root), np.diff(root)[0])  # linear in sigma^(1/rho) (Eq. 5)
+    for name, values in (("ve", ve_sigmas(7, 0.02, 100.0)), ("edm", edm_sigmas(7, 0.02, 100.0))):
+        timesteps, schedule = kve_fast.KarrasVeScheduler(sigma_schedule=name).make_schedule(7)
+        assert_bitwise(schedule[timesteps], torch.tensor(values, dtype=torch.float32))
+    with pytest.raises(ValueError, match="sigma_schedule"):
+        kve_fast.KarrasVeScheduler(sigma_schedule="cosine")
+    with pytest.raises(ValueError, match="rho"):
+        kve_fast.KarrasVeScheduler(rho=0.0)
+
+
+@pytest.mark.parametrize("solver, calls", [("heun", 2 * 5 - 1), ("euler", 5)])
+def test_solver_model_calls(solver, calls):
+    model = GaussianScore(8)
+    count = []
+    model.register_forward_hook(lambda *a: count.append(1))
+    pipe = kve_fast.KarrasVePipeline(model, kve_fast.KarrasVeScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe(2, 5, torch.Generator().manual_seed(0), output_type="latent", solver=solver)
+    assert len(count) == calls
+
+
+@pytest.mark.parametrize("callback", [False, True])
+def test_euler_solver_agrees_across_backends(callback):
+    if len(BACKENDS) < 2:
+        pytest.skip("needs Triton (a GPU or TRITON_INTERPRET=1)")
+    pipe = kve_fast.KarrasVePipeline(GaussianScore(8), kve_fast.KarrasVeScheduler(sigma_schedule="edm"))
+    pipe.set_progress_bar_config(disable=True)
+    cb = (lambda p, i, t, k: {}) if callback else None
+    out = [pipe(3, 4, torch.Generator().manual_seed(2), output_type="latent", solver="euler", backend=b,
+                callback_on_step_end=cb).images for b in BACKENDS]
+    assert_bitwise(out[1], out[0])
