@@ -19,25 +19,13 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
+def _at_least(kind, minimum):
+    """An argparse type: a finite ``kind`` (int or float) >= ``minimum``."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _float_at_least(minimum: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not math.isfinite(value) or value < minimum:
             raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text}")
         return value
@@ -51,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images", description="Generate images with Algorithm 2.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="number of images")
-    p.add_argument("--steps", type=_int_at_least(2), default=50, help="sampling steps N (Heun: 2N - 1 model calls)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the CPU generator")
+    p.add_argument("--batch-size", type=_at_least(int, 1), default=64, help="number of images")
+    p.add_argument("--steps", type=_at_least(int, 2), default=50, help="sampling steps N (Heun: 2N - 1 model calls)")
+    p.add_argument("--seed", type=_at_least(int, 0), default=0, help="seed of the CPU generator")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="step backend")
     p.add_argument("--noise", choices=("exact", "fast"), default="exact",
@@ -62,15 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise levels: the reference's ('diffusers'), Table 1 VE ('ve') or Eq. 5 ('edm'); "
                         "default: the model's scheduler config")
     p.add_argument("--solver", choices=("heun", "euler"), default="heun", help="Heun (Algorithm 2) or Euler only")
-    p.add_argument("--s-churn", type=_float_at_least(0), default=None, help="S_churn (default: the model's)")
-    p.add_argument("--s-noise", type=_float_at_least(0), default=None, help="S_noise (default: the model's)")
-    p.add_argument("--s-min", type=_float_at_least(0), default=None, help="S_tmin (default: the model's)")
-    p.add_argument("--s-max", type=_float_at_least(0), default=None, help="S_tmax (default: the model's)")
+    p.add_argument("--s-churn", type=_at_least(float, 0), default=None, help="S_churn (default: the model's)")
+    p.add_argument("--s-noise", type=_at_least(float, 0), default=None, help="S_noise (default: the model's)")
+    p.add_argument("--s-min", type=_at_least(float, 0), default=None, help="S_tmin (default: the model's)")
+    p.add_argument("--s-max", type=_at_least(float, 0), default=None, help="S_tmax (default: the model's)")
     p.add_argument("--out", default=None,
                    help="output PNG (grid; default kve_fast_samples.png) or folder (--no-grid; default kve_fast_samples)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                    help="one grid image, or one file per image")
-    p.add_argument("--scale", type=_int_at_least(1), default=None,
+    p.add_argument("--scale", type=_at_least(int, 1), default=None,
                    help="nearest-neighbour upscaling of each image (default: to at least 32 pixels)")
     p.add_argument("--trajectory", default=None, metavar="FILE",
                    help="also write a PNG strip of the first samples at several steps")

@@ -58,12 +58,17 @@ def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c,
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    # eps = S_noise * N(0, 1)
+    _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c, DEVICE_NOISE, NOISE4, BLOCK)
+
+
+@triton.jit
+def _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c,
+                 DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+    # eps = S_noise * N(0, 1) ; x_hat = x + c * eps ; model input (x_hat + 1) / 2
     if DEVICE_NOISE:
         e = s_noise * _block_randn(seed, pid, BLOCK, NOISE4)
     else:
         e = s_noise * tl.load(eps_ptr + offs, mask=mask)
-    # x_hat = x + c * eps ; model input (x_hat + 1) / 2
     hat = x + c * e
     tl.store(hat_ptr + offs, hat, mask=mask)
     tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
@@ -146,14 +151,9 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
     if STORE_PRED:
         tl.store(pred_ptr + offs, pred, mask=mask)
     if CHURN:
-        # next step: eps = S_noise * N(0, 1) ; x_hat = x + c * eps ; model input (x_hat + 1) / 2
-        if DEVICE_NOISE:
-            e = s_noise * _block_randn(seed, pid, BLOCK, NOISE4)
-        else:
-            e = s_noise * tl.load(eps_ptr + offs, mask=mask)
-        hat_next = x + c_next * e
-        tl.store(hat_next_ptr + offs, hat_next, mask=mask)
-        tl.store(xin_ptr + offs, (hat_next + 1.0) * 0.5, mask=mask)
+        # the next step's lines 5-6
+        _churn_store(x, eps_ptr, hat_next_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c_next, DEVICE_NOISE,
+                     NOISE4, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------
