@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ._checks import check_generator, check_int
@@ -72,12 +72,16 @@ class KarrasVePipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "KarrasVePipeline":
-        """Load a pipeline saved by ``save_pretrained`` (ours or diffusers') from a local folder."""
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            raise ValueError(f"`pretrained_model_name_or_path` must be a local folder, got {path!r}")
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", **kwargs)
-        scheduler = KarrasVeScheduler.from_pretrained(path, subfolder="scheduler")
+        """Load a pipeline saved by ``save_pretrained`` (ours or diffusers'), a UNet folder, or a bundled
+        model's name, from local disk (see ``kve_fast.load_model``)."""
+        from .loading import load_model
+
+        if kwargs:
+            raise TypeError(f"from_pretrained() got unexpected arguments: {sorted(kwargs)}")
+        try:
+            unet, scheduler = load_model(pretrained_model_name_or_path)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("`name_or_path`", "`pretrained_model_name_or_path`")) from None
         return cls(unet=unet, scheduler=scheduler)
 
     @property
