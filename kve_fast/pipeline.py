@@ -25,10 +25,9 @@ def _as_kve_scheduler(scheduler) -> KarrasVeScheduler:
     """Our scheduler with ``scheduler``'s settings (for schedulers of diffusers' own class)."""
     if isinstance(scheduler, KarrasVeScheduler):
         return scheduler
-    config = getattr(scheduler, "config", None)
-    if config is None:
-        raise TypeError(f"`scheduler` must be a KarrasVeScheduler, got {type(scheduler).__name__}")
-    return KarrasVeScheduler.from_config(config)
+    if type(scheduler).__name__ != "KarrasVeScheduler" or getattr(scheduler, "config", None) is None:
+        raise TypeError(f"`scheduler` must be a KarrasVeScheduler (kve_fast's or diffusers'), got {type(scheduler).__name__}")
+    return KarrasVeScheduler.from_config(scheduler.config)
 
 
 def uint8_to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -55,6 +54,9 @@ class KarrasVePipeline(DiffusionPipeline):
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, unet: torch.nn.Module, scheduler: KarrasVeScheduler):
+        if not isinstance(unet, torch.nn.Module):
+            raise TypeError(f"`unet` must be a torch.nn.Module (a diffusers UNet2DModel or any score model), got {type(unet).__name__}")
+        _as_kve_scheduler(scheduler)  # a TypeError now, not at the first call
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self._interrupt = False

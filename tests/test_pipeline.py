@@ -262,3 +262,12 @@ def test_diffusers_pipeline_runs_with_our_scheduler(models):
     ours = a(2, 3, torch.Generator().manual_seed(3), output_type="np").images
     ref = reference_pipe(unet)(2, 3, torch.Generator().manual_seed(3), output_type="np").images
     assert_bitwise(ours, ref)
+
+
+def test_pipeline_rejects_wrong_components(models):
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(TypeError, match="scheduler"):
+        kve_fast.KarrasVePipeline(models("gaussian"), DDPMScheduler())
+    with pytest.raises(TypeError, match="unet"):
+        kve_fast.KarrasVePipeline(lambda x, s: x, kve_fast.KarrasVeScheduler())
