@@ -12,9 +12,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ._checks import check_generator, check_int
-from .backends import check_backend
-from .noise import NOISE_MODES
-from .sampler import SOLVERS, sample_karras_ve
+from .sampler import sample_karras_ve
 from .scheduler import KarrasVeScheduler
 
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")
@@ -164,12 +162,7 @@ class KarrasVePipeline(DiffusionPipeline):
             )
         shape = self._image_shape(batch_size)
         scheduler = _as_kve_scheduler(self.scheduler)
-        device = self.device
-        check_backend(backend, device)  # checks the name and the device before any work
-        if not isinstance(noise, str) or noise not in NOISE_MODES:
-            raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
-        if not isinstance(solver, str) or solver not in SOLVERS:
-            raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}")
+        device = self.device  # backend, noise and solver are checked by the sampler before any work
 
         callback = None
         if callback_on_step_end is not None:
