@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
 def test_grid_matches_the_pipeline_bit_for_bit(model_dir, tmp_path):
     out = tmp_path / "grid.png"
     assert main(["sample", "--model", model_dir, "--steps", "3", "--batch-size", "4", "--scale", "1",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--out", str(out), "--quiet", "--device", "cpu"]) == 0
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2x2 tiles of 8x8, 2-pixel padding
     unet, scheduler = kve_fast.load_model(model_dir)

@@ -14,20 +14,22 @@ import kve_fast
 from kve_fast.schedules import edm_sigmas, ve_sigmas
 
 BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA tensors outside its interpreter
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("schedule", ["diffusers", "ve", "edm"])
 def test_sample_heun_over_the_schedulers_sigmas_equals_the_sampler(backend, schedule):
-    model = GaussianScore(8)
+    model = GaussianScore(8).to(DEVICE)
     config = {"sigma_schedule": schedule, "s_churn": 30.0, "s_min": 0.1, "s_max": 20.0, "s_noise": 1.003}
     scheduler = kve_fast.KarrasVeScheduler(**config)
     n, shape = 6, (3, 3, 8, 8)
-    expected = kve_fast.sample_karras_ve(model, scheduler, shape, n, torch.Generator().manual_seed(5), backend=backend)
+    expected = kve_fast.sample_karras_ve(model, scheduler, shape, n, torch.Generator().manual_seed(5), device=DEVICE,
+                                         backend=backend)
     timesteps, schedule_values = scheduler.make_schedule(n)
     sigmas = torch.cat([schedule_values[timesteps], torch.zeros(1)])
     g = torch.Generator().manual_seed(5)
-    x0 = torch.randn(shape, generator=g) * scheduler.init_noise_sigma
+    x0 = (torch.randn(shape, generator=g) * scheduler.init_noise_sigma).to(DEVICE)
     seen = []
     got = kve_fast.sample_heun(model, x0, sigmas, s_churn=30.0, s_tmin=0.1, s_tmax=20.0, s_noise=1.003, generator=g,
                                backend=backend, callback=lambda d: seen.append(sorted(d)))
@@ -90,7 +92,7 @@ def test_solver_model_calls(solver, calls):
 def test_euler_solver_agrees_across_backends(callback):
     if len(BACKENDS) < 2:
         pytest.skip("needs Triton (a GPU or TRITON_INTERPRET=1)")
-    pipe = kve_fast.KarrasVePipeline(GaussianScore(8), kve_fast.KarrasVeScheduler(sigma_schedule="edm"))
+    pipe = kve_fast.KarrasVePipeline(GaussianScore(8).to(DEVICE), kve_fast.KarrasVeScheduler(sigma_schedule="edm"))
     pipe.set_progress_bar_config(disable=True)
     cb = (lambda p, i, t, k: {}) if callback else None
     out = [pipe(3, 4, torch.Generator().manual_seed(2), output_type="latent", solver="euler", backend=b,
