@@ -89,8 +89,10 @@ def test_scheduler_config_is_reference_default():
 
 
 def test_no_sklearn_at_import():
-    code = ("import sys, kve_fast, kve_fast.models, kve_fast.models.quality, kve_fast.models.train_digits; "
-            "assert 'sklearn' not in sys.modules, 'sklearn imported at import time'")
+    # With sklearn made unimportable, kve_fast and its model modules must still import (sklearn is only
+    # for training and judging). Checking sys.modules instead would blame other packages' imports.
+    code = ("import sys; sys.modules['sklearn'] = None; "
+            "import kve_fast, kve_fast.models, kve_fast.models.quality, kve_fast.models.train_digits, kve_fast.cli")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
