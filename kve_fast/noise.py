@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 NOISE_MODES = ("exact", "fast")
+PREFETCH = True  # exact mode on CUDA with CPU generators: draw ahead on a thread (False: draw in the loop)
 
 
 def draw_randn(shape, generator=None, device=None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +74,7 @@ class ReferenceNoise:
         self.device = torch.device(device)
         gens = _generators(generator)
         if prefetch is None:
-            prefetch = self.device.type == "cuda" and bool(gens) and all(g.device.type == "cpu" for g in gens)
+            prefetch = PREFETCH and self.device.type == "cuda" and bool(gens) and all(g.device.type == "cpu" for g in gens)
         self._prefetch = prefetch and steps > 0
         self._steps, self._depth = steps, depth
         self._queue: queue.Queue | None = None
