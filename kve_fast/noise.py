@@ -119,15 +119,18 @@ class ReferenceNoise:
                     return
                 host = torch.empty(self.shape, dtype=torch.float32, pin_memory=self.device.type == "cuda")
                 draw_randn(self.shape, self.generator, out=host)
-                item = (host, self._states())
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
+                self._put((host, self._states()))
         except BaseException as exc:  # surfaced to the sampler at its next draw
-            self._queue.put(exc)
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        """Queue ``item`` unless the run has stopped (so a full queue never blocks ``close``)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
 
     def close(self) -> None:
         """Stop prefetching and leave the generators as the consumed draws left them."""

@@ -77,10 +77,13 @@ def _plan(scheduler, num_inference_steps: int) -> tuple[Step, ...]:
         # here sigma_t == t_i from the paper (the reference's schedule)
         sigma = schedule[t]
         sigma_prev = schedule[t - 1] if t > 0 else 0
-        sigma_hat, gamma = scheduler.churn_sigma(sigma, num_inference_steps)
-        half_prev = None if isinstance(sigma_prev, int) else sigma_prev / 2
-        steps.append(Step(i, t, sigma, sigma_hat, sigma_prev, gamma, sigma_hat / 2, half_prev))
+        steps.append(_step(i, t, sigma, sigma_prev, *scheduler.churn_sigma(sigma, num_inference_steps)))
     return tuple(steps)
+
+
+def _step(i, timestep, sigma, sigma_prev, sigma_hat, gamma) -> Step:
+    half_prev = None if isinstance(sigma_prev, int) else sigma_prev / 2
+    return Step(i, timestep, sigma, sigma_hat, sigma_prev, gamma, sigma_hat / 2, half_prev)
 
 
 class ModelOutputError(ValueError):
@@ -173,14 +176,9 @@ def sample_karras_ve(
     backend = make_backend(backend, device, scheduler.config.s_noise, want_pred=callback is not None)
     snapshot = _RngSnapshot(generator, device)
     source = make_noise(noise, shape, generator, device, len(steps))
-    try:
-        # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not schedule[0]).
-        sample = source.initial() * scheduler.init_noise_sigma
-        return _run(model, steps, sample, source, backend, callback, progress, output, solver)
-    except ModelOutputError:
-        source.close()
-        snapshot.restore()  # rejected at the first model call: leave the generators as they were
-        raise
+    # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not schedule[0]).
+    sample = source.initial() * scheduler.init_noise_sigma
+    return _run(model, steps, sample, source, backend, callback, progress, output, solver, snapshot)
 
 
 def sample_heun(
@@ -215,16 +213,20 @@ def sample_heun(
     check_real("s_noise", s_noise, minimum=0)
     shape, generator = _check_common(x.shape, generator, callback, noise, "latent", solver)
     backend = make_backend(backend, x.device, s_noise, want_pred=callback is not None)
+    snapshot = _RngSnapshot(generator, x.device)
     source = make_noise(noise, shape, generator, x.device, len(steps))
-    return _run(model, steps, x.to(torch.float32), source, backend, callback, not disable, "latent", solver)
+    return _run(model, steps, x.to(torch.float32), source, backend, callback, not disable, "latent", solver,
+                snapshot)
 
 
 def steps_from_sigmas(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf")):
     """Steps for a user's descending ``sigmas`` (ending in 0), with the reference's per-step rounding."""
     check_real("s_churn", s_churn, minimum=0)
     check_real("s_tmin", s_tmin, minimum=0)
-    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or s_tmax < s_tmin:
-        raise ValueError(f"`s_tmax` must be a number >= `s_tmin`, got {s_tmax!r}")
+    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)):
+        raise TypeError(f"`s_tmax` must be a number, got {type(s_tmax).__name__}")
+    if not s_tmax >= s_tmin:
+        raise ValueError(f"`s_tmax` must be >= `s_tmin`, got {s_tmax!r}")
     try:
         sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -240,14 +242,16 @@ def steps_from_sigmas(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax:
     for i in range(n):
         sigma = sig[i]
         sigma_prev = sig[i + 1] if i + 1 < n else 0
-        sigma_hat, gamma = churn_sigma(sigma, n, s_churn, s_tmin, s_tmax)
-        half_prev = None if isinstance(sigma_prev, int) else sigma_prev / 2
-        steps.append(Step(i, torch.tensor(n - 1 - i), sigma, sigma_hat, sigma_prev, gamma, sigma_hat / 2, half_prev))
+        steps.append(_step(i, torch.tensor(n - 1 - i), sigma, sigma_prev, *churn_sigma(sigma, n, s_churn, s_tmin, s_tmax)))
     return tuple(steps)
 
 
-def _run(model, steps, sample, source, backend, callback, progress, output, solver) -> torch.Tensor:
-    """The loop of Algorithm 2 from the initial sample; the callers checked every argument."""
+def _run(model, steps, sample, source, backend, callback, progress, output, solver, snapshot) -> torch.Tensor:
+    """The loop of Algorithm 2 from the initial sample; the callers checked every argument.
+
+    A model whose output is not shaped like its input is rejected at its first call, and the
+    generators are left as they were before the run (``snapshot``).
+    """
     if progress is True:
         from tqdm.auto import tqdm
 
@@ -314,6 +318,10 @@ def _run(model, steps, sample, source, backend, callback, progress, output, solv
                         sample = new
                     if out.get("stop", False):
                         break
+    except ModelOutputError:
+        source.close()
+        snapshot.restore()
+        raise
     finally:
         source.close()
         if hasattr(iterator, "close"):

@@ -56,6 +56,20 @@ def test_sample_heun_rejects_bad_arguments():
         kve_fast.sample_heun(GaussianScore(8), np.zeros((1, 3, 8, 8)), [1.0, 0.0])
     with pytest.raises(ValueError, match="s_tmax"):
         kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], s_tmin=2.0, s_tmax=1.0)
+    with pytest.raises(TypeError, match="s_tmax"):
+        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], s_tmax="inf")
+
+
+def test_sample_heun_restores_the_generator_when_the_model_is_rejected():
+    class Wrong(torch.nn.Module):
+        def forward(self, y, sigma):
+            return y[:, :1]
+
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with pytest.raises(ValueError, match="model"):
+        kve_fast.sample_heun(Wrong(), torch.zeros(1, 3, 8, 8), [1.0, 0.5, 0.0], generator=g)
+    assert torch.equal(g.get_state(), state)
     with pytest.raises(ValueError, match="solver"):
         kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], solver="rk4")
 
