@@ -344,6 +344,9 @@ class TritonStep:
     def _buf(self, like: torch.Tensor):
         b = self._buffers
         if b is None or b[0].shape != like.shape or b[0].device != like.device:
+            if like.numel() > _MAX_ELEMENTS:  # the kernels index with int32: refuse rather than misread
+                raise ValueError(f"`shape` {tuple(like.shape)} has {like.numel()} elements; the Triton backend "
+                                 f"takes at most {_MAX_ELEMENTS} (use backend='torch' or a smaller batch)")
             b = self._buffers = [torch.empty_like(like, dtype=torch.float32) for _ in range(5)]
         return b  # hat, xin (first model input), prev, d, xin2 (second model input)
 
