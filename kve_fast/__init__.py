@@ -1,13 +1,38 @@
 """kve_fast: the stochastic sampler of Karras et al. (2022), Algorithm 2, for VE score models.
 
 Fast and, in float32, bit-exact with diffusers' ``KarrasVePipeline``.
+
+Importing the package is cheap: torch, Triton and diffusers load when a name below is first used
+(``kve_fast.KarrasVePipeline`` and ``kve_fast.KarrasVeScheduler`` bring diffusers in, the sampler
+functions only torch).
 """
 
-from .loading import load_model, load_pipeline
-from .pipeline import KarrasVePipeline
-from .sampler import sample_heun, sample_karras_ve
-from .scheduler import KarrasVeOutput, KarrasVeScheduler
+from __future__ import annotations
 
-__all__ = ["KarrasVePipeline", "KarrasVeScheduler", "KarrasVeOutput", "sample_karras_ve", "sample_heun",
-           "load_model", "load_pipeline"]
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "KarrasVePipeline": "pipeline",
+    "KarrasVeScheduler": "scheduler",
+    "KarrasVeOutput": "scheduler",
+    "sample_karras_ve": "sampler",
+    "sample_heun": "sampler",
+    "load_model": "loading",
+    "load_pipeline": "loading",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kve_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
