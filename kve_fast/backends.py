@@ -7,7 +7,8 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+from .options import BACKENDS
+
 _warned: set[str] = set()
 
 
@@ -50,13 +51,13 @@ def check_backend(name: str, device: torch.device) -> str:
     return "triton"
 
 
-def make_backend(name: str, device: torch.device, s_noise: float, want_pred: bool = False):
-    """The step backend object for a resolved or unresolved ``name``."""
+def make_backend(name: str, device: torch.device, s_noise: float, want_pred: bool = False, shape=None):
+    """The step backend object for a resolved or unresolved ``name`` (``shape``: checked against its limits)."""
     name = check_backend(name, device)
     if name == "triton":
         from .ops.step_triton import TritonStep
 
-        return TritonStep(s_noise, want_pred)
+        return TritonStep(s_noise, want_pred, shape)
     from .ops.step_torch import TorchStep
 
-    return TorchStep(s_noise, want_pred)
+    return TorchStep(s_noise, want_pred, shape)

@@ -18,7 +18,9 @@ import threading
 import numpy as np
 import torch
 
-NOISE_MODES = ("exact", "fast")
+from .options import NOISE_MODES
+
+__all__ = ["NOISE_MODES", "draw_randn", "ReferenceNoise", "DeviceNoise", "make_noise"]
 PREFETCH = True  # exact mode on CUDA with CPU generators: draw ahead on a thread (False: draw in the loop)
 
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from ._checks import check_generator, check_int
+from ._checks import check_int
+from .images import uint8_to_pil
+from .options import CALLBACK_TENSOR_INPUTS, OUTPUT_TYPES
 from .sampler import sample_karras_ve
 from .scheduler import KarrasVeScheduler
-
-OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")
-CALLBACK_TENSOR_INPUTS = ("sample", "pred_original_sample")
 
 
 def _as_kve_scheduler(scheduler) -> KarrasVeScheduler:
@@ -28,18 +25,12 @@ def _as_kve_scheduler(scheduler) -> KarrasVeScheduler:
     return KarrasVeScheduler.from_config(scheduler.config)
 
 
-def uint8_to_pil(images: np.ndarray) -> list[Image.Image]:
-    """BHWC uint8 images to PIL, as diffusers' ``numpy_to_pil`` does after rounding (1 channel: mode L)."""
-    if images.shape[-1] == 1:
-        return [Image.fromarray(image.squeeze(-1), mode="L") for image in images]
-    return [Image.fromarray(image) for image in images]
-
-
 class KarrasVePipeline(DiffusionPipeline):
     """Unconditional image generation with the stochastic sampler of Karras et al. (2022), Algorithm 2.
 
-    The same call and, in float32 with the default torch backend, the same outputs bit for bit as
-    ``diffusers.pipelines.deprecated.stochastic_karras_ve.KarrasVePipeline``.
+    The same call and, in float32, the same outputs bit for bit as
+    ``diffusers.pipelines.deprecated.stochastic_karras_ve.KarrasVePipeline`` (with either backend, in
+    the default ``noise="exact"`` mode, on the same device).
 
     Args:
         unet: a diffusers ``UNet2DModel`` or any module called as ``model(x, sigma)`` returning a tensor
@@ -109,6 +100,35 @@ class KarrasVePipeline(DiffusionPipeline):
             )
         return (batch_size, channels, height, width)
 
+    def _step_callback(self, callback_on_step_end, tensor_inputs):
+        """The sampler's per-step callback for diffusers' ``callback_on_step_end`` convention (or None)."""
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}")
+        if tensor_inputs is None:
+            tensor_inputs = ()
+        if isinstance(tensor_inputs, str) or not isinstance(tensor_inputs, (list, tuple)):
+            raise TypeError("`callback_on_step_end_tensor_inputs` must be a list of names from "
+                            f"{CALLBACK_TENSOR_INPUTS}, got {type(tensor_inputs).__name__}")
+        unknown = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only name {CALLBACK_TENSOR_INPUTS}, got {unknown}"
+            )
+        if callback_on_step_end is None:
+            return None
+        names = list(tensor_inputs)
+        self._interrupt = False
+
+        def callback(state):
+            out = callback_on_step_end(self, state["i"], state["timestep"], {k: state[k] for k in names})
+            if out is None:
+                out = {}
+            if not isinstance(out, dict):
+                raise TypeError(f"`callback_on_step_end` must return None or a dict, got {type(out).__name__}")
+            return {"sample": out.get("sample", state["sample"]), "stop": self._interrupt}
+
+        return callback
+
     @torch.no_grad()
     def __call__(
         self,
@@ -146,36 +166,19 @@ class KarrasVePipeline(DiffusionPipeline):
         """
         if kwargs:
             raise TypeError(f"KarrasVePipeline got unexpected keyword arguments: {sorted(kwargs)}")
+        # Only the pipeline's own arguments are checked here; the sampler checks the rest (steps,
+        # generator, backend, noise, solver), all before any work.
         batch_size = check_int("batch_size", batch_size, 1)
-        check_int("num_inference_steps", num_inference_steps, 2)
         output_type = "np" if output_type is None else output_type
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        generator = check_generator(generator, batch_size)
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError("`callback_on_step_end` must be callable")
-        tensor_inputs = list(callback_on_step_end_tensor_inputs)
-        unknown = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may only name {CALLBACK_TENSOR_INPUTS}, got {unknown}"
-            )
+        callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         shape = self._image_shape(batch_size)
         scheduler = _as_kve_scheduler(self.scheduler)
-        device = self.device  # backend, noise and solver are checked by the sampler before any work
-
-        callback = None
-        if callback_on_step_end is not None:
-            self._interrupt = False
-
-            def callback(state):
-                kwargs = {k: state[k] for k in tensor_inputs}
-                out = callback_on_step_end(self, state["i"], state["timestep"], kwargs) or {}
-                return {"sample": out.get("sample", state["sample"]), "stop": self._interrupt}
 
         output = {"latent": "latent", "pil": "uint8"}.get(output_type, "float")
         image = sample_karras_ve(
-            self.unet, scheduler, shape, num_inference_steps, generator, device,
+            self.unet, scheduler, shape, num_inference_steps, generator, self.device,
             backend=backend, noise=noise, callback=callback, progress=self.progress_bar, output=output,
             solver=solver,
         )
@@ -183,7 +186,7 @@ class KarrasVePipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
 
         if output_type == "pil":
-            image = uint8_to_pil(image.cpu().numpy())
+            image = uint8_to_pil(image)
         elif output_type in ("np", "numpy"):
             image = image.cpu().permute(0, 2, 3, 1).numpy()
         if not return_dict:

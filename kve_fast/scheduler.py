@@ -15,10 +15,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ._checks import check_int, check_real
+from ._checks import check_int
 from .noise import draw_randn
 from .ops import step_torch
-from .schedules import SCHEDULES, make_schedule
+from .plan import check_sampler_config, churn_sigma
+from .schedules import make_schedule
 
 
 @dataclass
@@ -28,32 +29,6 @@ class KarrasVeOutput(BaseOutput):
     prev_sample: torch.Tensor
     derivative: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
-
-
-def churn_sigma(sigma, num_inference_steps: int, s_churn, s_min, s_max):
-    """Algorithm 2, lines 4-5: gamma_i and sigma_hat = sigma + gamma_i * sigma, rounded as the reference does
-    (``sigma`` a 0-d float32 tensor; the range test and the products in float32)."""
-    if s_min <= sigma <= s_max:
-        gamma = min(s_churn / num_inference_steps, 2**0.5 - 1)
-    else:
-        gamma = 0
-    return sigma + gamma * sigma, gamma
-
-
-def _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule="diffusers", rho=7.0) -> None:
-    check_real("sigma_min", sigma_min, positive=True)
-    check_real("sigma_max", sigma_max, positive=True)
-    if not sigma_min < sigma_max:
-        raise ValueError(f"`sigma_min` ({sigma_min}) must be smaller than `sigma_max` ({sigma_max})")
-    check_real("s_noise", s_noise, minimum=0)
-    check_real("s_churn", s_churn, minimum=0)
-    check_real("s_min", s_min, minimum=0)
-    check_real("s_max", s_max, minimum=0)
-    if s_min > s_max:
-        raise ValueError(f"`s_min` ({s_min}) must not be larger than `s_max` ({s_max})")
-    if not isinstance(sigma_schedule, str) or sigma_schedule not in SCHEDULES:
-        raise ValueError(f"`sigma_schedule` must be one of {SCHEDULES}, got {sigma_schedule!r}")
-    check_real("rho", rho, positive=True)
 
 
 class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
@@ -85,7 +60,7 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
         sigma_schedule: str = "diffusers",
         rho: float = 7.0,
     ):
-        _check_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule, rho)
+        check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule, rho)
         self.init_noise_sigma = sigma_max
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from ..images import to_image
+
+__all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep"]
+
 
 def churn(sample: torch.Tensor, eps: torch.Tensor, sigma, sigma_hat) -> torch.Tensor:
     """Algorithm 2, line 6: x_hat = x + sqrt(t_hat^2 - t^2) * eps (eps already scaled by S_noise)."""
@@ -49,18 +53,6 @@ def heun(model_output: torch.Tensor, sigma_hat, sigma_prev, sample_hat, sample_p
     return sample_prev, pred_original_sample
 
 
-def to_image(sample: torch.Tensor, kind: str = "float") -> torch.Tensor:
-    """The pipeline's final map from [-1, 1] to a clamped [0, 1] image (BCHW).
-
-    ``kind="uint8"`` continues as ``numpy_to_pil`` does, ``(image * 255).round()`` as uint8, BHWC
-    (torch rounds half to even, like numpy, and multiplies by 255 in float32, like numpy).
-    """
-    image = (sample / 2 + 0.5).clamp(0, 1)
-    if kind == "uint8":
-        image = (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
-    return image
-
-
 class TorchStep:
     """The torch step backend: the reference's ops, one small kernel each, on any device.
 
@@ -70,7 +62,7 @@ class TorchStep:
 
     name = "torch"
 
-    def __init__(self, s_noise: float, want_pred: bool = False):
+    def __init__(self, s_noise: float, want_pred: bool = False, shape=None):
         self.s_noise = s_noise
 
     @staticmethod
@@ -92,15 +84,17 @@ class TorchStep:
 
         Returns ``(sample_prev, derivative, denoised, model input, image)``.
         """
-        model_output = scale_model_output(raw, step.sigma_hat)
-        sample_prev, derivative, pred = euler(model_output, step.sigma_hat, step.sigma_prev, sample_hat)
+        sigma_hat = step.sigma_hat
+        model_output = scale_model_output(raw, sigma_hat)
+        sample_prev, derivative, pred = euler(model_output, sigma_hat, step.sigma_prev, sample_hat)
         xin = model_input(sample_prev) if want_input else None
         return sample_prev, derivative, pred, xin, None if image is None else to_image(sample_prev, image)
 
     def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, eps_next=None):
         """Lines 9-11, then (if ``next_step``) the next step's churn; returns ``(sample, denoised, churned)``."""
-        model_output = scale_model_output(raw, step.sigma_prev)
-        sample, pred = heun(model_output, step.sigma_hat, step.sigma_prev, sample_hat, sample_prev, derivative)
+        sigma_prev = step.sigma_prev
+        model_output = scale_model_output(raw, sigma_prev)
+        sample, pred = heun(model_output, step.sigma_hat, sigma_prev, sample_hat, sample_prev, derivative)
         churned = None if next_step is None else self.churn(sample, eps_next, next_step)
         return sample, pred, churned
 

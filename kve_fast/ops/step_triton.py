@@ -1,6 +1,9 @@
-"""Fused Triton step kernels: one launch per stage of a Heun step, float32 state.
+"""Fused Triton step kernels, float32 state: two launches per Heun step in steady state.
 
-Three kernels replace the reference's ~20 elementwise launches per step:
+Three kernels replace the reference's ~20 elementwise launches per step; the first step starts with
+``churn``, and every later step's churn is fused into the previous step's ``heun`` launch, so a step
+is ``euler`` + ``heun`` (one launch per step with ``solver="euler"``, or with a callback that must see
+the sample between steps: then ``churn`` runs on its own):
 
 - ``churn``: x_hat = x + c * (S_noise * eps), and the model input (x_hat + 1) / 2.
 - ``euler``: from the raw model output, the derivative, x_prev and the next model input, or on the
@@ -27,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .step_torch import to_image
+from ..images import to_image
+from ..plan import _f32, churn_coefficient, euler_scalars, heun_scalars
 
 _BLOCK = 1024
 # Device noise: one Philox randn4x call per 4 elements (True) or tl.randn per element (False).
@@ -42,7 +46,8 @@ _MAX_ELEMENTS = 2**31 - _BLOCK  # int32 offsets (and Philox counters)
 def _block_randn(seed, pid, BLOCK: tl.constexpr, NOISE4: tl.constexpr):
     # BLOCK standard normals for program pid (Philox, counter-based: a pure function of seed and offset).
     if NOISE4:
-        # one randn4x call per 4 elements; element 4q + j takes the j-th output of counter q
+        # one randn4x call per 4 elements, counter q: join(join(z0, z1), join(z2, z3)) is [Q, 2, 2] with
+        # [q, i, k] = z_{i + 2k}[q], so elements 4q .. 4q + 3 take z0, z2, z1, z3 in that order
         Q: tl.constexpr = BLOCK // 4
         z0, z1, z2, z3 = tl.randn4x(seed, pid * Q + tl.arange(0, Q))
         z = tl.reshape(tl.join(tl.join(z0, z1), tl.join(z2, z3)), [BLOCK])
@@ -158,33 +163,6 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
 
 # ----------------------------------------------------------------------------------------------------
 # Host side: the reference's scalars, input checks, launches.
-
-
-def _f32(x) -> float:
-    """A 0-d tensor or number as the float32 value torch would use (exact in a Python float)."""
-    return float(torch.as_tensor(x, dtype=torch.float32))
-
-
-def _reciprocal(s) -> float:
-    """1 / s in float32 on the host: what torch on CUDA multiplies by when dividing by a CPU scalar."""
-    return float(torch.tensor(1.0, dtype=torch.float32) / torch.as_tensor(s, dtype=torch.float32))
-
-
-def churn_coefficient(sigma, sigma_hat) -> float:
-    """c = sqrt(sigma_hat^2 - sigma^2), computed with the reference's 0-d float32 tensor ops."""
-    return _f32((torch.as_tensor(sigma_hat) ** 2 - torch.as_tensor(sigma) ** 2) ** 0.5)
-
-
-def euler_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
-    """(sigma_hat / 2, sigma_hat, 1 / sigma_hat, sigma_prev - sigma_hat) as the reference rounds them."""
-    sigma_hat = torch.as_tensor(sigma_hat)
-    return _f32(sigma_hat / 2), _f32(sigma_hat), _reciprocal(sigma_hat), _f32(sigma_prev - sigma_hat)
-
-
-def heun_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
-    """(sigma_prev / 2, sigma_prev, 1 / sigma_prev, sigma_prev - sigma_hat) as the reference rounds them."""
-    sigma_prev = torch.as_tensor(sigma_prev)
-    return _f32(sigma_prev / 2), _f32(sigma_prev), _reciprocal(sigma_prev), _f32(sigma_prev - sigma_hat)
 
 
 def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,18 +303,26 @@ def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_s
 
 
 class TritonStep:
-    """The Triton step backend: three fused launches per Heun step (see the module docstring).
+    """The Triton step backend: two fused launches per Heun step in steady state (module docstring).
 
     Noise arrives from the sampler's noise source as a tensor (exact mode) or an int seed (fast mode).
-    Each step's host scalars are computed once per plan (kept in ``step.cache``). The state the loop
-    never hands out (x_hat, the model inputs, x_prev, d) lives in five buffers reused every step, so a
-    step allocates nothing; what it hands out (the final sample or image, and the sample and denoised
-    estimate a callback sees) is always a new tensor.
+    The host scalars come with each step (``kve_fast.plan.Step``). The state the loop never hands out
+    (x_hat, the model inputs, x_prev, d) lives in five contiguous buffers owned by this object and
+    reused every step, so a step allocates nothing; what it hands out (the final sample or image, and
+    the sample and denoised estimate a callback sees) is always a new tensor. Every tensor the kernels
+    read is made contiguous first: they index linearly.
     """
 
     name = "triton"
 
-    def __init__(self, s_noise: float, want_pred: bool = False):
+    def __init__(self, s_noise: float, want_pred: bool = False, shape=None):
+        if shape is not None:
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            if numel > _MAX_ELEMENTS:  # the kernels index with int32: refuse rather than misread
+                raise ValueError(f"`shape` {tuple(shape)} has {numel} elements; the Triton backend takes at most "
+                                 f"{_MAX_ELEMENTS} (use backend='torch' or a smaller batch)")
         self.s_noise = _f32(s_noise)
         self.want_pred = want_pred
         self._buffers = None
@@ -344,20 +330,11 @@ class TritonStep:
     def _buf(self, like: torch.Tensor):
         b = self._buffers
         if b is None or b[0].shape != like.shape or b[0].device != like.device:
-            if like.numel() > _MAX_ELEMENTS:  # the kernels index with int32: refuse rather than misread
+            if like.numel() > _MAX_ELEMENTS:
                 raise ValueError(f"`shape` {tuple(like.shape)} has {like.numel()} elements; the Triton backend "
                                  f"takes at most {_MAX_ELEMENTS} (use backend='torch' or a smaller batch)")
-            b = self._buffers = [torch.empty_like(like, dtype=torch.float32) for _ in range(5)]
+            b = self._buffers = [torch.empty(like.shape, dtype=torch.float32, device=like.device) for _ in range(5)]
         return b  # hat, xin (first model input), prev, d, xin2 (second model input)
-
-    @staticmethod
-    def _consts(step):
-        consts = step.cache.get("triton")
-        if consts is None:
-            consts = step.cache["triton"] = (
-                churn_coefficient(step.sigma, step.sigma_hat), euler_scalars(step.sigma_hat, step.sigma_prev),
-                None if step.last else heun_scalars(step.sigma_hat, step.sigma_prev))
-        return consts
 
     @staticmethod
     def _noise(noise):
@@ -366,14 +343,14 @@ class TritonStep:
     def churn(self, sample, noise, step):
         eps, seed = self._noise(noise)
         b = self._buf(sample)
-        return _launch_churn(sample.contiguous(), eps, seed, self.s_noise, self._consts(step)[0], out=(b[0], b[1]))
+        return _launch_churn(sample.contiguous(), eps, seed, self.s_noise, step.churn, out=(b[0], b[1]))
 
     def euler(self, raw, sample_hat, step, want_input: bool, want_derivative: bool = True,
               image: str | None = None, keep: bool = True):
         """``keep``: x_prev is handed out (the final sample, or a callback's): a new tensor, not a buffer."""
         b = self._buf(sample_hat)
         out = None if keep else (b[2], b[3], b[4])
-        prev, d, xin, pred, img = _launch_euler(raw.contiguous(), sample_hat, self._consts(step)[1], want_input,
+        prev, d, xin, pred, img = _launch_euler(raw.contiguous(), sample_hat, step.euler, want_input,
                                                 want_derivative, self.want_pred, image, out=out)
         return prev, d, pred, xin, img
 
@@ -381,9 +358,9 @@ class TritonStep:
         churn_next = None
         if next_step is not None:
             eps, seed = self._noise(noise_next)
-            churn_next = (eps, seed, self.s_noise, self._consts(next_step)[0])
+            churn_next = (eps, seed, self.s_noise, next_step.churn)
         b = self._buf(sample_hat)
-        x, pred, hat, xin = _launch_heun(raw.contiguous(), sample_hat, sample_prev, derivative, self._consts(step)[2],
+        x, pred, hat, xin = _launch_heun(raw.contiguous(), sample_hat, sample_prev, derivative, step.heun,
                                          next_step is None, self.want_pred, churn_next, out=(b[0], b[1]))
         return x, pred, None if next_step is None else (hat, xin)
 

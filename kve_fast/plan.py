@@ -1,0 +1,304 @@
+"""The per-step scalars of Algorithm 2, computed like the reference computes them, one step at a time.
+
+A ``Plan`` is the sequence of a run's steps. It is lazy: step i's scalars (sigma_i, gamma_i,
+sigma_hat, sigma_{i+1}, and the constants the fused kernels take) are computed when the loop reaches
+step i, with the reference's 0-d float32 tensor operations, so nothing before step 1 grows with the
+step count. Plans of small step counts are kept in a cache bounded in bytes and guarded by a lock;
+a run puts its plan there only when it completes.
+
+Steps hold plain floats (each exactly a float32 value) and hand out *new* 0-d tensors on every
+access, so nothing a model or a callback receives can change a later call.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from ._checks import check_int, check_real
+from .options import SCHEDULES
+from .schedules import schedule_value
+
+
+def _f32(x) -> float:
+    """A 0-d tensor or number as the float32 value torch would use (exact in a Python float)."""
+    return float(torch.as_tensor(x, dtype=torch.float32))
+
+
+def reciprocal(s) -> float:
+    """1 / s in float32 on the host: what torch on CUDA multiplies by when dividing by a CPU scalar."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.as_tensor(s, dtype=torch.float32))
+
+
+def churn_sigma(sigma, num_inference_steps: int, s_churn, s_min, s_max):
+    """Algorithm 2, lines 4-5: gamma_i and sigma_hat = sigma + gamma_i * sigma, rounded as the reference does
+    (``sigma`` a 0-d float32 tensor; the range test and the products in float32)."""
+    if s_min <= sigma <= s_max:
+        gamma = min(s_churn / num_inference_steps, 2**0.5 - 1)
+    else:
+        gamma = 0
+    return sigma + gamma * sigma, gamma
+
+
+def churn_coefficient(sigma, sigma_hat) -> float:
+    """c = sqrt(sigma_hat^2 - sigma^2), computed with the reference's 0-d float32 tensor ops."""
+    return _f32((torch.as_tensor(sigma_hat) ** 2 - torch.as_tensor(sigma) ** 2) ** 0.5)
+
+
+def euler_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
+    """(sigma_hat / 2, sigma_hat, 1 / sigma_hat, sigma_prev - sigma_hat) as the reference rounds them."""
+    sigma_hat = torch.as_tensor(sigma_hat)
+    return _f32(sigma_hat / 2), _f32(sigma_hat), reciprocal(sigma_hat), _f32(sigma_prev - sigma_hat)
+
+
+def heun_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
+    """(sigma_prev / 2, sigma_prev, 1 / sigma_prev, sigma_prev - sigma_hat) as the reference rounds them."""
+    sigma_prev = torch.as_tensor(sigma_prev)
+    return _f32(sigma_prev / 2), _f32(sigma_prev), reciprocal(sigma_prev), _f32(sigma_prev - sigma_hat)
+
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+class Step:
+    """One step's scalars (Python floats holding float32 values; ``sigma_prev`` is 0 on the last step).
+
+    ``sigma``, ``sigma_hat``, ``sigma_prev``, ``half_sigma_hat`` and ``half_sigma_prev`` return new 0-d
+    float32 CPU tensors, as the reference holds them (``sigma_prev`` is the int 0 on the last step, as
+    in the reference). ``churn``, ``euler`` and ``heun`` are the constants of the fused kernels.
+    """
+
+    __slots__ = ("index", "timestep", "gamma", "last", "_sigma", "_sigma_hat", "_sigma_prev", "churn", "euler",
+                 "heun")
+
+    def __init__(self, index: int, timestep: int, sigma: torch.Tensor, sigma_prev, s_churn, s_min, s_max, n: int):
+        sigma_hat, gamma = churn_sigma(sigma, n, s_churn, s_min, s_max)
+        self.index, self.timestep, self.gamma = index, int(timestep), float(gamma)
+        self.last = isinstance(sigma_prev, int)
+        self._sigma, self._sigma_hat = _f32(sigma), _f32(sigma_hat)
+        self._sigma_prev = 0.0 if self.last else _f32(sigma_prev)
+        self.churn = churn_coefficient(sigma, sigma_hat)
+        self.euler = euler_scalars(sigma_hat, sigma_prev)
+        self.heun = None if self.last else heun_scalars(sigma_hat, sigma_prev)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return _scalar(self._sigma)
+
+    @property
+    def sigma_hat(self) -> torch.Tensor:
+        return _scalar(self._sigma_hat)
+
+    @property
+    def sigma_prev(self) -> torch.Tensor | int:
+        return 0 if self.last else _scalar(self._sigma_prev)
+
+    @property
+    def half_sigma_hat(self) -> torch.Tensor:
+        """The model's noise-level argument at sigma_hat (``sigma_hat / 2``, the reference's 0-d tensor)."""
+        return _scalar(self.euler[0])
+
+    @property
+    def half_sigma_prev(self) -> torch.Tensor | None:
+        return None if self.last else _scalar(self.heun[0])
+
+    def __repr__(self) -> str:
+        return (f"Step(index={self.index}, sigma={self._sigma!r}, sigma_hat={self._sigma_hat!r}, "
+                f"sigma_prev={self._sigma_prev!r}, gamma={self.gamma!r})")
+
+
+class Plan(Sequence):
+    """The steps of one run, computed on first access (see the module docstring).
+
+    ``sigma_at(k)`` is the k-th noise level of the descending sequence (a 0-d float32 tensor), for
+    k < ``len(plan)``; after the last one comes 0. ``memo``: keep computed steps (for cached plans).
+    """
+
+    def __init__(self, n: int, sigma_at, s_churn, s_min, s_max, memo: bool):
+        self._n, self._sigma_at, self._churn = n, sigma_at, (s_churn, s_min, s_max)
+        self._memo = [None] * n if memo else None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        if self._memo is not None and self._memo[i] is not None:
+            return self._memo[i]
+        sigma_prev = self._sigma_at(i + 1) if i + 1 < self._n else 0
+        step = Step(i, self._n - 1 - i, self._sigma_at(i), sigma_prev, *self._churn, self._n)
+        if self._memo is not None:
+            self._memo[i] = step  # an atomic store: racing threads compute the same values
+        return step
+
+    def __iter__(self):
+        return (self[i] for i in range(self._n))
+
+
+# -- the plan cache ------------------------------------------------------------------------------------
+
+STEP_BYTES = 1024  # a memoized step (object, floats, tuples), rounded up; measured in tests/test_trust.py
+CACHE_BYTES = 16 * 2**20  # all cached plans together
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _plan_bytes(n: int) -> int:
+    return 256 + n * (STEP_BYTES + 8)
+
+
+def plan_cache_info() -> dict:
+    """``{"plans": count, "bytes": estimated bytes, "max_bytes": the bound}`` of the plan cache."""
+    with _CACHE_LOCK:
+        return {"plans": len(_CACHE), "bytes": sum(_plan_bytes(len(p)) for p in _CACHE.values()),
+                "max_bytes": CACHE_BYTES}
+
+
+def clear_plan_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _config_key(scheduler):
+    try:
+        key = (type(scheduler), tuple(sorted((k, v) for k, v in scheduler.config.items() if not k.startswith("_"))))
+        hash(key)
+    except TypeError:  # an unhashable config value: no caching
+        return None
+    return key
+
+
+class PlanHandle:
+    """A plan for one run, and ``commit()`` to cache it once the run has completed."""
+
+    def __init__(self, plan: Plan, key):
+        self.plan, self._key = plan, key
+
+    def commit(self) -> None:
+        """Cache the plan (most recently used last), evicting the least recently used beyond the bound."""
+        if self._key is None or _plan_bytes(len(self.plan)) > CACHE_BYTES // 4:
+            return
+        with _CACHE_LOCK:
+            _CACHE[self._key] = self.plan
+            _CACHE.move_to_end(self._key)
+            total = sum(_plan_bytes(len(p)) for p in _CACHE.values())
+            while total > CACHE_BYTES and len(_CACHE) > 1:
+                _, old = _CACHE.popitem(last=False)
+                total -= _plan_bytes(len(old))
+
+
+def scheduler_plan(scheduler, num_inference_steps: int) -> PlanHandle:
+    """The steps of a ``num_inference_steps`` run with ``scheduler``'s settings (not modifying it)."""
+    n = check_int("num_inference_steps", num_inference_steps, 2)
+    c = scheduler.config
+    key = _config_key(scheduler)
+    key = None if key is None else (key, n)
+    if key is not None:
+        with _CACHE_LOCK:
+            plan = _CACHE.get(key)
+        if plan is not None:
+            return PlanHandle(plan, key)
+    name, sigma_min, sigma_max, rho = c.get("sigma_schedule", "diffusers"), c.sigma_min, c.sigma_max, c.get("rho", 7.0)
+
+    def sigma_at(k: int) -> torch.Tensor:
+        # step k runs at schedule[timesteps[k]] = schedule[n - 1 - k] (the reference's indexing)
+        return schedule_value(name, n - 1 - k, n, sigma_min, sigma_max, rho)
+
+    memo = key is not None and _plan_bytes(n) <= CACHE_BYTES // 4
+    return PlanHandle(Plan(n, sigma_at, c.s_churn, c.s_min, c.s_max, memo), key)
+
+
+def plan_steps(scheduler, num_inference_steps: int) -> Plan:
+    """The steps of a run with ``scheduler``'s settings, computed like the reference pipeline does."""
+    return scheduler_plan(scheduler, num_inference_steps).plan
+
+
+def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf")) -> Plan:
+    """Steps for a user's descending ``sigmas`` (ending in 0), with the reference's per-step rounding."""
+    check_real("s_churn", s_churn, minimum=0)
+    check_real("s_tmin", s_tmin, minimum=0)
+    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)):
+        raise TypeError(f"`s_tmax` must be a number, got {type(s_tmax).__name__}")
+    if not s_tmax >= s_tmin:
+        raise ValueError(f"`s_tmax` must be >= `s_tmin`, got {s_tmax!r}")
+    try:
+        sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"`sigmas` must be a 1-D sequence of numbers: {exc}") from None
+    if sig.dim() != 1 or sig.numel() < 2:
+        raise ValueError(f"`sigmas` must be 1-D with at least 2 values (the last one 0), got shape {tuple(sig.shape)}")
+    if not bool(torch.isfinite(sig).all()) or float(sig[-1]) != 0 or not bool((sig[:-1] > 0).all()):
+        raise ValueError("`sigmas` must be finite, positive, and end with a single 0")
+    if not bool((sig[1:] <= sig[:-1]).all()):
+        raise ValueError("`sigmas` must be non-increasing")
+    n = sig.numel() - 1
+    why = _float32_range_problem(float(sig[0]), float(sig[n - 1]), churn=s_churn > 0)
+    if why:
+        raise ValueError(f"`sigmas` {why}")
+    sig = sig.clone()
+    return Plan(n, lambda k: sig[k].clone(), s_churn, s_tmin, s_tmax, memo=False)
+
+
+# -- settings whose float32 arithmetic stays finite ------------------------------------------------------
+
+
+def _float32_range_problem(high: float, low: float, churn: bool = True) -> str:
+    """Why noise levels in [low, high] break the reference's float32 step arithmetic ('' if they do not).
+
+    Every step computes sigma**2 and sigma_hat**2 (sigma_hat <= sqrt(2) sigma with churn), divides by
+    sigma_hat and sigma_prev, and calls the model at sigma / 2: all must be finite and non-zero.
+    """
+    top = torch.tensor(high, dtype=torch.float32)
+    bottom = torch.tensor(low, dtype=torch.float32)
+    if not math.isfinite(float(top)) or not float(top) > 0:
+        return f"reach {high:g}, which is not a finite positive float32"
+    hat = top + (2**0.5 - 1) * top if churn else top
+    if not math.isfinite(float(hat * hat)):
+        return f"reach {high:g}, whose square (sigma**2, computed every step) overflows float32"
+    if not float(bottom) > 0 or not float(bottom / 2) > 0:
+        return f"go down to {low:g}, which is 0 in float32"
+    if not math.isfinite(reciprocal(bottom)):
+        return f"go down to {low:g}, whose reciprocal overflows float32"
+    return ""
+
+
+def check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule="diffusers",
+                         rho=7.0) -> None:
+    """Check a scheduler's settings, including that its float32 noise levels are finite and positive."""
+    check_real("sigma_min", sigma_min, positive=True)
+    check_real("sigma_max", sigma_max, positive=True)
+    if not sigma_min < sigma_max:
+        raise ValueError(f"`sigma_min` ({sigma_min}) must be smaller than `sigma_max` ({sigma_max})")
+    check_real("s_noise", s_noise, minimum=0)
+    check_real("s_churn", s_churn, minimum=0)
+    check_real("s_min", s_min, minimum=0)
+    check_real("s_max", s_max, minimum=0)
+    if s_min > s_max:
+        raise ValueError(f"`s_min` ({s_min}) must not be larger than `s_max` ({s_max})")
+    if not isinstance(sigma_schedule, str) or sigma_schedule not in SCHEDULES:
+        raise ValueError(f"`sigma_schedule` must be one of {SCHEDULES}, got {sigma_schedule!r}")
+    check_real("rho", rho, positive=True)
+    # The schedules are monotone between their two ends: check the ends of a 2-step schedule.
+    what = {"diffusers": "the reference schedule runs from sigma_max**2 down to sigma_min**2 and would",
+            "ve": "the schedule would", "edm": "the schedule would"}[sigma_schedule]
+    for name, shown, t in (("sigma_max", sigma_max, 1), ("sigma_min", sigma_min, 0)):
+        try:
+            value = float(schedule_value(sigma_schedule, t, 2, sigma_min, sigma_max, rho))
+        except (OverflowError, ZeroDivisionError):
+            raise ValueError(f"`{name}` ({shown!r}): {what} overflow a float") from None
+        if name == "sigma_max":
+            why = _float32_range_problem(value, 1.0, churn=s_churn > 0 and s_max > 0)
+        else:
+            why = _float32_range_problem(1.0, value)
+        if why:
+            raise ValueError(f"`{name}` ({shown!r}): {what} {why}")
