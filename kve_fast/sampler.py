@@ -21,6 +21,7 @@ import torch
 
 from ._checks import check_generator, check_int, check_real
 from .backends import make_backend
+from .engine import StepEngine
 from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
 from .plan import PlanHandle, Step, plan_steps, scheduler_plan, sigmas_plan
@@ -225,8 +226,6 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
     stopped; the plan is cached only once the run has completed.
     """
     steps = plan.plan
-    heun_solver = solver == "heun"
-    image_kind = None if output == "latent" else output
 
     def call_model(x, half_sigma):
         out = _raw_output(model(x, half_sigma))
@@ -239,55 +238,35 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
 
     snapshot = _RngSnapshot(generator, device)
     source = iterator = None
-    image = None
     try:
         source = make_noise(noise, shape, generator, device, len(steps))
-        x0 = source.initial() if draw_initial else None
-        sample = initial(x0).contiguous()
+        engine = StepEngine(backend, source, steps, solver, hand_out=callback is not None,
+                            image=None if output == "latent" else output)
+        # Line 1: x_0 ~ N(0, t_0^2 I).
+        engine.start(initial(source.initial() if draw_initial else None))
         iterator = _progress(progress, steps)
-        churned = None
         for step in iterator:
-            i = step.index
-            correct = heun_solver and not step.last
-            # Lines 4-6: increase the noise level temporarily, sigma -> sigma_hat, with fresh noise
-            # (unless the previous step's correction already did it, fused).
-            if churned is None:
-                churned = backend.churn(sample, source.step(), step)
-            sample_hat, x_in = churned
-            churned = None
-            # Lines 7-8: Euler step from sigma_hat to sigma_prev (the model sees [0, 1] images). On the
-            # last step, with no callback to change the sample, the final image is fused in.
-            raw = call_model(x_in, step.half_sigma_hat)
-            fuse_image = step.last and callback is None
-            sample_prev, derivative, pred, x_in, image = backend.euler(
-                raw, sample_hat, step, want_input=correct, want_derivative=correct,
-                image=image_kind if fuse_image else None, keep=step.last or callback is not None,
-            )
-            if not correct:
-                sample = sample_prev
-            else:
-                # Lines 9-11: second-order correction at sigma_prev; with no callback to see the
-                # sample in between, the next step's churn (lines 4-6) is fused into the same stage.
-                raw = call_model(x_in, step.half_sigma_prev)
-                fuse = callback is None and i + 1 < len(steps)
-                sample, pred, churned = backend.heun(
-                    raw, sample_hat, sample_prev, derivative, step,
-                    steps[i + 1] if fuse else None, source.step() if fuse else None,
-                )
+            # Lines 4-6: increase the noise level temporarily, sigma_i -> sigma_hat, with fresh noise.
+            x_in = engine.churn(step)
+            # Lines 7-8: Euler step from sigma_hat to sigma_{i+1} (the model sees [0, 1] images).
+            x_in = engine.euler(step, call_model(x_in, step.half_sigma_hat))
+            # Lines 9-11: second-order correction at sigma_{i+1}, unless sigma_{i+1} = 0 (or solver="euler").
+            if x_in is not None:
+                engine.heun(step, call_model(x_in, step.half_sigma_prev))
             if callback is not None:
+                sample = engine.sample
                 state = {
-                    "i": i, "timestep": torch.tensor(step.timestep), "sigma": step.sigma,
+                    "i": step.index, "timestep": torch.tensor(step.timestep), "sigma": step.sigma,
                     "sigma_hat": step.sigma_hat, "sigma_prev": step.sigma_prev, "sample": sample,
-                    "pred_original_sample": pred, "x": sample, "denoised": pred,
+                    "pred_original_sample": engine.denoised, "x": sample, "denoised": engine.denoised,
                 }
                 new, stop = _callback_update(callback(state), sample)
                 if new is not None:
-                    sample = new
+                    engine.replace(new)
                 if stop:
                     break
-        if image is None and output != "latent":
-            image = backend.to_image(sample, output)
-        _warn_if_not_finite(sample)
+        result = engine.output()
+        _warn_if_not_finite(engine.sample)
     except BaseException:
         if source is not None:
             source.close()
@@ -299,4 +278,4 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
         if hasattr(iterator, "close"):
             iterator.close()
     plan.commit()
-    return sample if output == "latent" else image
+    return result
