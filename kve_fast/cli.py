@@ -2,6 +2,10 @@
 
     kve-fast sample                       # 64 digits from the bundled model, as a grid PNG here
     kve-fast sample --model path/to/unet --batch-size 16 --steps 100 --out samples.png
+
+Every argument is checked before anything heavy: the parser and the checks of paths, output sizes and the
+model folder's JSON need neither torch, diffusers nor numpy, so ``--help`` and mistakes answer at once.
+torch comes in for the device checks, after them, and the model and the sampling after that.
 """
 
 from __future__ import annotations
@@ -9,14 +13,34 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
 
-SCHEDULES = ("diffusers", "ve", "edm")
+from .options import BACKENDS, NOISE_MODES, REFERENCE_SCHEDULE_MIN_STEPS, SCHEDULES, SOLVERS
+
+# Output file formats, from the file's extension (all through PIL).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
+_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
+_MAX_SIDE = {"JPEG": 65_535, "WEBP": 16_383}  # the formats' own limits on width and height
+_RGBA_FORMATS = ("PNG", "WEBP", "TIFF")  # those that store 4 channels
+# PIL's Image.MAX_IMAGE_PIXELS: PIL warns when it opens a larger image (a "decompression bomb") and
+# refuses one over twice as large; no output of ours is larger.
+MAX_PIXELS = 89_478_485
+SAMPLE_FILE = "sample_{:04d}.png"  # --no-grid: the file of image k
+TRAJECTORY_COLUMNS = 8  # --trajectory: the sample after this many marked steps (then the final image)
+TRAJECTORY_ROWS = 8  # ... of the first this many images
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler, so that cleanups (temporary files) run before the exit."""
 
 
 def _at_least(kind, minimum):
@@ -33,44 +57,96 @@ def _at_least(kind, minimum):
     return parse
 
 
+def _seed(text: str) -> int:
+    """An argparse type: what ``torch.Generator.manual_seed`` takes as a distinct seed, 0 to 2**64 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= 2**64 - 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64 - 1 = {2**64 - 1}, got {text}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    """An argparse type: 'auto', 'cpu', 'cuda' or 'cuda:N' (whether that GPU exists is checked later)."""
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (N a GPU index), got {text!r}")
+    return text if match.group(1) is None else f"cuda:{int(match.group(1))}"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None and False ones (whose help says what happens without the option)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kve-fast", description="Karras et al. (2022) VE sampler, fast and exact.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sample", help="generate images", description="Generate images with Algorithm 2.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
     p.add_argument("--batch-size", type=_at_least(int, 1), default=64, help="number of images")
-    p.add_argument("--steps", type=_at_least(int, 2), default=50, help="sampling steps N (Heun: 2N - 1 model calls)")
-    p.add_argument("--seed", type=_at_least(int, 0), default=0, help="seed of the CPU generator")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="step backend")
-    p.add_argument("--noise", choices=("exact", "fast"), default="exact",
+    p.add_argument("--steps", type=_at_least(int, 2), default=50,
+                   help=f"sampling steps N (Heun: 2N - 1 model calls); the 'diffusers' schedule needs about "
+                        f"{REFERENCE_SCHEDULE_MIN_STEPS}+")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator, 0 to 2**64 - 1")
+    p.add_argument("--device", type=_device_name, default="auto",
+                   help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="step backend (triton: CUDA only)")
+    p.add_argument("--noise", choices=NOISE_MODES, default="exact",
                    help="exact: the reference's noise stream; fast: generated on the device")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="noise levels: the reference's ('diffusers'), Table 1 VE ('ve') or Eq. 5 ('edm'); "
-                        "default: the model's scheduler config")
-    p.add_argument("--solver", choices=("heun", "euler"), default="heun", help="Heun (Algorithm 2) or Euler only")
+                        "default: the model's scheduler config ('diffusers' when it has none)")
+    p.add_argument("--solver", choices=SOLVERS, default="heun", help="Heun (Algorithm 2) or Euler only")
     p.add_argument("--s-churn", type=_at_least(float, 0), default=None, help="S_churn (default: the model's)")
     p.add_argument("--s-noise", type=_at_least(float, 0), default=None, help="S_noise (default: the model's)")
     p.add_argument("--s-min", type=_at_least(float, 0), default=None, help="S_tmin (default: the model's)")
     p.add_argument("--s-max", type=_at_least(float, 0), default=None, help="S_tmax (default: the model's)")
     p.add_argument("--out", default=None,
-                   help="output PNG (grid; default kve_fast_samples.png) or folder (--no-grid; default kve_fast_samples)")
+                   help="the grid image (default kve_fast_samples.png), its format from the extension: .png, "
+                        ".webp (lossless), .jpg/.jpeg (lossy, quality 95), .bmp, .tif/.tiff; with --no-grid, "
+                        "a folder (default kve_fast_samples) for sample_0000.png, ...")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
-                   help="one grid image, or one file per image")
+                   help="one grid image, or one PNG file per image")
     p.add_argument("--scale", type=_at_least(int, 1), default=None,
-                   help="nearest-neighbour upscaling of each image (default: to at least 32 pixels)")
+                   help=f"nearest-neighbour upscaling of each image (default: to at least 32 pixels, less where an "
+                        f"output would exceed {MAX_PIXELS:,} pixels, the most any output may have)")
     p.add_argument("--trajectory", default=None, metavar="FILE",
-                   help="also write a PNG strip of the first samples at several steps")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+                   help="also write an image (format from the extension, as --out) of the first "
+                        f"{TRAJECTORY_ROWS} samples after up to {TRAJECTORY_COLUMNS} of the steps, then the final image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still)")
     return parser
+
+
+# ---- checks that need neither torch nor diffusers --------------------------------------------------------
+
+def _image_format(path: str, option: str) -> str:
+    ext = os.path.splitext(path)[1]
+    fmt = IMAGE_FORMATS.get(ext.lower())
+    if fmt is None:
+        what = f"the extension {ext!r}" if ext else "no extension"
+        raise CliError(f"{option}: {path!r} has {what}; the image format comes from it, one of "
+                       f"{', '.join(IMAGE_FORMATS)}")
+    if fmt == "WEBP":
+        from PIL import features
+
+        if not features.check("webp"):
+            raise CliError(f"{option}: this PIL cannot write WebP images; use .png")
+    return fmt
 
 
 def _check_writable_file(path: str, what: str) -> str:
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if os.path.isdir(path):
-        raise CliError(f"{what}: {path} is a folder, expected a .png file path")
+        raise CliError(f"{what}: {path} is a folder, expected an image file path")
     if not os.path.isdir(parent):
         raise CliError(f"{what}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
@@ -90,80 +166,216 @@ def _check_writable_dir(path: str, what: str) -> str:
     return path
 
 
+def _same_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def _check_outputs(args):
+    """``(out, out_format, trajectory, trajectory_format)``; ``out`` is a folder and its format None with --no-grid."""
+    if args.grid:
+        given = args.out or "kve_fast_samples.png"
+        fmt = _image_format(given, "--out")
+        out = _check_writable_file(given, "--out")
+    else:
+        given = args.out or "kve_fast_samples"
+        fmt = None
+        if os.path.splitext(given)[1].lower() in IMAGE_FORMATS and not os.path.isdir(given):
+            raise CliError(f"--out: with --no-grid, --out names a folder, got the image file name {given!r} "
+                           "(for one grid image, leave out --no-grid)")
+        out = _check_writable_dir(given, "--out")
+    if not args.trajectory:
+        return out, fmt, None, None
+    trajectory_format = _image_format(args.trajectory, "--trajectory")
+    trajectory = _check_writable_file(args.trajectory, "--trajectory")
+    if args.grid and _same_path(trajectory, out):
+        raise CliError(f"--trajectory: {trajectory} is also the --out file; give them different names")
+    if not args.grid and _same_path(os.path.dirname(trajectory), out):
+        name = os.path.basename(trajectory)
+        match = re.fullmatch(r"sample_(\d+)\.png", name, re.IGNORECASE)
+        if match and int(match.group(1)) < args.batch_size and SAMPLE_FILE.format(int(match.group(1))).lower() == name.lower():
+            raise CliError(f"--trajectory: {trajectory} is also the file of sample {int(match.group(1))} in the --out "
+                           "folder; give it another name")
+    return out, fmt, trajectory, trajectory_format
+
+
+def _check_model(name: str):
+    from .loading import check_model_folder
+
+    try:
+        return check_model_folder(name)
+    except ValueError as exc:
+        raise CliError(f"--model: {exc}".replace("`name_or_path`: ", "")) from None
+
+
+def _grid_size(n: int, ncols: int, height: int, width: int, scale: int, pad: int = 2) -> tuple[int, int]:
+    """The (width, height) of ``make_grid`` for ``n`` images."""
+    nrows = math.ceil(n / ncols)
+    return ncols * (width * scale + pad) + pad, nrows * (height * scale + pad) + pad
+
+
+def _over_limit(size: tuple[int, int], fmt: str) -> str | None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        return f"{width}x{height} pixels, over the limit of {MAX_PIXELS:,} pixels"
+    side = _MAX_SIDE.get(fmt)
+    if side is not None and max(width, height) > side:
+        return f"{width}x{height} pixels, over {fmt}'s limit of {side} pixels a side"
+    return None
+
+
+def _trajectory_marks(steps: int) -> set[int]:
+    """The step indices after which --trajectory keeps the sample."""
+    return {int(round(k * (steps - 1) / (TRAJECTORY_COLUMNS - 1))) for k in range(TRAJECTORY_COLUMNS)}
+
+
+def _check_sizes(args, shape, out_format, trajectory_format) -> int:
+    """The --scale in effect, after checking that every output image fits (PIL's and the formats' limits)."""
+    channels, height, width = shape
+    if channels not in (1, 3, 4):
+        raise CliError(f"--model: its images have {channels} channels; only 1 (grey), 3 (RGB) or 4 (RGBA) make image files")
+    formats = [("--out", out_format or "PNG")] + ([("--trajectory", trajectory_format)] if args.trajectory else [])
+    for option, fmt in formats:
+        if channels == 4 and fmt not in _RGBA_FORMATS:
+            raise CliError(f"{option}: the model's images have 4 channels (RGBA), which {fmt} cannot store; use .png")
+    scale = args.scale or max(1, math.ceil(32 / max(height, width)))
+    batch = args.batch_size
+    outputs = []  # (option to blame at --scale 1, what, format, size(scale))
+    if args.grid:
+        ncols = math.ceil(math.sqrt(batch))
+        outputs.append(("--batch-size", f"a grid of {batch} images of {width}x{height}", out_format,
+                        lambda s: _grid_size(batch, ncols, height, width, s)))
+    else:
+        outputs.append(("--model", f"each {width}x{height} image", "PNG", lambda s: (width * s, height * s)))
+    if args.trajectory:
+        rows, cols = min(batch, TRAJECTORY_ROWS), len(_trajectory_marks(args.steps)) + 1
+        outputs.append(("--trajectory", f"the trajectory image ({rows} rows of {cols} images of {width}x{height})",
+                        trajectory_format, lambda s: _grid_size(rows * cols, cols, height, width, s)))
+
+    def fits(s: int) -> bool:
+        return all(_over_limit(size(s), fmt) is None for _, _, fmt, size in outputs)
+
+    for option, what, fmt, size in outputs:
+        problem = _over_limit(size(1), fmt)
+        if problem is not None:
+            hint = {"--batch-size": "; lower --batch-size or use --no-grid", "--trajectory": "; leave out --trajectory",
+                    "--model": ""}[option]
+            raise CliError(f"{option}: even at --scale 1, {what} would be {problem}{hint}")
+    if fits(scale):
+        return scale
+    lo, hi = 1, scale  # the largest scale that fits: lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    if args.scale is None:  # the default: as large as asked for above, but no larger than fits
+        return lo
+    what, problem = next((what, p) for _, what, fmt, size in outputs if (p := _over_limit(size(scale), fmt)))
+    raise CliError(f"--scale: at --scale {scale}, {what} would be {problem}; the largest --scale that fits is {lo}")
+
+
+# ---- torch from here on ----------------------------------------------------------------------------------
+
 def _device(name: str):
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CliError(f"--device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device: CUDA was asked for but no CUDA GPU is available")
-    return device
-
-
-def _to_uint8(images):
-    """BCHW float in [0, 1] to BHWC uint8, rounded as diffusers' numpy_to_pil does."""
-    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
-
-
-def _pil(array, scale: int):
-    from PIL import Image
-
-    image = Image.fromarray(array.squeeze(-1), mode="L") if array.shape[-1] == 1 else Image.fromarray(array)
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    return image
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CliError("--device: CUDA was asked for but no CUDA GPU is available")
+        count = torch.cuda.device_count()
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise CliError(f"--device: {name} asked for, but this machine has {count} CUDA GPU(s): "
+                           f"{', '.join(f'cuda:{i}' for i in range(count))}")
+    return torch.device(name)
 
 
 def make_grid(arrays, ncols: int, scale: int, pad: int = 2):
-    """Images (BHWC uint8) tiled into one PIL image, ``ncols`` per row."""
+    """Images (BHWC uint8, numpy or torch) tiled into one PIL image, ``ncols`` per row, on white."""
     from PIL import Image
 
-    tiles = [_pil(a, scale) for a in arrays]
+    from .images import uint8_to_pil
+
+    tiles = [_scaled(tile, scale) for tile in uint8_to_pil(arrays)]
     w, h = tiles[0].size
-    nrows = math.ceil(len(tiles) / ncols)
-    grid = Image.new(tiles[0].mode, (ncols * (w + pad) + pad, nrows * (h + pad) + pad), color=255 if tiles[0].mode == "L" else (255, 255, 255))
+    width, height = _grid_size(len(tiles), ncols, h, w, 1, pad)
+    grid = Image.new(tiles[0].mode, (width, height), color=(255,) * len(tiles[0].getbands()))
     for k, tile in enumerate(tiles):
         r, c = divmod(k, ncols)
         grid.paste(tile, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
 
 
-def sample_command(args) -> int:
-    import torch
+def _scaled(image, scale: int):
+    from PIL import Image
+
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def _load(args, device):
+    from diffusers.utils import logging as diffusers_logging
 
     from .loading import load_pipeline
-    from .scheduler import KarrasVeScheduler
 
-    if args.grid:
-        out = _check_writable_file(args.out or "kve_fast_samples.png", "--out")
-    else:
-        out = _check_writable_dir(args.out or "kve_fast_samples", "--out")
-    trajectory = _check_writable_file(args.trajectory, "--trajectory") if args.trajectory else None
-    device = _device(args.device)
-    overrides = {k: v for k, v in {"sigma_schedule": args.schedule, "s_churn": args.s_churn, "s_noise": args.s_noise,
-                                   "s_min": args.s_min, "s_max": args.s_max}.items() if v is not None}
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # a mismatch is our one-line error, not also diffusers' warning
     try:
-        pipe = load_pipeline(args.model, device)
+        return load_pipeline(args.model, device)
     except ValueError as exc:
         raise CliError(f"--model: {exc}".replace("`name_or_path`: ", "")) from None
     except OSError as exc:
-        raise CliError(f"--model: could not load {args.model!r}: {exc}") from None
+        raise CliError(f"--model: could not load {args.model!r}: {str(exc).strip()}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def sample_command(args) -> int:
+    # 1. Everything that needs neither torch nor diffusers.
+    out, out_format, trajectory, trajectory_format = _check_outputs(args)
+    if args.s_min is not None and args.s_max is not None and args.s_min > args.s_max:
+        raise CliError(f"--s-min: {args.s_min} is larger than --s-max {args.s_max} (`s_min` must not exceed `s_max`)")
+    folder = _check_model(args.model)
+    scale = _check_sizes(args, folder.image_shape, out_format, trajectory_format)
+
+    # 2. The device and the backend (torch).
+    import torch
+
+    from ._files import save_image_atomic
+    from .backends import check_backend
+    from .images import to_image, uint8_to_pil
+
+    device = _device(args.device)
+    try:
+        check_backend(args.backend, device)
+    except ValueError as exc:
+        raise CliError(f"--backend: {exc}") from None
+
+    # 3. The model and the sampler settings.
+    pipe = _load(args, device)
+    overrides = {k: v for k, v in {"sigma_schedule": args.schedule, "s_churn": args.s_churn, "s_noise": args.s_noise,
+                                   "s_min": args.s_min, "s_max": args.s_max}.items() if v is not None}
     if overrides:
+        from .scheduler import KarrasVeScheduler
+
         try:
             pipe.scheduler = KarrasVeScheduler.from_config(pipe.scheduler.config, **overrides)
         except (ValueError, TypeError) as exc:
-            raise CliError(f"invalid sampler settings: {exc}") from None
+            given = ", ".join("--" + k.replace("_", "-") for k in overrides if k != "sigma_schedule")
+            raise CliError(f"{given or '--schedule'}: with the model's scheduler config: {exc}") from None
+    schedule = pipe.scheduler.config.get("sigma_schedule", "diffusers")
+    if schedule == "diffusers" and args.steps < REFERENCE_SCHEDULE_MIN_STEPS:
+        print(f"kve-fast: warning: the reference schedule ('diffusers') needs about {REFERENCE_SCHEDULE_MIN_STEPS}+ "
+              f"steps (--steps {args.steps} gives noisy images or noise); try --schedule edm", file=sys.stderr)
     pipe.set_progress_bar_config(disable=args.quiet, desc="sampling")
 
+    # 4. Sampling.
     snapshots: list[tuple[int, torch.Tensor]] = []
     callback = None
     if trajectory:
-        keep = max(1, min(args.batch_size, 8))
-        marks = set(int(round(k * (args.steps - 1) / 7)) for k in range(8))
+        keep = min(args.batch_size, TRAJECTORY_ROWS)
+        marks = _trajectory_marks(args.steps)
 
         def callback(p, i, t, kwargs):
             if i in marks:
@@ -172,31 +384,32 @@ def sample_command(args) -> int:
 
     start = time.perf_counter()
     try:
-        images = pipe(args.batch_size, args.steps, torch.Generator().manual_seed(args.seed), output_type="pt",
-                      backend=args.backend, noise=args.noise, solver=args.solver,
-                      callback_on_step_end=callback).images
+        latents = pipe(args.batch_size, args.steps, torch.Generator().manual_seed(args.seed), output_type="latent",
+                       backend=args.backend, noise=args.noise, solver=args.solver,
+                       callback_on_step_end=callback).images
     except ValueError as exc:
         raise CliError(str(exc)) from None
     seconds = time.perf_counter() - start
-    arrays = _to_uint8(images)
-    size = max(arrays.shape[1], arrays.shape[2])
-    scale = args.scale or max(1, math.ceil(32 / size))
+
+    # 5. The files, each written whole or not at all.
+    arrays = to_image(latents, "uint8").cpu()
     if args.grid:
-        make_grid(arrays, math.ceil(math.sqrt(len(arrays))), scale).save(out)
+        grid = make_grid(arrays, math.ceil(math.sqrt(len(arrays))), scale)
+        save_image_atomic(grid, out, out_format, **_SAVE_OPTIONS.get(out_format, {}))
         where = f"{out} ({len(arrays)} images in a grid)"
     else:
         os.makedirs(out, exist_ok=True)
-        for k, a in enumerate(arrays):
-            _pil(a, scale).save(os.path.join(out, f"sample_{k:04d}.png"))
-        where = f"{out}/sample_0000.png ... ({len(arrays)} files)"
+        for k in range(len(arrays)):
+            save_image_atomic(_scaled(uint8_to_pil(arrays[k:k + 1])[0], scale), os.path.join(out, SAMPLE_FILE.format(k)),
+                              "PNG")
+        where = f"{out}/{SAMPLE_FILE.format(0)} ... ({len(arrays)} files)"
     if trajectory:
-        from .ops.step_torch import to_image
-
-        columns = [to_image(s) for _, s in snapshots] + [images[: snapshots[0][1].shape[0]]]
         # rows: samples; columns: the sample after the marked steps, then the final image
+        columns = [s for _, s in snapshots] + [latents[: snapshots[0][1].shape[0]]]
         cols = len(columns)
-        strip = torch.stack(columns, dim=1).reshape(-1, *images.shape[1:])
-        make_grid(_to_uint8(strip), cols, scale).save(trajectory)
+        strip = torch.stack(columns, dim=1).reshape(-1, *latents.shape[1:])
+        save_image_atomic(make_grid(to_image(strip, "uint8").cpu(), cols, scale), trajectory, trajectory_format,
+                          **_SAVE_OPTIONS.get(trajectory_format, {}))
         where += f"; trajectory ({cols} columns: after steps {', '.join(str(i + 1) for i, _ in snapshots)}, final) in {trajectory}"
     if not args.quiet:
         print(f"kve-fast: wrote {where} in {seconds:.1f} s on {device} "
@@ -204,9 +417,16 @@ def sample_command(args) -> int:
     return 0
 
 
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread():  # signal handlers: the main thread only
+        previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
     try:
         if args.command == "sample":
             return sample_command(args)
@@ -216,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kve-fast: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("kve-fast: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 

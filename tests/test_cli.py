@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -12,7 +17,9 @@ from diffusers import UNet2DModel
 from PIL import Image
 
 import kve_fast
+from kve_fast import cli
 from kve_fast.cli import main
+from kve_fast.options import REFERENCE_SCHEDULE_MIN_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def test_bad_numbers_and_choices_are_usage_errors(argv, needle, capsys):
     (["--out", "/no/such/folder/grid.png"], "--out"),
     (["--trajectory", "/no/such/folder/t.png"], "--trajectory"),
     (["--s-min", "10", "--s-max", "1"], "s_min"),
-    (["--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "--device"),
+    (["--device", f"cuda:{torch.cuda.device_count() or 7}"], "--device"),  # no GPU, or one beyond the count
 ])
 def test_user_errors_are_one_line_messages(model_dir, tmp_path, argv, needle, capsys):
     args = ["sample", "--steps", "2", "--batch-size", "1", "--out", str(tmp_path / "x.png")]
@@ -103,3 +110,300 @@ def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "kve_fast", "sample", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--trajectory" in proc.stdout
+
+
+# ---- every mistake is a usage error naming the option, before any sampling and with nothing written -------
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Sampling fails the test: a bad argument must be refused before any."""
+    def sample(*args, **kwargs):
+        raise AssertionError("sampling started despite a bad argument")
+
+    monkeypatch.setattr(kve_fast.KarrasVePipeline, "__call__", sample)
+
+
+def run_cli(argv, capsys):
+    """``(exit status, stderr)`` of ``main(argv)``, argparse's SystemExit included."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_usage_error(code, err, option):
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err
+    assert "error:" in last and option in last, err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--out", "samples"], "--out"),  # no extension
+    (["--out", "x.txt"], "--out"),
+    (["--out", "x.png", "--trajectory", "t"], "--trajectory"),
+    (["--out", "x.png", "--trajectory", "t.txt"], "--trajectory"),
+    (["--no-grid", "--out", "x.png"], "--out"),  # a folder named like an image: a grid was meant
+])
+def test_the_output_format_comes_from_the_extension(model_dir, tmp_path, monkeypatch, no_sampling, capsys, argv,
+                                                    option):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["sample", "--model", model_dir, "--steps", "2", "--batch-size", "1", *argv], capsys)
+    assert_usage_error(code, err, option)
+    assert ".png" in err  # says which extensions work
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_accepted_extension_writes_its_format(model_dir, tmp_path):
+    pixels = {}
+    for ext, fmt in cli.IMAGE_FORMATS.items():
+        out = tmp_path / f"grid{ext.upper() if ext == '.png' else ext}"  # the case of the extension does not matter
+        assert main(["sample", "--model", model_dir, "--steps", "2", "--batch-size", "4", "--quiet", "--out", str(out),
+                     "--schedule", "edm"]) == 0
+        with Image.open(out) as image:
+            assert image.format == fmt
+            pixels[ext] = np.asarray(image.convert("L"))  # WebP keeps grey as RGB: back exactly
+    for ext in (".webp", ".bmp", ".tif", ".tiff"):  # lossless
+        assert np.array_equal(pixels[ext], pixels[".png"]), ext
+
+
+@pytest.mark.parametrize("grid", [True, False])
+def test_outputs_that_would_overwrite_each_other(model_dir, tmp_path, monkeypatch, no_sampling, capsys, grid):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    if grid:  # the same file, spelt two ways
+        argv = ["--out", "grid.png", "--trajectory", os.path.join("sub", "..", "grid.png")]
+    else:  # the strip would replace sample 1's file
+        (tmp_path / "imgs").mkdir()
+        argv = ["--no-grid", "--out", "imgs", "--trajectory", os.path.join("imgs", "sample_0001.png")]
+    code, err = run_cli(["sample", "--model", model_dir, "--steps", "2", "--batch-size", "2", *argv], capsys)
+    assert_usage_error(code, err, "--trajectory")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == (["sub"] if grid else ["imgs", "sub"])
+
+
+def test_a_trajectory_beside_the_sample_files_is_fine(model_dir, tmp_path):
+    """Not every file in the --no-grid folder collides: sample_0002.png does not exist with 2 images."""
+    argv = ["--no-grid", "--out", str(tmp_path), "--trajectory", str(tmp_path / "sample_0002.png")]
+    assert main(["sample", "--model", model_dir, "--steps", "2", "--batch-size", "2", "--quiet", *argv]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_0000.png", "sample_0001.png", "sample_0002.png"]
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla", "garbage", "cuda:x", "cuda:-1", "CPU"])
+def test_devices_other_than_cpu_and_cuda_are_refused(model_dir, tmp_path, no_sampling, capsys, device):
+    out = tmp_path / "x.png"
+    code, err = run_cli(["sample", "--model", model_dir, "--out", str(out), "--device", device], capsys)
+    assert_usage_error(code, err, "--device")
+    assert not out.exists()
+
+
+def test_a_cuda_index_beyond_the_device_count_is_refused(model_dir, tmp_path, monkeypatch, no_sampling, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "x.png"
+    code, err = run_cli(["sample", "--model", model_dir, "--out", str(out), "--device", "cuda:1"], capsys)
+    assert_usage_error(code, err, "--device")
+    assert "cuda:0" in err and not out.exists()
+
+
+@pytest.mark.parametrize("seed", [str(2**64), "-1", "1.5"])
+def test_seeds_outside_what_the_generator_takes_are_refused(model_dir, tmp_path, no_sampling, capsys, seed):
+    out = tmp_path / "x.png"
+    code, err = run_cli(["sample", "--model", model_dir, "--out", str(out), "--seed", seed], capsys)
+    assert_usage_error(code, err, "--seed")
+    assert not out.exists()
+
+
+def test_the_largest_seed_works(model_dir, tmp_path):
+    out = tmp_path / "x.png"
+    assert main(["sample", "--model", model_dir, "--out", str(out), "--seed", str(2**64 - 1), "--steps", "2",
+                 "--batch-size", "1", "--quiet"]) == 0
+    assert out.exists()
+
+
+def _tweak(model_dir, tmp_path, config=None, text=None):
+    """A copy of the tiny model folder with its config.json replaced."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    if config is not None:
+        text = json.dumps(config(json.loads((folder / "config.json").read_text())))
+    (folder / "config.json").write_text(text)
+    return str(folder)
+
+
+@pytest.mark.parametrize("config, text, reason", [
+    (lambda c: [c], None, "JSON list"),
+    (lambda c: {}, None, "empty JSON object"),
+    (None, '{"sample_size": 8,', "not valid JSON"),
+    (lambda c: {k: v for k, v in c.items() if k != "sample_size"}, None, "sample_size"),
+    (lambda c: {**c, "sample_size": "8"}, None, "sample_size"),
+    (lambda c: {**c, "block_out_channels": [32, 64]}, None, "do not match"),  # every shape differs
+    (lambda c: {**c, "in_channels": 3, "out_channels": 3}, None, "do not match"),
+    (lambda c: {**c, "num_class_embeds": 10}, None, "missing from the weights: class_embedding.weight"),
+    (lambda c: {**c, "norm_num_groups": 5}, None, "cannot build"),
+])
+def test_bad_model_folders_are_refused_with_the_reason(model_dir, tmp_path, no_sampling, capsys, config, text,
+                                                       reason):
+    folder = _tweak(model_dir, tmp_path, config, text)
+    out = tmp_path / "x.png"
+    code, err = run_cli(["sample", "--model", folder, "--out", str(out), "--steps", "2"], capsys)
+    assert_usage_error(code, err, "--model")
+    assert reason in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=reason.replace(".", r"\.")):  # the library says the same
+        kve_fast.load_model(folder)
+
+
+def test_missing_weights_are_refused(model_dir, tmp_path, no_sampling, capsys):
+    folder = _tweak(model_dir, tmp_path, lambda c: c)
+    os.remove(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    code, err = run_cli(["sample", "--model", folder, "--out", str(tmp_path / "x.png")], capsys)
+    assert_usage_error(code, err, "--model")
+    assert "no weights" in err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--scale", "100000"], "--scale"),
+    (["--scale", "20000", "--no-grid"], "--scale"),  # one file per image, each 160000x160000
+    (["--batch-size", str(10**8), "--scale", "1"], "--batch-size"),  # a grid over PIL's limit even unscaled
+    (["--batch-size", str(10**8)], "--batch-size"),
+    (["--out", "x.jpg", "--scale", "3000", "--batch-size", "4"], "--scale"),  # JPEG: 65535 pixels a side
+])
+def test_outputs_too_large_to_write_are_refused(model_dir, tmp_path, monkeypatch, no_sampling, capsys, argv, option):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["sample", "--model", model_dir, "--steps", "2", *argv], capsys)
+    assert_usage_error(code, err, option)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_scale_shrinks_to_fit(model_dir, tmp_path):
+    """8x8 images are upscaled 4x by default, less where the grid would then be too large."""
+    out = tmp_path / "x.png"
+    assert main(["sample", "--model", model_dir, "--out", str(out), "--steps", "2", "--batch-size", "1", "--quiet"]) == 0
+    assert Image.open(out).size == (32 + 4, 32 + 4)
+    args = cli.build_parser().parse_args(["sample", "--batch-size", str(400**2)])
+    # 400 x 400 tiles: 4002 pixels a side at 1x, 7202 at 2x (51.9 M pixels), 10402 at 3x (108 M): too many
+    assert cli._check_sizes(args, (1, 8, 8), "PNG", None) == 2
+
+
+# ---- files are written whole or not at all ---------------------------------------------------------------
+
+def _this_kve_fast() -> dict:
+    """The environment for a subprocess that imports the kve_fast under test, wherever it runs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kve_fast.__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def _save_half_then(signal_or_interrupt):
+    """A stand-in for PIL's save that writes the first half of the real file, then is interrupted."""
+    real_save = Image.Image.save
+
+    def save(self, fp, format=None, **params):
+        buffer = io.BytesIO()
+        real_save(self, buffer, format=format or "PNG", **params)
+        half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "wb") as f:
+                f.write(half)
+        else:
+            fp.write(half)
+            fp.flush()
+        signal_or_interrupt()
+
+    return save
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("grid", [True, False])
+def test_an_interrupted_save_leaves_the_old_file_and_no_temporary(model_dir, tmp_path, monkeypatch, capsys, grid):
+    old = b"the picture that was here"
+    if grid:
+        target, argv = tmp_path / "grid.png", ["--out", str(tmp_path / "grid.png")]
+    else:
+        target, argv = tmp_path / "sample_0000.png", ["--no-grid", "--out", str(tmp_path)]
+    target.write_bytes(old)
+    monkeypatch.setattr(Image.Image, "save", _save_half_then(_interrupt))
+    assert main(["sample", "--model", model_dir, "--steps", "2", "--batch-size", "2", "--quiet", *argv]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [target.name] and target.read_bytes() == old
+
+
+def test_sigterm_during_the_save_leaves_the_old_file_and_no_temporary(model_dir, tmp_path):
+    target = tmp_path / "grid.png"
+    target.write_bytes(b"old")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from PIL import Image
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_cli import _save_half_then
+        from kve_fast.cli import main
+        Image.Image.save = _save_half_then(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        sys.exit(main(["sample", "--model", {model_dir!r}, "--steps", "2", "--batch-size", "1", "--quiet",
+                       "--device", "cpu", "--out", {str(target)!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=_this_kve_fast())
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "kve-fast: terminated"
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"] and target.read_bytes() == b"old"
+
+
+def test_a_completed_save_replaces_the_file_with_the_usual_permissions(model_dir, tmp_path):
+    target = tmp_path / "grid.png"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    assert main(["sample", "--model", model_dir, "--steps", "2", "--batch-size", "1", "--quiet",
+                 "--out", str(target)]) == 0
+    assert Image.open(target).size == (36, 36) and os.stat(target).st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+# ---- the reference schedule with too few steps -----------------------------------------------------------
+
+@pytest.mark.parametrize("model_schedule, argv, warned", [
+    (None, [], True),  # no sigma_schedule in the config: the reference's
+    (None, ["--schedule", "edm"], False),
+    ("edm", [], False),
+    ("edm", ["--schedule", "diffusers"], True),  # the override is what counts
+    (None, ["--steps", str(REFERENCE_SCHEDULE_MIN_STEPS)], False),
+])
+def test_a_warning_when_the_reference_schedule_has_too_few_steps(model_dir, tmp_path, capsys, model_schedule, argv,
+                                                                 warned):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    if model_schedule:
+        config = json.loads((folder / "scheduler_config.json").read_text())
+        (folder / "scheduler_config.json").write_text(json.dumps({**config, "sigma_schedule": model_schedule}))
+    steps = [] if "--steps" in argv else ["--steps", "3"]
+    assert main(["sample", "--model", str(folder), "--batch-size", "1", "--out", str(tmp_path / "x.png"), "--quiet",
+                 *steps, *argv]) == 0
+    err = capsys.readouterr().err
+    if warned:
+        assert err.startswith("kve-fast: warning:") and "--steps 3" in err and "--schedule edm" in err
+        assert len(err.strip().splitlines()) == 1
+    else:
+        assert "warning" not in err
+
+
+# ---- a light import graph ----------------------------------------------------------------------------------
+
+def test_the_command_line_and_its_checks_need_neither_torch_nor_diffusers(model_dir, tmp_path):
+    script = textwrap.dedent(f"""
+        import kve_fast.cli, sys
+        print('torch' in sys.modules, 'diffusers' in sys.modules)
+        import contextlib, io, kve_fast.loading
+        codes = []
+        for argv in (["--help"], ["--out", "x.txt"], ["--device", "meta"], ["--seed", "-1"], ["--scale", "100000"],
+                     ["--model", {str(tmp_path)!r}], ["--out", "a.png", "--trajectory", "a.png"]):
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    codes.append(kve_fast.cli.main(["sample", "--model", {model_dir!r}, *argv]))
+            except SystemExit as exc:
+                codes.append(exc.code)
+        print(*codes)
+        print(*(name in sys.modules for name in ('torch', 'diffusers', 'numpy')))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=_this_kve_fast())
+    assert proc.stdout.splitlines() == ["False False", "0 2 2 2 2 2 2", "False False False"], proc.stdout + proc.stderr
