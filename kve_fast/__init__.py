@@ -25,7 +25,12 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
+_SUBMODULES = ("k_diffusion", "ncsnpp")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'kve_fast' has no attribute {name!r}")

@@ -51,13 +51,18 @@ def check_backend(name: str, device: torch.device) -> str:
     return "triton"
 
 
-def make_backend(name: str, device: torch.device, s_noise: float, want_pred: bool = False, shape=None):
-    """The step backend object for a resolved or unresolved ``name`` (``shape``: checked against its limits)."""
+def make_backend(name: str, device: torch.device, s_noise: float, want_pred: bool = False, shape=None,
+                 denoiser: bool = False, layout: torch.Tensor | None = None):
+    """The step backend object for a resolved or unresolved ``name`` (``shape``: checked against its limits).
+
+    ``denoiser``: k-diffusion's convention (``kve_fast.k_diffusion``) instead of the reference pipeline's;
+    ``layout``: a tensor whose dense layout the Triton backend keeps its state in (default contiguous).
+    """
     name = check_backend(name, device)
     if name == "triton":
         from .ops.step_triton import TritonStep
 
-        return TritonStep(s_noise, want_pred, shape)
-    from .ops.step_torch import TorchStep
+        return TritonStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout)
+    from .ops.step_torch import KTorchStep, TorchStep
 
-    return TorchStep(s_noise, want_pred, shape)
+    return (KTorchStep if denoiser else TorchStep)(s_noise, want_pred, shape)

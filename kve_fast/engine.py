@@ -44,8 +44,8 @@ class StepEngine:
         self._stage = None  # (x_hat, x_prev, d) between the Euler stage and the correction
 
     def start(self, x0: torch.Tensor) -> None:
-        """Line 1: the initial sample x_0 (already scaled)."""
-        self.sample = x0.contiguous()
+        """Line 1: the initial sample x_0 (already scaled, in the layout the backend keeps)."""
+        self.sample = x0
 
     def corrects(self, step) -> bool:
         """Whether step ``step`` has a second-order correction (Heun, and sigma_{i+1} > 0)."""
@@ -54,10 +54,15 @@ class StepEngine:
     def churn(self, step) -> torch.Tensor:
         """Lines 4-6: x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps; returns the model input (x_hat + 1) / 2."""
         if self._fused is None:
-            self._fused = self.backend.churn(self.sample, self.source.step(), step)
+            self._fused = self.backend.churn(self.sample, self.source.step(), step, keep=self.hand_out)
         (x_hat, x_in), self._fused = self._fused, None
         self._stage = (x_hat, None, None)
         return x_in
+
+    @property
+    def x_hat(self) -> torch.Tensor:
+        """This step's x_hat, between ``churn`` and ``euler`` (a new tensor when ``hand_out``)."""
+        return self._stage[0]
 
     def euler(self, step, raw: torch.Tensor) -> torch.Tensor | None:
         """Lines 7-8 from the model's raw output at sigma_hat: d = (x_hat - D) / sigma_hat, x_prev = x_hat + (sigma_prev - sigma_hat) d.

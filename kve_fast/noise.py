@@ -183,3 +183,19 @@ def make_noise(mode: str, shape, generator, device, steps: int):
     if mode == "exact":
         return ReferenceNoise(shape, generator, device, steps)
     return DeviceNoise(shape, generator, device, steps)
+
+
+class RandnLikeNoise:
+    """k-diffusion's stream: ``torch.randn_like(x)`` from the global RNG of x's device, every step (also
+    where gamma = 0), in x's layout, so the values are k-diffusion's element for element."""
+
+    mode = "exact"
+
+    def __init__(self, template: torch.Tensor):
+        self.template = template
+
+    def step(self) -> torch.Tensor:
+        return torch.randn_like(self.template)
+
+    def close(self) -> None:
+        pass

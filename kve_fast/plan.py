@@ -302,3 +302,90 @@ def check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, s
             why = _float32_range_problem(1.0, value)
         if why:
             raise ValueError(f"`{name}` ({shown!r}): {what} {why}")
+
+
+# -- k-diffusion's convention ----------------------------------------------------------------------------
+
+
+class KStep:
+    """One step of k-diffusion's ``sample_heun`` / ``sample_euler``, with its scalar arithmetic.
+
+    k-diffusion computes ``gamma`` in Python, ``sigma_hat = sigmas[i] * (gamma + 1)``, the churn
+    coefficient ``(sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5`` (applied only where gamma > 0) and
+    ``dt = sigmas[i + 1] - sigma_hat`` as 0-d float32 tensors on the sigmas' device. Those are IEEE
+    float32 multiplies, subtractions and a square root, so the same ops on a CPU copy give the same
+    bits without a device round trip; the device tensors the model and the callback receive are
+    computed on the device with k-diffusion's own expressions (``sigma_hat_on_device``).
+    """
+
+    __slots__ = ("index", "gamma", "last", "churn", "sigma_hat_f", "sigma_next_f", "dt", "_sigmas")
+
+    def __init__(self, index: int, sigmas_cpu: torch.Tensor, sigmas, s_churn, s_tmin, s_tmax):
+        n = sigmas_cpu.numel() - 1
+        sigma, sigma_next = sigmas_cpu[index], sigmas_cpu[index + 1]
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        self.index, self.gamma, self._sigmas = index, gamma, sigmas
+        self.last = bool(sigma_next == 0)
+        self.churn = _f32((sigma_hat**2 - sigma**2) ** 0.5) if gamma > 0 else None
+        self.sigma_hat_f, self.sigma_next_f = _f32(sigma_hat), _f32(sigma_next)
+        self.dt = _f32(sigma_next - sigma_hat)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """``sigmas[i]``, on the sigmas' device."""
+        return self._sigmas[self.index]
+
+    @property
+    def sigma_next(self) -> torch.Tensor:
+        return self._sigmas[self.index + 1]
+
+    def sigma_hat_on_device(self) -> torch.Tensor:
+        """``sigmas[i] * (gamma + 1)`` computed as k-diffusion does, on the sigmas' device (no sync)."""
+        return self._sigmas[self.index] * (self.gamma + 1)
+
+
+class KPlan(Sequence):
+    """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access, nothing kept)."""
+
+    def __init__(self, sigmas: torch.Tensor, sigmas_cpu: torch.Tensor, s_churn, s_tmin, s_tmax):
+        self.sigmas, self._cpu, self._churn = sigmas, sigmas_cpu, (s_churn, s_tmin, s_tmax)
+
+    def __len__(self) -> int:
+        return self._cpu.numel() - 1
+
+    def __getitem__(self, i):
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return KStep(i, self._cpu, self.sigmas, *self._churn)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPlan:
+    """Check k-diffusion's arguments and plan its steps (``sigmas``: a 1-D float tensor, descending)."""
+    check_real("s_churn", s_churn, minimum=0)
+    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise TypeError(f"`{name}` must be a number, got {value!r}")
+    if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point():
+        raise TypeError(f"`sigmas` must be a floating-point torch.Tensor (as k-diffusion's get_sigmas_* return), "
+                        f"got {type(sigmas).__name__}")
+    if sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise ValueError(f"`sigmas` must be 1-D with at least 2 values, got shape {tuple(sigmas.shape)}")
+    if sigmas.dtype != torch.float32:
+        raise TypeError(f"`sigmas` must be float32 (kve_fast's exact path is float32), got {sigmas.dtype}")
+    cpu = sigmas.detach().cpu()
+    if not bool(torch.isfinite(cpu).all()) or not bool((cpu[:-1] > 0).all()) or float(cpu[-1]) < 0:
+        raise ValueError("`sigmas` must be finite, positive, with a last value >= 0")
+    if not bool((cpu[1:] <= cpu[:-1]).all()):
+        raise ValueError("`sigmas` must be non-increasing")
+    if bool((cpu[:-1] == 0).any()):
+        raise ValueError("`sigmas` may be 0 only at the end")
+    why = _float32_range_problem(float(cpu[0]), float(cpu[:-1].min()), churn=s_churn > 0)
+    if why:
+        raise ValueError(f"`sigmas` {why}")
+    return KPlan(sigmas.detach(), cpu, s_churn, s_tmin, s_tmax)

@@ -243,7 +243,7 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
         engine = StepEngine(backend, source, steps, solver, hand_out=callback is not None,
                             image=None if output == "latent" else output)
         # Line 1: x_0 ~ N(0, t_0^2 I).
-        engine.start(initial(source.initial() if draw_initial else None))
+        engine.start(initial(source.initial() if draw_initial else None).contiguous())
         iterator = _progress(progress, steps)
         for step in iterator:
             # Lines 4-6: increase the noise level temporarily, sigma_i -> sigma_hat, with fresh noise.

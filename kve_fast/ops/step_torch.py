@@ -13,7 +13,7 @@ import torch
 
 from ..images import to_image
 
-__all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep"]
+__all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep", "KTorchStep"]
 
 
 def churn(sample: torch.Tensor, eps: torch.Tensor, sigma, sigma_hat) -> torch.Tensor:
@@ -72,8 +72,8 @@ class TorchStep:
             return torch.randn(like.shape, generator=g, device=like.device)
         return noise
 
-    def churn(self, sample, noise, step):
-        """Lines 5-6 from unscaled noise; returns ``(sample_hat, model input)``."""
+    def churn(self, sample, noise, step, keep: bool = False):
+        """Lines 5-6 from unscaled noise; returns ``(sample_hat, model input)`` (always new tensors)."""
         eps = self.s_noise * self._eps(noise, sample)
         sample_hat = churn(sample, eps, step.sigma, step.sigma_hat)
         return sample_hat, model_input(sample_hat)
@@ -100,3 +100,48 @@ class TorchStep:
 
     def to_image(self, sample, kind: str):
         return to_image(sample, kind)
+
+
+def _append_dims(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t[(...,) + (None,) * (ndim - t.ndim)]
+
+
+class KTorchStep:
+    """k-diffusion's step arithmetic in plain torch, op for op as its ``sample_heun`` / ``sample_euler``.
+
+    The model is a denoiser called at x_hat; scalars are 0-d tensors on the sigmas' device (from
+    ``kve_fast.plan.KStep``), so every division is torch's true division by a device tensor.
+    """
+
+    name = "torch"
+    denoiser = True
+
+    def __init__(self, s_noise: float, want_pred: bool = False, shape=None):
+        self.s_noise = s_noise
+
+    def churn(self, sample, noise, step, keep: bool = False):
+        """``eps = randn_like(x) * s_noise``; ``x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5`` if gamma > 0."""
+        eps = TorchStep._eps(noise, sample) * self.s_noise
+        if step.churn is None:
+            return sample, sample
+        sigma, sigma_hat = step.sigma, step.sigma_hat_on_device()
+        x_hat = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
+        return x_hat, x_hat
+
+    def euler(self, raw, sample_hat, step, want_input: bool, want_derivative: bool = True,
+              image: str | None = None, keep: bool = True):
+        """``d = (x - denoised) / sigma_hat``; ``x = x + d * dt`` with ``dt = sigmas[i + 1] - sigma_hat``."""
+        sigma_hat = step.sigma_hat_on_device()
+        d = (sample_hat - raw) / _append_dims(sigma_hat, sample_hat.ndim)
+        x_prev = sample_hat + d * (step.sigma_next - sigma_hat)
+        return x_prev, d, raw, x_prev if want_input else None, None
+
+    def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, noise_next=None):
+        """``d_2 = (x_2 - denoised_2) / sigmas[i + 1]``; ``x = x + (d + d_2) / 2 * dt``, then the next churn."""
+        sigma_next = step.sigma_next
+        dt = sigma_next - step.sigma_hat_on_device()
+        d_2 = (sample_prev - raw) / _append_dims(sigma_next, sample_prev.ndim)
+        d_prime = (derivative + d_2) / 2
+        sample = sample_hat + d_prime * dt
+        churned = None if next_step is None else self.churn(sample, noise_next, next_step)
+        return sample, raw, churned

@@ -58,25 +58,31 @@ def _block_randn(seed, pid, BLOCK: tl.constexpr, NOISE4: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c,
-                  DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+                  STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c, DEVICE_NOISE, NOISE4, BLOCK)
+    _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c, True, STORE_XIN, DEVICE_NOISE,
+                 NOISE4, BLOCK)
 
 
 @triton.jit
-def _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c,
-                 DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
-    # eps = S_noise * N(0, 1) ; x_hat = x + c * eps ; model input (x_hat + 1) / 2
-    if DEVICE_NOISE:
-        e = s_noise * _block_randn(seed, pid, BLOCK, NOISE4)
+def _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c, APPLY: tl.constexpr,
+                 STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+    # eps = S_noise * N(0, 1) ; x_hat = x + c * eps (x_hat = x where k-diffusion skips gamma = 0) ;
+    # model input (x_hat + 1) / 2 (the score convention; a denoiser takes x_hat itself)
+    if APPLY:
+        if DEVICE_NOISE:
+            e = s_noise * _block_randn(seed, pid, BLOCK, NOISE4)
+        else:
+            e = s_noise * tl.load(eps_ptr + offs, mask=mask)
+        hat = x + c * e
     else:
-        e = s_noise * tl.load(eps_ptr + offs, mask=mask)
-    hat = x + c * e
+        hat = x
     tl.store(hat_ptr + offs, hat, mask=mask)
-    tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
+    if STORE_XIN:
+        tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
 
 
 @triton.jit
@@ -109,16 +115,20 @@ def _store_image(img_ptr, offs, mask, x, hw, C: tl.constexpr, TO_UINT8: tl.const
 @triton.jit
 def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr, n, hw,
                   half_sigma_hat, sigma_hat, inv_sigma_hat, dt,
-                  TRUE_DIV: tl.constexpr, STORE_D: tl.constexpr, STORE_XIN: tl.constexpr,
+                  DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_D: tl.constexpr, STORE_XIN: tl.constexpr,
                   STORE_PRED: tl.constexpr, STORE_IMG: tl.constexpr, C: tl.constexpr,
                   TO_UINT8: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     raw = tl.load(raw_ptr + offs, mask=mask)
     hat = tl.load(hat_ptr + offs, mask=mask)
-    # model_output = (sigma_hat / 2) * F ; D = x_hat + sigma_hat * model_output
-    mo = half_sigma_hat * raw
-    pred = hat + sigma_hat * mo
+    if DENOISER:
+        # a denoiser returns D itself
+        pred = raw
+    else:
+        # model_output = (sigma_hat / 2) * F ; D = x_hat + sigma_hat * model_output
+        mo = half_sigma_hat * raw
+        pred = hat + sigma_hat * mo
     # d = (x_hat - D) / sigma_hat ; x_prev = x_hat + (sigma_prev - sigma_hat) * d
     d = _divide(hat - pred, sigma_hat, inv_sigma_hat, TRUE_DIV)
     prev = hat + dt * d
@@ -136,8 +146,9 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
 @triton.jit(do_not_specialize=["seed"])
 def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, hat_next_ptr, xin_ptr, n,
                  half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, s_noise, c_next,
-                 TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr, STORE_PRED: tl.constexpr,
-                 CHURN: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+                 DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr, STORE_PRED: tl.constexpr,
+                 CHURN: tl.constexpr, APPLY: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr,
+                 BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -145,20 +156,26 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
     hat = tl.load(hat_ptr + offs, mask=mask)
     prev = tl.load(prev_ptr + offs, mask=mask)
     d = tl.load(d_ptr + offs, mask=mask)
-    # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
-    mo = half_sigma_prev * raw
-    pred = prev + sigma_prev * mo
-    # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
-    dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
-    x = hat + dt * (0.5 * d + 0.5 * dc)
+    if DENOISER:
+        # D' is the denoiser's output ; d' = (x_prev - D') / sigma_prev ; x = x_hat + ((d + d') / 2) * dt
+        pred = raw
+        dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+        x = hat + ((d + dc) * 0.5) * dt
+    else:
+        # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
+        mo = half_sigma_prev * raw
+        pred = prev + sigma_prev * mo
+        # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
+        dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+        x = hat + dt * (0.5 * d + 0.5 * dc)
     if STORE_X:
         tl.store(x_ptr + offs, x, mask=mask)
     if STORE_PRED:
         tl.store(pred_ptr + offs, pred, mask=mask)
     if CHURN:
         # the next step's lines 5-6
-        _churn_store(x, eps_ptr, hat_next_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c_next, DEVICE_NOISE,
-                     NOISE4, BLOCK)
+        _churn_store(x, eps_ptr, hat_next_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c_next, APPLY,
+                     not DENOISER, DEVICE_NOISE, NOISE4, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,16 +208,19 @@ def _true_div(t: torch.Tensor) -> bool:
 # Launchers: no checks (callers pass contiguous float32 tensors of one shape); None for "not wanted".
 
 
-def _launch_churn(x, eps, seed, s_noise: float, c: float, out=None):
-    hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
+def _launch_churn(x, eps, seed, s_noise: float, c: float, out=None, store_xin: bool = True):
+    """``store_xin``: also write the score model's input (x_hat + 1) / 2 (a denoiser takes x_hat)."""
+    hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x) if store_xin else None)
     n = x.numel()
-    _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, xin, n, seed or 0, s_noise, c,
-                            DEVICE_NOISE=eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH)
-    return hat, xin
+    _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, hat if xin is None else xin, n, seed or 0, s_noise, c,
+                            STORE_XIN=store_xin, DEVICE_NOISE=eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH)
+    return hat, (xin if store_xin else None)
 
 
-def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, want_pred: bool, image, out=None):
-    """``out``: optional ``(prev, d, xin)`` buffers to write instead of new tensors."""
+def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, want_pred: bool, image, out=None,
+                  denoiser: bool = False):
+    """``out``: optional ``(prev, d, xin)`` buffers to write instead of new tensors. ``denoiser``: ``raw``
+    is D itself and the division is true division (k-diffusion divides by device tensors)."""
     n = hat.numel()
     if out is not None:
         prev, d, xin = out
@@ -219,17 +239,20 @@ def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, wa
     _euler_kernel[_grid(n)](
         raw, hat, prev, prev if d is None else d, prev if xin is None else xin, prev if pred is None else pred,
         prev if img is None else img, n, hw, *scalars,
-        TRUE_DIV=_true_div(hat), STORE_D=want_derivative, STORE_XIN=want_input, STORE_PRED=want_pred,
-        STORE_IMG=img is not None, C=channels, TO_UINT8=image == "uint8", BLOCK=_BLOCK, **_LAUNCH,
+        DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_D=want_derivative, STORE_XIN=want_input,
+        STORE_PRED=want_pred, STORE_IMG=img is not None, C=channels, TO_UINT8=image == "uint8", BLOCK=_BLOCK,
+        **_LAUNCH,
     )
     return prev, d, xin, pred, img
 
 
-def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool, churn_next, out=None):
-    """``churn_next``: None, or ``(eps or None, seed, s_noise, c)`` for the fused next-step churn.
+def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool, churn_next, out=None,
+                 denoiser: bool = False):
+    """``churn_next``: None, or ``(eps or None, seed, s_noise, c)`` for the fused next-step churn (``c``
+    None: k-diffusion's gamma = 0, the next x_hat is x itself).
 
     ``out``: optional ``(hat_next, xin)`` buffers for the churn outputs (``hat_next`` may be ``hat``:
-    each element is read before it is written, by the same program).
+    each element is read before it is written, by the same program). ``denoiser``: as in ``_launch_euler``.
     """
     n = hat.numel()
     x = torch.empty_like(hat) if want_sample else None
@@ -239,11 +262,14 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
     if churn_next is not None:
         eps, seed, s_noise, c = churn_next
         hat_next, xin = out if out is not None else (torch.empty_like(hat), torch.empty_like(hat))
+        xin = None if denoiser else xin
+    apply = c is not None
     _heun_kernel[_grid(n)](
         raw, hat, prev, d, hat if x is None else x, hat if pred is None else pred, hat if eps is None else eps,
-        hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed or 0, s_noise, c,
-        TRUE_DIV=_true_div(hat), STORE_X=want_sample, STORE_PRED=want_pred, CHURN=churn_next is not None,
-        DEVICE_NOISE=churn_next is not None and eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH,
+        hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed or 0, s_noise,
+        c if apply else 0.0, DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_X=want_sample,
+        STORE_PRED=want_pred, CHURN=churn_next is not None, APPLY=apply,
+        DEVICE_NOISE=churn_next is not None and apply and eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH,
     )
     return x, pred, hat_next, xin
 
@@ -305,27 +331,44 @@ def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_s
 class TritonStep:
     """The Triton step backend: two fused launches per Heun step in steady state (module docstring).
 
+    ``denoiser=False``: the reference pipeline's convention (a score model called at ``(x + 1) / 2``,
+    scalars from ``kve_fast.plan.Step``, division as torch does it on the device). ``denoiser=True``:
+    k-diffusion's (a denoiser called at x_hat, scalars from ``kve_fast.plan.KStep``, true division).
+
     Noise arrives from the sampler's noise source as a tensor (exact mode) or an int seed (fast mode).
-    The host scalars come with each step (``kve_fast.plan.Step``). The state the loop never hands out
-    (x_hat, the model inputs, x_prev, d) lives in five contiguous buffers owned by this object and
-    reused every step, so a step allocates nothing; what it hands out (the final sample or image, and
-    the sample and denoised estimate a callback sees) is always a new tensor. Every tensor the kernels
-    read is made contiguous first: they index linearly.
+    The state the loop never hands out (x_hat, the model inputs, x_prev, d) lives in five buffers owned
+    by this object and reused every step, so a step allocates nothing; what it hands out (the final
+    sample or image, and what a callback sees) is always a new tensor. All tensors a kernel touches
+    share one dense layout (``layout``, contiguous by default): the kernels index linearly.
     """
 
     name = "triton"
 
-    def __init__(self, s_noise: float, want_pred: bool = False, shape=None):
+    def __init__(self, s_noise: float, want_pred: bool = False, shape=None, denoiser: bool = False,
+                 layout: torch.Tensor | None = None):
         if shape is not None:
             numel = 1
-            for d in shape:
-                numel *= int(d)
+            for dim in shape:
+                numel *= int(dim)
             if numel > _MAX_ELEMENTS:  # the kernels index with int32: refuse rather than misread
                 raise ValueError(f"`shape` {tuple(shape)} has {numel} elements; the Triton backend takes at most "
                                  f"{_MAX_ELEMENTS} (use backend='torch' or a smaller batch)")
         self.s_noise = _f32(s_noise)
         self.want_pred = want_pred
+        self.denoiser = denoiser
+        self._layout = layout
         self._buffers = None
+
+    def _like(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the state's layout (a copy only when its strides differ)."""
+        if self._layout is None:
+            return t.contiguous()
+        if t.stride() == self._layout.stride():
+            return t
+        return torch.empty_like(self._layout).copy_(t)
+
+    def _new(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(like if self._layout is None else self._layout)
 
     def _buf(self, like: torch.Tensor):
         b = self._buffers
@@ -333,25 +376,44 @@ class TritonStep:
             if like.numel() > _MAX_ELEMENTS:
                 raise ValueError(f"`shape` {tuple(like.shape)} has {like.numel()} elements; the Triton backend "
                                  f"takes at most {_MAX_ELEMENTS} (use backend='torch' or a smaller batch)")
-            b = self._buffers = [torch.empty(like.shape, dtype=torch.float32, device=like.device) for _ in range(5)]
+            if self._layout is None:
+                b = [torch.empty(like.shape, dtype=torch.float32, device=like.device) for _ in range(5)]
+            else:
+                b = [torch.empty_like(self._layout) for _ in range(5)]
+            self._buffers = b
         return b  # hat, xin (first model input), prev, d, xin2 (second model input)
 
-    @staticmethod
-    def _noise(noise):
-        return (None, int(noise)) if isinstance(noise, int) else (noise.contiguous(), None)
+    def _noise(self, noise):
+        return (None, int(noise)) if isinstance(noise, int) else (self._like(noise), None)
 
-    def churn(self, sample, noise, step):
+    def _euler_scalars(self, step):
+        return (0.0, step.sigma_hat_f, 0.0, step.dt) if self.denoiser else step.euler
+
+    def _heun_scalars(self, step):
+        return (0.0, step.sigma_next_f, 0.0, step.dt) if self.denoiser else step.heun
+
+    def churn(self, sample, noise, step, keep: bool = False):
+        """Lines 5-6; returns ``(x_hat, model input)``. ``keep``: x_hat is handed out (a new tensor)."""
+        sample = self._like(sample)
+        if self.denoiser and step.churn is None:
+            return sample, sample  # k-diffusion leaves x as it is where gamma = 0 (the noise is still drawn)
         eps, seed = self._noise(noise)
         b = self._buf(sample)
-        return _launch_churn(sample.contiguous(), eps, seed, self.s_noise, step.churn, out=(b[0], b[1]))
+        out = None if not keep else (self._new(sample), None if self.denoiser else self._new(sample))
+        hat, xin = _launch_churn(sample, eps, seed, self.s_noise, step.churn,
+                                 out=out or (b[0], None if self.denoiser else b[1]), store_xin=not self.denoiser)
+        return hat, hat if self.denoiser else xin
 
     def euler(self, raw, sample_hat, step, want_input: bool, want_derivative: bool = True,
               image: str | None = None, keep: bool = True):
         """``keep``: x_prev is handed out (the final sample, or a callback's): a new tensor, not a buffer."""
         b = self._buf(sample_hat)
         out = None if keep else (b[2], b[3], b[4])
-        prev, d, xin, pred, img = _launch_euler(raw.contiguous(), sample_hat, step.euler, want_input,
-                                                want_derivative, self.want_pred, image, out=out)
+        prev, d, xin, pred, img = _launch_euler(self._like(raw), sample_hat, self._euler_scalars(step),
+                                                want_input and not self.denoiser, want_derivative, self.want_pred,
+                                                image, out=out, denoiser=self.denoiser)
+        if self.denoiser and want_input:
+            xin = prev  # a denoiser's second call takes x_prev itself
         return prev, d, pred, xin, img
 
     def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, noise_next=None):
@@ -360,9 +422,12 @@ class TritonStep:
             eps, seed = self._noise(noise_next)
             churn_next = (eps, seed, self.s_noise, next_step.churn)
         b = self._buf(sample_hat)
-        x, pred, hat, xin = _launch_heun(raw.contiguous(), sample_hat, sample_prev, derivative, step.heun,
-                                         next_step is None, self.want_pred, churn_next, out=(b[0], b[1]))
-        return x, pred, None if next_step is None else (hat, xin)
+        x, pred, hat, xin = _launch_heun(self._like(raw), sample_hat, sample_prev, derivative,
+                                         self._heun_scalars(step), next_step is None, self.want_pred, churn_next,
+                                         out=(b[0], b[1]), denoiser=self.denoiser)
+        if next_step is None:
+            return x, pred, None
+        return x, pred, (hat, hat if self.denoiser else xin)
 
     def to_image(self, sample, kind: str):
         """The final image of a sample that a callback replaced (the fused Euler path did not run)."""

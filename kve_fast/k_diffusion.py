@@ -1,0 +1,171 @@
+"""A bit-exact, fused drop-in for k-diffusion's Algorithm 2 samplers.
+
+    from kve_fast.k_diffusion import sample_heun, get_sigmas_karras   # instead of k_diffusion.sampling
+
+``sample_heun`` and ``sample_euler`` take k-diffusion's signature and mean what k-diffusion means
+(crowsonkb/k-diffusion 0.1.1.post1, ``k_diffusion/sampling.py``; ComfyUI and stable-diffusion-webui
+carry the same loop): ``model(x, sigma * s_in, **extra_args)`` is a *denoiser* returning the denoised
+image; the callback gets ``{'x': x_hat, 'i', 'sigma', 'sigma_hat', 'denoised'}`` after the first model
+call of each step; noise is ``torch.randn_like(x)`` from the global RNG of x's device, drawn every step;
+the scalar arithmetic is k-diffusion's (0-d tensors on the sigmas' device, true division). In float32
+the output equals k-diffusion's bit for bit on the same device, with ``backend="torch"`` or
+``"triton"`` (fused kernels; what ``"auto"`` picks on CUDA). kve_fast adds ``backend=`` and
+``noise="fast"`` (noise generated inside the kernels: faster, not k-diffusion's stream).
+
+The reference pipeline's score convention (``model((x + 1) / 2, sigma / 2)`` returning a score) is
+``kve_fast.sample_karras_ve``; ``score_to_denoiser`` / ``denoiser_to_score`` adapt one model to the
+other path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ._checks import check_real
+from .backends import make_backend
+from .engine import StepEngine
+from .noise import DeviceNoise, RandnLikeNoise
+from .options import NOISE_MODES
+from .plan import kdiffusion_plan
+from .sampler import ModelOutputError, _progress, _raw_output, _RngSnapshot, _warn_if_not_finite
+
+__all__ = ["sample_heun", "sample_euler", "get_sigmas_karras", "get_sigmas_exponential", "append_zero",
+           "score_to_denoiser", "denoiser_to_score"]
+
+
+def append_zero(x: torch.Tensor) -> torch.Tensor:
+    """``sigmas`` with a final 0 appended (k-diffusion's helper)."""
+    return torch.cat([x, x.new_zeros([1])])
+
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu") -> torch.Tensor:
+    """The noise levels of Karras et al. (2022), Eq. 5, with a final 0: k-diffusion's values, bit for bit."""
+    ramp = torch.linspace(0, 1, n)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return append_zero(sigmas).to(device)
+
+
+def get_sigmas_exponential(n, sigma_min, sigma_max, device="cpu") -> torch.Tensor:
+    """Noise levels evenly spaced in log sigma, with a final 0: k-diffusion's values, bit for bit."""
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, device=device).exp()
+    return append_zero(sigmas)
+
+
+def score_to_denoiser(score_model: Callable) -> Callable:
+    """A k-diffusion denoiser ``D(x, sigma)`` from a reference-convention score model.
+
+    The reference pipeline computes ``D = x + sigma * (sigma / 2) * score((x + 1) / 2, sigma / 2)``;
+    ``sigma`` may be a per-sample tensor (k-diffusion's ``sigma * s_in``).
+    """
+
+    def denoiser(x, sigma, **kwargs):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1))) if sigma.dim() else sigma
+        half = (sigma / 2) if sigma.dim() == 0 else sigma[0] / 2  # the model's noise level (one per batch)
+        score = _raw_output(score_model((x + 1) / 2, half, **kwargs))
+        return x + s * ((s / 2) * score)
+
+    return denoiser
+
+
+def denoiser_to_score(denoiser: Callable) -> Callable:
+    """A reference-convention score model ``score(y, sigma_y)`` (``y = (x + 1) / 2``, ``sigma_y = sigma / 2``)
+    from a k-diffusion denoiser: ``score = (D(x, sigma) - x) / (sigma * sigma_y)``."""
+
+    def score(y, sigma_y, **kwargs):
+        sigma_y = torch.as_tensor(sigma_y, dtype=y.dtype, device=y.device)
+        x, sigma = 2 * y - 1, 2 * sigma_y
+        s_in = y.new_ones([y.shape[0]])
+        denoised = _raw_output(denoiser(x, sigma * s_in, **kwargs))
+        return (denoised - x) / (sigma * sigma_y)
+
+    return score
+
+
+def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, backend, noise,
+            solver) -> torch.Tensor:
+    if not callable(model):
+        raise TypeError(f"`model` must be callable (a denoiser), got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"`x` must be a float32 torch.Tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"`x` must be (batch, ...) with a batch of at least 1, got shape {tuple(x.shape)}")
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"`extra_args` must be None or a dict, got {type(extra_args).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
+    check_real("s_noise", s_noise, minimum=0)
+    if not isinstance(noise, str) or noise not in NOISE_MODES:
+        raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
+    plan = kdiffusion_plan(sigmas.to(x.device) if isinstance(sigmas, torch.Tensor) else sigmas,
+                           s_churn, s_tmin, s_tmax)
+    x = x.detach()
+    layout = torch.empty_like(x)
+    steps = len(plan)
+    stepper = make_backend(backend, x.device, s_noise, want_pred=callback is not None, shape=x.shape, denoiser=True,
+                           layout=layout)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+
+    def call_model(x_in, sigma):
+        out = _raw_output(model(x_in, sigma * s_in, **extra_args))
+        if not isinstance(out, torch.Tensor) or out.shape != x_in.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x_in.shape)}, got {got}")
+        return out if out.dtype == x_in.dtype else out.to(x_in.dtype)
+
+    snapshot = _RngSnapshot(None, x.device)
+    iterator = None
+    try:
+        source = RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, x.device, steps)
+        engine = StepEngine(stepper, source, plan, solver, hand_out=callback is not None, image=None)
+        engine.start(x)
+        iterator = _progress(not disable, plan)
+        for step in iterator:
+            # Algorithm 2, lines 4-6: sigma_hat = sigma (1 + gamma); x_hat = x + sqrt(sigma_hat^2 - sigma^2) eps.
+            x_in = engine.churn(step)
+            sigma_hat = step.sigma_hat_on_device()
+            denoised = call_model(x_in, sigma_hat)
+            if callback is not None:
+                callback({"x": engine.x_hat, "i": step.index, "sigma": step.sigma, "sigma_hat": sigma_hat,
+                          "denoised": denoised})
+            # Lines 7-8: Euler step to sigma_{i+1}; lines 9-11: Heun correction unless sigma_{i+1} = 0.
+            x_in = engine.euler(step, denoised)
+            if x_in is not None:
+                engine.heun(step, call_model(x_in, step.sigma_next))
+        result = engine.output()
+        _warn_if_not_finite(result)
+    except BaseException:
+        snapshot.restore()
+        raise
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
+    return result
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                s_tmax=float("inf"), s_noise=1.0, *, backend: str = "auto", noise: str = "exact") -> torch.Tensor:
+    """Implements Algorithm 2 (Heun steps) from Karras et al. (2022), as k-diffusion's ``sample_heun``.
+
+    ``model(x, sigma * s_in, **extra_args)`` returns the denoised image; ``sigmas`` is descending and
+    ends in 0 (``get_sigmas_karras``); ``x`` is the initial sample scaled to ``sigmas[0]``. Bit-identical
+    to k-diffusion's function in float32 on the same device (``noise="exact"``, either backend).
+    """
+    return _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, backend, noise,
+                   "heun")
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0, *, backend: str = "auto", noise: str = "exact") -> torch.Tensor:
+    """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), as k-diffusion's ``sample_euler``."""
+    return _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, backend, noise,
+                   "euler")

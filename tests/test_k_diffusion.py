@@ -1,0 +1,239 @@
+"""kve_fast.k_diffusion against the real k-diffusion 0.1.1.post1 package: same call, same bits.
+
+k-diffusion's package ``__init__`` imports its training stack (wandb, CLIP, torchvision models); the
+samplers need only ``k_diffusion/sampling.py`` and ``utils.py``. ``real_sampling()`` loads those two
+files of the real package (installed, or its PyPI wheel fetched without dependencies, see
+``_k_diffusion_dir``) under a bare package object, with torchvision stubbed (``utils`` imports
+``torchvision.transforms.functional`` at the top and never uses it for sampling), and puts
+``sys.modules`` back as it was. Nothing of k-diffusion is copied here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+import zipfile
+
+import pytest
+import torch
+from conftest import GaussianScore, assert_bitwise, reference_test_unet
+
+from kve_fast import k_diffusion as kd
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_REAL = {}
+
+
+K_DIFFUSION = "k-diffusion==0.1.1.post1"
+
+
+def _k_diffusion_dir() -> str:
+    """The folder holding the ``k_diffusion`` package: installed, or from its wheel.
+
+    Installing k-diffusion with its dependencies would bring torchvision (a build that need not match
+    this torch, which then breaks diffusers' imports) and numpy < 2, so the test environment gets only
+    what its samplers import (torchsde, torchdiffeq, scipy) and this fetches the wheel itself, without
+    dependencies: ``$KVE_FAST_K_DIFFUSION_WHEEL`` if set (machines without network), else
+    ``pip download --no-deps`` into a cache folder once.
+    """
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is not None:
+        return os.path.dirname(list(spec.submodule_search_locations)[0])
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "kve_fast", "k-diffusion-0.1.1.post1")
+    if not os.path.isdir(os.path.join(cache, "k_diffusion")):
+        wheel = os.environ.get("KVE_FAST_K_DIFFUSION_WHEEL")
+        if not wheel:
+            download = os.path.join(cache + ".download")
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                   "-d", download, K_DIFFUSION], capture_output=True, text=True, timeout=300)
+            wheels = [f for f in os.listdir(download) if f.endswith(".whl")] if os.path.isdir(download) else []
+            if proc.returncode != 0 or not wheels:
+                pytest.skip(f"could not fetch {K_DIFFUSION} (offline? set KVE_FAST_K_DIFFUSION_WHEEL): "
+                            f"{proc.stderr.strip()[-300:]}")
+            wheel = os.path.join(download, wheels[0])
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return cache
+
+
+def real_sampling():
+    """k-diffusion's own ``sampling`` module (see the module docstring)."""
+    if "sampling" in _REAL:
+        return _REAL["sampling"]
+    root = _k_diffusion_dir()
+    names = ["k_diffusion", "k_diffusion.utils", "k_diffusion.sampling", "torchvision", "torchvision.transforms",
+             "torchvision.transforms.functional"]
+    saved = {name: sys.modules.get(name) for name in names}
+    try:
+        package = types.ModuleType("k_diffusion")
+        package.__path__ = [os.path.join(root, "k_diffusion")]
+        sys.modules["k_diffusion"] = package
+        for name in names[3:]:  # never import a torchvision (it may not match this torch)
+            stub = types.ModuleType(name)
+            stub.__path__ = []
+            sys.modules[name] = stub
+        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+        sampling = importlib.import_module("k_diffusion.sampling")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    _REAL["sampling"] = sampling
+    return sampling
+
+
+class UNetDenoiser(torch.nn.Module):
+    """A denoiser with real convolution and attention arithmetic: the exact Gaussian denoiser plus a
+    small multiple of a random UNet's output (so the output stays a sensible image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gauss, self.unet = GaussianScore(8), reference_test_unet(8)
+
+    def forward(self, x, sigma, scale=0.05):
+        return kd.score_to_denoiser(self.gauss)(x, sigma) + scale * self.unet(x, sigma).sample
+
+
+def _models():
+    return {"gaussian": kd.score_to_denoiser(GaussianScore(8).to(DEVICE)), "unet": UNetDenoiser().to(DEVICE)}
+
+
+CASES = [  # (sampler, model, batch, steps, churn settings)
+    ("sample_heun", "gaussian", 1, 5, {}),
+    ("sample_heun", "gaussian", 3, 6, {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 10.0, "s_noise": 1.007}),
+    ("sample_heun", "unet", 2, 4, {"s_churn": 10.0}),
+    ("sample_euler", "gaussian", 2, 5, {"s_churn": 40.0, "s_tmin": 0.1, "s_tmax": 5.0}),
+    ("sample_euler", "unet", 1, 3, {}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sampler, model, batch, steps, churn", CASES)
+def test_samplers_match_k_diffusion(sampler, model, batch, steps, churn, backend):
+    real = real_sampling()
+    denoiser = _models()[model]
+    sigmas = real.get_sigmas_karras(steps, 0.02, 40.0, device=DEVICE)
+    x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch)).to(DEVICE) * sigmas[0]
+    seen = {"real": [], "ours": []}
+
+    def recorder(key):
+        return lambda d: seen[key].append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()})
+
+    torch.manual_seed(3)
+    expected = getattr(real, sampler)(denoiser, x, sigmas, callback=recorder("real"), disable=True, **churn)
+    state_after = torch.get_rng_state()
+    torch.manual_seed(3)
+    got = getattr(kd, sampler)(denoiser, x, sigmas, callback=recorder("ours"), disable=True, backend=backend, **churn)
+    assert_bitwise(got, expected, f"{sampler} output")
+    assert torch.equal(torch.get_rng_state(), state_after), "the global RNG must advance as k-diffusion's does"
+    assert len(seen["ours"]) == len(seen["real"]) == steps
+    for i, (a, b) in enumerate(zip(seen["ours"], seen["real"])):
+        assert sorted(a) == sorted(b) == ["denoised", "i", "sigma", "sigma_hat", "x"]
+        assert a["i"] == b["i"] == i
+        for key in ("x", "sigma", "sigma_hat", "denoised"):
+            assert_bitwise(a[key], b[key], f"callback {key!r} at step {i}")
+    # without a callback the fused path runs: same bits
+    torch.manual_seed(3)
+    assert_bitwise(getattr(kd, sampler)(denoiser, x, sigmas, disable=True, backend=backend, **churn), expected,
+                   f"{sampler} fused")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_args_and_layouts_reach_the_model_as_in_k_diffusion(backend):
+    real = real_sampling()
+    denoiser = UNetDenoiser().to(DEVICE)
+    sigmas = real.get_sigmas_exponential(4, 0.05, 20.0, device=DEVICE)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) * sigmas[0]
+    torch.manual_seed(1)
+    expected = real.sample_heun(denoiser, x, sigmas, extra_args={"scale": 0.1}, disable=True, s_churn=5.0)
+    for name, xl in {"contiguous": x, "channels_last": x.to(memory_format=torch.channels_last)}.items():
+        torch.manual_seed(1)
+        reference = real.sample_heun(kd.score_to_denoiser(GaussianScore(8).to(DEVICE)), xl, sigmas, disable=True,
+                                     s_churn=5.0)
+        torch.manual_seed(1)
+        got = kd.sample_heun(kd.score_to_denoiser(GaussianScore(8).to(DEVICE)), xl, sigmas, disable=True, s_churn=5.0,
+                             backend=backend)
+        assert_bitwise(got, reference, f"{name} input")
+    torch.manual_seed(1)
+    got = kd.sample_heun(denoiser, x, sigmas, extra_args={"scale": 0.1}, disable=True, s_churn=5.0, backend=backend)
+    assert_bitwise(got, expected, "extra_args")
+
+
+def test_schedule_helpers_match_k_diffusion():
+    real = real_sampling()
+    for n, lo, hi, rho in [(5, 0.002, 80.0, 7.0), (50, 0.02, 100.0, 7.0), (13, 0.1, 10.0, 3.0)]:
+        assert_bitwise(kd.get_sigmas_karras(n, lo, hi, rho), real.get_sigmas_karras(n, lo, hi, rho), "karras")
+        assert_bitwise(kd.get_sigmas_exponential(n, lo, hi), real.get_sigmas_exponential(n, lo, hi), "exponential")
+
+
+def test_score_and_denoiser_adapters_are_inverse():
+    score = GaussianScore(8)
+    denoiser = kd.score_to_denoiser(score)
+    back = kd.denoiser_to_score(denoiser)
+    y = torch.rand(2, 3, 8, 8)
+    for sigma_y in (0.05, 1.0, 20.0):
+        a, b = back(y, torch.tensor(sigma_y)), score(y, torch.tensor(sigma_y)).sample
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 / sigma_y), sigma_y  # float32 round trip, not bit-exact
+
+
+def test_fast_noise_is_reproducible_and_not_the_exact_stream():
+    denoiser = kd.score_to_denoiser(GaussianScore(8).to(DEVICE))
+    sigmas = kd.get_sigmas_karras(6, 0.02, 40.0, device=DEVICE)
+    x = torch.randn(4, 3, 8, 8).to(DEVICE) * sigmas[0]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(kd.sample_heun(denoiser, x, sigmas, s_churn=20.0, disable=True, noise="fast", backend=BACKENDS[-1]))
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(0)
+    exact = kd.sample_heun(denoiser, x, sigmas, s_churn=20.0, disable=True, backend=BACKENDS[-1])
+    assert not torch.equal(runs[0], exact)
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    ({"sigmas": [1.0, 0.0]}, TypeError, "sigmas"),
+    ({"sigmas": torch.tensor([1.0, 2.0, 0.0])}, ValueError, "sigmas"),
+    ({"sigmas": torch.tensor([1.0, 0.0], dtype=torch.float64)}, TypeError, "sigmas"),
+    ({"extra_args": [1]}, TypeError, "extra_args"),
+    ({"callback": 3}, TypeError, "callback"),
+    ({"backend": "cuda"}, ValueError, "backend"),
+    ({"noise": "loud"}, ValueError, "noise"),
+    ({"s_noise": -1.0}, ValueError, "s_noise"),
+])
+def test_bad_arguments_fail_before_any_draw(kwargs, error, name):
+    call = {"sigmas": torch.tensor([2.0, 1.0, 0.0]), **kwargs}
+    state = torch.get_rng_state()
+    with pytest.raises(error, match=name):
+        kd.sample_heun(kd.score_to_denoiser(GaussianScore(8)), torch.zeros(1, 3, 8, 8), disable=True, **call)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_no_autograd_tape_and_rng_restored_on_failure():
+    unet = UNetDenoiser()
+    x = torch.randn(1, 3, 8, 8).requires_grad_(True)
+    sigmas = kd.get_sigmas_karras(3, 0.1, 10.0)
+    out = kd.sample_euler(unet, x * 10, sigmas, disable=True)
+    assert out.grad_fn is None and not out.requires_grad
+    calls = []
+
+    def failing(x, sigma):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return x * 0
+
+    state = torch.get_rng_state()
+    with pytest.raises(KeyboardInterrupt):
+        kd.sample_heun(failing, torch.ones(1, 3, 8, 8), sigmas, disable=True)
+    assert torch.equal(torch.get_rng_state(), state)
