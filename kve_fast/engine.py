@@ -28,14 +28,20 @@ class StepEngine:
         source: a noise source; ``source.step()`` gives one step's churn noise.
         plan: the run's steps (``kve_fast.plan.Plan``).
         solver: ``"heun"`` (Algorithm 2) or ``"euler"`` (no correction).
+        call_model: ``call_model(x_in, noise_level)`` returns the model's raw output (a score for the
+            reference's convention, the denoised image for k-diffusion's), checked.
+        noise_level: ``noise_level(step, "hat" | "next")``, the model's noise-level argument at sigma_hat
+            or at sigma_{i+1} (``sigma / 2`` as a 0-d tensor, or k-diffusion's ``sigma * s_in``).
         hand_out: a callback sees (and may replace) the sample after every step: nothing is fused across
             steps, and ``sample``/``denoised`` are kept as new tensors.
         image: None, ``"float"`` or ``"uint8"``: the final image the run returns (fused into the last
             Euler stage where possible).
     """
 
-    def __init__(self, backend, source, plan, solver: str, hand_out: bool, image: str | None):
+    def __init__(self, backend, source, plan, solver: str, hand_out: bool, image: str | None, call_model=None,
+                 noise_level=None):
         self.backend, self.source, self.plan = backend, source, plan
+        self.call_model, self.noise_level = call_model, noise_level
         self.heun_solver, self.hand_out, self.image_kind = solver == "heun", hand_out, image
         self.sample: torch.Tensor | None = None
         self.denoised: torch.Tensor | None = None
@@ -46,6 +52,20 @@ class StepEngine:
     def start(self, x0: torch.Tensor) -> None:
         """Line 1: the initial sample x_0 (already scaled, in the layout the backend keeps)."""
         self.sample = x0
+
+    def step(self, step, on_denoised=None) -> None:
+        """Lines 4-11 of Algorithm 2 for one step; ``on_denoised(step, x_hat, D)`` runs after the first model call."""
+        # Lines 4-6: gamma_i; sigma_hat = sigma_i + gamma_i sigma_i; x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) eps
+        x_in = self.churn(step)
+        # Lines 7-8: d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat; x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d
+        raw = self.call_model(x_in, self.noise_level(step, "hat"))
+        if on_denoised is not None:
+            on_denoised(step, self.x_hat, raw)
+        x_in = self.euler(step, raw)
+        # Lines 9-11: if sigma_{i+1} != 0: d' = (x_{i+1} - D(x_{i+1}; sigma_{i+1})) / sigma_{i+1};
+        # x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d / 2 + d' / 2)
+        if x_in is not None:
+            self.heun(step, self.call_model(x_in, self.noise_level(step, "next")))
 
     def corrects(self, step) -> bool:
         """Whether step ``step`` has a second-order correction (Heun, and sigma_{i+1} > 0)."""

@@ -113,32 +113,32 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
 
-    def call_model(x_in, sigma):
-        out = _raw_output(model(x_in, sigma * s_in, **extra_args))
+    def call_model(x_in, sigma_in):
+        out = _raw_output(model(x_in, sigma_in, **extra_args))
         if not isinstance(out, torch.Tensor) or out.shape != x_in.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x_in.shape)}, got {got}")
         return out if out.dtype == x_in.dtype else out.to(x_in.dtype)
 
+    def _noise_level(step, which: str) -> torch.Tensor:
+        # k-diffusion calls the model at sigma_hat * s_in, then at sigmas[i + 1] * s_in
+        return (step.sigma_hat_on_device() if which == "hat" else step.sigma_next) * s_in
+
     snapshot = _RngSnapshot(None, x.device)
     iterator = None
     try:
         source = RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, x.device, steps)
-        engine = StepEngine(stepper, source, plan, solver, hand_out=callback is not None, image=None)
+        engine = StepEngine(stepper, source, plan, solver, hand_out=callback is not None, image=None,
+                            call_model=call_model, noise_level=_noise_level)
         engine.start(x)
+        on_denoised = None
+        if callback is not None:
+            def on_denoised(step, x_hat, denoised):
+                callback({"x": x_hat, "i": step.index, "sigma": step.sigma, "sigma_hat": step.sigma_hat_on_device(),
+                          "denoised": denoised})
         iterator = _progress(not disable, plan)
         for step in iterator:
-            # Algorithm 2, lines 4-6: sigma_hat = sigma (1 + gamma); x_hat = x + sqrt(sigma_hat^2 - sigma^2) eps.
-            x_in = engine.churn(step)
-            sigma_hat = step.sigma_hat_on_device()
-            denoised = call_model(x_in, sigma_hat)
-            if callback is not None:
-                callback({"x": engine.x_hat, "i": step.index, "sigma": step.sigma, "sigma_hat": sigma_hat,
-                          "denoised": denoised})
-            # Lines 7-8: Euler step to sigma_{i+1}; lines 9-11: Heun correction unless sigma_{i+1} = 0.
-            x_in = engine.euler(step, denoised)
-            if x_in is not None:
-                engine.heun(step, call_model(x_in, step.sigma_next))
+            engine.step(step, on_denoised)  # Algorithm 2, lines 4-11 (kve_fast/engine.py)
         result = engine.output()
         _warn_if_not_finite(result)
     except BaseException:

@@ -217,6 +217,11 @@ def _warn_if_not_finite(sample: torch.Tensor) -> None:
             RuntimeWarning, stacklevel=4)
 
 
+def _half_sigma(step, which: str) -> torch.Tensor:
+    """The reference's model noise-level argument: sigma / 2 as a 0-d float32 CPU tensor (a new one each call)."""
+    return step.half_sigma_hat if which == "hat" else step.half_sigma_prev
+
+
 def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, backend, callback, progress, output,
          solver, draw_initial: bool = True) -> torch.Tensor:
     """The loop of Algorithm 2; the callers checked every argument.
@@ -241,18 +246,13 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
     try:
         source = make_noise(noise, shape, generator, device, len(steps))
         engine = StepEngine(backend, source, steps, solver, hand_out=callback is not None,
-                            image=None if output == "latent" else output)
+                            image=None if output == "latent" else output, call_model=call_model,
+                            noise_level=_half_sigma)
         # Line 1: x_0 ~ N(0, t_0^2 I).
         engine.start(initial(source.initial() if draw_initial else None).contiguous())
         iterator = _progress(progress, steps)
         for step in iterator:
-            # Lines 4-6: increase the noise level temporarily, sigma_i -> sigma_hat, with fresh noise.
-            x_in = engine.churn(step)
-            # Lines 7-8: Euler step from sigma_hat to sigma_{i+1} (the model sees [0, 1] images).
-            x_in = engine.euler(step, call_model(x_in, step.half_sigma_hat))
-            # Lines 9-11: second-order correction at sigma_{i+1}, unless sigma_{i+1} = 0 (or solver="euler").
-            if x_in is not None:
-                engine.heun(step, call_model(x_in, step.half_sigma_prev))
+            engine.step(step)  # lines 4-11 (kve_fast/engine.py)
             if callback is not None:
                 sample = engine.sample
                 state = {
