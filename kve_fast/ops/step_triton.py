@@ -57,8 +57,13 @@ def _block_randn(seed, pid, BLOCK: tl.constexpr, NOISE4: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c,
-                  STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c, cs_ptr,
+                  SCAL_MEM: tl.constexpr, STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    if SCAL_MEM:
+        # c and S_noise from device memory (a CUDA graph replays this launch for every step)
+        c = tl.load(cs_ptr)
+        s_noise = tl.load(cs_ptr + 1)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -114,10 +119,15 @@ def _store_image(img_ptr, offs, mask, x, hw, C: tl.constexpr, TO_UINT8: tl.const
 
 @triton.jit
 def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr, n, hw,
-                  half_sigma_hat, sigma_hat, inv_sigma_hat, dt,
+                  half_sigma_hat, sigma_hat, inv_sigma_hat, dt, sc_ptr, SCAL_MEM: tl.constexpr,
                   DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_D: tl.constexpr, STORE_XIN: tl.constexpr,
                   STORE_PRED: tl.constexpr, STORE_IMG: tl.constexpr, C: tl.constexpr,
                   TO_UINT8: tl.constexpr, BLOCK: tl.constexpr):
+    if SCAL_MEM:
+        half_sigma_hat = tl.load(sc_ptr)
+        sigma_hat = tl.load(sc_ptr + 1)
+        inv_sigma_hat = tl.load(sc_ptr + 2)
+        dt = tl.load(sc_ptr + 3)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     raw = tl.load(raw_ptr + offs, mask=mask)
@@ -145,10 +155,18 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
 
 @triton.jit(do_not_specialize=["seed"])
 def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, hat_next_ptr, xin_ptr, n,
-                 half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, s_noise, c_next,
-                 DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr, STORE_PRED: tl.constexpr,
+                 half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, s_noise, c_next, sc_ptr, cs_ptr,
+                 SCAL_MEM: tl.constexpr, DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr, STORE_PRED: tl.constexpr,
                  CHURN: tl.constexpr, APPLY: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr,
                  BLOCK: tl.constexpr):
+    if SCAL_MEM:
+        half_sigma_prev = tl.load(sc_ptr)
+        sigma_prev = tl.load(sc_ptr + 1)
+        inv_sigma_prev = tl.load(sc_ptr + 2)
+        dt = tl.load(sc_ptr + 3)
+        if CHURN:
+            c_next = tl.load(cs_ptr)
+            s_noise = tl.load(cs_ptr + 1)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -208,12 +226,24 @@ def _true_div(t: torch.Tensor) -> bool:
 # Launchers: no checks (callers pass contiguous float32 tensors of one shape); None for "not wanted".
 
 
-def _launch_churn(x, eps, seed, s_noise: float, c: float, out=None, store_xin: bool = True):
-    """``store_xin``: also write the score model's input (x_hat + 1) / 2 (a denoiser takes x_hat)."""
+def _scalar_args(scalars, count: int):
+    """Floats as kernel arguments, or (for a device tensor) zeros and the tensor as the pointer to read them from."""
+    if isinstance(scalars, torch.Tensor):
+        return (0.0,) * count, scalars, True
+    return tuple(scalars), None, False
+
+
+def _launch_churn(x, eps, seed, s_noise, c, out=None, store_xin: bool = True):
+    """``store_xin``: also write the score model's input (x_hat + 1) / 2 (a denoiser takes x_hat).
+
+    ``c`` is a float (with ``s_noise``), or a device tensor ``[c, s_noise]`` the kernel reads (graphs).
+    """
     hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x) if store_xin else None)
     n = x.numel()
+    (s_noise, c), cs, mem = _scalar_args(c, 2) if isinstance(c, torch.Tensor) else ((s_noise, c), None, False)
     _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, hat if xin is None else xin, n, seed or 0, s_noise, c,
-                            STORE_XIN=store_xin, DEVICE_NOISE=eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH)
+                            x if cs is None else cs, SCAL_MEM=mem, STORE_XIN=store_xin, DEVICE_NOISE=eps is None,
+                            NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH)
     return hat, (xin if store_xin else None)
 
 
@@ -236,9 +266,10 @@ def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, wa
         hw = h * w
         img = (torch.empty_like(hat) if image == "float"
                else torch.empty((b, h, w, channels), dtype=torch.uint8, device=hat.device))
+    scalars, sc, mem = _scalar_args(scalars, 4)
     _euler_kernel[_grid(n)](
         raw, hat, prev, prev if d is None else d, prev if xin is None else xin, prev if pred is None else pred,
-        prev if img is None else img, n, hw, *scalars,
+        prev if img is None else img, n, hw, *scalars, hat if sc is None else sc, SCAL_MEM=mem,
         DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_D=want_derivative, STORE_XIN=want_input,
         STORE_PRED=want_pred, STORE_IMG=img is not None, C=channels, TO_UINT8=image == "uint8", BLOCK=_BLOCK,
         **_LAUNCH,
@@ -264,10 +295,15 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
         hat_next, xin = out if out is not None else (torch.empty_like(hat), torch.empty_like(hat))
         xin = None if denoiser else xin
     apply = c is not None
+    scalars, sc, mem = _scalar_args(scalars, 4)
+    cs = c if isinstance(c, torch.Tensor) else None
+    if churn_next is not None and mem != (cs is not None):
+        raise ValueError("the step's scalars and the next churn's must both be floats or both device tensors")
     _heun_kernel[_grid(n)](
         raw, hat, prev, d, hat if x is None else x, hat if pred is None else pred, hat if eps is None else eps,
-        hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed or 0, s_noise,
-        c if apply else 0.0, DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_X=want_sample,
+        hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed or 0,
+        0.0 if cs is not None else s_noise, c if apply and cs is None else 0.0, hat if sc is None else sc,
+        hat if cs is None else cs, SCAL_MEM=mem, DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_X=want_sample,
         STORE_PRED=want_pred, CHURN=churn_next is not None, APPLY=apply,
         DEVICE_NOISE=churn_next is not None and apply and eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH,
     )
