@@ -75,6 +75,13 @@ class KarrasVePipeline(DiffusionPipeline):
             raise ValueError(str(exc).replace("`name_or_path`", "`pretrained_model_name_or_path`")) from None
         return cls(unet=unet, scheduler=scheduler)
 
+    def to(self, *args, **kwargs):
+        """``DiffusionPipeline.to``; also frees the UNet's CUDA-graph captures (they hold its old device memory)."""
+        from .graphs import clear_graphs
+
+        clear_graphs(self.unet)
+        return super().to(*args, **kwargs)
+
     @property
     def device(self) -> torch.device:
         """The device of the model's parameters (the CPU for a model without any)."""
@@ -142,6 +149,7 @@ class KarrasVePipeline(DiffusionPipeline):
         backend: str = "auto",
         noise: str = "exact",
         solver: str = "heun",
+        cuda_graph: bool | str = "auto",
         **kwargs,
     ):
         """Generate ``batch_size`` images with ``num_inference_steps`` Heun steps (2N - 1 model calls).
@@ -160,6 +168,9 @@ class KarrasVePipeline(DiffusionPipeline):
                 (generated on the device from a seed drawn from ``generator``; reproducible, but
                 not the reference's stream).
             solver: ``"heun"`` (Algorithm 2, 2N - 1 model calls) or ``"euler"`` (N model calls).
+            cuda_graph: ``"auto"`` (on CUDA with the Triton backend, each step's model calls and kernels
+                are captured once and replayed: same bits, far fewer launches; falls back to eager with one
+                warning where the model cannot be captured), True (raise instead) or False.
 
         Returns:
             ``ImagePipelineOutput`` with ``.images``, or ``(images,)`` when ``return_dict`` is False.
@@ -180,7 +191,7 @@ class KarrasVePipeline(DiffusionPipeline):
         image = sample_karras_ve(
             self.unet, scheduler, shape, num_inference_steps, generator, self.device,
             backend=backend, noise=noise, callback=callback, progress=self.progress_bar, output=output,
-            solver=solver,
+            solver=solver, cuda_graph=cuda_graph,
         )
         # Leave the scheduler as the reference does after a call.
         self.scheduler.set_timesteps(num_inference_steps)

@@ -22,6 +22,7 @@ import torch
 from ._checks import check_generator, check_int, check_real
 from .backends import make_backend
 from .engine import StepEngine
+from .graphs import decide, graphed_engine, keep, release
 from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
 from .plan import PlanHandle, Step, plan_steps, scheduler_plan, sigmas_plan
@@ -110,6 +111,7 @@ def sample_karras_ve(
     progress: Callable | bool = False,
     output: str = "latent",
     solver: str = "heun",
+    cuda_graph: bool | str = "auto",
 ) -> torch.Tensor:
     """Run Algorithm 2 with ``model`` and ``scheduler``; return the final sample or image.
 
@@ -130,9 +132,10 @@ def sample_karras_ve(
     device = _check_device(device)
     plan = scheduler_plan(scheduler, num_inference_steps)
     backend = make_backend(backend, device, scheduler.config.s_noise, want_pred=callback is not None, shape=shape)
+    graphed = decide(cuda_graph, device, backend, noise)
     # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not by the first sigma).
     return _run(model, plan, shape, generator, device, noise, lambda x0: x0 * scheduler.init_noise_sigma, backend,
-                callback, progress, output, solver)
+                callback, progress, output, solver, graph=(cuda_graph, scheduler.config.s_noise) if graphed else None)
 
 
 @torch.no_grad()
@@ -151,6 +154,7 @@ def sample_heun(
     backend: str = "auto",
     noise: str = "exact",
     solver: str = "heun",
+    cuda_graph: bool | str = "auto",
 ) -> torch.Tensor:
     """Algorithm 2 over your own noise levels, k-diffusion style: ``sample_heun(model, x, sigmas)``.
 
@@ -169,9 +173,11 @@ def sample_heun(
     check_real("s_noise", s_noise, minimum=0)
     shape, generator = _check_common(model, x.shape, generator, callback, noise, "latent", solver)
     backend = make_backend(backend, x.device, s_noise, want_pred=callback is not None, shape=shape)
+    graphed = decide(cuda_graph, x.device, backend, noise)
     x0 = x.detach()
     return _run(model, PlanHandle(plan, None), shape, generator, x.device, noise, lambda _: x0.to(torch.float32),
-                backend, callback, not disable, "latent", solver, draw_initial=False)
+                backend, callback, not disable, "latent", solver, draw_initial=False,
+                graph=(cuda_graph, s_noise) if graphed else None)
 
 
 def _progress(progress, steps):
@@ -223,10 +229,11 @@ def _half_sigma(step, which: str) -> torch.Tensor:
 
 
 def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, backend, callback, progress, output,
-         solver, draw_initial: bool = True) -> torch.Tensor:
+         solver, draw_initial: bool = True, graph=None) -> torch.Tensor:
     """The loop of Algorithm 2; the callers checked every argument.
 
     ``initial(x)`` makes x_0 from the source's unscaled initial noise (``draw_initial``) or ignores it.
+    ``graph``: ``(cuda_graph, s_noise)`` to replay captured steps (``kve_fast.graphs``), or None.
     On any failure the generators and RNGs are put back (``_RngSnapshot``) and the noise thread is
     stopped; the plan is cached only once the run has completed.
     """
@@ -242,12 +249,18 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
         return out.contiguous()
 
     snapshot = _RngSnapshot(generator, device)
-    source = iterator = None
+    source = iterator = capture = None
+    image = None if output == "latent" else output
     try:
         source = make_noise(noise, shape, generator, device, len(steps))
-        engine = StepEngine(backend, source, steps, solver, hand_out=callback is not None,
-                            image=None if output == "latent" else output, call_model=call_model,
-                            noise_level=_half_sigma)
+        engine = None
+        if graph is not None:
+            engine = graphed_engine(graph[0], model, backend, source, steps, shape, device, noise, solver,
+                                    callback is not None, image, graph[1], call_model, _half_sigma)
+            capture = None if engine is None else engine.cap
+        if engine is None:
+            engine = StepEngine(backend, source, steps, solver, hand_out=callback is not None, image=image,
+                                call_model=call_model, noise_level=_half_sigma)
         # Line 1: x_0 ~ N(0, t_0^2 I).
         engine.start(initial(source.initial() if draw_initial else None).contiguous())
         iterator = _progress(progress, steps)
@@ -270,6 +283,8 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
     except BaseException:
         if source is not None:
             source.close()
+        if capture is not None:
+            release(capture)
         snapshot.restore()
         raise
     finally:
@@ -277,5 +292,7 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
             source.close()
         if hasattr(iterator, "close"):
             iterator.close()
+    if capture is not None:
+        keep(capture)
     plan.commit()
     return result

@@ -1,0 +1,396 @@
+"""CUDA graphs around a whole step: both model calls and the fused kernels, replayed for every step.
+
+At small batches a UNet forward is launch-bound (the reference's tiny test UNet: 6.4 ms eagerly, 1.4 ms
+replayed from a graph, on an H200). The graph runner captures one step of Algorithm 2 per (model,
+shape, device, noise mode, solver, callback or not, output) and replays it for every step of every
+later call with those keys:
+
+- Per-step values live in device memory the graph reads: the kernels' scalars (``sigma_hat / 2``,
+  ``sigma_hat``, its float32 reciprocal, ``dt``, the churn coefficients, ``S_noise``) in one small
+  float32 buffer, and the model's noise-level input as a 0-d view of that buffer (holding the value
+  the reference computes, so the model's output is unchanged). One capture serves all steps and all
+  step counts. Before each replay the host writes the step's values into pinned memory and copies
+  them over without blocking.
+- Exact noise: the host draws the reference's stream ahead (``kve_fast.noise.ReferenceNoise``) and
+  each step's draw is copied into a static device buffer before the replay. Fast noise: the Philox
+  keys are read from device memory.
+- Warm-up and capture run on a side stream, with every RNG state saved and restored around them: they
+  never consume the user's randomness. One memory pool per device; at most ``MAX_CAPTURES`` captures
+  are kept (least recently used dropped first); ``clear_graphs()`` (and ``KarrasVePipeline.to``) frees
+  them. What a run hands out (the final sample or image, a callback's tensors) is a copy, never graph
+  memory; a sample a callback returns is copied into the static input buffer.
+- diffusers' NCSN++ Skip blocks build their FIR filters on the host inside forward, which forbids
+  capture: ``kve_fast.ncsnpp.make_capturable`` fixes that per model instance, bit for bit.
+
+``cuda_graph="auto"`` (default) captures where it can and otherwise runs eagerly with the same bits,
+after one warning naming the reason; ``True`` raises that reason instead; ``False`` (or the
+environment variable ``KVE_FAST_CUDA_GRAPH=0``) never captures.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from .engine import StepEngine
+
+ENV_VAR = "KVE_FAST_CUDA_GRAPH"
+MODES = ("auto", True, False)
+MAX_CAPTURES = 4
+# Scalar slots: [churn c, S_noise | sigma_hat/2, sigma_hat, 1/sigma_hat, dt | sigma_{i+1}/2, sigma_{i+1},
+#                1/sigma_{i+1}, dt | next churn c, S_noise]
+_CHURN, _EULER, _HEUN, _NEXT = slice(0, 2), slice(2, 6), slice(6, 10), slice(10, 12)
+_SLOTS = 12
+
+_CACHE: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()
+_POOLS: dict = {}
+_warned: set = set()
+# Tests only: run the graph path on the CPU with an eager stand-in for torch.cuda.CUDAGraph.
+_FAKE_GRAPHS = False
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def check_cuda_graph(value):
+    """``cuda_graph`` must be ``"auto"``, True or False."""
+    if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"`cuda_graph` must be 'auto', True or False, got {value!r}")
+    return value
+
+
+def _env_off() -> bool:
+    value = os.environ.get(ENV_VAR)
+    return value is not None and value.strip().lower() in ("0", "false", "off", "no")
+
+
+def decide(cuda_graph, device: torch.device, backend, noise: str) -> bool:
+    """Whether this run is graphed. ``True`` with a reason it cannot be raises a ValueError naming it;
+    ``"auto"`` warns once (on CUDA) and runs eagerly, with the same bits."""
+    check_cuda_graph(cuda_graph)
+    if cuda_graph is False or _env_off():
+        return False
+    on_device = device.type == "cuda" or _FAKE_GRAPHS
+    if not on_device:
+        reason = f"the device is {device}, not CUDA"
+    elif getattr(backend, "name", None) != "triton":
+        reason = "graphs run the fused Triton kernels: use backend='triton' (or 'auto' with Triton installed)"
+    elif getattr(backend, "denoiser", False):
+        reason = "k-diffusion's convention is not captured yet"
+    elif noise != "exact":
+        reason = "fast noise is not captured yet"
+    else:
+        return True
+    if cuda_graph is True:
+        raise ValueError(f"`cuda_graph`=True but {reason}")
+    if device.type == "cuda":
+        _warn_once(("decide", reason), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same results")
+    return False
+
+
+def graph_info() -> dict:
+    """``{"captures": n, "keys": [...]}``: the captures held now."""
+    with _LOCK:
+        return {"captures": len(_CACHE), "keys": [k[1:] for k in _CACHE]}
+
+
+def clear_graphs(model=None) -> None:
+    """Free every capture (or only ``model``'s) and the memory pools they used."""
+    with _LOCK:
+        for key in [k for k in _CACHE if model is None or k[0] == id(model)]:
+            _CACHE.pop(key)
+        if model is None:
+            _POOLS.clear()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class _EagerGraph:
+    """A stand-in for ``torch.cuda.CUDAGraph`` (tests on the CPU): replay calls the captured function
+    again and writes its results into the tensors the capture returned, as a replay writes into the
+    captured graph's memory."""
+
+    def __init__(self):
+        self._fn = self._out = None
+
+    def capture(self, fn):
+        self._fn = fn
+        self._out = fn()
+        return self._out
+
+    def replay(self):
+        for static, new in zip(self._out, self._fn()):
+            if static is not None:
+                static.copy_(new)
+
+
+def _capture(fn, device: torch.device):
+    """Warm ``fn`` up on a side stream and capture it; every RNG state is saved and put back."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        if _FAKE_GRAPHS or device.type != "cuda":
+            graph = _EagerGraph()
+            fn()  # warm-up, as on CUDA
+            return graph, graph.capture(fn)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        pool = _POOLS.get(device)
+        if pool is None:
+            pool = _POOLS[device] = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+        return graph, outputs
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+class _Capture:
+    """One capture: the backend whose buffers the graphs use, the static scalar and noise buffers, graphs."""
+
+    def __init__(self, model, backend, shape, device, solver, hand_out, image, call_model):
+        self.model_ref = weakref.ref(model) if _weakrefable(model) else (lambda m=model: m)
+        self.backend, self.shape, self.device = backend, tuple(shape), device
+        self.heun_solver, self.hand_out, self.image_kind = solver == "heun", hand_out, image
+        self.call_model = call_model
+        pin = device.type == "cuda"
+        self.scalars = torch.zeros(_SLOTS, dtype=torch.float32, device=device)
+        self.host = torch.zeros(_SLOTS, dtype=torch.float32, pin_memory=pin)
+        self.eps = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.sample_in = torch.zeros(shape, dtype=torch.float32, device=device) if hand_out else None
+        self.graphs: dict = {}
+        self.outputs: dict = {}
+        self.busy = threading.Lock()
+        buffers = backend._buf(self.eps)
+        for b in buffers:
+            b.zero_()
+        self.buffers = buffers
+
+    # -- what a graph reads -------------------------------------------------------------------------
+
+    def load(self, step, nxt, s_noise: float) -> None:
+        """Write ``step``'s scalars (and the next step's churn) into the buffer the graphs read."""
+        h = self.host
+        h[0], h[1] = step.churn, s_noise
+        h[2:6] = torch.tensor(step.euler, dtype=torch.float32)
+        if step.heun is not None:
+            h[6:10] = torch.tensor(step.heun, dtype=torch.float32)
+        h[10], h[11] = (nxt.churn if nxt is not None else 0.0), s_noise
+        self.scalars.copy_(h, non_blocking=True)
+        if self.device.type == "cuda":
+            # the pinned row is rewritten for the next step: wait until this copy has read it
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(self.device))
+
+    def wait_host(self) -> None:
+        event = getattr(self, "_event", None)
+        if event is not None:
+            event.synchronize()
+
+    def half_sigma(self, which: str) -> torch.Tensor:
+        """The model's noise-level input: a 0-d view of the scalar buffer (sigma_hat / 2 or sigma_{i+1} / 2)."""
+        return self.scalars[2] if which == "hat" else self.scalars[6]
+
+    # -- the captured functions ---------------------------------------------------------------------
+
+    def _fused_step(self, correct: bool, last: bool):
+        """No callback: x_hat and the model input arrive in buffers 0 and 1 (written by the previous
+        replay's fused churn, or by the first step's eager churn)."""
+        from .ops.step_triton import _launch_churn, _launch_euler, _launch_heun
+
+        b, s, be = self.buffers, self.scalars, self.backend
+        image = self.image_kind if last else None
+
+        def fn():
+            raw = self.call_model(b[1], self.half_sigma("hat"))
+            if last:
+                prev, _, _, _, img = _launch_euler(be._like(raw), b[0], s[_EULER], False, False, False, image,
+                                                   out=None)
+                return prev, img
+            if not correct:  # Euler solver: x_{i+1} into buffer 2, then the next step's churn into 0 and 1
+                _launch_euler(be._like(raw), b[0], s[_EULER], False, False, False, None, out=(b[2], b[3], b[4]))
+                _launch_churn(b[2], self.eps, None, s[_NEXT], s[_NEXT], out=(b[0], b[1]))
+                return ()
+            _launch_euler(be._like(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
+            raw2 = self.call_model(b[4], self.half_sigma("next"))
+            _launch_heun(be._like(raw2), b[0], b[2], b[3], s[_HEUN], False, False,
+                         (self.eps, None, s[_NEXT], s[_NEXT]), out=(b[0], b[1]))
+            return ()
+
+        return fn
+
+    def _handout_step(self, correct: bool):
+        """With a callback: the sample comes in through ``sample_in``; x and D go out as graph memory
+        that the engine copies."""
+        from .ops.step_triton import _launch_churn, _launch_euler, _launch_heun
+
+        b, s, be = self.buffers, self.scalars, self.backend
+
+        def fn():
+            _launch_churn(self.sample_in, self.eps, None, s[_CHURN], s[_CHURN], out=(b[0], b[1]))
+            raw = self.call_model(b[1], self.half_sigma("hat"))
+            if not correct:
+                prev, _, _, pred, _ = _launch_euler(be._like(raw), b[0], s[_EULER], False, False, True, None)
+                return prev, pred
+            _launch_euler(be._like(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
+            raw2 = self.call_model(b[4], self.half_sigma("next"))
+            x, pred, _, _ = _launch_heun(be._like(raw2), b[0], b[2], b[3], s[_HEUN], True, True, None)
+            return x, pred
+
+        return fn
+
+    def graph(self, kind: tuple):
+        """The graph for ``kind`` = (correct, last), captured at first use (before any real state is in
+        the buffers: the caller captures every kind a run needs before its first step)."""
+        g = self.graphs.get(kind)
+        if g is None:
+            correct, last = kind
+            fn = self._handout_step(correct) if self.hand_out else self._fused_step(correct, last)
+            g, out = _capture(fn, self.device)
+            self.graphs[kind], self.outputs[kind] = g, out
+        return g
+
+
+def _weakrefable(obj) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def _kinds(plan, heun: bool, hand_out: bool) -> set:
+    """The (correct, last) kinds of graph a run of ``plan`` replays."""
+    n = len(plan)
+    kinds = set()
+    for i in (0, n - 2, n - 1) if n > 2 else range(n):
+        last = i == n - 1
+        correct = heun and not last
+        kinds.add((correct, last and not hand_out))
+    return kinds
+
+
+def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out: bool, image, call_model):
+    """The cached capture for these keys (a new one if there is none), or None if it is busy in another
+    thread (that run then goes eagerly)."""
+    key = (id(model), tuple(shape), str(device), noise, solver, hand_out, image)
+    with _LOCK:
+        cap = _CACHE.get(key)
+        if cap is not None and cap.model_ref() is not model:
+            _CACHE.pop(key)
+            cap = None
+        if cap is not None:
+            _CACHE.move_to_end(key)
+    if cap is None:
+        cap = _Capture(model, backend, shape, device, solver, hand_out, image, call_model)
+        cap.key = key
+    else:
+        cap.call_model = call_model
+    return cap if cap.busy.acquire(blocking=False) else None
+
+
+def release(cap: _Capture) -> None:
+    """Release ``cap`` after a failed run without caching it (a cached one stays cached)."""
+    cap.busy.release()
+
+
+def keep(cap: _Capture) -> None:
+    """Cache ``cap`` after a completed run (least recently used dropped beyond ``MAX_CAPTURES``) and release it."""
+    with _LOCK:
+        _CACHE[cap.key] = cap
+        _CACHE.move_to_end(cap.key)
+        while len(_CACHE) > MAX_CAPTURES:
+            _CACHE.popitem(last=False)
+    cap.busy.release()
+
+
+def graphed_engine(cuda_graph, model, backend, source, plan, shape, device, noise, solver, hand_out, image,
+                   s_noise, call_model, noise_level):
+    """A ``GraphedEngine`` with its graphs captured, or None to run eagerly (the capture is busy in
+    another thread, or the model cannot be captured: ``"auto"`` warns once, ``True`` raises)."""
+    from .ncsnpp import make_capturable, needs_patch
+
+    cap = capture_for(model, backend, shape, device, noise, solver, hand_out, image, call_model)
+    if cap is None:
+        return None
+    try:
+        if isinstance(model, torch.nn.Module) and needs_patch(model):
+            make_capturable(model)  # host-built FIR filters -> device-cached, bit-identical
+        engine = GraphedEngine(cap, source, plan, solver, hand_out, image, s_noise, call_model, noise_level)
+        engine.prepare()
+    except Exception as exc:
+        release(cap)
+        clear_graphs(model)
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        if cuda_graph is True:
+            raise ValueError(f"`cuda_graph`=True but the model cannot be captured in a CUDA graph ({reason})") from exc
+        _warn_once(("capture", type(model)), f"kve_fast: this model cannot be captured in a CUDA graph ({reason}); "
+                                            "running eagerly, same results")
+        return None
+    return engine
+
+
+class GraphedEngine(StepEngine):
+    """``StepEngine`` whose steps are replays of captured graphs (same buffers, same kernels, same bits)."""
+
+    def __init__(self, capture: _Capture, source, plan, solver: str, hand_out: bool, image, s_noise: float,
+                 call_model, noise_level):
+        super().__init__(capture.backend, source, plan, solver, hand_out, image, call_model, noise_level)
+        self.cap, self.s_noise = capture, s_noise
+
+    def prepare(self) -> None:
+        """Capture every graph this run replays, before any real state is in the buffers (warm-up
+        computes with the first step's scalars, so it sees finite values)."""
+        self.cap.load(self.plan[0], self.plan[1] if len(self.plan) > 1 else None, self.s_noise)
+        for kind in sorted(_kinds(self.plan, self.heun_solver, self.hand_out)):
+            self.cap.graph(kind)
+
+    def step(self, step, on_denoised=None) -> None:
+        cap, i = self.cap, step.index
+        correct = self.corrects(step)
+        nxt = self.plan[i + 1] if i + 1 < len(self.plan) else None
+        cap.wait_host()
+        if self.hand_out:
+            cap.sample_in.copy_(self.sample)
+            cap.eps.copy_(self.source.step(), non_blocking=True)
+            cap.load(step, None, self.s_noise)
+            kind = (correct, False)
+            cap.graph(kind).replay()
+            x, pred = cap.outputs[kind]
+            self.sample, self.denoised = x.clone(), pred.clone()
+            return
+        if self._fused is None:  # the first step: its churn runs eagerly into the graphs' buffers 0 and 1
+            b = cap.buffers
+            from .ops.step_triton import _launch_churn
+
+            _launch_churn(self.backend._like(self.sample), cap.backend._like(self.source.step()), None,
+                          cap.backend.s_noise, step.churn, out=(b[0], b[1]))
+        self._fused = None
+        last = step.last
+        if not last:
+            cap.eps.copy_(self.source.step(), non_blocking=True)  # the next step's churn noise
+        cap.load(step, nxt, self.s_noise)
+        kind = (correct, last)
+        cap.graph(kind).replay()
+        if last:
+            prev, img = cap.outputs[kind]
+            self.sample = prev.clone()
+            self.image = None if img is None else img.clone()
+        else:
+            self._fused = True
