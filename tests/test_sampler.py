@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import GaussianScore, assert_bitwise
+from conftest import GaussianScore, assert_bitwise, needs_triton
 
 import kve_fast
 from kve_fast.schedules import edm_sigmas, ve_sigmas
 
-BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]  # without Triton, its cases skip with the reason
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA tensors outside its interpreter
 
 
@@ -102,13 +101,12 @@ def test_solver_model_calls(solver, calls):
     assert len(count) == calls
 
 
+@needs_triton
 @pytest.mark.parametrize("callback", [False, True])
 def test_euler_solver_agrees_across_backends(callback):
-    if len(BACKENDS) < 2:
-        pytest.skip("needs Triton (a GPU or TRITON_INTERPRET=1)")
     pipe = kve_fast.KarrasVePipeline(GaussianScore(8).to(DEVICE), kve_fast.KarrasVeScheduler(sigma_schedule="edm"))
     pipe.set_progress_bar_config(disable=True)
     cb = (lambda p, i, t, k: {}) if callback else None
     out = [pipe(3, 4, torch.Generator().manual_seed(2), output_type="latent", solver="euler", backend=b,
-                callback_on_step_end=cb).images for b in BACKENDS]
+                callback_on_step_end=cb).images for b in ("torch", "triton")]
     assert_bitwise(out[1], out[0])

@@ -1,7 +1,9 @@
 """The fused Triton step kernels, in Triton's interpreter on the CPU: bit-exact against the torch ops.
 
 The interpreter never forms FMAs and divides exactly, so a pass here shows the kernels do the
-reference's operations in the reference's order; GPU parity is checked by bench/gpu_check.py.
+reference's operations in the reference's order; the kernels' CUDA arithmetic (multiply by the host's
+float32 reciprocal instead of dividing) is checked here too, forced under the interpreter; GPU parity
+is checked by bench/gpu_check.py. Without Triton, every test that needs it skips (the others run).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import GaussianScore, RefScheduler, assert_bitwise, kve_pipe, make_generator, reference_latent, reference_pipe
+from conftest import (
+    CUSTOM, HAS_TRITON, SMALL_SIGMAS, SMALL_SIGMAS_NO_CHURN, GaussianScore, assert_bitwise, assert_mostly_inside,
+    check_image_parity, kve_pipe, make_generator, needs_triton, run_reference,
+)
 
 import kve_fast
 from kve_fast.backends import check_backend
@@ -20,10 +25,8 @@ from kve_fast.noise import ReferenceNoise, draw_randn
 from kve_fast.ops import step_torch
 from kve_fast.sampler import plan_steps
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs a GPU or TRITON_INTERPRET=1"
-)
-step_triton = pytest.importorskip("kve_fast.ops.step_triton")
+if HAS_TRITON:  # with Triton installed, a broken kernel module fails here instead of skipping
+    from kve_fast.ops import step_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -39,6 +42,7 @@ def _rand(shape, seed, scale=1.0):
 SHAPES = [(1, 3, 5, 7), (3, 3, 16, 16), (2, 1, 33, 31)]
 
 
+@needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("which", [0, 3, 6])  # gamma = 0 (sigma > s_max), gamma > 0, gamma = 0 (sigma < s_min)
 def test_churn_matches_torch(shape, which):
@@ -50,6 +54,7 @@ def test_churn_matches_torch(shape, which):
     assert_bitwise(xin, step_torch.model_input(ref_hat), "model input")
 
 
+@needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("which", [0, 3, 7])  # 7 is the last step: sigma_prev = 0
 def test_euler_matches_torch(shape, which):
@@ -69,6 +74,7 @@ def test_euler_matches_torch(shape, which):
     assert_bitwise(img8.cpu(), torch.from_numpy(ref_pil), "uint8 image vs numpy_to_pil's rounding")
 
 
+@needs_triton
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
 def test_image_rounding_covers_ties_and_clamping():
     # Values whose x * 255 land on .5 ties, and values far outside [-1, 1], and NaN (propagated like torch).
@@ -85,6 +91,7 @@ def test_image_rounding_covers_ties_and_clamping():
     assert_bitwise(img8[..., :-1], step_torch.to_image(x, "uint8")[..., :-1])
 
 
+@needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("fused", [False, True])
 def test_heun_matches_torch(shape, fused):
@@ -105,6 +112,82 @@ def test_heun_matches_torch(shape, fused):
         assert_bitwise(xin, step_torch.model_input(r_hat), "next model input")
 
 
+# --- the CUDA arithmetic, forced under the interpreter ----------------------------------------------------
+# On CUDA, torch divides a tensor by a 0-d CPU tensor by multiplying with the float32 reciprocal computed
+# on the host; the kernels do the same there (``_true_div`` False). That branch is checked here on the CPU,
+# against torch's formula for it, on inputs where it differs from true division (asserted, so a kernel
+# that kept dividing would fail).
+
+
+@pytest.fixture
+def cuda_arithmetic(monkeypatch):
+    monkeypatch.setattr(step_triton, "_true_div", lambda t: False)
+
+
+def _host_reciprocal(sigma) -> torch.Tensor:
+    """What torch on CUDA multiplies by for ``x / sigma`` with ``sigma`` a 0-d float32 CPU tensor."""
+    return torch.tensor(1.0, dtype=torch.float32) / sigma
+
+
+def _differs(a, b) -> float:
+    return float((a != b).float().mean())
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 33, 31)])
+@pytest.mark.parametrize("which", [0, 3, 7])  # 7: the last step, sigma_prev = 0
+def test_euler_kernel_cuda_arithmetic(cuda_arithmetic, shape, which):
+    step = _steps()[which]
+    # raw scaled so that sigma_hat * model_output ~ sample_hat: x_hat - D(x_hat) is not lost to rounding
+    raw, hat = _rand(shape, 3, 1.0 / float(step.sigma_hat) ** 2), _rand(shape, 4, 2.0)
+    prev, d, xin, pred, img = step_triton.euler(raw, hat, step.sigma_hat, step.sigma_prev, want_pred=True, image="float")
+    # step_torch.euler with the division as CUDA does it
+    r_pred = hat + step.sigma_hat * step_torch.scale_model_output(raw, step.sigma_hat)
+    r_d = (hat - r_pred) * _host_reciprocal(step.sigma_hat).to(DEVICE)
+    r_prev = hat + (step.sigma_prev - step.sigma_hat) * r_d
+    true_d = (hat.cpu() - r_pred.cpu()) / step.sigma_hat
+    assert _differs(r_d.cpu(), true_d) > 0.01, "inputs must tell multiply-by-reciprocal from division apart"
+    assert_bitwise(d, r_d, "derivative")
+    assert_bitwise(prev, r_prev, "sample_prev")
+    assert_bitwise(pred, r_pred, "pred_original_sample")
+    assert_bitwise(xin, step_torch.model_input(r_prev), "model input")
+    assert_bitwise(img, step_torch.to_image(r_prev), "image")
+    assert _differs(d.cpu(), true_d) > 0.01, "the derivative must not be the CPU's (true division)"
+    true_prev = hat.cpu() + (step.sigma_prev - step.sigma_hat) * true_d
+    assert _differs(prev.cpu(), true_prev) > 0, "the outputs must show the arithmetic"
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 33, 31)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_heun_kernel_cuda_arithmetic(cuda_arithmetic, shape, fused):
+    steps = _steps()
+    step, nxt = steps[3], steps[4]
+    raw, hat, prev, d = _rand(shape, 5, 0.2), _rand(shape, 6, 2.0), _rand(shape, 7, 2.0), _rand(shape, 8)
+    eps = _rand(shape, 9)
+    churn = (eps, 1.007, nxt.sigma, nxt.sigma_hat, None) if fused else None
+    x, pred, hat_n, xin = step_triton.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
+                                            next_churn=churn)
+    # step_torch.heun with the division as CUDA does it
+    r_pred = prev + step.sigma_prev * step_torch.scale_model_output(raw, step.sigma_prev)
+    r_dc = (prev - r_pred) * _host_reciprocal(step.sigma_prev).to(DEVICE)
+    r_x = hat + (step.sigma_prev - step.sigma_hat) * (0.5 * d + 0.5 * r_dc)
+    true_dc = (prev.cpu() - r_pred.cpu()) / step.sigma_prev
+    true_x = hat.cpu() + (step.sigma_prev - step.sigma_hat) * (0.5 * d.cpu() + 0.5 * true_dc)
+    assert _differs(r_dc.cpu(), true_dc) > 0.01, "inputs must tell multiply-by-reciprocal from division apart"
+    assert _differs(r_x.cpu(), true_x) > 0, "the corrected sample must show the arithmetic"
+    assert_bitwise(pred, r_pred, "pred_original_sample")
+    if fused:
+        r_hat = step_torch.churn(r_x, 1.007 * eps, nxt.sigma, nxt.sigma_hat)
+        assert_bitwise(hat_n, r_hat, "next sample_hat")
+        assert_bitwise(xin, step_torch.model_input(r_hat), "next model input")
+        assert _differs(hat_n.cpu(), step_torch.churn(true_x, 1.007 * eps.cpu(), nxt.sigma, nxt.sigma_hat)) > 0
+    else:
+        assert_bitwise(x, r_x, "corrected sample")
+        assert _differs(x.cpu(), true_x) > 0, "the corrected sample must not be the CPU's (true division)"
+
+
+@needs_triton
 def test_public_ops_check_their_inputs():
     x = _rand((2, 3, 4, 4), 0)
     step = _steps()[3]
@@ -131,38 +214,44 @@ def test_public_ops_check_their_inputs():
 
 # --- the whole pipeline ------------------------------------------------------------------------------
 
+# (model, generator form, batch size, steps, scheduler settings): both UNets (plus the Gaussian score, so
+# images stay inside (0, 1), asserted) and the Gaussian score alone, every generator form.
 PIPE_CASES = [
-    ("gaussian", "single", 1, 4, {}),
-    ("gaussian", "list", 3, 3, {"s_churn": 0.0}),
-    ("gaussian", "global", 2, 5, {"sigma_min": 0.01, "sigma_max": 50.0, "s_churn": 30.0, "s_min": 0.1, "s_max": 10.0}),
-    ("test_unet", "single", 3, 3, {}),
-    ("ncsnpp", "list", 1, 3, {}),
+    ("test_unet+gaussian", "single", 2, 6, SMALL_SIGMAS),
+    ("test_unet+gaussian", "global", 1, 14, {}),
+    ("ncsnpp+gaussian", "list", 3, 5, SMALL_SIGMAS_NO_CHURN),
+    ("ncsnpp+gaussian", "global", 2, 4, SMALL_SIGMAS),
+    ("gaussian", "single", 1, 2, SMALL_SIGMAS_NO_CHURN),
+    ("gaussian", "list", 3, 6, SMALL_SIGMAS),
+    ("gaussian", "global", 2, 14, CUSTOM),
 ]
 
 
+@needs_triton
 @pytest.mark.parametrize("model, form, batch, steps, config", PIPE_CASES)
-def test_triton_pipeline_matches_torch_and_reference(models, model, form, batch, steps, config):
+def test_triton_pipeline_matches_diffusers(models, model, form, batch, steps, config):
     unet = copy.deepcopy(models(model)).to(DEVICE)
-    pipe = kve_pipe(unet, **config)
-    out = {
-        b: pipe(batch, steps, make_generator(form, 7, batch), output_type="latent", backend=b).images
-        for b in ("torch", "triton")
-    }
-    assert_bitwise(out["triton"], out["torch"], "triton vs torch latent")
-    size = unet.config.sample_size
-    ref = reference_latent(unet, RefScheduler(**config), (batch, 3, size, size), steps, make_generator(form, 7, batch),
-                           device=DEVICE)
-    assert_bitwise(out["triton"], ref, "triton vs diffusers latent")
-    for output_type in ("np", "pil"):
-        ours = pipe(batch, steps, make_generator(form, 8, batch), output_type=output_type, backend="triton").images
-        theirs = reference_pipe(unet, **config)(batch, steps, make_generator(form, 8, batch), output_type=output_type).images
-        if output_type == "pil":
-            ours, theirs = np.stack([np.asarray(i) for i in ours]), np.stack([np.asarray(i) for i in theirs])
-        assert_bitwise(ours, theirs, f"triton vs diffusers {output_type}")
+    check_image_parity(unet, form, batch, steps, config, seed=8 + steps, backend="triton")
+    # and the final sample (latent), against the real pipeline's last prev_sample
+    ours = kve_pipe(unet, **config)(batch, steps, make_generator(form, 7, batch), output_type="latent",
+                                    backend="triton").images
+    _, ref = run_reference(unet, config, batch, steps, make_generator(form, 7, batch))
+    assert_bitwise(ours, ref, "triton vs diffusers latent")
 
 
+@needs_triton
+@pytest.mark.parametrize("model, form", [("test_unet", "single"), ("ncsnpp", "list")])
+def test_triton_latent_with_raw_unets_matches_diffusers(models, model, form):
+    """The raw UNets' images saturate, their latents (not clamped) do not: compared with diffusers here."""
+    unet = copy.deepcopy(models(model)).to(DEVICE)
+    ours = kve_pipe(unet)(2, 3, make_generator(form, 7, 2), output_type="latent", backend="triton").images
+    _, ref = run_reference(unet, {}, 2, 3, make_generator(form, 7, 2))
+    assert_bitwise(ours, ref, "triton vs diffusers latent")
+
+
+@needs_triton
 def test_triton_with_callback_matches_torch(models):
-    pipe = kve_pipe(copy.deepcopy(models("gaussian")).to(DEVICE))
+    pipe = kve_pipe(copy.deepcopy(models("gaussian")).to(DEVICE), **SMALL_SIGMAS)
     seen = {}
 
     def cb(p, i, t, kw):
@@ -174,6 +263,7 @@ def test_triton_with_callback_matches_torch(models):
         pipe._backend_probe = b
         out[b] = pipe(2, 4, torch.Generator().manual_seed(1), output_type="pil", backend=b, callback_on_step_end=cb,
                       callback_on_step_end_tensor_inputs=["sample", "pred_original_sample"]).images
+    assert_mostly_inside(out["torch"], "PIL images")
     assert_bitwise(np.stack([np.asarray(i) for i in out["triton"]]), np.stack([np.asarray(i) for i in out["torch"]]))
     for a, b in zip(seen["triton"], seen["torch"]):
         assert_bitwise(a, b, "pred_original_sample")
@@ -189,6 +279,7 @@ def _device_noise(seed, n=4096):
     return step_triton.churn(zero, None, 1.0, zero_s, one, seed=seed)[0].cpu().double()
 
 
+@needs_triton
 def test_device_noise_is_standard_normal_and_independent():
     from scipy import stats
 
@@ -205,6 +296,7 @@ def test_device_noise_is_standard_normal_and_independent():
     assert not torch.equal(a, b)
 
 
+@needs_triton
 def test_fast_noise_is_reproducible_and_samples_well():
     unet = GaussianScore(8).to(DEVICE)
     pipe = kve_pipe(unet)
@@ -256,7 +348,11 @@ def test_backend_selection(monkeypatch):
 
     assert check_backend("auto", torch.device("cpu")) == "torch"
     if os.environ.get("TRITON_INTERPRET") == "1":
-        assert check_backend("triton", torch.device("cpu")) == "triton"
+        if HAS_TRITON:
+            assert check_backend("triton", torch.device("cpu")) == "triton"
+        else:  # asked for by name, a missing Triton is an error that says so
+            with pytest.raises(ValueError, match="Triton cannot be used"):
+                check_backend("triton", torch.device("cpu"))
     with pytest.raises(ValueError, match="backend"):
         check_backend("cuda", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
