@@ -18,17 +18,24 @@ _EXPORTS = {
     "KarrasVeScheduler": "scheduler",
     "KarrasVeOutput": "scheduler",
     "sample_karras_ve": "sampler",
-    "sample_heun": "sampler",
+    "sample_karras_ve_sigmas": "sampler",
     "load_model": "loading",
     "load_pipeline": "loading",
 }
 __all__ = list(_EXPORTS)
 
 
-_SUBMODULES = ("k_diffusion", "ncsnpp")
+_SUBMODULES = ("k_diffusion", "ncsnpp", "graphs")
+_MOVED = {
+    "sample_heun": "kve_fast.sample_heun was a score-convention sampler under k-diffusion's name; use "
+                   "kve_fast.sample_karras_ve_sigmas(model, x, sigmas) (the reference pipeline's score models) or "
+                   "kve_fast.k_diffusion.sample_heun (k-diffusion's denoisers, its exact signature and bits)",
+}
 
 
 def __getattr__(name: str):
+    if name in _MOVED:
+        raise AttributeError(_MOVED[name])
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)

@@ -27,7 +27,7 @@ from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
 from .plan import PlanHandle, Step, plan_steps, scheduler_plan, sigmas_plan
 
-__all__ = ["sample_karras_ve", "sample_heun", "plan_steps", "Step", "ModelOutputError", "OUTPUTS", "SOLVERS"]
+__all__ = ["sample_karras_ve", "sample_karras_ve_sigmas", "plan_steps", "Step", "ModelOutputError", "OUTPUTS", "SOLVERS"]
 
 OUTPUTS = ("latent", "float", "uint8")
 
@@ -139,7 +139,7 @@ def sample_karras_ve(
 
 
 @torch.no_grad()
-def sample_heun(
+def sample_karras_ve_sigmas(
     model: Callable,
     x: torch.Tensor,
     sigmas,
@@ -156,7 +156,11 @@ def sample_heun(
     solver: str = "heun",
     cuda_graph: bool | str = "auto",
 ) -> torch.Tensor:
-    """Algorithm 2 over your own noise levels, k-diffusion style: ``sample_heun(model, x, sigmas)``.
+    """Algorithm 2 over your own noise levels, in the reference pipeline's score convention.
+
+    ``sample_karras_ve_sigmas(model, x, sigmas)``: the loop of ``sample_karras_ve`` (same model
+    convention, noise stream and rounding) over a descending ``sigmas`` you bring. For k-diffusion's
+    convention (a denoiser model, its callback and noise) use ``kve_fast.k_diffusion.sample_heun``.
 
     ``x`` is the initial sample, already scaled to ``sigmas[0]`` (e.g. ``torch.randn(shape) *
     sigmas[0]``), in any layout (it is read, never written; the state is kept contiguous); ``sigmas``

@@ -5,21 +5,16 @@ the eager output, bit for bit. Real capture and replay on a GPU is checked by be
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 
 import pytest
 import torch
-from conftest import GaussianScore, assert_bitwise, kve_pipe, make_generator, reference_test_unet
+from conftest import GaussianScore, assert_bitwise, kve_pipe, make_generator, needs_triton, reference_test_unet
 
 import kve_fast
 from kve_fast import graphs
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or (os.environ.get("TRITON_INTERPRET") != "1"
-                                                   and not torch.cuda.is_available()),
-    reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
+pytestmark = needs_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -20,13 +20,11 @@ import zipfile
 
 import pytest
 import torch
-from conftest import GaussianScore, assert_bitwise, reference_test_unet
+from conftest import CAN_RUN_TRITON, GaussianScore, assert_bitwise, reference_test_unet
 
 from kve_fast import k_diffusion as kd
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REAL = {}
 

@@ -1,4 +1,4 @@
-"""The sampler loop's other entry points and options: sample_heun, the paper's schedules, Euler-only."""
+"""The sampler loop's other entry points and options: sample_karras_ve_sigmas, the paper's schedules, Euler-only."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_sample_heun_over_the_schedulers_sigmas_equals_the_sampler(backend, sche
     g = torch.Generator().manual_seed(5)
     x0 = (torch.randn(shape, generator=g) * scheduler.init_noise_sigma).to(DEVICE)
     seen = []
-    got = kve_fast.sample_heun(model, x0, sigmas, s_churn=30.0, s_tmin=0.1, s_tmax=20.0, s_noise=1.003, generator=g,
+    got = kve_fast.sample_karras_ve_sigmas(model, x0, sigmas, s_churn=30.0, s_tmin=0.1, s_tmax=20.0, s_noise=1.003, generator=g,
                                backend=backend, callback=lambda d: seen.append(sorted(d)))
     assert_bitwise(got, expected)
     assert len(seen) == n and {"x", "i", "sigma", "sigma_hat", "denoised"} <= set(seen[0])
@@ -47,16 +47,16 @@ def test_sample_heun_over_the_schedulers_sigmas_equals_the_sampler(backend, sche
 ])
 def test_sample_heun_rejects_bad_sigmas(sigmas, error):
     with pytest.raises(error, match="sigmas"):
-        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), sigmas)
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8), sigmas)
 
 
 def test_sample_heun_rejects_bad_arguments():
     with pytest.raises(TypeError, match="`x`"):
-        kve_fast.sample_heun(GaussianScore(8), np.zeros((1, 3, 8, 8)), [1.0, 0.0])
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), np.zeros((1, 3, 8, 8)), [1.0, 0.0])
     with pytest.raises(ValueError, match="s_tmax"):
-        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], s_tmin=2.0, s_tmax=1.0)
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], s_tmin=2.0, s_tmax=1.0)
     with pytest.raises(TypeError, match="s_tmax"):
-        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], s_tmax="inf")
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], s_tmax="inf")
 
 
 def test_sample_heun_restores_the_generator_when_the_model_is_rejected():
@@ -67,10 +67,10 @@ def test_sample_heun_restores_the_generator_when_the_model_is_rejected():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
     with pytest.raises(ValueError, match="model"):
-        kve_fast.sample_heun(Wrong(), torch.zeros(1, 3, 8, 8), [1.0, 0.5, 0.0], generator=g)
+        kve_fast.sample_karras_ve_sigmas(Wrong(), torch.zeros(1, 3, 8, 8), [1.0, 0.5, 0.0], generator=g)
     assert torch.equal(g.get_state(), state)
     with pytest.raises(ValueError, match="solver"):
-        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], solver="rk4")
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 0.0], solver="rk4")
 
 
 def test_paper_schedules():
@@ -110,3 +110,12 @@ def test_euler_solver_agrees_across_backends(callback):
     out = [pipe(3, 4, torch.Generator().manual_seed(2), output_type="latent", solver="euler", backend=b,
                 callback_on_step_end=cb).images for b in ("torch", "triton")]
     assert_bitwise(out[1], out[0])
+
+
+def test_the_old_sample_heun_name_is_gone_with_a_pointer_to_both_conventions():
+    with pytest.raises(AttributeError, match="k_diffusion.sample_heun") as exc:
+        kve_fast.sample_heun  # noqa: B018
+    assert "sample_karras_ve_sigmas" in str(exc.value)
+    from kve_fast.k_diffusion import sample_heun
+
+    assert sample_heun.__module__ == "kve_fast.k_diffusion"

@@ -3,23 +3,20 @@ float32-safe settings and reported NaN/inf. Each test here failed on the code be
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import threading
 import tracemalloc
 
 import pytest
 import torch
-from conftest import GaussianScore, assert_bitwise, kve_pipe, make_generator, reference_test_unet
+from conftest import CAN_RUN_TRITON, GaussianScore, assert_bitwise, kve_pipe, make_generator, reference_test_unet
 
 import kve_fast
 from kve_fast import noise as noise_module
 from kve_fast import plan as plan_module
 from kve_fast import sampler as sampler_module
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
 SIGMAS = [20.0, 5.0, 1.0, 0.3, 0.0]
 
 
@@ -43,12 +40,12 @@ def test_every_layout_gives_the_same_bits_on_every_backend(model_name):
     model = GaussianScore(8) if model_name == "gaussian" else reference_test_unet(8)
     model = model.to(DEVICE)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) * SIGMAS[0]
-    expected = kve_fast.sample_heun(model, x, SIGMAS, s_churn=2.0, generator=torch.Generator().manual_seed(1),
+    expected = kve_fast.sample_karras_ve_sigmas(model, x, SIGMAS, s_churn=2.0, generator=torch.Generator().manual_seed(1),
                                     backend="torch")
     for name, xl in _layouts(x).items():
         assert torch.equal(xl, x)
         for backend in BACKENDS:
-            got = kve_fast.sample_heun(model, xl, SIGMAS, s_churn=2.0, generator=torch.Generator().manual_seed(1),
+            got = kve_fast.sample_karras_ve_sigmas(model, xl, SIGMAS, s_churn=2.0, generator=torch.Generator().manual_seed(1),
                                        backend=backend)
             assert_bitwise(got, expected, f"{backend} backend, {name} input")
             assert got.is_contiguous()
@@ -76,7 +73,7 @@ def test_no_entry_point_records_an_autograd_tape(backend):
     unet = reference_test_unet(8).to(DEVICE)
     assert any(p.requires_grad for p in unet.parameters())
     x = (torch.randn(1, 3, 8, 8) * SIGMAS[0]).to(DEVICE).requires_grad_(True)
-    out = kve_fast.sample_heun(unet, x, SIGMAS, backend=backend)
+    out = kve_fast.sample_karras_ve_sigmas(unet, x, SIGMAS, backend=backend)
     assert not out.requires_grad and out.grad_fn is None
     out = kve_fast.sample_karras_ve(unet, kve_fast.KarrasVeScheduler(), (1, 3, 8, 8), 3, device=DEVICE, backend=backend)
     assert not out.requires_grad and out.grad_fn is None
@@ -208,8 +205,8 @@ def test_an_fp16_model_fails_without_moving_the_generator():
     assert torch.equal(gen.get_state(), state)
 
 
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
 def test_the_triton_size_limit_is_checked_before_any_draw():
-    pytest.importorskip("triton")
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
     with pytest.raises(ValueError, match="shape"):
@@ -361,9 +358,9 @@ def test_extreme_but_finite_settings_sample_finite_images():
 
 def test_user_sigmas_that_overflow_float32_are_rejected():
     with pytest.raises(ValueError, match="sigmas"):
-        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1e30, 1.0, 0.0])
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1e30, 1.0, 0.0])
     with pytest.raises(ValueError, match="sigmas"):
-        kve_fast.sample_heun(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 1e-45, 0.0])
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 1e-45, 0.0])
 
 
 # --- 7. non-finite output is reported ----------------------------------------------------------------------
