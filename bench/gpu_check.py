@@ -129,38 +129,57 @@ def check_kernels(sizes):
 
 
 def check_pipelines(quick: bool):
-    from conftest import (GaussianScore, make_generator, ncsnpp_unet, reference_latent, reference_pipe,
-                          reference_test_unet, RefScheduler)
+    """kve_fast's pipeline on CUDA (torch and Triton backends, eager and CUDA-graphed) against diffusers' real
+    pipeline: np, pil and latent (recorded from diffusers' own scheduler calls), on models whose images stay
+    inside (0, 1) (the Gaussian score plus a small UNet term), so equality is about values, not clamping."""
+    from conftest import GaussianPlusUNet, GaussianScore, inside_share, make_generator, ncsnpp_unet, \
+        reference_test_unet, run_reference
 
     log("pipelines on CUDA vs diffusers")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    models = {"test_unet": reference_test_unet(32), "ncsnpp": ncsnpp_unet(32), "gaussian": GaussianScore(32)}
-    cases = [("test_unet", "single", 3, 4), ("ncsnpp", "list", 2, 3), ("gaussian", "global", 5, 6),
-             ("test_unet", "list", 1, 3)]
+    config = {"sigma_min": 0.002, "sigma_max": 1.0, "s_churn": 10.0, "s_min": 0.0, "s_max": 1.0}
+    models = {"test_unet": GaussianPlusUNet(reference_test_unet(32), 0.1),
+              "ncsnpp": GaussianPlusUNet(ncsnpp_unet(32), 0.01), "gaussian": GaussianScore(32)}
+    cases = [("test_unet", "single", 3, 6), ("ncsnpp", "list", 2, 5), ("gaussian", "global", 5, 6),
+             ("test_unet", "list", 1, 4)]
     if quick:
         cases = cases[:2]
+    runs = [("torch", False), ("triton", False), ("triton", True)]
     for name, form, batch, steps in cases:
         unet = models[name].to("cuda")
-        ref = reference_pipe(unet)
-        ours = kve_fast.KarrasVePipeline(unet, kve_fast.KarrasVeScheduler())
+        ours = kve_fast.KarrasVePipeline(unet, kve_fast.KarrasVeScheduler(**config))
         ours.set_progress_bar_config(disable=True)
         for output_type in ("np", "pil"):
-            r = ref(batch, steps, make_generator(form, 3, batch), output_type=output_type).images
-            for backend in ("torch", "triton"):
-                o = ours(batch, steps, make_generator(form, 3, batch), output_type=output_type, backend=backend).images
+            r, rl = run_reference(unet, config, batch, steps, make_generator(form, 3, batch), output_type)
+            if output_type == "np":
+                log(f"  {name}: {inside_share(r):.1%} of pixels strictly inside (0, 1)")
+            for backend, graphed in runs:
+                label = f"{backend}{' graphed' if graphed else ''}"
+                try:
+                    o = ours(batch, steps, make_generator(form, 3, batch), output_type=output_type, backend=backend,
+                             cuda_graph=graphed).images
+                except Exception as exc:  # a failed capture is a finding, not a crash of the whole check
+                    log(f"  FAILED pipeline {name} {output_type} {label}: {type(exc).__name__}: {exc}")
+                    RESULTS.setdefault("failures", []).append(f"{name} {output_type} {label}: {exc}")
+                    continue
                 if output_type == "pil":
                     a, b = np.stack([np.asarray(i) for i in o]), np.stack([np.asarray(i) for i in r])
                 else:
                     a, b = o, r
-                record_exact(f"pipeline {name} {form} b{batch} {steps} steps {output_type} {backend}", a.size,
+                record_exact(f"pipeline {name} {form} b{batch} {steps} steps {output_type} {label}", a.size,
                              mismatches(torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))))
-        size = unet.config.sample_size
-        rl = reference_latent(unet, RefScheduler(), (batch, 3, size, size), steps, make_generator(form, 4, batch),
-                              device="cuda")
-        for backend in ("torch", "triton"):
-            ol = ours(batch, steps, make_generator(form, 4, batch), output_type="latent", backend=backend).images
-            record_exact(f"pipeline {name} {form} latent {backend}", ol.numel(), mismatches(ol, rl))
+            if output_type == "np":
+                for backend, graphed in runs:
+                    label = f"{backend}{' graphed' if graphed else ''}"
+                    try:
+                        ol = ours(batch, steps, make_generator(form, 3, batch), output_type="latent",
+                                  backend=backend, cuda_graph=graphed).images
+                    except Exception as exc:
+                        log(f"  FAILED pipeline {name} latent {label}: {type(exc).__name__}: {exc}")
+                        continue
+                    record_exact(f"pipeline {name} {form} latent {label}", ol.numel(), mismatches(ol, rl))
+        kve_fast.graphs.clear_graphs()
 
 
 # -- 2. bandwidth -------------------------------------------------------------------------------------
@@ -256,13 +275,14 @@ def per_step(configs, steps):
         runs = {
             "reference (diffusers)": lambda: ref(batch, steps, torch.Generator().manual_seed(0), output_type="np"),
             "kve_fast torch exact": lambda: ours(batch, steps, torch.Generator().manual_seed(0), output_type="np",
-                                                 backend="torch"),
+                                                 backend="torch", cuda_graph=False),
             "kve_fast triton exact": lambda: ours(batch, steps, torch.Generator().manual_seed(0), output_type="np",
-                                                  backend="triton"),
+                                                  backend="triton", cuda_graph=False),
             "kve_fast triton fast": lambda: ours(batch, steps, torch.Generator().manual_seed(0), output_type="np",
-                                                 backend="triton", noise="fast"),
+                                                 backend="triton", noise="fast", cuda_graph=False),
             "kve_fast triton fast (latent)": lambda: ours(batch, steps, torch.Generator().manual_seed(0),
-                                                          output_type="latent", backend="triton", noise="fast"),
+                                                          output_type="latent", backend="triton", noise="fast",
+                                                          cuda_graph=False),
         }
         times = {}
         for name, fn in runs.items():
