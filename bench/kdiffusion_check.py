@@ -1,0 +1,669 @@
+"""kve_fast.k_diffusion against the real k-diffusion 0.1.1.post1 on CUDA: same bits, and the speed-up, in one run.
+
+    python bench/kdiffusion_check.py [--quick] [--device auto|cuda|cpu] [--out DIR] [--parts scalars,exact,timing]
+
+1. scalars: ``kve_fast.plan.KStep``'s host-computed floats (gamma, sigma_hat, the churn coefficient, dt)
+   against what k-diffusion computes on the device (``sigmas[i] * (gamma + 1)``,
+   ``(sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5``, ``sigmas[i + 1] - sigma_hat``) for get_sigmas_karras
+   schedules (n = 10, 50, 200) under several churn settings. The Triton path relies on CPU float32 ops
+   giving the same bits as CUDA's.
+2. exact: ``sample_heun`` / ``sample_euler``, s_churn 0 and > 0 (steps with gamma = 0 and gamma > 0),
+   batch 1 and 3, sigmas on the device, a near-free denoiser (``x * 0.5``) and a small UNet denoiser
+   (diffusers' tiny test UNet plus the exact Gaussian denoiser, as tests/test_k_diffusion.py builds it),
+   ``torch.manual_seed(s)`` before each run: kve_fast (backend "torch" and "triton"; with a callback and
+   without one, the fused path) ``torch.equal`` to k-diffusion's output, the callback dicts' tensors
+   equal, and the global CUDA (and CPU) RNG states after the run equal. Mismatches are counted element by
+   element (count, first indices, max |diff|); never a tolerance. Also: k-diffusion run twice (repeatable?).
+3. timing (same run): per-step sampler overhead = (time of a call - time of its model calls alone) / steps
+   with the near-free denoiser at 256x256 x 16 (3 channels), and the total time of a 50-step call with the
+   small UNet at 32x32 x 1, for k-diffusion's own loop, kve_fast torch, kve_fast triton (exact noise) and
+   kve_fast triton noise="fast"; ratios to k-diffusion. perf_counter around each call with
+   torch.cuda.synchronize() before and after, one warm-up call each, the variants interleaved round by
+   round, medians. k-diffusion's convention is not captured in CUDA graphs: all eager.
+
+Prints a markdown table last; writes kdiffusion_check.json and .md under --out (default: $OUT, else
+bench/out). Each part runs in try/except, so one failure does not hide the rest; exit status 1 if any
+check mismatched or any part failed. TF32 is off throughout (float32 exactness).
+
+On the CPU (``--device cpu``; TRITON_INTERPRET=1 is set if unset, so the Triton backend runs in Triton's
+interpreter) every part runs with tiny sizes: a smoke test of this script, whose timings mean nothing.
+
+What it needs besides kve_fast (imported from this checkout) and torch/triton:
+- k-diffusion 0.1.1.post1's ``k_diffusion/sampling.py`` and ``utils.py``: from an installed k_diffusion,
+  else the wheel at $KVE_FAST_K_DIFFUSION_WHEEL, else ``.whl/k_diffusion-*.whl``, else the test suite's
+  cache (~/.cache/kve_fast/k-diffusion-0.1.1.post1). Loaded WITHOUT the package ``__init__`` (it imports
+  k-diffusion's training stack), with torchvision stubbed; sys.modules is put back afterwards.
+- sampling.py imports scipy, torchdiffeq, torchsde (needs trampoline), tqdm; utils.py imports PIL and
+  safetensors. The GPU image (/work/.library/device/KINDS.md) has scipy, torchdiffeq 0.2.5, tqdm, Pillow,
+  safetensors and numpy, but not torchsde, trampoline, diffusers or k-diffusion: carry them as wheels
+  (all pure Python). On the development machine, in the repository root (.whl/ is git-ignored):
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
+        -d .whl k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 diffusers==0.42.1
+
+  (diffusers' own needs are in the GPU image, see bench/run_gpu.sh.) If a needed pure-Python module still
+  does not import, this script extracts its wheel from .whl/ into ~/.cache/kve_fast/wheels and puts it
+  on sys.path, so it also runs without the pip step.
+
+On the GPU machine (device tool; about 1 minute with --quick, 1.5 to 3 minutes without, on an H100/H200):
+
+    run(carry=[".whl"], timeout_s=420, command="python3 -m pip install -q --no-index --no-deps --no-compile
+        --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
+        PYTHONUNBUFFERED=1 python3 bench/kdiffusion_check.py")
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import types
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+K_DIFFUSION_VERSION = "0.1.1.post1"
+CACHE = Path(os.path.expanduser("~")) / ".cache" / "kve_fast"
+
+RESULTS: dict = {
+    "env": {}, "scalars": [], "exact": [], "timing": [], "errors": [], "notes": [],
+    "definitions": {
+        "ms_per_call": "median wall time of one sampler call (perf_counter, cuda.synchronize before and after)",
+        "model_alone_ms": "median time of the same number of model calls, with the same shapes, outside the sampler",
+        "overhead_ms_per_step": "(ms_per_call - model_alone_ms) / steps: the sampler's own cost per step",
+        "speedup_*_vs_k_diffusion": "k-diffusion's value / this variant's value, measured in the same run",
+    },
+}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description="kve_fast.k_diffusion vs the real k-diffusion 0.1.1.post1: exactness and per-step speed "
+                    "(see the top of this file for the wheels to carry and the GPU command).")
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                    help="cuda (the real check), cpu (tiny sizes, Triton interpreter: a smoke test), auto")
+    ap.add_argument("--quick", action="store_true", help="fewer timing configurations and repeats (< 2 min on a GPU)")
+    ap.add_argument("--out", default=None, help="folder for kdiffusion_check.json/.md (default: $OUT, else bench/out)")
+    ap.add_argument("--parts", default="scalars,exact,timing",
+                    help="comma-separated subset of scalars,exact,timing (default: all)")
+    args = ap.parse_args(argv)
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = args.parts - {"scalars", "exact", "timing"}
+    if unknown:
+        ap.error(f"unknown --parts {sorted(unknown)}")
+    return args
+
+
+# -- making the imports work (wheels carried in .whl/) ------------------------------------------------------
+
+
+def _extract_wheel(wheel: str) -> str:
+    """Extract a pure-Python wheel once into the cache; return the folder to put on sys.path."""
+    dest = CACHE / "wheels" / Path(wheel).name[: -len(".whl")]
+    if not dest.is_dir():
+        tmp = str(dest) + f".tmp{os.getpid()}"
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(tmp)
+        os.makedirs(dest.parent, exist_ok=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process got there first
+            pass
+    return str(dest)
+
+
+def ensure_modules():
+    """Put carried pure-Python wheels on sys.path for modules that do not import as installed."""
+    for module, pattern in (("trampoline", "trampoline-*.whl"), ("torchsde", "torchsde-*.whl"),
+                            ("diffusers", "diffusers-*.whl")):
+        if importlib.util.find_spec(module) is not None:
+            continue
+        wheels = sorted(glob.glob(str(ROOT / ".whl" / pattern)))
+        if wheels:
+            sys.path.append(_extract_wheel(wheels[-1]))
+            importlib.invalidate_caches()
+            RESULTS["notes"].append(f"{module}: imported from the extracted wheel {Path(wheels[-1]).name}")
+
+
+def _k_diffusion_dir() -> tuple[str, str]:
+    """(folder holding the k_diffusion package, where it came from)."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is not None and spec.submodule_search_locations:
+        return os.path.dirname(list(spec.submodule_search_locations)[0]), "installed"
+    wheel = os.environ.get("KVE_FAST_K_DIFFUSION_WHEEL")
+    if not wheel:
+        found = sorted(glob.glob(str(ROOT / ".whl" / "k_diffusion-*.whl")))
+        wheel = found[-1] if found else None
+    if wheel:
+        return _extract_wheel(wheel), f"wheel {wheel}"
+    cached = CACHE / f"k-diffusion-{K_DIFFUSION_VERSION}"
+    if (cached / "k_diffusion" / "sampling.py").is_file():
+        return str(cached), f"test cache {cached}"
+    raise RuntimeError(f"k-diffusion not found: install it, set KVE_FAST_K_DIFFUSION_WHEEL, or put "
+                       f"k_diffusion-{K_DIFFUSION_VERSION}-py3-none-any.whl in .whl/ (pip download --no-deps)")
+
+
+def _k_diffusion_version(root: str) -> str:
+    for meta in glob.glob(os.path.join(root, "k_diffusion-*.dist-info", "METADATA")):
+        for line in open(meta, encoding="utf-8"):
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def load_real_sampling():
+    """k-diffusion's own ``sampling`` module, without its package ``__init__`` (torchvision stubbed).
+
+    The same logic as tests/test_k_diffusion.py's ``real_sampling`` (copied: tests/ is not importable here).
+    """
+    root, source = _k_diffusion_dir()
+    names = ["k_diffusion", "k_diffusion.utils", "k_diffusion.sampling", "torchvision", "torchvision.transforms",
+             "torchvision.transforms.functional"]
+    saved = {name: sys.modules.get(name) for name in names}
+    try:
+        package = types.ModuleType("k_diffusion")
+        package.__path__ = [os.path.join(root, "k_diffusion")]
+        sys.modules["k_diffusion"] = package
+        for name in names[3:]:  # never import a torchvision (it may not match this torch)
+            stub = types.ModuleType(name)
+            stub.__path__ = []
+            sys.modules[name] = stub
+        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+        sampling = importlib.import_module("k_diffusion.sampling")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    version = _k_diffusion_version(root)
+    RESULTS["env"]["k_diffusion"] = {"version": version, "source": source, "file": sampling.__file__}
+    if version != K_DIFFUSION_VERSION:
+        RESULTS["notes"].append(f"k-diffusion version {version}, not {K_DIFFUSION_VERSION}")
+    log(f"k-diffusion {version} from {source}: {sampling.__file__}")
+    return sampling
+
+
+# -- element-by-element comparison ------------------------------------------------------------------------
+
+
+def compare(actual, expected) -> dict:
+    """Exact comparison: mismatch count, first indices, max |diff| (NaN where the reference has NaN matches)."""
+    import torch
+
+    a, e = actual, expected
+    if not isinstance(a, torch.Tensor) or not isinstance(e, torch.Tensor):
+        return {"elements": 1, "mismatches": 0 if a == e else 1, "note": f"{a!r} vs {e!r}"}
+    info = {"elements": e.numel()}
+    if a.shape != e.shape or a.dtype != e.dtype:
+        info.update(mismatches=-1, note=f"shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(e.shape)} {e.dtype}")
+        return info
+    if a.device != e.device:
+        info["note"] = f"device {a.device} vs {e.device}"
+    a, e = a.detach().cpu(), e.detach().cpu()
+    if torch.equal(a, e):
+        info["mismatches"] = 0
+        return info
+    diff = a != e
+    if a.is_floating_point():
+        diff &= ~(torch.isnan(a) & torch.isnan(e))
+    bad = int(diff.sum())
+    info["mismatches"] = bad
+    if bad:
+        info["first"] = diff.nonzero()[:3].tolist()
+        d = (a.double() - e.double()).abs()[diff]
+        info["max_abs_diff"] = float(d.max()) if d.numel() else float("nan")
+    return info
+
+
+def record(table: str, name: str, info: dict):
+    info = {"check": name, **info}
+    RESULTS[table].append(info)
+    bad = info["mismatches"]
+    extra = ""
+    if bad:
+        extra = f" first at {info.get('first')} max |diff| {info.get('max_abs_diff', float('nan')):g}"
+    if info.get("note"):
+        extra += f" ({info['note']})"
+    log(f"  {'OK ' if bad == 0 else 'BAD'} {name}: {bad} mismatches of {info['elements']}{extra}")
+
+
+def part(name: str, fn, *args, **kwargs):
+    t0 = time.time()
+    log(f"\n== {name}")
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - report and go on with the other parts
+        tb = traceback.format_exc()
+        RESULTS["errors"].append({"part": name, "error": f"{type(exc).__name__}: {exc}", "traceback": tb})
+        log(f"  PART FAILED: {type(exc).__name__}: {exc}\n{tb}")
+    log(f"   ({name}: {time.time() - t0:.1f} s)")
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+
+def make_model(name, device, size):
+    """"near-free": x * 0.5; "unet": the Gaussian denoiser + 0.05 * diffusers' tiny test UNet (sample_size ``size``)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from kve_fast import k_diffusion as kd
+    from kve_fast.oracle import GaussianScore
+
+    class NearFree(torch.nn.Module):
+        """A near-free denoiser: one elementwise kernel per call (a real op, so the call is not empty)."""
+
+        def forward(self, x, sigma):
+            return x * 0.5
+
+    def reference_test_unet(sample_size: int):
+        """The tiny UNet of diffusers' own KarrasVePipeline tests (tests/conftest.py)."""
+        torch.manual_seed(0)
+        return UNet2DModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=sample_size, in_channels=3, out_channels=3,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        ).eval()
+
+    class UNetDenoiser(torch.nn.Module):
+        """As tests/test_k_diffusion.py: the exact Gaussian denoiser plus a small multiple of a random UNet."""
+
+        def __init__(self, sample_size):
+            super().__init__()
+            self.gauss = GaussianScore.random(channels=3, size=sample_size, std=(0.15, 0.15))
+            self.unet = reference_test_unet(sample_size)
+
+        def forward(self, x, sigma, scale=0.05):
+            return kd.score_to_denoiser(self.gauss)(x, sigma) + scale * self.unet(x, sigma).sample
+
+    if name == "near-free":
+        return NearFree().to(device)
+    return UNetDenoiser(size).to(device).eval()
+
+
+# -- 1. host scalars against the device's -----------------------------------------------------------------
+
+
+def check_scalars(real, device, quick):
+    import torch
+
+    from kve_fast.plan import kdiffusion_plan
+
+    schedules = [(10, 0.002, 80.0), (50, 0.002, 80.0), (200, 0.002, 80.0), (50, 0.02, 40.0), (200, 0.1, 10.0),
+                 (10, 0.03, 150.0)]
+    churns = [(0.0, 0.0, float("inf")), (1.0, 0.0, float("inf")), (7.0, 0.05, 50.0), (40.0, 0.05, 10.0),
+              (80.0, 0.0, float("inf")), (13.7, 0.3, 20.0)]
+    for n, lo, hi in schedules:
+        sigmas = real.get_sigmas_karras(n, lo, hi, device=device)
+        for s_churn, s_tmin, s_tmax in churns:
+            plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
+            g_host, g_dev, hat_host, hat_dev, c_host, c_dev, dt_host, dt_dev = ([] for _ in range(8))
+            for i in range(len(sigmas) - 1):
+                # k-diffusion's own lines (sampling.py, sample_heun), on the sigmas' device
+                gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+                sigma_hat = sigmas[i] * (gamma + 1)
+                step = plan[i]
+                g_host.append(step.gamma)
+                g_dev.append(gamma)
+                hat_host.append(step.sigma_hat_f)
+                hat_dev.append(sigma_hat)
+                if gamma > 0:
+                    c_host.append(step.churn)
+                    c_dev.append((sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5)
+                dt_host.append(step.dt)
+                dt_dev.append(sigmas[i + 1] - sigma_hat)
+            name = f"karras n={n} [{lo}, {hi}] s_churn={s_churn} s_tmin={s_tmin} s_tmax={s_tmax}"
+            record("scalars", f"{name} gamma", compare(torch.tensor(g_host, dtype=torch.float64),
+                                                      torch.tensor(g_dev, dtype=torch.float64)))
+            for what, host, dev in (("sigma_hat", hat_host, hat_dev), ("churn coefficient", c_host, c_dev),
+                                    ("dt", dt_host, dt_dev)):
+                if not host:
+                    continue
+                # float64 on both sides: a host value that is not exactly the device's float32 value shows
+                expected = torch.stack(dev).cpu()
+                assert expected.dtype == torch.float32, expected.dtype
+                record("scalars", f"{name} {what} ({len(host)} steps)",
+                       compare(torch.tensor(host, dtype=torch.float64), expected.double()))
+            RESULTS["scalars"][-1]["gamma_positive_steps"] = len(c_host)
+
+
+# -- 2. whole samplers against k-diffusion -----------------------------------------------------------------
+
+
+def rng_states(device):
+    import torch
+
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def check_exact(real, device, sizes, steps):
+    import torch
+
+    from kve_fast import k_diffusion as kd
+
+    churn_on = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 10.0, "s_noise": 1.007}
+    models = {name: make_model(name, device, size) for name, size in sizes.items()}
+    backends = ["torch", "triton"]
+    seed = 0
+    for sampler in ("sample_heun", "sample_euler"):
+        for model_name, model in models.items():
+            size = sizes[model_name]
+            for churn_name, churn in (("s_churn=0", {}), ("s_churn=40 [0.05, 10]", churn_on)):
+                for batch in (1, 3):
+                    seed += 1
+                    case = f"{sampler} {model_name} {size}x{size} b{batch} {churn_name}"
+                    sigmas = real.get_sigmas_karras(steps, 0.02, 40.0, device=device)
+                    if churn:
+                        s = sigmas[:-1].cpu()
+                        pos = int(((s >= churn["s_tmin"]) & (s <= churn["s_tmax"])).sum())
+                        case += f" ({pos} of {steps} steps gamma > 0)"
+                    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+                    x = x * sigmas[0]
+                    seen = {"real": [], "ours": []}
+
+                    def recorder(key):
+                        return lambda d: seen[key].append(
+                            {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()})
+
+                    try:
+                        torch.manual_seed(seed)
+                        expected = getattr(real, sampler)(model, x, sigmas, callback=recorder("real"), disable=True,
+                                                          **churn)
+                        states = rng_states(device)
+                        torch.manual_seed(seed)
+                        again = getattr(real, sampler)(model, x, sigmas, disable=True, **churn)
+                        record("exact", f"{case}: k-diffusion repeatable", compare(again, expected))
+                        for backend in backends:
+                            for with_cb in (True, False):
+                                label = f"{case}: {backend}{' +callback' if with_cb else ''}"
+                                seen["ours"] = []
+                                torch.manual_seed(seed)
+                                got = getattr(kd, sampler)(model, x, sigmas, disable=True, backend=backend,
+                                                           callback=recorder("ours") if with_cb else None, **churn)
+                                record("exact", f"{label} output", compare(got, expected))
+                                after = rng_states(device)
+                                for dev_name, state in states.items():
+                                    record("exact", f"{label} {dev_name} RNG state after",
+                                           compare(after[dev_name], state))
+                                if with_cb:
+                                    check_callbacks(label, seen["ours"], seen["real"])
+                    except Exception as exc:  # noqa: BLE001 - one case's failure must not hide the others
+                        RESULTS["errors"].append({"part": f"exact {case}", "error": f"{type(exc).__name__}: {exc}",
+                                                  "traceback": traceback.format_exc()})
+                        log(f"  CASE FAILED {case}: {type(exc).__name__}: {exc}")
+
+
+def check_callbacks(label, ours, real):
+    if len(ours) != len(real):
+        record("exact", f"{label} callback count", {"elements": len(real), "mismatches": abs(len(ours) - len(real)),
+                                                    "note": f"{len(ours)} calls vs {len(real)}"})
+        return
+    totals = {key: {"elements": 0, "mismatches": 0} for key in ("keys/i", "x", "sigma", "sigma_hat", "denoised")}
+    for step, (a, b) in enumerate(zip(ours, real)):
+        same_keys = sorted(a) == sorted(b) and a.get("i") == b.get("i") == step
+        totals["keys/i"]["elements"] += 1
+        totals["keys/i"]["mismatches"] += 0 if same_keys else 1
+        for key in ("x", "sigma", "sigma_hat", "denoised"):
+            if key not in a or key not in b:
+                continue
+            info = compare(a[key], b[key])
+            t = totals[key]
+            t["elements"] += info["elements"]
+            if info["mismatches"]:
+                t["mismatches"] += info["mismatches"] if info["mismatches"] > 0 else info["elements"]
+                t.setdefault("first", [step] + [info.get("first")])
+                t["max_abs_diff"] = max(t.get("max_abs_diff", 0.0), info.get("max_abs_diff", float("nan")))
+            if info.get("note") and "note" not in t:
+                t["note"] = f"step {step}: {info['note']}"
+    for key, t in totals.items():
+        record("exact", f"{label} callback {key} ({len(real)} steps)", t)
+
+
+# -- 3. timing -------------------------------------------------------------------------------------------
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(fns: dict, reps: int, device) -> dict:
+    """One warm-up call each, then ``reps`` rounds calling each variant once; seconds per call, all of them."""
+    import torch
+
+    for fn in fns.values():
+        torch.manual_seed(0)
+        fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            torch.manual_seed(0)
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def timing(real, device, configs, reps_free, reps_unet):
+    for cfg in configs:
+        try:
+            time_config(real, device, cfg, reps_free, reps_unet)
+        except Exception as exc:  # noqa: BLE001 - one configuration's failure must not hide the others
+            RESULTS["errors"].append({"part": f"timing {cfg[0]}", "error": f"{type(exc).__name__}: {exc}",
+                                      "traceback": traceback.format_exc()})
+            log(f"  CONFIG FAILED {cfg[0]}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+def time_config(real, device, cfg, reps_free, reps_unet):
+    import torch
+
+    from kve_fast import k_diffusion as kd
+
+    label, model_name, size, batch, steps, sampler, churn = cfg
+    model = make_model(model_name, device, size)
+    sigmas = real.get_sigmas_karras(steps, 0.002, 80.0, device=device)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * sigmas[0]
+    variants = {
+        "k-diffusion": lambda: getattr(real, sampler)(model, x, sigmas, disable=True, **churn),
+        "kve_fast torch": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="torch", **churn),
+        "kve_fast triton": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton", **churn),
+        "kve_fast triton fast": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton",
+                                                             noise="fast", **churn),
+    }
+    log(f"  {label}: {sampler} {model_name} {size}x{size} x {batch}, {steps} steps, {churn or 's_churn=0'}")
+    # exactness at this size too (also a warm-up for each variant)
+    outs = {}
+    for name, fn in variants.items():
+        torch.manual_seed(0)
+        outs[name] = fn()
+    sync(device)
+    for name in ("kve_fast torch", "kve_fast triton"):
+        record("exact", f"timing config {label}: {name} output", compare(outs[name], outs["k-diffusion"]))
+    fast = outs["kve_fast triton fast"]
+    RESULTS["notes"].append(f"{label}: fast-noise output finite: {bool(torch.isfinite(fast).all())}")
+    del outs, fast
+
+    # the model calls alone, with the noise levels the sampler would pass (precomputed)
+    s_in = x.new_ones([batch])
+    n_calls = 2 * steps - 1 if sampler == "sample_heun" else steps
+    levels = [sigmas[i] * s_in for i in range(steps)] + [sigmas[i + 1] * s_in for i in range(steps - 1)]
+    levels = levels[:n_calls]
+
+    def model_only():
+        for lv in levels:
+            model(x, lv)
+
+    reps = reps_unet if model_name == "unet" else reps_free
+    with torch.no_grad():
+        times = time_rounds({**variants, "model calls alone": model_only}, reps, device)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    model_s = med.pop("model calls alone")
+    base_total = med["k-diffusion"]
+    base_over = (base_total - model_s) / steps
+    for name, total in med.items():
+        over = (total - model_s) / steps
+        row = {"config": label, "sampler": sampler, "model": model_name, "image": size, "batch": batch,
+               "steps": steps, "churn": churn, "variant": name, "model_calls": n_calls,
+               "ms_per_call": total * 1e3, "ms_per_call_all": [t * 1e3 for t in times[name]],
+               "model_alone_ms": model_s * 1e3, "model_alone_ms_all": [t * 1e3 for t in times["model calls alone"]],
+               "overhead_ms_per_step": over * 1e3,
+               "speedup_total_vs_k_diffusion": base_total / total,
+               "speedup_overhead_vs_k_diffusion": base_over / over if over > 0 else float("nan")}
+        RESULTS["timing"].append(row)
+        log(f"    {name:22s} {total * 1e3:9.2f} ms/call  overhead {over * 1e3:8.3f} ms/step  "
+            f"x{row['speedup_total_vs_k_diffusion']:5.2f} total  x{row['speedup_overhead_vs_k_diffusion']:6.1f} "
+            f"overhead  (model alone {model_s * 1e3:.2f} ms, {n_calls} calls)")
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def summary_markdown() -> str:
+    env = RESULTS["env"]
+    lines = [f"## kdiffusion_check: {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+             f"{env.get('date')}", "", f"Command: `{env.get('command')}`", ""]
+    for table in ("scalars", "exact"):
+        rows = RESULTS[table]
+        bad = [r for r in rows if r["mismatches"] != 0]
+        lines.append(f"- {table}: {len(rows) - len(bad)} of {len(rows)} checks bit-exact"
+                     + ("" if not bad else "; MISMATCHED: " + "; ".join(
+                         f"{r['check']} ({r['mismatches']} of {r['elements']}, first {r.get('first')}, "
+                         f"max |diff| {r.get('max_abs_diff')})" for r in bad[:8])))
+    for e in RESULTS["errors"]:
+        lines.append(f"- FAILED {e['part']}: {e['error']}")
+    for n in RESULTS["notes"]:
+        lines.append(f"- note: {n}")
+    if RESULTS["timing"]:
+        lines += ["", "| config | variant | ms per call | model alone, ms | overhead ms/step | vs k-diffusion (total) "
+                      "| vs k-diffusion (overhead) |", "|---|---|---|---|---|---|---|"]
+        for r in RESULTS["timing"]:
+            lines.append(f"| {r['config']} | {r['variant']} | {r['ms_per_call']:.2f} | {r['model_alone_ms']:.2f} | "
+                         f"{r['overhead_ms_per_step']:.3f} | {r['speedup_total_vs_k_diffusion']:.2f}x | "
+                         f"{r['speedup_overhead_vs_k_diffusion']:.1f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    if args.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton backend runs on the CPU
+    sys.path.insert(0, str(ROOT))
+    ensure_modules()
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("kdiffusion_check.py: --device cuda but torch sees no CUDA GPU")
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu and os.environ.get("TRITON_INTERPRET") == "1":
+        RESULTS["notes"].append("TRITON_INTERPRET=1 on a CUDA run: the Triton timings are meaningless")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    env = RESULTS["env"]
+    name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or "cpu")
+    env.update({"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "command": " ".join([Path(sys.executable).name] + sys.argv), "quick": args.quick, "tf32": False,
+                "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")})
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001
+        env["triton"] = f"not importable: {exc}"
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+    except Exception as exc:  # noqa: BLE001
+        env["diffusers"] = f"not importable: {exc}"
+    try:
+        env["kve_fast_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                                text=True, timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no git on the device machine is fine
+        env["kve_fast_commit"] = None
+    if gpu:
+        env["cpu_threads"] = torch.get_num_threads()
+    log({k: v for k, v in env.items()})
+
+    real = None
+    try:
+        real = load_real_sampling()
+    except Exception as exc:  # noqa: BLE001
+        RESULTS["errors"].append({"part": "load k-diffusion", "error": f"{type(exc).__name__}: {exc}",
+                                  "traceback": traceback.format_exc()})
+        log(f"LOADING k-diffusion FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+    if real is not None:
+        if "scalars" in args.parts:
+            part("scalars: KStep's host floats vs k-diffusion's device ops", check_scalars, real, device, args.quick)
+        if "exact" in args.parts:
+            sizes, steps = ({"near-free": 64, "unet": 32}, 12) if gpu else ({"near-free": 8, "unet": 8}, 5)
+            part("exact: kve_fast.k_diffusion vs k-diffusion", check_exact, real, device, sizes, steps)
+        if "timing" in args.parts:
+            churn = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+            if gpu:
+                free = [("near-free 256x256 x16 heun", "near-free", 256, 16, 50, "sample_heun", {}),
+                        ("near-free 256x256 x16 heun churn", "near-free", 256, 16, 50, "sample_heun", churn)]
+                if not args.quick:
+                    free += [("near-free 256x256 x16 euler", "near-free", 256, 16, 50, "sample_euler", {}),
+                             ("near-free 64x64 x64 heun", "near-free", 64, 64, 50, "sample_heun", {})]
+                unet = [("unet 32x32 x1 heun", "unet", 32, 1, 50, "sample_heun", {})]
+                if not args.quick:
+                    unet += [("unet 32x32 x1 heun churn", "unet", 32, 1, 50, "sample_heun", churn)]
+                reps_free, reps_unet = (5, 3) if args.quick else (11, 5)
+            else:  # a smoke test of the code path: tiny, meaningless numbers
+                free = [("cpu smoke near-free 16x16 x2 heun churn", "near-free", 16, 2, 4, "sample_heun", churn)]
+                unet = [("cpu smoke unet 8x8 x1 euler", "unet", 8, 1, 3, "sample_euler", {})]
+                reps_free, reps_unet = 2, 1
+                RESULTS["notes"].append("CPU run: tiny sizes, Triton in its interpreter; the timings mean nothing")
+            part("timing: per-step overhead and total per call", timing, real, device, free + unet, reps_free,
+                 reps_unet)
+
+    RESULTS["seconds"] = time.time() - t_start
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
+    md = summary_markdown()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kdiffusion_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+        (out / "kdiffusion_check.md").write_text(md + "\n")
+        log(f"\nwrote {out / 'kdiffusion_check.json'} and .md")
+    except OSError as exc:
+        log(f"could not write results to {out}: {exc}")
+    bad = sum(1 for t in ("scalars", "exact") for r in RESULTS[t] if r["mismatches"] != 0)
+    log(f"\ntotal {RESULTS['seconds']:.0f} s; {bad} mismatched checks; {len(RESULTS['errors'])} failed parts/cases\n")
+    log(md)
+    return 1 if bad or RESULTS["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
