@@ -4,23 +4,28 @@
   in the same order, on the same device, so results are bit-identical to the reference. On CUDA with
   explicit generators, a background thread draws the next steps' noise into pinned memory while the
   GPU works, and copies it without blocking.
-- ``DeviceNoise`` ("fast"): one int seed per step, from which the step backend generates the noise on
-  the device (Philox inside the Triton churn kernel; torch's device RNG in the torch backend). Nothing
-  is drawn on the host. Deterministic for a given seed, batch, device and backend; not the reference's
-  stream.
+- ``DeviceNoise`` ("fast"): per-sample noise keys (``StepKeys``: one 63-bit key per sample and step),
+  from which the step backend generates the noise on the device (Philox inside the Triton kernels,
+  keyed per sample and counted by the position within the sample; a torch device generator per sample
+  in the torch backend). Nothing but the keys is made on the host. Sample b's noise depends only on
+  its key stream: on its own generator when ``generator`` is a list (so an image depends on its seed,
+  not on the batch it is in), else on the one generator's draw and b. Deterministic for a given seed,
+  device and backend; not the reference's stream.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .options import NOISE_MODES
 
-__all__ = ["NOISE_MODES", "draw_randn", "ReferenceNoise", "DeviceNoise", "make_noise"]
+__all__ = ["NOISE_MODES", "draw_randn", "ReferenceNoise", "DeviceNoise", "StepKeys", "sample_keys",
+           "per_sample_randn", "make_noise"]
 PREFETCH = True  # exact mode on CUDA with CPU generators: draw ahead on a thread (False: draw in the loop)
 
 
@@ -145,11 +150,76 @@ class ReferenceNoise:
             g.set_state(state)
 
 
-class DeviceNoise:
-    """Fast mode: x_0 from torch's RNG on ``device``, then one int seed per step for on-device noise.
+_MASK63 = np.uint64((1 << 63) - 1)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
 
-    A base seed is drawn from ``generator`` (each generator of a list, combined) or, for None, from
-    the global CPU RNG, so ``torch.manual_seed`` and seeded generators make runs reproducible.
+
+def _mix64(z) -> np.ndarray:
+    """splitmix64's output function, elementwise on uint64 (a bijection: distinct inputs, distinct outputs)."""
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(words, index, steps: int) -> np.ndarray:
+    """The noise keys of a run: an int64 array of shape ``(steps + 1, B)``, all in [0, 2**63).
+
+    Column b belongs to sample b and depends only on ``(words[b], index[b])`` (a word drawn from the
+    sample's generator, and its index within that generator's samples); row 0 keys the initial noise
+    x_0 and row k the churn noise of step k. Each column is splitmix64's stream from a start mixed from
+    the pair, so columns of different pairs do not overlap.
+    """
+    words = np.asarray(words, dtype=np.uint64).reshape(-1)
+    index = np.asarray(index, dtype=np.uint64).reshape(-1)
+    with np.errstate(over="ignore"):
+        start = _mix64(_mix64(words) + index * _GOLDEN)
+        counters = np.arange(1, steps + 2, dtype=np.uint64)[:, None] * _GOLDEN
+        keys = _mix64(start[None, :] + counters) & _MASK63
+    return keys.astype(np.int64)
+
+
+def per_sample_randn(keys, shape, device) -> torch.Tensor:
+    """``torch.randn(shape)`` with sample b drawn by its own ``torch.Generator(device).manual_seed(keys[b])``.
+
+    Each sample's values depend only on its key (and the device's generator: Philox on CUDA, the
+    Mersenne Twister on the CPU, which uses the low 32 bits of a key).
+    """
+    device = torch.device(device)
+    out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+    one = (1,) + tuple(shape[1:])
+    for b, key in enumerate(keys):
+        g = torch.Generator(device).manual_seed(int(key))
+        torch.randn(one, generator=g, out=out[b : b + 1])
+    return out
+
+
+class StepKeys(NamedTuple):
+    """One step's fast-mode noise: one key per sample, on the host (for torch generators) and on the device
+    (for the Triton kernels, which key Philox per sample and count by the position within the sample)."""
+
+    host: np.ndarray  # (B,) int64
+    device: torch.Tensor  # (B,) int64, on the sampling device
+
+
+def _draw_word(generator) -> int:
+    """One 63-bit draw from ``generator`` (None: the global CPU RNG)."""
+    if generator is None:
+        return int(torch.randint(0, 2**63 - 1, (1,)))
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device))
+
+
+class DeviceNoise:
+    """Fast mode: per-sample keys (``sample_keys``) for x_0 and for every step's on-device noise.
+
+    ``generator`` a list (one per sample): sample b's keys come from one draw of ``generator[b]`` alone,
+    so its noise, and its image, do not depend on the batch it is in or on its place there. A single
+    generator, or None (the global CPU RNG, so ``torch.manual_seed`` makes runs reproducible): one draw,
+    and the sample's index. A list of one generator is the same as that generator.
+
+    x_0 is drawn per sample by a device generator seeded with the sample's row-0 key
+    (``per_sample_randn``), the same on every backend; ``step()`` returns the next step's ``StepKeys``.
     """
 
     mode = "fast"
@@ -157,23 +227,25 @@ class DeviceNoise:
     def __init__(self, shape, generator, device, steps: int = 0):
         self.shape = tuple(shape)
         self.device = torch.device(device)
+        batch = self.shape[0]
         gens = _generators(generator)
-        if gens:
-            words = [int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device)) for g in gens]
+        if len(gens) > 1:
+            words, index = [_draw_word(g) for g in gens], np.zeros(batch, dtype=np.uint64)
         else:
-            words = [int(torch.randint(0, 2**31 - 1, (1,)))]
-        seeds = np.random.SeedSequence(words).generate_state(steps + 1, dtype=np.uint32) & 0x7FFFFFFF
-        self._seeds = [int(s) for s in seeds]
+            words, index = [_draw_word(gens[0] if gens else None)] * batch, np.arange(batch, dtype=np.uint64)
+        self.keys = sample_keys(words, index, steps)  # (steps + 1, B)
+        self._device_keys = None
         self._next = 1
 
     def initial(self) -> torch.Tensor:
-        g = torch.Generator(self.device).manual_seed(self._seeds[0])
-        return torch.randn(self.shape, generator=g, device=self.device)
+        return per_sample_randn(self.keys[0], self.shape, self.device)
 
-    def step(self) -> int:
-        seed = self._seeds[self._next]
+    def step(self) -> StepKeys:
+        if self._device_keys is None:  # one small copy per run
+            self._device_keys = torch.from_numpy(self.keys).to(self.device)
+        k = self._next
         self._next += 1
-        return seed
+        return StepKeys(self.keys[k], self._device_keys[k])
 
     def close(self) -> None:
         pass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..images import to_image
+from ..noise import StepKeys, per_sample_randn
 
 __all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep", "KTorchStep"]
 
@@ -56,8 +57,9 @@ def heun(model_output: torch.Tensor, sigma_hat, sigma_prev, sample_hat, sample_p
 class TorchStep:
     """The torch step backend: the reference's ops, one small kernel each, on any device.
 
-    Noise arrives as a tensor (the reference's stream) or as an int seed (fast mode: drawn here by
-    torch's RNG on the sample's device).
+    Noise arrives as a tensor (the reference's stream) or, in fast mode, as per-sample keys
+    (``kve_fast.noise.StepKeys``: sample b drawn here by a device generator seeded with its key; an int
+    seed is still taken, for the whole tensor).
     """
 
     name = "torch"
@@ -67,6 +69,8 @@ class TorchStep:
 
     @staticmethod
     def _eps(noise, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(noise, StepKeys):  # fast mode: sample b from its own device generator, keyed per sample
+            return per_sample_randn(noise.host, like.shape, like.device)
         if isinstance(noise, int):
             g = torch.Generator(like.device).manual_seed(noise)
             return torch.randn(like.shape, generator=g, device=like.device)

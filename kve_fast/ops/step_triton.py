@@ -18,8 +18,11 @@ float32 reciprocal, on the CPU it divides; ``TRUE_DIV`` selects the CPU form (on
 ``TRITON_INTERPRET=1``), and Triton's own fp32 ``/`` (approximate on GPUs) is never used.
 
 Noise: ``eps`` comes from a tensor (the reference's stream, "exact" mode) or, with ``DEVICE_NOISE``,
-is generated in the kernel by Philox (``tl.randn``) from a per-step seed ("fast" mode): no noise tensor
-is written, read or copied.
+is generated in the kernel by Philox ("fast" mode): no noise tensor is written, read or copied. In
+fast mode each sample has its own key per step (``KEYED``: an int64 array of B keys; each element
+loads its sample's key, and its Philox counter is its position within the sample), so a sample's noise
+does not depend on the batch around it. A single int seed (the public ops) keys the whole tensor,
+counted by the global offset.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..images import to_image
+from ..noise import StepKeys
 from ..plan import _f32, churn_coefficient, euler_scalars, heun_scalars
 
 _BLOCK = 1024
@@ -43,9 +47,27 @@ _MAX_ELEMENTS = 2**31 - _BLOCK  # int32 offsets (and Philox counters)
 
 
 @triton.jit
-def _block_randn(seed, pid, BLOCK: tl.constexpr, NOISE4: tl.constexpr):
-    # BLOCK standard normals for program pid (Philox, counter-based: a pure function of seed and offset).
-    if NOISE4:
+def _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED: tl.constexpr, BLOCK: tl.constexpr,
+                 NOISE4: tl.constexpr):
+    # BLOCK standard normals for program pid (Philox, counter-based: a pure function of key and counter).
+    if KEYED:
+        # per-sample keys: element i belongs to sample i // per_sample and counts from the sample's start
+        if NOISE4:
+            # per_sample % 4 == 0 (checked by the launcher), so no group of 4 straddles two samples; the
+            # group order within a block is the one below (z0, z2, z1, z3)
+            Q: tl.constexpr = BLOCK // 4
+            q = pid * Q + tl.arange(0, Q)
+            per_q = per_sample // 4
+            b = q // per_q
+            key = tl.load(keys_ptr + b, mask=q * 4 < n, other=0)
+            z0, z1, z2, z3 = tl.randn4x(key, q - b * per_q)
+            z = tl.reshape(tl.join(tl.join(z0, z1), tl.join(z2, z3)), [BLOCK])
+        else:
+            offs = pid * BLOCK + tl.arange(0, BLOCK)
+            b = offs // per_sample
+            key = tl.load(keys_ptr + b, mask=offs < n, other=0)
+            z = tl.randn(key, offs - b * per_sample)
+    elif NOISE4:
         # one randn4x call per 4 elements, counter q: join(join(z0, z1), join(z2, z3)) is [Q, 2, 2] with
         # [q, i, k] = z_{i + 2k}[q], so elements 4q .. 4q + 3 take z0, z2, z1, z3 in that order
         Q: tl.constexpr = BLOCK // 4
@@ -57,9 +79,9 @@ def _block_randn(seed, pid, BLOCK: tl.constexpr, NOISE4: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c, cs_ptr,
-                  SCAL_MEM: tl.constexpr, STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, keys_ptr, per_sample, s_noise, c, cs_ptr,
+                  SCAL_MEM: tl.constexpr, STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, KEYED: tl.constexpr,
+                  NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     if SCAL_MEM:
         # c and S_noise from device memory (a CUDA graph replays this launch for every step)
         c = tl.load(cs_ptr)
@@ -68,18 +90,19 @@ def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, s_noise, c, cs_ptr,
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c, True, STORE_XIN, DEVICE_NOISE,
-                 NOISE4, BLOCK)
+    _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, n, pid, seed, keys_ptr, per_sample, s_noise, c, True,
+                 STORE_XIN, DEVICE_NOISE, KEYED, NOISE4, BLOCK)
 
 
 @triton.jit
-def _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c, APPLY: tl.constexpr,
-                 STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+def _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, n, pid, seed, keys_ptr, per_sample, s_noise, c,
+                 APPLY: tl.constexpr, STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, KEYED: tl.constexpr,
+                 NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     # eps = S_noise * N(0, 1) ; x_hat = x + c * eps (x_hat = x where k-diffusion skips gamma = 0) ;
     # model input (x_hat + 1) / 2 (the score convention; a denoiser takes x_hat itself)
     if APPLY:
         if DEVICE_NOISE:
-            e = s_noise * _block_randn(seed, pid, BLOCK, NOISE4)
+            e = s_noise * _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED, BLOCK, NOISE4)
         else:
             e = s_noise * tl.load(eps_ptr + offs, mask=mask)
         hat = x + c * e
@@ -155,10 +178,10 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
 
 @triton.jit(do_not_specialize=["seed"])
 def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, hat_next_ptr, xin_ptr, n,
-                 half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, s_noise, c_next, sc_ptr, cs_ptr,
-                 SCAL_MEM: tl.constexpr, DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr, STORE_PRED: tl.constexpr,
-                 CHURN: tl.constexpr, APPLY: tl.constexpr, DEVICE_NOISE: tl.constexpr, NOISE4: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, keys_ptr, per_sample, s_noise, c_next, sc_ptr,
+                 cs_ptr, SCAL_MEM: tl.constexpr, DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr,
+                 STORE_PRED: tl.constexpr, CHURN: tl.constexpr, APPLY: tl.constexpr, DEVICE_NOISE: tl.constexpr,
+                 KEYED: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     if SCAL_MEM:
         half_sigma_prev = tl.load(sc_ptr)
         sigma_prev = tl.load(sc_ptr + 1)
@@ -192,8 +215,8 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
         tl.store(pred_ptr + offs, pred, mask=mask)
     if CHURN:
         # the next step's lines 5-6
-        _churn_store(x, eps_ptr, hat_next_ptr, xin_ptr, offs, mask, pid, seed, s_noise, c_next, APPLY,
-                     not DENOISER, DEVICE_NOISE, NOISE4, BLOCK)
+        _churn_store(x, eps_ptr, hat_next_ptr, xin_ptr, offs, mask, n, pid, seed, keys_ptr, per_sample, s_noise,
+                     c_next, APPLY, not DENOISER, DEVICE_NOISE, KEYED, NOISE4, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,17 +256,30 @@ def _scalar_args(scalars, count: int):
     return tuple(scalars), None, False
 
 
+def _seed_args(seed, n: int, dummy):
+    """Kernel arguments ``(seed, keys_ptr, per_sample, KEYED, NOISE4)`` for device noise from ``seed``: an
+    int (one key for the whole tensor, counted by the global offset) or an int64 device tensor of K
+    per-sample keys (K divides ``n``; sample b is elements b * n / K onwards, counted from its start)."""
+    if isinstance(seed, torch.Tensor):
+        per_sample = n // seed.numel()
+        return 0, seed, per_sample, True, NOISE4 and per_sample % 4 == 0
+    return seed or 0, dummy, 1, False, NOISE4
+
+
 def _launch_churn(x, eps, seed, s_noise, c, out=None, store_xin: bool = True):
     """``store_xin``: also write the score model's input (x_hat + 1) / 2 (a denoiser takes x_hat).
 
     ``c`` is a float (with ``s_noise``), or a device tensor ``[c, s_noise]`` the kernel reads (graphs).
+    ``seed`` (device noise, ``eps`` None): an int, or an int64 tensor of per-sample keys (``_seed_args``).
     """
     hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x) if store_xin else None)
     n = x.numel()
     (s_noise, c), cs, mem = _scalar_args(c, 2) if isinstance(c, torch.Tensor) else ((s_noise, c), None, False)
-    _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, hat if xin is None else xin, n, seed or 0, s_noise, c,
-                            x if cs is None else cs, SCAL_MEM=mem, STORE_XIN=store_xin, DEVICE_NOISE=eps is None,
-                            NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH)
+    seed, keys, per_sample, keyed, noise4 = _seed_args(seed, n, x)
+    _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, hat if xin is None else xin, n, seed, keys, per_sample,
+                            s_noise, c, x if cs is None else cs, SCAL_MEM=mem, STORE_XIN=store_xin,
+                            DEVICE_NOISE=eps is None, KEYED=keyed and eps is None, NOISE4=noise4, BLOCK=_BLOCK,
+                            **_LAUNCH)
     return hat, (xin if store_xin else None)
 
 
@@ -280,7 +316,7 @@ def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, wa
 def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool, churn_next, out=None,
                  denoiser: bool = False):
     """``churn_next``: None, or ``(eps or None, seed, s_noise, c)`` for the fused next-step churn (``c``
-    None: k-diffusion's gamma = 0, the next x_hat is x itself).
+    None: k-diffusion's gamma = 0, the next x_hat is x itself; ``seed``: as in ``_launch_churn``).
 
     ``out``: optional ``(hat_next, xin)`` buffers for the churn outputs (``hat_next`` may be ``hat``:
     each element is read before it is written, by the same program). ``denoiser``: as in ``_launch_euler``.
@@ -299,13 +335,15 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
     cs = c if isinstance(c, torch.Tensor) else None
     if churn_next is not None and mem != (cs is not None):
         raise ValueError("the step's scalars and the next churn's must both be floats or both device tensors")
+    device_noise = churn_next is not None and apply and eps is None
+    seed, keys, per_sample, keyed, noise4 = _seed_args(seed, n, hat)
     _heun_kernel[_grid(n)](
         raw, hat, prev, d, hat if x is None else x, hat if pred is None else pred, hat if eps is None else eps,
-        hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed or 0,
+        hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed, keys, per_sample,
         0.0 if cs is not None else s_noise, c if apply and cs is None else 0.0, hat if sc is None else sc,
         hat if cs is None else cs, SCAL_MEM=mem, DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_X=want_sample,
-        STORE_PRED=want_pred, CHURN=churn_next is not None, APPLY=apply,
-        DEVICE_NOISE=churn_next is not None and apply and eps is None, NOISE4=NOISE4, BLOCK=_BLOCK, **_LAUNCH,
+        STORE_PRED=want_pred, CHURN=churn_next is not None, APPLY=apply, DEVICE_NOISE=device_noise,
+        KEYED=keyed and device_noise, NOISE4=noise4, BLOCK=_BLOCK, **_LAUNCH,
     )
     return x, pred, hat_next, xin
 
@@ -313,14 +351,34 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
 # Public ops: check inputs (wrong dtype or device is an error; non-contiguous inputs are copied).
 
 
-def churn(sample, eps, s_noise, sigma, sigma_hat, seed: int | None = None):
-    """Lines 5-6. ``eps`` is unscaled noise, or None with ``seed`` for in-kernel Philox noise.
+def _check_seed(seed, sample: torch.Tensor):
+    """An int seed, or per-sample keys: a 1-D int64 tensor on ``sample``'s device whose length divides its size."""
+    if seed is None:
+        raise ValueError("`seed` is required when `eps` is None (device noise)")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 1 or seed.numel() == 0:
+            raise TypeError(f"`seed` as per-sample keys must be a 1-D int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+        if seed.device != sample.device:
+            raise ValueError(f"`seed` is on {seed.device}, expected {sample.device}")
+        if sample.numel() % seed.numel():
+            raise ValueError(f"`seed` has {seed.numel()} keys, which do not divide the sample's {sample.numel()} "
+                             "elements into equal samples")
+        return seed.contiguous()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int or a tensor of per-sample keys, got {type(seed).__name__}")
+    return seed
+
+
+def churn(sample, eps, s_noise, sigma, sigma_hat, seed: int | torch.Tensor | None = None):
+    """Lines 5-6. ``eps`` is unscaled noise, or None with ``seed`` for in-kernel Philox noise: an int (one
+    key for the whole tensor) or a 1-D int64 device tensor of K per-sample keys (sample b, the b-th of K
+    equal slices of the flattened sample, draws from key b alone, counted from the slice's start).
 
     Returns ``(sample_hat, model_input)``.
     """
     sample = _check("sample", sample)
-    if eps is None and seed is None:
-        raise ValueError("`seed` is required when `eps` is None (device noise)")
+    if eps is None:
+        seed = _check_seed(seed, sample)
     eps = None if eps is None else _check("eps", eps, sample)
     return _launch_churn(sample, eps, seed, _f32(s_noise), churn_coefficient(sigma, sigma_hat))
 
@@ -346,7 +404,8 @@ def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_s
          next_churn: tuple | None = None):
     """Lines 9-11, optionally fused with the next step's churn.
 
-    ``next_churn`` is ``(eps, s_noise, sigma_next, sigma_hat_next, seed)`` (eps None for device noise).
+    ``next_churn`` is ``(eps, s_noise, sigma_next, sigma_hat_next, seed)`` (eps None for device noise;
+    ``seed`` as in ``churn``).
     Returns ``(sample, pred, sample_hat_next, model_input_next)`` with None for what was not asked.
     """
     sample_hat = _check("sample_hat", sample_hat)
@@ -356,8 +415,8 @@ def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_s
     churn_next = None
     if next_churn is not None:
         eps, s_noise, sigma_n, sigma_hat_n, seed = next_churn
-        if eps is None and seed is None:
-            raise ValueError("`seed` is required when `eps` is None (device noise)")
+        if eps is None:
+            seed = _check_seed(seed, sample_hat)
         eps = None if eps is None else _check("eps", eps, sample_hat)
         churn_next = (eps, seed, _f32(s_noise), churn_coefficient(sigma_n, sigma_hat_n))
     return _launch_heun(raw, sample_hat, sample_prev, derivative, heun_scalars(sigma_hat, sigma_prev),
@@ -371,7 +430,8 @@ class TritonStep:
     scalars from ``kve_fast.plan.Step``, division as torch does it on the device). ``denoiser=True``:
     k-diffusion's (a denoiser called at x_hat, scalars from ``kve_fast.plan.KStep``, true division).
 
-    Noise arrives from the sampler's noise source as a tensor (exact mode) or an int seed (fast mode).
+    Noise arrives from the sampler's noise source as a tensor (exact mode) or per-sample keys (fast mode,
+    ``kve_fast.noise.StepKeys``; an int seed keys the whole batch).
     The state the loop never hands out (x_hat, the model inputs, x_prev, d) lives in five buffers owned
     by this object and reused every step, so a step allocates nothing; what it hands out (the final
     sample or image, and what a callback sees) is always a new tensor. All tensors a kernel touches
@@ -420,6 +480,16 @@ class TritonStep:
         return b  # hat, xin (first model input), prev, d, xin2 (second model input)
 
     def _noise(self, noise):
+        """``(eps, seed)`` for the launchers: a noise tensor in the state's layout, or device-noise keys."""
+        if isinstance(noise, StepKeys):
+            keys = noise.device
+            if self._layout is not None and not self._layout.is_contiguous():
+                # the kernels count positions in memory order: draw the noise contiguous (positions as in
+                # any other layout), then copy it into the state's layout
+                zero = torch.zeros(self._layout.shape, dtype=torch.float32, device=keys.device)
+                eps = _launch_churn(zero, None, keys, 1.0, 1.0, store_xin=False)[0]  # 0 + 1 * (1 * z) = z
+                return self._like(eps), None
+            return None, keys
         return (None, int(noise)) if isinstance(noise, int) else (self._like(noise), None)
 
     def _euler_scalars(self, step):
