@@ -2,6 +2,8 @@
 
     kve-fast sample                       # 64 digits from the bundled model, as a grid PNG here
     kve-fast sample --model path/to/unet --batch-size 16 --steps 100 --out samples.png
+    kve-fast generate --seeds 0-49999 --outdir fid_images     # one PNG per seed (kve_fast.generate)
+    torchrun --nproc_per_node=8 -m kve_fast generate --seeds 0-49999 --outdir fid_images
 
 Every argument is checked before anything heavy: the parser and the checks of paths, output sizes and the
 model folder's JSON need neither torch, diffusers nor numpy, so ``--help`` and mistakes answer at once.
@@ -85,19 +87,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kve-fast", description="Karras et al. (2022) VE sampler, fast and exact.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sample", help="generate images", description="Generate images with Algorithm 2.",
-                       formatter_class=_HelpFormatter)
-    p.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
-    p.add_argument("--batch-size", type=_at_least(int, 1), default=64, help="number of images")
+def _steps_option(p) -> None:
     p.add_argument("--steps", type=_at_least(int, 2), default=50,
                    help=f"sampling steps N (Heun: 2N - 1 model calls); the 'diffusers' schedule needs about "
                         f"{REFERENCE_SCHEDULE_MIN_STEPS}+")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator, 0 to 2**64 - 1")
-    p.add_argument("--device", type=_device_name, default="auto",
-                   help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _sampler_options(p, device_help: str) -> None:
+    """The options ``sample`` and ``generate`` share, after --steps (and sample's --seed)."""
+    p.add_argument("--device", type=_device_name, default="auto", help=device_help)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="step backend (triton: CUDA only)")
     p.add_argument("--noise", choices=NOISE_MODES, default="exact",
                    help="exact: the reference's noise stream; fast: generated on the device")
@@ -109,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s-noise", type=_at_least(float, 0), default=None, help="S_noise (default: the model's)")
     p.add_argument("--s-min", type=_at_least(float, 0), default=None, help="S_tmin (default: the model's)")
     p.add_argument("--s-max", type=_at_least(float, 0), default=None, help="S_tmax (default: the model's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kve-fast", description="Karras et al. (2022) VE sampler, fast and exact.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sample", help="generate images", description="Generate images with Algorithm 2.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
+    p.add_argument("--batch-size", type=_at_least(int, 1), default=64, help="number of images")
+    _steps_option(p)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator, 0 to 2**64 - 1")
+    _sampler_options(p, "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--out", default=None,
                    help="the grid image (default kve_fast_samples.png), its format from the extension: .png, "
                         ".webp (lossless), .jpg/.jpeg (lossy, quality 95), .bmp, .tif/.tiff; with --no-grid, "
@@ -122,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write an image (format from the extension, as --out) of the first "
                         f"{TRAJECTORY_ROWS} samples after up to {TRAJECTORY_COLUMNS} of the steps, then the final image")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still)")
+
+    g = sub.add_parser(
+        "generate", help="one PNG per seed, on one or many processes (torchrun)", formatter_class=_HelpFormatter,
+        description="Write DIR/{seed:06d}.png for every seed, for evaluation sets such as FID's 50,000 images. "
+                    "Each image depends only on its seed (sampled with torch.Generator().manual_seed(seed)). Under "
+                    "torchrun (torchrun --nproc_per_node=K -m kve_fast generate ...) the seeds are split across the "
+                    "processes: NCCL on GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs. Files are written to "
+                    "a temporary name and renamed; DIR/manifest.jsonl lists every file with its SHA-256 and the "
+                    "settings; rerunning the same command completes an interrupted set.")
+    g.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
+    g.add_argument("--seeds", required=True,
+                   help="the seeds: 0-49999, or a list such as 0,5,10-19 (each 0 to 2**32 - 1)")
+    g.add_argument("--outdir", required=True, help="the output folder (created if missing; its parent must exist)")
+    g.add_argument("--batch", type=_at_least(int, 1), default=64,
+                   help="images per model batch on each process (every batch is padded to this size)")
+    g.add_argument("--subdirs", action="store_true",
+                   help="files in subfolders of 1,000 (DIR/000000/000123.png), as EDM's generate.py writes them")
+    _steps_option(g)
+    _sampler_options(g, "'auto' (under torchrun: cuda:LOCAL_RANK when CUDA is available), 'cpu', 'cuda' (under "
+                        "torchrun: cuda:LOCAL_RANK) or 'cuda:N' (one process only)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still)")
     return parser
 
 
@@ -331,6 +362,27 @@ def _load(args, device):
         diffusers_logging.set_verbosity(verbosity)
 
 
+def _apply_scheduler_options(pipe, args) -> None:
+    """--schedule, --s-churn, --s-noise, --s-min, --s-max over the model's scheduler config."""
+    overrides = {k: v for k, v in {"sigma_schedule": args.schedule, "s_churn": args.s_churn, "s_noise": args.s_noise,
+                                   "s_min": args.s_min, "s_max": args.s_max}.items() if v is not None}
+    if overrides:
+        from .scheduler import KarrasVeScheduler
+
+        try:
+            pipe.scheduler = KarrasVeScheduler.from_config(pipe.scheduler.config, **overrides)
+        except (ValueError, TypeError) as exc:
+            given = ", ".join("--" + k.replace("_", "-") for k in overrides if k != "sigma_schedule")
+            raise CliError(f"{given or '--schedule'}: with the model's scheduler config: {exc}") from None
+
+
+def _warn_few_steps(pipe, args) -> None:
+    schedule = pipe.scheduler.config.get("sigma_schedule", "diffusers")
+    if schedule == "diffusers" and args.steps < REFERENCE_SCHEDULE_MIN_STEPS:
+        print(f"kve-fast: warning: the reference schedule ('diffusers') needs about {REFERENCE_SCHEDULE_MIN_STEPS}+ "
+              f"steps (--steps {args.steps} gives noisy images or noise); try --schedule edm", file=sys.stderr)
+
+
 def sample_command(args) -> int:
     # 1. Everything that needs neither torch nor diffusers.
     out, out_format, trajectory, trajectory_format = _check_outputs(args)
@@ -354,20 +406,8 @@ def sample_command(args) -> int:
 
     # 3. The model and the sampler settings.
     pipe = _load(args, device)
-    overrides = {k: v for k, v in {"sigma_schedule": args.schedule, "s_churn": args.s_churn, "s_noise": args.s_noise,
-                                   "s_min": args.s_min, "s_max": args.s_max}.items() if v is not None}
-    if overrides:
-        from .scheduler import KarrasVeScheduler
-
-        try:
-            pipe.scheduler = KarrasVeScheduler.from_config(pipe.scheduler.config, **overrides)
-        except (ValueError, TypeError) as exc:
-            given = ", ".join("--" + k.replace("_", "-") for k in overrides if k != "sigma_schedule")
-            raise CliError(f"{given or '--schedule'}: with the model's scheduler config: {exc}") from None
-    schedule = pipe.scheduler.config.get("sigma_schedule", "diffusers")
-    if schedule == "diffusers" and args.steps < REFERENCE_SCHEDULE_MIN_STEPS:
-        print(f"kve-fast: warning: the reference schedule ('diffusers') needs about {REFERENCE_SCHEDULE_MIN_STEPS}+ "
-              f"steps (--steps {args.steps} gives noisy images or noise); try --schedule edm", file=sys.stderr)
+    _apply_scheduler_options(pipe, args)
+    _warn_few_steps(pipe, args)
     pipe.set_progress_bar_config(disable=args.quiet, desc="sampling")
 
     # 4. Sampling.
@@ -417,6 +457,108 @@ def sample_command(args) -> int:
     return 0
 
 
+def _generate_device(name: str, local_rank: int, torchrun: bool, world: int):
+    """--device for ``generate``: under torchrun, 'auto' and 'cuda' mean this process's GPU, cuda:LOCAL_RANK."""
+    import torch
+
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CliError("--device: CUDA was asked for but no CUDA GPU is available")
+    if not torchrun:
+        return _device("cuda" if name == "auto" else name)
+    if name not in ("auto", "cuda") and world > 1:
+        raise CliError(f"--device: {name} would put every process on one GPU; under torchrun use --device cuda (each "
+                       "process takes cuda:LOCAL_RANK)")
+    if name not in ("auto", "cuda"):
+        return _device(name)
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise CliError(f"--device: this process has LOCAL_RANK {local_rank} but the machine has {count} CUDA GPU(s): "
+                       f"start at most {count} processes per machine (--nproc_per_node {count})")
+    return torch.device("cuda", local_rank)
+
+
+def generate_command(args) -> int:
+    from . import generate as gen
+
+    # 1. Everything that needs neither torch nor diffusers (the same on every process).
+    try:
+        seeds = gen.parse_seeds(args.seeds)
+    except ValueError as exc:
+        raise CliError(f"--seeds: {exc}") from None
+    outdir = _check_writable_dir(args.outdir, "--outdir")
+    if args.s_min is not None and args.s_max is not None and args.s_min > args.s_max:
+        raise CliError(f"--s-min: {args.s_min} is larger than --s-max {args.s_max} (`s_min` must not exceed `s_max`)")
+    folder = _check_model(args.model)
+    channels = folder.image_shape[0]
+    if channels not in (1, 3, 4):
+        raise CliError(f"--model: its images have {channels} channels; only 1 (grey), 3 (RGB) or 4 (RGBA) make PNG "
+                       "files")
+
+    # 2. The device, the backend and the process group.
+    import torch
+
+    from .backends import check_backend
+
+    rank, world, local_rank = gen.env_rank()
+    device = _generate_device(args.device, local_rank, gen.launched_by_torchrun(), world)
+    try:
+        backend = check_backend(args.backend, device)
+    except ValueError as exc:
+        raise CliError(f"--backend: {exc}") from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    comm = gen.connect(device)
+    try:
+        # 3. The model on every process; all go on only if all have it (rank 0 hashes it for the manifest).
+        error = model = pipe = None
+        try:
+            pipe = _load(args, device)
+            _apply_scheduler_options(pipe, args)
+            if comm.rank == 0:
+                model = gen.model_identity(args.model, folder)
+        except CliError as exc:
+            error = (str(exc), 2)
+        except Exception as exc:
+            error = (f"--model: {type(exc).__name__}: {exc}", 1)
+        results = comm.all_gather((error, model))
+        failed = [(i, e) for i, (e, _) in enumerate(results) if e is not None]
+        if failed:
+            where = (lambda i: f"rank {i}: " if comm.world > 1 else "")
+            if error is not None:
+                print(f"kve-fast: error: {where(comm.rank)}{error[0]}", file=sys.stderr)
+            elif comm.rank == 0:
+                print(f"kve-fast: error: {where(failed[0][0])}{failed[0][1][0]}", file=sys.stderr)
+            return failed[0][1][1]
+        model = results[0][1]
+        if comm.rank == 0:
+            _warn_few_steps(pipe, args)
+
+        # 4. The images.
+        status: dict = {}
+        try:
+            summary = gen.generate_images(pipe, seeds, outdir, steps=args.steps, batch=args.batch, subdirs=args.subdirs,
+                                          backend=backend, noise=args.noise, solver=args.solver, model=model, comm=comm,
+                                          quiet=args.quiet, run_info={"device": device.type}, status=status)
+        except (KeyboardInterrupt, _Terminated):
+            if comm.rank == 0:
+                print(f"kve-fast: stopped: {status.get('written', 0)} images written; rerun the same command to "
+                      "resume", file=sys.stderr)
+            raise
+        if comm.rank == 0 and not args.quiet:
+            if summary.written == 0:
+                print(f"kve-fast: nothing to do: the {len(seeds)} images in {outdir} are complete")
+            else:
+                procs = f"{summary.world} process{'es' if summary.world > 1 else ''}"
+                print(f"kve-fast: wrote {summary.written} images to {outdir} ({summary.skipped} were already there) in "
+                      f"{summary.seconds:.1f} s: {summary.images_per_second:.2f} images/s on {procs} ({device.type}, "
+                      f"{args.steps} {args.solver} steps, noise={args.noise}, backend={backend})")
+        return 0
+    finally:
+        comm.close()
+
+
 def _on_sigterm(signum, frame):
     raise _Terminated()
 
@@ -430,9 +572,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sample":
             return sample_command(args)
+        if args.command == "generate":
+            return generate_command(args)
     except CliError as exc:
         print(f"kve-fast: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from .generate import GenerateError
+
+        if not isinstance(exc, GenerateError):
+            raise
+        if not exc.printed:
+            print(f"kve-fast: error: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("kve-fast: interrupted", file=sys.stderr)
         return 130
