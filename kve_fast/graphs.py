@@ -12,8 +12,8 @@ later call with those keys:
   step counts. Before each replay the host writes the step's values into pinned memory and copies
   them over without blocking.
 - Exact noise: the host draws the reference's stream ahead (``kve_fast.noise.ReferenceNoise``) and
-  each step's draw is copied into a static device buffer before the replay. Fast noise: the Philox
-  keys are read from device memory.
+  each step's draw is copied into a static device buffer before the replay. Fast noise: the kernels
+  read each sample's Philox key from a static device buffer that receives the step's keys.
 - Warm-up and capture run on a side stream, with every RNG state saved and restored around them: they
   never consume the user's randomness. One memory pool per device; at most ``MAX_CAPTURES`` captures
   are kept (least recently used dropped first); ``clear_graphs()`` (and ``KarrasVePipeline.to``) frees
@@ -86,8 +86,6 @@ def decide(cuda_graph, device: torch.device, backend, noise: str) -> bool:
         reason = "graphs run the fused Triton kernels: use backend='triton' (or 'auto' with Triton installed)"
     elif getattr(backend, "denoiser", False):
         reason = "k-diffusion's convention is not captured yet"
-    elif noise != "exact":
-        reason = "fast noise is not captured yet"
     else:
         return True
     if cuda_graph is True:
@@ -164,7 +162,7 @@ def _capture(fn, device: torch.device):
 class _Capture:
     """One capture: the backend whose buffers the graphs use, the static scalar and noise buffers, graphs."""
 
-    def __init__(self, model, backend, shape, device, solver, hand_out, image, call_model):
+    def __init__(self, model, backend, shape, device, solver, hand_out, image, call_model, noise: str = "exact"):
         self.model_ref = weakref.ref(model) if _weakrefable(model) else (lambda m=model: m)
         self.backend, self.shape, self.device = backend, tuple(shape), device
         self.heun_solver, self.hand_out, self.image_kind = solver == "heun", hand_out, image
@@ -172,12 +170,15 @@ class _Capture:
         pin = device.type == "cuda"
         self.scalars = torch.zeros(_SLOTS, dtype=torch.float32, device=device)
         self.host = torch.zeros(_SLOTS, dtype=torch.float32, pin_memory=pin)
-        self.eps = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.fast = noise == "fast"
+        self.eps = None if self.fast else torch.zeros(shape, dtype=torch.float32, device=device)
+        # fast noise: one Philox key per sample (kve_fast.noise.StepKeys), read by the kernels
+        self.keys = torch.zeros(shape[0], dtype=torch.int64, device=device) if self.fast else None
         self.sample_in = torch.zeros(shape, dtype=torch.float32, device=device) if hand_out else None
         self.graphs: dict = {}
         self.outputs: dict = {}
         self.busy = threading.Lock()
-        buffers = backend._buf(self.eps)
+        buffers = backend._buf(torch.empty(shape, dtype=torch.float32, device=device))
         for b in buffers:
             b.zero_()
         self.buffers = buffers
@@ -197,6 +198,17 @@ class _Capture:
             # the pinned row is rewritten for the next step: wait until this copy has read it
             self._event = torch.cuda.Event()
             self._event.record(torch.cuda.current_stream(self.device))
+
+    def set_noise(self, noise) -> None:
+        """The next churn's noise into the static buffer the graph reads: a draw (exact) or the keys (fast)."""
+        if self.fast:
+            self.keys.copy_(noise.device, non_blocking=True)
+        else:
+            self.eps.copy_(noise, non_blocking=True)
+
+    def noise_args(self):
+        """``(eps, seed)`` as the launchers take them, pointing at the static buffers."""
+        return (None, self.keys) if self.fast else (self.eps, None)
 
     def wait_host(self) -> None:
         event = getattr(self, "_event", None)
@@ -225,12 +237,12 @@ class _Capture:
                 return prev, img
             if not correct:  # Euler solver: x_{i+1} into buffer 2, then the next step's churn into 0 and 1
                 _launch_euler(be._like(raw), b[0], s[_EULER], False, False, False, None, out=(b[2], b[3], b[4]))
-                _launch_churn(b[2], self.eps, None, s[_NEXT], s[_NEXT], out=(b[0], b[1]))
+                _launch_churn(b[2], *self.noise_args(), s[_NEXT], s[_NEXT], out=(b[0], b[1]))
                 return ()
             _launch_euler(be._like(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
             raw2 = self.call_model(b[4], self.half_sigma("next"))
             _launch_heun(be._like(raw2), b[0], b[2], b[3], s[_HEUN], False, False,
-                         (self.eps, None, s[_NEXT], s[_NEXT]), out=(b[0], b[1]))
+                         (*self.noise_args(), s[_NEXT], s[_NEXT]), out=(b[0], b[1]))
             return ()
 
         return fn
@@ -243,7 +255,7 @@ class _Capture:
         b, s, be = self.buffers, self.scalars, self.backend
 
         def fn():
-            _launch_churn(self.sample_in, self.eps, None, s[_CHURN], s[_CHURN], out=(b[0], b[1]))
+            _launch_churn(self.sample_in, *self.noise_args(), s[_CHURN], s[_CHURN], out=(b[0], b[1]))
             raw = self.call_model(b[1], self.half_sigma("hat"))
             if not correct:
                 prev, _, _, pred, _ = _launch_euler(be._like(raw), b[0], s[_EULER], False, False, True, None)
@@ -298,7 +310,7 @@ def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out
         if cap is not None:
             _CACHE.move_to_end(key)
     if cap is None:
-        cap = _Capture(model, backend, shape, device, solver, hand_out, image, call_model)
+        cap = _Capture(model, backend, shape, device, solver, hand_out, image, call_model, noise)
         cap.key = key
     else:
         cap.call_model = call_model
@@ -368,7 +380,7 @@ class GraphedEngine(StepEngine):
         cap.wait_host()
         if self.hand_out:
             cap.sample_in.copy_(self.sample)
-            cap.eps.copy_(self.source.step(), non_blocking=True)
+            cap.set_noise(self.source.step())
             cap.load(step, None, self.s_noise)
             kind = (correct, False)
             cap.graph(kind).replay()
@@ -379,12 +391,13 @@ class GraphedEngine(StepEngine):
             b = cap.buffers
             from .ops.step_triton import _launch_churn
 
-            _launch_churn(self.backend._like(self.sample), cap.backend._like(self.source.step()), None,
-                          cap.backend.s_noise, step.churn, out=(b[0], b[1]))
+            eps, seed = cap.backend._noise(self.source.step())
+            _launch_churn(self.backend._like(self.sample), eps, seed, cap.backend.s_noise, step.churn,
+                          out=(b[0], b[1]))
         self._fused = None
         last = step.last
         if not last:
-            cap.eps.copy_(self.source.step(), non_blocking=True)  # the next step's churn noise
+            cap.set_noise(self.source.step())  # the next step's churn noise
         cap.load(step, nxt, self.s_noise)
         kind = (correct, last)
         cap.graph(kind).replay()

@@ -34,12 +34,13 @@ def _run(pipe, cuda_graph, **kw):
                 cuda_graph=cuda_graph, **kw).images
 
 
+@pytest.mark.parametrize("noise", ["exact", "fast"])
 @pytest.mark.parametrize("solver", ["heun", "euler"])
 @pytest.mark.parametrize("output_type", ["latent", "np", "pil"])
-def test_graphed_steps_give_the_eager_bits(fake_graphs, solver, output_type):
+def test_graphed_steps_give_the_eager_bits(fake_graphs, solver, output_type, noise):
     pipe = kve_pipe(GaussianScore(8).to(DEVICE), s_churn=20.0)
-    eager = _run(pipe, False, solver=solver, output_type=output_type)
-    graphed = _run(pipe, True, solver=solver, output_type=output_type)
+    eager = _run(pipe, False, solver=solver, output_type=output_type, noise=noise)
+    graphed = _run(pipe, True, solver=solver, output_type=output_type, noise=noise)
     if output_type == "pil":
         import numpy as np
 
@@ -65,14 +66,16 @@ def test_callbacks_run_between_replays_and_may_replace_the_sample(fake_graphs):
         seen.setdefault(p._probe, []).append(kw["pred_original_sample"].clone())
         return {"sample": kw["sample"] * 0.5} if i == 1 else {}
 
-    out = {}
-    for mode in (False, True):
-        pipe._probe = mode
-        out[mode] = _run(pipe, mode, steps=4, callback_on_step_end=halve,
-                         callback_on_step_end_tensor_inputs=["sample", "pred_original_sample"])
-    assert_bitwise(out[True], out[False], "graphed vs eager with a callback")
-    for a, b in zip(seen[True], seen[False]):
-        assert_bitwise(a, b, "denoised handed to the callback")
+    for noise in ("exact", "fast"):
+        out = {}
+        seen.clear()
+        for mode in (False, True):
+            pipe._probe = mode
+            out[mode] = _run(pipe, mode, steps=4, callback_on_step_end=halve, noise=noise,
+                             callback_on_step_end_tensor_inputs=["sample", "pred_original_sample"])
+        assert_bitwise(out[True], out[False], f"graphed vs eager with a callback, {noise} noise")
+        for a, b in zip(seen[True], seen[False]):
+            assert_bitwise(a, b, "denoised handed to the callback")
 
 
 def test_capture_does_not_consume_the_users_randomness(fake_graphs, monkeypatch):
