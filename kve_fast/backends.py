@@ -1,4 +1,6 @@
-"""Step-backend selection: ``"torch"`` (the reference's ops), ``"triton"`` (fused kernels), ``"auto"``."""
+"""Step-backend selection: ``"torch"`` (the reference's ops), ``"triton"`` (fused Triton kernels), ``"cuda"``
+(the same kernels as a CUDA C++ extension, ``csrc/``), ``"auto"`` (Triton on CUDA where it imports, else torch;
+it does not pick ``"cuda"`` until measurements on a GPU say it should: bench/csrc_check.py)."""
 
 from __future__ import annotations
 
@@ -27,13 +29,27 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
+def cuda_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the CUDA extension backend can run on ``device`` (built, or buildable just in time), and why not."""
+    from .ops import step_cuda
+
+    return step_cuda.available(device)
+
+
 def check_backend(name: str, device: torch.device) -> str:
-    """Resolve ``name`` for ``device`` to ``"torch"`` or ``"triton"``; raise on a bad name or device."""
+    """Resolve ``name`` for ``device`` to ``"torch"``, ``"triton"`` or ``"cuda"``; raise on a bad name or device."""
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if name == "torch":
         return "torch"
+    if name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"`backend`='cuda' needs CUDA tensors (the CUDA C++ extension), the device is {device}")
+        ok, why = cuda_available(device)
+        if not ok:
+            raise ValueError(f"`backend`='cuda' cannot be used: {why}")
+        return "cuda"
     if name == "triton":
         if device.type != "cuda" and not interpret:
             raise ValueError(f"`backend`='triton' needs CUDA tensors (or TRITON_INTERPRET=1), the device is {device}")
@@ -56,9 +72,13 @@ def make_backend(name: str, device: torch.device, s_noise: float, want_pred: boo
     """The step backend object for a resolved or unresolved ``name`` (``shape``: checked against its limits).
 
     ``denoiser``: k-diffusion's convention (``kve_fast.k_diffusion``) instead of the reference pipeline's;
-    ``layout``: a tensor whose dense layout the Triton backend keeps its state in (default contiguous).
+    ``layout``: a tensor whose dense layout the fused backends keep their state in (default contiguous).
     """
     name = check_backend(name, device)
+    if name == "cuda":
+        from .ops.step_cuda import CudaStep
+
+        return CudaStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout)
     if name == "triton":
         from .ops.step_triton import TritonStep
 

@@ -4,7 +4,7 @@ Import-light on purpose: no torch, no diffusers, so ``kve-fast --help`` answers 
 """
 
 SCHEDULES = ("diffusers", "ve", "edm")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cuda")
 NOISE_MODES = ("exact", "fast")
 SOLVERS = ("heun", "euler")
 OUTPUT_TYPES = ("pil", "np", "numpy", "pt", "latent")

@@ -1,0 +1,37 @@
+// The torch-facing side of the fused step kernels: argument checks and the packing of tensors into the
+// kernels' plain argument structs (step_args.h), shared by the CPU, Meta (ops.cpp) and CUDA
+// (ops_cuda.cpp) implementations of the kve_fast::churn / euler / heun operators.
+//
+// Only device-generic torch headers: this compiles against the CPU torch wheel (csrc-build notes).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "step_args.h"
+
+namespace kve_fast {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Each *_args checks its tensors (dtype, device, shape, one dense layout, keys) and, with
+// ``pointers``, fills in their data pointers (false: checks only).
+ChurnArgs churn_args(const at::Tensor& x, const OptTensor& eps, const OptTensor& keys, int64_t per_sample,
+                     double s_noise, double c, const OptTensor& scalars, const at::Tensor& hat,
+                     const OptTensor& xin, bool pointers);
+
+EulerArgs euler_args(const at::Tensor& raw, const at::Tensor& hat, double half_sigma, double sigma,
+                     double inv_sigma, double dt, const OptTensor& scalars, bool denoiser, bool true_div,
+                     const at::Tensor& prev, const OptTensor& d, const OptTensor& xin, const OptTensor& pred,
+                     const OptTensor& image, bool pointers);
+
+HeunArgs heun_args(const at::Tensor& raw, const at::Tensor& hat, const at::Tensor& prev, const at::Tensor& d,
+                   double half_sigma, double sigma, double inv_sigma, double dt, const OptTensor& scalars,
+                   bool denoiser, bool true_div, const OptTensor& x, const OptTensor& pred, bool churn,
+                   bool apply, const OptTensor& eps, const OptTensor& keys, int64_t per_sample, double s_noise,
+                   double c, const OptTensor& churn_scalars, const OptTensor& hat_next, const OptTensor& xin,
+                   bool pointers);
+
+}  // namespace kve_fast
