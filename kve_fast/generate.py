@@ -43,6 +43,8 @@ import time
 from datetime import timedelta
 
 MANIFEST = "manifest.jsonl"
+JOB_FILE = ".kve-fast-job"  # rank 0's token for this job: every rank must see it (one shared folder)
+SHARED_WAIT = 30.0  # seconds a rank waits for the token to show (network file systems cache lookups)
 SEED_LIMIT = 2**32  # torch's CPU generator keeps only the low 32 bits of a seed: larger ones repeat images
 MAX_SEEDS = 10_000_000
 SUBDIR_SIZE = 1000
@@ -334,6 +336,19 @@ def _remove_temporaries(outdir: str, subdirs: bool) -> None:
                     os.unlink(os.path.join(folder, name))
 
 
+def _sees_token(outdir: str, token: str, wait: float = SHARED_WAIT) -> bool:
+    """Whether this process sees rank 0's job token in ``outdir`` (within ``wait`` seconds)."""
+    deadline = time.monotonic() + wait
+    while True:
+        with contextlib.suppress(OSError):
+            with open(os.path.join(outdir, JOB_FILE)) as f:
+                if f.read() == token:
+                    return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
 def _encode_png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -410,10 +425,17 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
             _remove_temporaries(outdir, subdirs)
             listed = {seed: r.get("sha256") for seed, r in manifest.records.items()
                       if r["file"] == seed_file(seed, subdirs)}
+            token = None
+            if world > 1:  # every rank must write into this very folder (one file system on every machine)
+                from ._files import atomic_write
+
+                token = f"{os.getpid()}-{time.time_ns()}-{os.urandom(8).hex()}"
+                with atomic_write(os.path.join(outdir, JOB_FILE), "w") as f:
+                    f.write(token)
             if manifest.skipped:
                 print(f"kve-fast: warning: {manifest.path}: {manifest.skipped} lines are not file records; ignored",
                       file=sys.stderr)
-            setup = ("ok", listed, manifest.existed)
+            setup = ("ok", listed, manifest.existed, token)
     except GenerateError as exc:
         setup = ("error", str(exc), exc.code)
     except Exception as exc:
@@ -424,12 +446,20 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
             raise GenerateError(got[1], code=got[2], printed=rank != 0)
 
         # 2. Every rank checks its slice of the existing files.
-        listed, existed = got[1], got[2]
-        done, recovered, foreign = _verify(outdir, seeds[rank::world], listed, subdirs, size, mode,
-                                           new_record if existed else None)
-        gathered = comm.all_gather((done, recovered, foreign))
-        done = {s for d, _, _ in gathered for s in d}
-        foreign = sorted(f for _, _, fs in gathered for f in fs)
+        listed, existed, token = got[1], got[2], got[3]
+        if token is not None and not _sees_token(outdir, token):
+            blind = ([], [], [], True)
+        else:
+            blind = (*_verify(outdir, seeds[rank::world], listed, subdirs, size, mode, new_record if existed else None),
+                     False)
+        gathered = comm.all_gather(blind)
+        blind = [i for i, g in enumerate(gathered) if g[3]]
+        if blind:
+            raise GenerateError(f"--outdir: rank {', '.join(map(str, blind))} cannot see the {JOB_FILE} file rank 0 "
+                                f"wrote to {outdir}: with processes on several machines, --outdir must be one folder "
+                                "they all share (NFS, Lustre, ...) at the same path", code=2, printed=rank != 0)
+        done = {s for d, _, _, _ in gathered for s in d}
+        foreign = sorted(f for _, _, fs, _ in gathered for f in fs)
         if foreign:
             if rank == 0 and not existed and not manifest.records:  # leave the folder as it was
                 with contextlib.suppress(OSError):
@@ -439,7 +469,7 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
                                 "by kve-fast generate; use an empty folder or move those files", code=2,
                                 printed=rank != 0)
         if rank == 0:
-            manifest.append([r for _, rs, _ in gathered for r in rs])
+            manifest.append([r for _, rs, _, _ in gathered for r in rs])
         todo = [s for s in seeds if s not in done]
         share = todo[rank::world]
         rounds = -(-len(todo[0::world]) // batch)  # rank 0 has the largest share
@@ -493,3 +523,6 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     finally:
         if manifest is not None:
             manifest.close()
+            if world > 1:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(outdir, JOB_FILE))

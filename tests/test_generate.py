@@ -160,6 +160,14 @@ def test_the_manifest_reader_skips_a_torn_last_line(tmp_path):
     assert path.read_bytes()[:end].endswith(b'"000002.png"}\n')
 
 
+def test_every_rank_must_see_the_folder_rank_0_writes(tmp_path):
+    assert not gen._sees_token(str(tmp_path), "token", wait=0)
+    (tmp_path / gen.JOB_FILE).write_text("another")
+    assert not gen._sees_token(str(tmp_path), "token", wait=0.6)
+    (tmp_path / gen.JOB_FILE).write_text("token")
+    assert gen._sees_token(str(tmp_path), "token", wait=0)
+
+
 # --- many processes ---------------------------------------------------------------------------------------
 
 def test_torchrun_two_processes_write_the_files_of_one(tmp_path, reference):
