@@ -406,3 +406,22 @@ def test_keyed_kernel_noise_is_standard_normal_and_independent(per_sample):
         step_triton.churn(torch.zeros(10, device=DEVICE), None, 1.0, zero_s, one, seed=keys[:3])
     with pytest.raises(TypeError, match="int64"):
         step_triton.churn(zero, None, 1.0, zero_s, one, seed=keys.int())
+
+
+@needs_triton
+@pytest.mark.parametrize("per_sample", [1024, 2052, 1101, 60], ids=["block", "straddling", "randn-straddling", "small"])
+def test_keyed_kernel_noise_finds_samples_the_same_way_at_any_size(monkeypatch, per_sample):
+    """Samples of at least a block: one scalar division per program (BIG_SAMPLES), the same values as one per
+    element; and each sample's noise is the same alone."""
+    from kve_fast.ops import step_triton
+
+    keys = torch.tensor(sample_keys([7, 8, 9], [0, 0, 0], 1)[1], device=DEVICE)
+    zero = torch.zeros(3 * per_sample, device=DEVICE)
+    one, zero_s = torch.tensor(1.0), torch.tensor(0.0)
+    fast = step_triton.churn(zero, None, 1.0, zero_s, one, seed=keys)[0]
+    monkeypatch.setattr(step_triton, "BIG_SAMPLES", False)
+    slow = step_triton.churn(zero, None, 1.0, zero_s, one, seed=keys)[0]
+    assert torch.equal(fast, slow)
+    for b in range(3):
+        alone = step_triton.churn(zero[:per_sample], None, 1.0, zero_s, one, seed=keys[b:b + 1])[0]
+        assert torch.equal(alone, fast[b * per_sample:(b + 1) * per_sample])

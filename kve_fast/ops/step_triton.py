@@ -40,6 +40,9 @@ from ..plan import _f32, churn_coefficient, euler_scalars, heun_scalars
 _BLOCK = 1024
 # Device noise: one Philox randn4x call per 4 elements (True) or tl.randn per element (False).
 NOISE4 = True
+# Per-sample keys, samples of at least a block: find each element's sample with one scalar division per
+# program (True) or one division per element (False); the same values either way.
+BIG_SAMPLES = True
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch options: no mul+add contraction into FMA, so each op rounds like torch's separate kernels.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
@@ -47,7 +50,23 @@ _MAX_ELEMENTS = 2**31 - _BLOCK  # int32 offsets (and Philox counters)
 
 
 @triton.jit
-def _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED: tl.constexpr, BLOCK: tl.constexpr,
+def _sample_of(i, start, size, BIG: tl.constexpr):
+    # (sample index, position within it) of the indices i (a block from start on), samples of `size` each;
+    # BIG: size >= the block's length, so the block spans at most two samples: one scalar division
+    if BIG:
+        b0 = start // size
+        rel = i - b0 * size
+        nxt = (rel >= size).to(tl.int32)
+        b = b0 + nxt
+        pos = rel - nxt * size
+    else:
+        b = i // size
+        pos = i - b * size
+    return b, pos
+
+
+@triton.jit
+def _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr,
                  NOISE4: tl.constexpr):
     # BLOCK standard normals for program pid (Philox, counter-based: a pure function of key and counter).
     if KEYED:
@@ -57,16 +76,15 @@ def _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED: tl.constexpr, BLOCK:
             # group order within a block is the one below (z0, z2, z1, z3)
             Q: tl.constexpr = BLOCK // 4
             q = pid * Q + tl.arange(0, Q)
-            per_q = per_sample // 4
-            b = q // per_q
+            b, pos = _sample_of(q, pid * Q, per_sample // 4, BIG)
             key = tl.load(keys_ptr + b, mask=q * 4 < n, other=0)
-            z0, z1, z2, z3 = tl.randn4x(key, q - b * per_q)
+            z0, z1, z2, z3 = tl.randn4x(key, pos)
             z = tl.reshape(tl.join(tl.join(z0, z1), tl.join(z2, z3)), [BLOCK])
         else:
             offs = pid * BLOCK + tl.arange(0, BLOCK)
-            b = offs // per_sample
+            b, pos = _sample_of(offs, pid * BLOCK, per_sample, BIG)
             key = tl.load(keys_ptr + b, mask=offs < n, other=0)
-            z = tl.randn(key, offs - b * per_sample)
+            z = tl.randn(key, pos)
     elif NOISE4:
         # one randn4x call per 4 elements, counter q: join(join(z0, z1), join(z2, z3)) is [Q, 2, 2] with
         # [q, i, k] = z_{i + 2k}[q], so elements 4q .. 4q + 3 take z0, z2, z1, z3 in that order
@@ -81,7 +99,7 @@ def _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED: tl.constexpr, BLOCK:
 @triton.jit(do_not_specialize=["seed"])
 def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, keys_ptr, per_sample, s_noise, c, cs_ptr,
                   SCAL_MEM: tl.constexpr, STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, KEYED: tl.constexpr,
-                  NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+                  BIG: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     if SCAL_MEM:
         # c and S_noise from device memory (a CUDA graph replays this launch for every step)
         c = tl.load(cs_ptr)
@@ -91,18 +109,18 @@ def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, keys_ptr, per_sampl
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
     _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, n, pid, seed, keys_ptr, per_sample, s_noise, c, True,
-                 STORE_XIN, DEVICE_NOISE, KEYED, NOISE4, BLOCK)
+                 STORE_XIN, DEVICE_NOISE, KEYED, BIG, NOISE4, BLOCK)
 
 
 @triton.jit
 def _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, n, pid, seed, keys_ptr, per_sample, s_noise, c,
                  APPLY: tl.constexpr, STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, KEYED: tl.constexpr,
-                 NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+                 BIG: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     # eps = S_noise * N(0, 1) ; x_hat = x + c * eps (x_hat = x where k-diffusion skips gamma = 0) ;
     # model input (x_hat + 1) / 2 (the score convention; a denoiser takes x_hat itself)
     if APPLY:
         if DEVICE_NOISE:
-            e = s_noise * _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED, BLOCK, NOISE4)
+            e = s_noise * _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED, BIG, BLOCK, NOISE4)
         else:
             e = s_noise * tl.load(eps_ptr + offs, mask=mask)
         hat = x + c * e
@@ -181,7 +199,7 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
                  half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, keys_ptr, per_sample, s_noise, c_next, sc_ptr,
                  cs_ptr, SCAL_MEM: tl.constexpr, DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr,
                  STORE_PRED: tl.constexpr, CHURN: tl.constexpr, APPLY: tl.constexpr, DEVICE_NOISE: tl.constexpr,
-                 KEYED: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+                 KEYED: tl.constexpr, BIG: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
     if SCAL_MEM:
         half_sigma_prev = tl.load(sc_ptr)
         sigma_prev = tl.load(sc_ptr + 1)
@@ -216,7 +234,7 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
     if CHURN:
         # the next step's lines 5-6
         _churn_store(x, eps_ptr, hat_next_ptr, xin_ptr, offs, mask, n, pid, seed, keys_ptr, per_sample, s_noise,
-                     c_next, APPLY, not DENOISER, DEVICE_NOISE, KEYED, NOISE4, BLOCK)
+                     c_next, APPLY, not DENOISER, DEVICE_NOISE, KEYED, BIG, NOISE4, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,13 +275,16 @@ def _scalar_args(scalars, count: int):
 
 
 def _seed_args(seed, n: int, dummy):
-    """Kernel arguments ``(seed, keys_ptr, per_sample, KEYED, NOISE4)`` for device noise from ``seed``: an
-    int (one key for the whole tensor, counted by the global offset) or an int64 device tensor of K
-    per-sample keys (K divides ``n``; sample b is elements b * n / K onwards, counted from its start)."""
+    """Kernel arguments ``(seed, keys_ptr, per_sample, KEYED, BIG, NOISE4)`` for device noise from ``seed``:
+    an int (one key for the whole tensor, counted by the global offset) or an int64 device tensor of K
+    per-sample keys (K divides ``n``; sample b is elements b * n / K onwards, counted from its start).
+    BIG: samples at least a block long (a block spans at most two: one scalar division per program)."""
     if isinstance(seed, torch.Tensor):
         per_sample = n // seed.numel()
-        return 0, seed, per_sample, True, NOISE4 and per_sample % 4 == 0
-    return seed or 0, dummy, 1, False, NOISE4
+        noise4 = NOISE4 and per_sample % 4 == 0
+        big = BIG_SAMPLES and per_sample >= _BLOCK
+        return 0, seed, per_sample, True, big, noise4
+    return seed or 0, dummy, 1, False, False, NOISE4
 
 
 def _launch_churn(x, eps, seed, s_noise, c, out=None, store_xin: bool = True):
@@ -275,11 +296,11 @@ def _launch_churn(x, eps, seed, s_noise, c, out=None, store_xin: bool = True):
     hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x) if store_xin else None)
     n = x.numel()
     (s_noise, c), cs, mem = _scalar_args(c, 2) if isinstance(c, torch.Tensor) else ((s_noise, c), None, False)
-    seed, keys, per_sample, keyed, noise4 = _seed_args(seed, n, x)
+    seed, keys, per_sample, keyed, big, noise4 = _seed_args(seed, n, x)
     _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, hat if xin is None else xin, n, seed, keys, per_sample,
                             s_noise, c, x if cs is None else cs, SCAL_MEM=mem, STORE_XIN=store_xin,
-                            DEVICE_NOISE=eps is None, KEYED=keyed and eps is None, NOISE4=noise4, BLOCK=_BLOCK,
-                            **_LAUNCH)
+                            DEVICE_NOISE=eps is None, KEYED=keyed and eps is None, BIG=big, NOISE4=noise4,
+                            BLOCK=_BLOCK, **_LAUNCH)
     return hat, (xin if store_xin else None)
 
 
@@ -336,14 +357,14 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
     if churn_next is not None and mem != (cs is not None):
         raise ValueError("the step's scalars and the next churn's must both be floats or both device tensors")
     device_noise = churn_next is not None and apply and eps is None
-    seed, keys, per_sample, keyed, noise4 = _seed_args(seed, n, hat)
+    seed, keys, per_sample, keyed, big, noise4 = _seed_args(seed, n, hat)
     _heun_kernel[_grid(n)](
         raw, hat, prev, d, hat if x is None else x, hat if pred is None else pred, hat if eps is None else eps,
         hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed, keys, per_sample,
         0.0 if cs is not None else s_noise, c if apply and cs is None else 0.0, hat if sc is None else sc,
         hat if cs is None else cs, SCAL_MEM=mem, DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_X=want_sample,
         STORE_PRED=want_pred, CHURN=churn_next is not None, APPLY=apply, DEVICE_NOISE=device_noise,
-        KEYED=keyed and device_noise, NOISE4=noise4, BLOCK=_BLOCK, **_LAUNCH,
+        KEYED=keyed and device_noise, BIG=big, NOISE4=noise4, BLOCK=_BLOCK, **_LAUNCH,
     )
     return x, pred, hat_next, xin
 
@@ -357,7 +378,8 @@ def _check_seed(seed, sample: torch.Tensor):
         raise ValueError("`seed` is required when `eps` is None (device noise)")
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.dim() != 1 or seed.numel() == 0:
-            raise TypeError(f"`seed` as per-sample keys must be a 1-D int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+            raise TypeError(f"`seed` as per-sample keys must be a 1-D int64 tensor, got {seed.dtype} "
+                            f"{tuple(seed.shape)}")
         if seed.device != sample.device:
             raise ValueError(f"`seed` is on {seed.device}, expected {sample.device}")
         if sample.numel() % seed.numel():
