@@ -82,8 +82,8 @@ def decide(cuda_graph, device: torch.device, backend, noise: str) -> bool:
     on_device = device.type == "cuda" or _FAKE_GRAPHS
     if not on_device:
         reason = f"the device is {device}, not CUDA"
-    elif getattr(backend, "name", None) != "triton":
-        reason = "graphs run the fused Triton kernels: use backend='triton' (or 'auto' with Triton installed)"
+    elif getattr(backend, "name", None) not in ("triton", "cuda"):
+        reason = "graphs run the fused kernels: use backend='triton' or 'cuda' (or 'auto' with Triton installed)"
     elif getattr(backend, "denoiser", False):
         reason = "k-diffusion's convention is not captured yet"
     else:
@@ -224,9 +224,9 @@ class _Capture:
     def _fused_step(self, correct: bool, last: bool):
         """No callback: x_hat and the model input arrive in buffers 0 and 1 (written by the previous
         replay's fused churn, or by the first step's eager churn)."""
-        from .ops.step_triton import _launch_churn, _launch_euler, _launch_heun
-
         b, s, be = self.buffers, self.scalars, self.backend
+        _launch_churn, _launch_euler, _launch_heun = be.launch._launch_churn, be.launch._launch_euler, \
+            be.launch._launch_heun
         image = self.image_kind if last else None
 
         def fn():
@@ -250,9 +250,9 @@ class _Capture:
     def _handout_step(self, correct: bool):
         """With a callback: the sample comes in through ``sample_in``; x and D go out as graph memory
         that the engine copies."""
-        from .ops.step_triton import _launch_churn, _launch_euler, _launch_heun
-
         b, s, be = self.buffers, self.scalars, self.backend
+        _launch_churn, _launch_euler, _launch_heun = be.launch._launch_churn, be.launch._launch_euler, \
+            be.launch._launch_heun
 
         def fn():
             _launch_churn(self.sample_in, *self.noise_args(), s[_CHURN], s[_CHURN], out=(b[0], b[1]))
@@ -301,7 +301,7 @@ def _kinds(plan, heun: bool, hand_out: bool) -> set:
 def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out: bool, image, call_model):
     """The cached capture for these keys (a new one if there is none), or None if it is busy in another
     thread (that run then goes eagerly)."""
-    key = (id(model), tuple(shape), str(device), noise, solver, hand_out, image)
+    key = (id(model), backend.name, tuple(shape), str(device), noise, solver, hand_out, image)
     with _LOCK:
         cap = _CACHE.get(key)
         if cap is not None and cap.model_ref() is not model:
@@ -389,11 +389,9 @@ class GraphedEngine(StepEngine):
             return
         if self._fused is None:  # the first step: its churn runs eagerly into the graphs' buffers 0 and 1
             b = cap.buffers
-            from .ops.step_triton import _launch_churn
-
             eps, seed = cap.backend._noise(self.source.step())
-            _launch_churn(self.backend._like(self.sample), eps, seed, cap.backend.s_noise, step.churn,
-                          out=(b[0], b[1]))
+            cap.backend.launch._launch_churn(self.backend._like(self.sample), eps, seed, cap.backend.s_noise,
+                                             step.churn, out=(b[0], b[1]))
         self._fused = None
         last = step.last
         if not last:

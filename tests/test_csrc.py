@@ -41,6 +41,7 @@ from conftest import (
 import kve_fast
 from kve_fast.ops import step_cuda, step_torch
 from kve_fast.sampler import plan_steps
+from kve_fast.plan import churn_coefficient
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -372,7 +373,7 @@ def test_denoiser_convention_matches_k_diffusion_arithmetic(ops, device):
     r_d = (x - raw) / sigma_hat
     assert_bitwise(d, r_d, "derivative")
     assert_bitwise(prev, x + r_d * dt, "x_prev")
-    c = step_cuda.churn_coefficient(torch.tensor(0.5), torch.tensor(0.6))
+    c = churn_coefficient(torch.tensor(0.5), torch.tensor(0.6))
     for apply in (True, False):
         out = step_cuda._launch_heun(raw2, x, prev, d, (0.0, float(sigma_next), 0.0, float(dt)), True, False,
                                      (eps, None, 1.007, c if apply else None), denoiser=True)
