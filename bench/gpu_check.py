@@ -239,28 +239,7 @@ def kernel_bandwidth(sizes, copy_bw):
 # -- 3. per-step cost with a near-free stand-in model ------------------------------------------------
 
 
-class StandIn(torch.nn.Module):
-    """A near-free score model: one elementwise kernel, so the sampler's own cost is what is timed."""
-
-    def __init__(self, size):
-        super().__init__()
-        import types
-
-        self.config = types.SimpleNamespace(sample_size=size, in_channels=3, out_channels=3)
-        self.w = torch.nn.Parameter(torch.zeros(()))
-
-    @property
-    def device(self):
-        return self.w.device
-
-    @property
-    def dtype(self):
-        return self.w.dtype
-
-    def forward(self, x, sigma):
-        from diffusers.utils import BaseOutput
-
-        return BaseOutput(sample=torch.neg(x))
+from kve_fast.testing import NearFreeScore as StandIn  # noqa: E402  (a near-free score model)
 
 
 def per_step(configs, steps):

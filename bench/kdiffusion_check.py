@@ -67,7 +67,6 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 import zipfile
 from pathlib import Path
 
@@ -168,29 +167,12 @@ def _k_diffusion_version(root: str) -> str:
 def load_real_sampling():
     """k-diffusion's own ``sampling`` module, without its package ``__init__`` (torchvision stubbed).
 
-    The same logic as tests/test_k_diffusion.py's ``real_sampling`` (copied: tests/ is not importable here).
+    The loader is ``kve_fast.testing.import_k_diffusion_sampling``, which the tests use too.
     """
     root, source = _k_diffusion_dir()
-    names = ["k_diffusion", "k_diffusion.utils", "k_diffusion.sampling", "torchvision", "torchvision.transforms",
-             "torchvision.transforms.functional"]
-    saved = {name: sys.modules.get(name) for name in names}
-    try:
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = [os.path.join(root, "k_diffusion")]
-        sys.modules["k_diffusion"] = package
-        for name in names[3:]:  # never import a torchvision (it may not match this torch)
-            stub = types.ModuleType(name)
-            stub.__path__ = []
-            sys.modules[name] = stub
-        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
-        sampling = importlib.import_module("k_diffusion.sampling")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    from kve_fast.testing import import_k_diffusion_sampling
+
+    sampling = import_k_diffusion_sampling(root)
     version = _k_diffusion_version(root)
     RESULTS["env"]["k_diffusion"] = {"version": version, "source": source, "file": sampling.__file__}
     if version != K_DIFFUSION_VERSION:

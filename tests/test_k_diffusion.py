@@ -15,7 +15,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import types
 import zipfile
 
 import pytest
@@ -23,13 +22,13 @@ import torch
 from conftest import CAN_RUN_TRITON, GaussianScore, assert_bitwise, reference_test_unet
 
 from kve_fast import k_diffusion as kd
+from kve_fast.testing import K_DIFFUSION, import_k_diffusion_sampling
 
 BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REAL = {}
 
 
-K_DIFFUSION = "k-diffusion==0.1.1.post1"
 
 
 def _k_diffusion_dir() -> str:
@@ -64,31 +63,9 @@ def _k_diffusion_dir() -> str:
 
 def real_sampling():
     """k-diffusion's own ``sampling`` module (see the module docstring)."""
-    if "sampling" in _REAL:
-        return _REAL["sampling"]
-    root = _k_diffusion_dir()
-    names = ["k_diffusion", "k_diffusion.utils", "k_diffusion.sampling", "torchvision", "torchvision.transforms",
-             "torchvision.transforms.functional"]
-    saved = {name: sys.modules.get(name) for name in names}
-    try:
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = [os.path.join(root, "k_diffusion")]
-        sys.modules["k_diffusion"] = package
-        for name in names[3:]:  # never import a torchvision (it may not match this torch)
-            stub = types.ModuleType(name)
-            stub.__path__ = []
-            sys.modules[name] = stub
-        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
-        sampling = importlib.import_module("k_diffusion.sampling")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    _REAL["sampling"] = sampling
-    return sampling
+    if "sampling" not in _REAL:
+        _REAL["sampling"] = import_k_diffusion_sampling(_k_diffusion_dir())
+    return _REAL["sampling"]
 
 
 class UNetDenoiser(torch.nn.Module):

@@ -8,6 +8,8 @@ Triton nor the extension, so the CUDA backend works without Triton.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..images import to_image
@@ -109,6 +111,16 @@ def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_s
     return launch._launch_heun(raw, sample_hat, sample_prev, derivative, heun_scalars(sigma_hat, sigma_prev),
                         want_sample, want_pred, churn_next)
 
+
+
+def bind_ops(launch):
+    """``(churn, euler, heun)``: the public ops above, launching with ``launch``'s kernels."""
+    bound = []
+    for op in (churn, euler, heun):
+        fn = functools.partial(op, launch=launch)
+        functools.update_wrapper(fn, op)
+        bound.append(fn)
+    return tuple(bound)
 
 class FusedStep:
     """A fused step backend: two launches per Heun step in steady state (``step_triton``'s docstring).

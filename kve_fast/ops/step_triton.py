@@ -360,24 +360,8 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
 _SELF = sys.modules[__name__]
 
 
-def churn(sample, eps, s_noise, sigma, sigma_hat, seed: int | torch.Tensor | None = None):
-    """``fused.churn`` with the Triton kernels (lines 5-6; see there)."""
-    return fused.churn(sample, eps, s_noise, sigma, sigma_hat, seed, launch=_SELF)
-
-
-def euler(raw, sample_hat, sigma_hat, sigma_prev, want_input=True, want_derivative=True, want_pred=False,
-          image: str | None = None):
-    """``fused.euler`` with the Triton kernels (lines 7-8; see there)."""
-    return fused.euler(raw, sample_hat, sigma_hat, sigma_prev, want_input, want_derivative, want_pred, image,
-                       launch=_SELF)
-
-
-def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_sample=True, want_pred=False,
-         next_churn: tuple | None = None):
-    """``fused.heun`` with the Triton kernels (lines 9-11, optionally fused with the next churn; see there)."""
-    return fused.heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_sample, want_pred,
-                      next_churn, launch=_SELF)
-
+# churn (lines 5-6), euler (7-8), heun (9-11, optionally fused with the next churn): see fused.py
+churn, euler, heun = fused.bind_ops(_SELF)
 
 class TritonStep(fused.FusedStep):
     """The Triton step backend (``fused.FusedStep`` with this module's kernels)."""
