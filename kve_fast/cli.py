@@ -96,7 +96,11 @@ def _steps_option(p) -> None:
 def _sampler_options(p, device_help: str) -> None:
     """The options ``sample`` and ``generate`` share, after --steps (and sample's --seed)."""
     p.add_argument("--device", type=_device_name, default="auto", help=device_help)
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="step backend (triton: CUDA only)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="step backend (triton, cuda: CUDA only)")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="capture each step in a CUDA graph and replay it (same bits; on CUDA with the triton or "
+                        "cuda backend): 'auto' where possible, 'on' fails where not, 'off' never "
+                        "(KVE_FAST_CUDA_GRAPH=0 also turns graphs off)")
     p.add_argument("--noise", choices=NOISE_MODES, default="exact",
                    help="exact: the reference's noise stream; fast: generated on the device")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -107,6 +111,15 @@ def _sampler_options(p, device_help: str) -> None:
     p.add_argument("--s-noise", type=_at_least(float, 0), default=None, help="S_noise (default: the model's)")
     p.add_argument("--s-min", type=_at_least(float, 0), default=None, help="S_tmin (default: the model's)")
     p.add_argument("--s-max", type=_at_least(float, 0), default=None, help="S_tmax (default: the model's)")
+
+
+_CUDA_GRAPH = {"auto": "auto", "on": True, "off": False}
+
+
+def _check_cuda_graph(args, device) -> None:
+    """--cuda-graph on needs a CUDA device (the rest of its conditions are the sampler's, checked before sampling)."""
+    if args.cuda_graph == "on" and device.type != "cuda":
+        raise CliError(f"--cuda-graph: 'on' needs a CUDA device, the device is {device}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_options(g, "'auto' (under torchrun: cuda:LOCAL_RANK when CUDA is available), 'cpu', 'cuda' (under "
                         "torchrun: cuda:LOCAL_RANK) or 'cuda:N' (one process only)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still)")
+
+    from . import benchmark  # import-light: torch and diffusers load inside benchmark.run
+
+    b = sub.add_parser(
+        "bench", help="time the reference and kve_fast (eager, CUDA-graphed) on your model",
+        formatter_class=_HelpFormatter,
+        description="Time diffusers' pipeline and kve_fast's runners on a model, next to the floor of 99 model "
+                    "forwards (replayed from a CUDA graph where possible), and check that the outputs are "
+                    "bit-identical. The same table as bench/graph_bench.py, for your own model and GPU.")
+    benchmark.add_arguments(b)
     return parser
 
 
@@ -403,6 +426,7 @@ def sample_command(args) -> int:
         check_backend(args.backend, device)
     except ValueError as exc:
         raise CliError(f"--backend: {exc}") from None
+    _check_cuda_graph(args, device)
 
     # 3. The model and the sampler settings.
     pipe = _load(args, device)
@@ -426,7 +450,7 @@ def sample_command(args) -> int:
     try:
         latents = pipe(args.batch_size, args.steps, torch.Generator().manual_seed(args.seed), output_type="latent",
                        backend=args.backend, noise=args.noise, solver=args.solver,
-                       callback_on_step_end=callback).images
+                       callback_on_step_end=callback, cuda_graph=_CUDA_GRAPH[args.cuda_graph]).images
     except ValueError as exc:
         raise CliError(str(exc)) from None
     seconds = time.perf_counter() - start
@@ -507,6 +531,7 @@ def generate_command(args) -> int:
         backend = check_backend(args.backend, device)
     except ValueError as exc:
         raise CliError(f"--backend: {exc}") from None
+    _check_cuda_graph(args, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     comm = gen.connect(device)
@@ -540,7 +565,8 @@ def generate_command(args) -> int:
         try:
             summary = gen.generate_images(pipe, seeds, outdir, steps=args.steps, batch=args.batch, subdirs=args.subdirs,
                                           backend=backend, noise=args.noise, solver=args.solver, model=model, comm=comm,
-                                          quiet=args.quiet, run_info={"device": device.type}, status=status)
+                                          quiet=args.quiet, run_info={"device": device.type}, status=status,
+                                          cuda_graph=_CUDA_GRAPH[args.cuda_graph])
         except (KeyboardInterrupt, _Terminated):
             if comm.rank == 0:
                 print(f"kve-fast: stopped: {status.get('written', 0)} images written; rerun the same command to "
@@ -574,6 +600,10 @@ def main(argv: list[str] | None = None) -> int:
             return sample_command(args)
         if args.command == "generate":
             return generate_command(args)
+        if args.command == "bench":
+            from .benchmark import run
+
+            return run(args)
     except CliError as exc:
         print(f"kve-fast: error: {exc}", file=sys.stderr)
         return 2

@@ -375,7 +375,7 @@ def _padded(seeds: list[int], batch: int) -> list[int]:
 def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 64, subdirs: bool = False,
                     backend: str = "auto", noise: str = "exact", solver: str = "heun", model: dict | None = None,
                     comm=None, quiet: bool = True, version: str | None = None, run_info: dict | None = None,
-                    status: dict | None = None) -> Summary:
+                    status: dict | None = None, cuda_graph="auto") -> Summary:
     """Write ``outdir/{seed:06d}.png`` for every seed with ``pipe`` (a ``KarrasVePipeline`` on its device).
 
     This process samples its share of the seeds that lack a complete file (``comm``: the job's processes, one
@@ -487,7 +487,8 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
                     try:
                         padded = _padded(mine, batch)
                         images = pipe(len(padded), steps, [torch.Generator().manual_seed(s) for s in padded],
-                                      output_type="pil", backend=backend, noise=noise, solver=solver).images
+                                      output_type="pil", backend=backend, noise=noise, solver=solver,
+                                      cuda_graph=cuda_graph).images
                         folders = set()
                         for seed, image in zip(mine, images):
                             rel = seed_file(seed, subdirs)

@@ -163,10 +163,12 @@ class KarrasVePipeline(DiffusionPipeline):
                 ``callback_on_step_end_tensor_inputs`` (``"sample"``, ``"pred_original_sample"``); a
                 returned ``"sample"`` replaces the sample, and setting ``pipe._interrupt = True`` stops.
             backend: ``"auto"`` (Triton on CUDA when it imports, else torch), ``"torch"`` (the
-                reference's ops) or ``"triton"`` (fused kernels; bit-identical in exact mode).
+                reference's ops), ``"triton"`` (fused kernels) or ``"cuda"`` (the same kernels as a CUDA C++
+                extension); bit-identical in exact mode.
             noise: ``"exact"`` (the reference's noise stream, bit-identical results) or ``"fast"``
-                (generated on the device from a seed drawn from ``generator``; reproducible, but
-                not the reference's stream).
+                (generated on the device, keyed per sample from ``generator``: with a generator list an
+                image's noise depends only on its own generator; reproducible, but not the reference's
+                stream).
             solver: ``"heun"`` (Algorithm 2, 2N - 1 model calls) or ``"euler"`` (N model calls).
             cuda_graph: ``"auto"`` (on CUDA with the Triton backend, each step's model calls and kernels
                 are captured once and replayed: same bits, far fewer launches; falls back to eager with one

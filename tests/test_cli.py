@@ -407,3 +407,20 @@ def test_the_command_line_and_its_checks_need_neither_torch_nor_diffusers(model_
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env=_this_kve_fast())
     assert proc.stdout.splitlines() == ["False False", "0 2 2 2 2 2 2", "False False False"], proc.stdout + proc.stderr
+
+
+def test_cuda_graph_option_and_bench_subcommand(model_dir, tmp_path, capsys):
+    # --cuda-graph off gives the same PNG as the default (graphs never change bits; on the CPU there are none)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    base = ["sample", "--model", model_dir, "--steps", "2", "--batch-size", "2", "--device", "cpu", "--quiet"]
+    assert main(base + ["--out", str(a)]) == 0
+    assert main(base + ["--out", str(b), "--cuda-graph", "off"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert main(base + ["--out", str(tmp_path / "c.png"), "--cuda-graph", "on"]) == 2
+    assert "--cuda-graph" in capsys.readouterr().err
+    # kve-fast bench on the CPU: eager rows timed, graphed rows reported unavailable
+    assert main(["bench", "--model", model_dir, "--steps", "2", "--repeats", "1", "--device", "cpu",
+                 "--no-reference", "--json", str(tmp_path / "bench.json")]) == 0
+    out = capsys.readouterr().out
+    assert "kve_fast eager, exact noise" in out and "unavailable" in out
+    assert (tmp_path / "bench.json").exists()
