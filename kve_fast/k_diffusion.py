@@ -131,14 +131,14 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
         engine = StepEngine(stepper, source, plan, solver, hand_out=callback is not None, image=None,
                             call_model=call_model, noise_level=_noise_level)
         engine.start(x)
-        on_denoised = None
-        if callback is not None:
-            def on_denoised(step, x_hat, denoised):
-                callback({"x": x_hat, "i": step.index, "sigma": step.sigma, "sigma_hat": step.sigma_hat_on_device(),
-                          "denoised": denoised})
+        def on_denoised(step, x_hat, denoised):
+            # k-diffusion's callback: after the first model call, before the Euler step
+            callback({"x": x_hat, "i": step.index, "sigma": step.sigma, "sigma_hat": step.sigma_hat_on_device(),
+                      "denoised": denoised})
+
         iterator = _progress(not disable, plan)
         for step in iterator:
-            engine.step(step, on_denoised)  # Algorithm 2, lines 4-11 (kve_fast/engine.py)
+            engine.step(step, on_denoised if callback is not None else None)  # Algorithm 2, lines 4-11
         result = engine.output()
         _warn_if_not_finite(result)
     except BaseException:
