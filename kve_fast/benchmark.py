@@ -953,18 +953,13 @@ def _check_out_file(path: str | None, option: str) -> None:
 
 
 def _resolve_device(name: str):
-    import torch
+    """--device as ``kve-fast sample`` resolves it (its errors as this command's)."""
+    from .cli import CliError, _device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BenchError("--device: CUDA was asked for but no CUDA GPU is available")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise BenchError(f"--device: {name} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-        return torch.device("cuda", index)
-    return torch.device(name)
+    try:
+        return _device(name)
+    except CliError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def run(args) -> int:

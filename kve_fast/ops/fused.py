@@ -113,6 +113,25 @@ def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_s
 
 
 
+
+def euler_outputs(hat, want_input: bool, want_derivative: bool, want_pred: bool, image, out=None):
+    """The Euler launchers' outputs ``(prev, d, xin, pred, img)``: the ``out`` buffers ``(prev, d, xin)`` or
+    new tensors, None for what is not wanted; ``img`` BCHW float or BHWC uint8 for ``image``."""
+    if out is not None:
+        prev, d, xin = out
+        d, xin = (d if want_derivative else None), (xin if want_input else None)
+    else:
+        prev = torch.empty_like(hat)
+        d = torch.empty_like(hat) if want_derivative else None
+        xin = torch.empty_like(hat) if want_input else None
+    pred = torch.empty_like(hat) if want_pred else None
+    img = None
+    if image is not None:
+        b, channels, h, w = hat.shape
+        img = (torch.empty_like(hat) if image == "float"
+               else torch.empty((b, h, w, channels), dtype=torch.uint8, device=hat.device))
+    return prev, d, xin, pred, img
+
 def bind_ops(launch):
     """``(churn, euler, heun)``: the public ops above, launching with ``launch``'s kernels."""
     bound = []

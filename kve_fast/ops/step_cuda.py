@@ -219,19 +219,7 @@ def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, wa
                   denoiser: bool = False):
     """``scalars``: ``(sigma_hat / 2, sigma_hat, 1 / sigma_hat, dt)`` or a device tensor of them; ``out``:
     ``(prev, d, xin)`` buffers. Returns ``(prev, d, xin, pred, image)``."""
-    if out is not None:
-        prev, d, xin = out
-        d, xin = (d if want_derivative else None), (xin if want_input else None)
-    else:
-        prev = torch.empty_like(hat)
-        d = torch.empty_like(hat) if want_derivative else None
-        xin = torch.empty_like(hat) if want_input else None
-    pred = torch.empty_like(hat) if want_pred else None
-    img = None
-    if image is not None:
-        b, channels, h, w = hat.shape
-        img = (torch.empty_like(hat) if image == "float"
-               else torch.empty((b, h, w, channels), dtype=torch.uint8, device=hat.device))
+    prev, d, xin, pred, img = fused.euler_outputs(hat, want_input, want_derivative, want_pred, image, out)
     values, mem = _scalar_args(scalars, 4)
     _ops().euler(raw, hat, *values, mem, denoiser, denoiser or _true_div(hat), prev, d, xin, pred, img)
     return prev, d, xin, pred, img

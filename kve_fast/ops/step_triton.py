@@ -294,20 +294,8 @@ def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, wa
     """``out``: optional ``(prev, d, xin)`` buffers to write instead of new tensors. ``denoiser``: ``raw``
     is D itself and the division is true division (k-diffusion divides by device tensors)."""
     n = hat.numel()
-    if out is not None:
-        prev, d, xin = out
-        d, xin = (d if want_derivative else None), (xin if want_input else None)
-    else:
-        prev = torch.empty_like(hat)
-        d = torch.empty_like(hat) if want_derivative else None
-        xin = torch.empty_like(hat) if want_input else None
-    pred = torch.empty_like(hat) if want_pred else None
-    img, hw, channels = None, 1, 1
-    if image is not None:
-        b, channels, h, w = hat.shape
-        hw = h * w
-        img = (torch.empty_like(hat) if image == "float"
-               else torch.empty((b, h, w, channels), dtype=torch.uint8, device=hat.device))
+    prev, d, xin, pred, img = fused.euler_outputs(hat, want_input, want_derivative, want_pred, image, out)
+    channels, hw = (hat.shape[1], hat.shape[2] * hat.shape[3]) if image is not None else (1, 1)
     scalars, sc, mem = _scalar_args(scalars, 4)
     _euler_kernel[_grid(n)](
         raw, hat, prev, prev if d is None else d, prev if xin is None else xin, prev if pred is None else pred,
