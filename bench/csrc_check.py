@@ -80,18 +80,7 @@ def section(fn):
     return run
 
 
-def mismatches(a, b) -> int:
-    a = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
-    b = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.array(b))
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return -1
-    a, b = a.cpu(), b.cpu()
-    if torch.equal(a, b):
-        return 0
-    diff = a != b
-    if a.is_floating_point():
-        diff &= ~(torch.isnan(a) & torch.isnan(b))
-    return int(diff.sum())
+from kve_fast.testing import mismatches  # noqa: E402  (elements that differ; -1: shape or dtype)
 
 
 def record(name: str, n: int, bad: int):

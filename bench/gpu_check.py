@@ -43,15 +43,7 @@ def log(*args):
     print(*args, flush=True)
 
 
-def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return -1
-    if torch.equal(a, b):
-        return 0
-    diff = a != b
-    if a.is_floating_point():
-        diff &= ~(torch.isnan(a) & torch.isnan(b))
-    return int(diff.sum())
+from kve_fast.testing import mismatches  # noqa: E402  (elements that differ; -1: shape or dtype)
 
 
 def record_exact(name: str, n: int, bad: int):

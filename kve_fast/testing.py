@@ -6,6 +6,8 @@
   imports ``torchvision.transforms.functional`` at the top and never uses it for sampling, so
   torchvision is stubbed for the import (an installed torchvision may not match this torch);
   ``sys.modules`` is put back as it was. Nothing of k-diffusion is copied here.
+- ``mismatches(a, b)``: how many elements differ (NaN where the other has NaN counts as equal; -1 for
+  another shape or dtype), for the bit-exactness tables of bench/ scripts.
 - ``NearFreeScore``: a score model that costs one elementwise kernel, so the sampler's own cost is
   what a benchmark times.
 """
@@ -44,6 +46,23 @@ def import_k_diffusion_sampling(root: str):
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+def mismatches(a, b) -> int:
+    """Elements of ``a`` and ``b`` (tensors or arrays) that differ; -1 when shapes or dtypes differ."""
+    import numpy as np
+
+    a = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
+    b = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.array(b))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return -1
+    a, b = a.cpu(), b.cpu()
+    if torch.equal(a, b):
+        return 0
+    diff = a != b
+    if a.is_floating_point():
+        diff &= ~(torch.isnan(a) & torch.isnan(b))
+    return int(diff.sum())
 
 
 class NearFreeScore(torch.nn.Module):
