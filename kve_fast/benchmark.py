@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -892,32 +891,16 @@ def exactness_failures(configs: list[dict]) -> list[str]:
 
 # ---- the command ----------------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+# The argument types of ``kve-fast sample`` (kve_fast/cli.py, import-light as this module is).
+def _types():
+    from .cli import _at_least, _device_name
 
-
-def _steps(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be >= 2 (Heun needs two noise levels), got {text}")
-    return value
-
-
-def _device_name(text: str) -> str:
-    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (N a GPU index), got {text!r}")
-    return text
+    return _at_least(int, 1), _at_least(int, 2), _device_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kve-fast bench`` (no torch needed to parse them)."""
+    _positive_int, _steps, _device_name = _types()
     parser.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
     parser.add_argument("--batch-size", type=_positive_int, nargs="+", default=[1], metavar="N",
                         help="batch size(s): one table section each")
