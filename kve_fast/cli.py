@@ -97,10 +97,10 @@ def _sampler_options(p, device_help: str) -> None:
     """The options ``sample`` and ``generate`` share, after --steps (and sample's --seed)."""
     p.add_argument("--device", type=_device_name, default="auto", help=device_help)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="step backend (triton, cuda: CUDA only)")
-    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=None,
                    help="capture each step in a CUDA graph and replay it (same bits; on CUDA with the triton or "
-                        "cuda backend): 'auto' where possible, 'on' fails where not, 'off' never "
-                        "(KVE_FAST_CUDA_GRAPH=0 also turns graphs off)")
+                        "cuda backend): 'auto' where possible, 'on' fails where not, 'off' never (default: the "
+                        "library's, off until confirmed on GPUs; KVE_FAST_CUDA_GRAPH=0 turns graphs off)")
     p.add_argument("--noise", choices=NOISE_MODES, default="exact",
                    help="exact: the reference's noise stream; fast: generated on the device")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -113,7 +113,7 @@ def _sampler_options(p, device_help: str) -> None:
     p.add_argument("--s-max", type=_at_least(float, 0), default=None, help="S_tmax (default: the model's)")
 
 
-_CUDA_GRAPH = {"auto": "auto", "on": True, "off": False}
+_CUDA_GRAPH = {"auto": "auto", "on": True, "off": False, None: None}
 
 
 def _check_cuda_graph(args, device) -> None:

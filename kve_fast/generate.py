@@ -375,7 +375,7 @@ def _padded(seeds: list[int], batch: int) -> list[int]:
 def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 64, subdirs: bool = False,
                     backend: str = "auto", noise: str = "exact", solver: str = "heun", model: dict | None = None,
                     comm=None, quiet: bool = True, version: str | None = None, run_info: dict | None = None,
-                    status: dict | None = None, cuda_graph="auto") -> Summary:
+                    status: dict | None = None, cuda_graph=None) -> Summary:
     """Write ``outdir/{seed:06d}.png`` for every seed with ``pipe`` (a ``KarrasVePipeline`` on its device).
 
     This process samples its share of the seeds that lack a complete file (``comm``: the job's processes, one

@@ -22,9 +22,11 @@ later call with those keys:
 - diffusers' NCSN++ Skip blocks build their FIR filters on the host inside forward, which forbids
   capture: ``kve_fast.ncsnpp.make_capturable`` fixes that per model instance, bit for bit.
 
-``cuda_graph="auto"`` (default) captures where it can and otherwise runs eagerly with the same bits,
-after one warning naming the reason; ``True`` raises that reason instead; ``False`` (or the
-environment variable ``KVE_FAST_CUDA_GRAPH=0``) never captures.
+``cuda_graph="auto"`` captures where it can and otherwise runs eagerly with the same bits, after one
+warning naming the reason; ``True`` raises that reason instead; ``False`` (or the environment
+variable ``KVE_FAST_CUDA_GRAPH=0``) never captures. The default (``cuda_graph=None``) is
+``DEFAULT_MODE``: False until a GPU run of bench/run_gpu.sh has confirmed the graphed output bit for
+bit on CUDA (the runner's logic is tested on the CPU only so far); then it becomes "auto".
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .engine import StepEngine
 
 ENV_VAR = "KVE_FAST_CUDA_GRAPH"
 MODES = ("auto", True, False)
+DEFAULT_MODE = False  # what cuda_graph=None means (see the module docstring)
 MAX_CAPTURES = 4
 # Scalar slots: [churn c, S_noise | sigma_hat/2, sigma_hat, 1/sigma_hat, dt | sigma_{i+1}/2, sigma_{i+1},
 #                1/sigma_{i+1}, dt | next churn c, S_noise]
@@ -62,9 +65,11 @@ def _warn_once(key, message: str) -> None:
 
 
 def check_cuda_graph(value):
-    """``cuda_graph`` must be ``"auto"``, True or False."""
+    """``cuda_graph`` must be ``"auto"``, True, False or None (``DEFAULT_MODE``); returns the mode."""
+    if value is None:
+        return DEFAULT_MODE
     if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
-        raise ValueError(f"`cuda_graph` must be 'auto', True or False, got {value!r}")
+        raise ValueError(f"`cuda_graph` must be 'auto', True, False or None (the default), got {value!r}")
     return value
 
 
@@ -76,7 +81,7 @@ def _env_off() -> bool:
 def decide(cuda_graph, device: torch.device, backend, noise: str) -> bool:
     """Whether this run is graphed. ``True`` with a reason it cannot be raises a ValueError naming it;
     ``"auto"`` warns once (on CUDA) and runs eagerly, with the same bits."""
-    check_cuda_graph(cuda_graph)
+    cuda_graph = check_cuda_graph(cuda_graph)
     if cuda_graph is False or _env_off():
         return False
     on_device = device.type == "cuda" or _FAKE_GRAPHS

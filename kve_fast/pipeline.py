@@ -149,7 +149,7 @@ class KarrasVePipeline(DiffusionPipeline):
         backend: str = "auto",
         noise: str = "exact",
         solver: str = "heun",
-        cuda_graph: bool | str = "auto",
+        cuda_graph: bool | str | None = None,
         **kwargs,
     ):
         """Generate ``batch_size`` images with ``num_inference_steps`` Heun steps (2N - 1 model calls).
@@ -170,9 +170,10 @@ class KarrasVePipeline(DiffusionPipeline):
                 image's noise depends only on its own generator; reproducible, but not the reference's
                 stream).
             solver: ``"heun"`` (Algorithm 2, 2N - 1 model calls) or ``"euler"`` (N model calls).
-            cuda_graph: ``"auto"`` (on CUDA with the Triton backend, each step's model calls and kernels
-                are captured once and replayed: same bits, far fewer launches; falls back to eager with one
-                warning where the model cannot be captured), True (raise instead) or False.
+            cuda_graph: ``"auto"`` (on CUDA with the Triton or CUDA backend, each step's model calls and
+                kernels are captured once and replayed: same bits, far fewer launches; falls back to eager
+                with one warning where the model cannot be captured), True (raise instead), False, or None
+                (the default: ``kve_fast.graphs.DEFAULT_MODE``, off until confirmed on GPUs).
 
         Returns:
             ``ImagePipelineOutput`` with ``.images``, or ``(images,)`` when ``return_dict`` is False.

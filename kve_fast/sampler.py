@@ -111,7 +111,7 @@ def sample_karras_ve(
     progress: Callable | bool = False,
     output: str = "latent",
     solver: str = "heun",
-    cuda_graph: bool | str = "auto",
+    cuda_graph: bool | str | None = None,
 ) -> torch.Tensor:
     """Run Algorithm 2 with ``model`` and ``scheduler``; return the final sample or image.
 
@@ -154,7 +154,7 @@ def sample_karras_ve_sigmas(
     backend: str = "auto",
     noise: str = "exact",
     solver: str = "heun",
-    cuda_graph: bool | str = "auto",
+    cuda_graph: bool | str | None = None,
 ) -> torch.Tensor:
     """Algorithm 2 over your own noise levels, in the reference pipeline's score convention.
 

@@ -160,6 +160,7 @@ def test_decisions_and_argument_checks(monkeypatch):
     with pytest.raises(ValueError, match="cuda_graph"):
         graphs.decide(True, cpu, backend, "exact")  # not CUDA
     assert graphs.decide("auto", cpu, backend, "exact") is False
+    assert graphs.check_cuda_graph(None) is graphs.DEFAULT_MODE is False  # off until confirmed on GPUs
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert graphs.decide("auto", cpu, backend, "exact") is False  # on the CPU: no warning, nothing to gain
