@@ -117,7 +117,7 @@ def sample_karras_ve(
 
     ``model(x, sigma / 2)`` is called with ``x`` in [0, 1] image space and returns the score there
     (a tensor, a tuple, or an object with ``.sample``). ``generator`` is None, a ``torch.Generator`` or
-    a list with one per sample. ``backend``: ``"auto"``, ``"torch"`` or ``"triton"``; ``noise``:
+    a list with one per sample. ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``; ``noise``:
     ``"exact"`` (the reference's stream) or ``"fast"`` (generated on the device). ``callback(state)``
     runs after each step with ``state`` holding ``i``, ``timestep``, ``sigma``, ``sigma_hat``,
     ``sigma_prev``, ``sample`` (also as ``x``) and ``pred_original_sample`` (also as ``denoised``), all
@@ -126,7 +126,9 @@ def sample_karras_ve(
     iterable (a pipeline's ``progress_bar``). ``output``: ``"latent"`` (the sample, float32, [-1, 1]
     space), ``"float"`` (``(x / 2 + 0.5).clamp(0, 1)``, BCHW) or ``"uint8"`` (that image as PIL rounds
     it, BHWC). ``solver``: ``"heun"`` (Algorithm 2) or ``"euler"`` (no second-order correction: one
-    model call per step). ``scheduler`` is not modified. Runs under ``torch.no_grad()``.
+    model call per step). ``cuda_graph``: ``"auto"`` (capture each step in a CUDA graph where possible,
+    see ``kve_fast.graphs``), True (raise where not possible), False, or None (the default,
+    ``kve_fast.graphs.DEFAULT_MODE``). ``scheduler`` is not modified. Runs under ``torch.no_grad()``.
     """
     shape, generator = _check_common(model, shape, generator, callback, noise, output, solver)
     device = _check_device(device)
