@@ -49,6 +49,7 @@ MAX_CAPTURES = 4
 #                1/sigma_{i+1}, dt | next churn c, S_noise]
 _CHURN, _EULER, _HEUN, _NEXT = slice(0, 2), slice(2, 6), slice(6, 10), slice(10, 12)
 _SLOTS = 12
+_RING = 4
 
 _CACHE: OrderedDict = OrderedDict()
 _LOCK = threading.Lock()
@@ -174,7 +175,10 @@ class _Capture:
         self.call_model = call_model
         pin = device.type == "cuda"
         self.scalars = torch.zeros(_SLOTS, dtype=torch.float32, device=device)
-        self.host = torch.zeros(_SLOTS, dtype=torch.float32, pin_memory=pin)
+        # pinned staging rows, used in turn: writing a step's scalars waits only for the copy _RING steps back
+        self.host = torch.zeros(_RING, _SLOTS, dtype=torch.float32, pin_memory=pin)
+        self._events: list = [None] * _RING
+        self._row = 0
         self.fast = noise == "fast"
         self.eps = None if self.fast else torch.zeros(shape, dtype=torch.float32, device=device)
         # fast noise: one Philox key per sample (kve_fast.noise.StepKeys), read by the kernels
@@ -192,7 +196,10 @@ class _Capture:
 
     def load(self, step, nxt, s_noise: float) -> None:
         """Write ``step``'s scalars (and the next step's churn) into the buffer the graphs read."""
-        h = self.host
+        row = self._row
+        if self._events[row] is not None:
+            self._events[row].synchronize()  # that row's copy, _RING steps back, has long been read
+        h = self.host[row]
         h[0], h[1] = step.churn, s_noise
         h[2:6] = torch.tensor(step.euler, dtype=torch.float32)
         if step.heun is not None:
@@ -200,9 +207,10 @@ class _Capture:
         h[10], h[11] = (nxt.churn if nxt is not None else 0.0), s_noise
         self.scalars.copy_(h, non_blocking=True)
         if self.device.type == "cuda":
-            # the pinned row is rewritten for the next step: wait until this copy has read it
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(self.device))
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._events[row] = event
+        self._row = (row + 1) % _RING
 
     def set_noise(self, noise) -> None:
         """The next churn's noise into the static buffer the graph reads: a draw (exact) or the keys (fast)."""
@@ -214,11 +222,6 @@ class _Capture:
     def noise_args(self):
         """``(eps, seed)`` as the launchers take them, pointing at the static buffers."""
         return (None, self.keys) if self.fast else (self.eps, None)
-
-    def wait_host(self) -> None:
-        event = getattr(self, "_event", None)
-        if event is not None:
-            event.synchronize()
 
     def half_sigma(self, which: str) -> torch.Tensor:
         """The model's noise-level input: a 0-d view of the scalar buffer (sigma_hat / 2 or sigma_{i+1} / 2)."""
@@ -382,7 +385,6 @@ class GraphedEngine(StepEngine):
         cap, i = self.cap, step.index
         correct = self.corrects(step)
         nxt = self.plan[i + 1] if i + 1 < len(self.plan) else None
-        cap.wait_host()
         if self.hand_out:
             cap.sample_in.copy_(self.sample)
             cap.set_noise(self.source.step())
