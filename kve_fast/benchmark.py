@@ -972,20 +972,12 @@ def _run(args) -> int:
     def log(*parts):
         print(*parts, file=sys.stderr, flush=True)
 
-    from diffusers.utils import logging as diffusers_logging
+    from .cli import CliError, _load
 
-    from .loading import load_pipeline
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
     try:
-        pipe = load_pipeline(args.model, device)
-    except ValueError as exc:
-        raise BenchError(f"--model: {exc}".replace("`name_or_path`: ", "")) from None
-    except OSError as exc:
-        raise BenchError(f"--model: could not load {args.model!r}: {str(exc).strip()}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+        pipe = _load(args, device)  # as kve-fast sample loads it (diffusers' own warnings muted)
+    except CliError as exc:
+        raise BenchError(str(exc)) from None
     pipe.set_progress_bar_config(disable=True)
 
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
