@@ -72,7 +72,8 @@ class StepEngine:
         return self.heun_solver and not step.last
 
     def churn(self, step) -> torch.Tensor:
-        """Lines 4-6: x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps; returns the model input (x_hat + 1) / 2."""
+        """Lines 4-6: x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps; returns the model's input at sigma_hat
+        ((x_hat + 1) / 2 for a score model, x_hat itself for a denoiser)."""
         if self._fused is None:
             self._fused = self.backend.churn(self.sample, self.source.step(), step, keep=self.hand_out)
         (x_hat, x_in), self._fused = self._fused, None

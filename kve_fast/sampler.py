@@ -211,7 +211,7 @@ def _callback_update(out, sample: torch.Tensor):
                 f"`callback` must return a `sample` of the same shape, dtype and device as the one it got "
                 f"({tuple(sample.shape)}, {sample.dtype}, {sample.device}), got "
                 f"({tuple(new.shape)}, {new.dtype}, {new.device})")
-        new = new.detach().contiguous()
+        new = new.detach()  # made contiguous by StepEngine.replace
     else:
         new = None
     return new, bool(out.get("stop", False))
