@@ -112,16 +112,14 @@ class Step:
                 f"sigma_prev={self._sigma_prev!r}, gamma={self.gamma!r})")
 
 
-class Plan(Sequence):
-    """The steps of one run, computed on first access (see the module docstring).
+class _LazySteps(Sequence):
+    """Steps made on access by ``_make(i)``; the last one made is kept, since the loop asks for step i+1
+    twice (the fused churn of step i, then step i+1 itself). ``memo``: keep every step (cached plans)."""
 
-    ``sigma_at(k)`` is the k-th noise level of the descending sequence (a 0-d float32 tensor), for
-    k < ``len(plan)``; after the last one comes 0. ``memo``: keep computed steps (for cached plans).
-    """
-
-    def __init__(self, n: int, sigma_at, s_churn, s_min, s_max, memo: bool):
-        self._n, self._sigma_at, self._churn = n, sigma_at, (s_churn, s_min, s_max)
+    def __init__(self, n: int, memo: bool = False):
+        self._n = n
         self._memo = [None] * n if memo else None
+        self._last = (None, None)
 
     def __len__(self) -> int:
         return self._n
@@ -135,14 +133,36 @@ class Plan(Sequence):
             raise IndexError(i)
         if self._memo is not None and self._memo[i] is not None:
             return self._memo[i]
-        sigma_prev = self._sigma_at(i + 1) if i + 1 < self._n else 0
-        step = Step(i, self._n - 1 - i, self._sigma_at(i), sigma_prev, *self._churn, self._n)
+        last_i, last = self._last
+        if last_i == i:
+            return last
+        step = self._make(i)
         if self._memo is not None:
             self._memo[i] = step  # an atomic store: racing threads compute the same values
+        self._last = (i, step)
         return step
 
     def __iter__(self):
         return (self[i] for i in range(self._n))
+
+    def _make(self, i: int):
+        raise NotImplementedError
+
+
+class Plan(_LazySteps):
+    """The steps of one run, computed on first access (see the module docstring).
+
+    ``sigma_at(k)`` is the k-th noise level of the descending sequence (a 0-d float32 tensor), for
+    k < ``len(plan)``; after the last one comes 0. ``memo``: keep computed steps (for cached plans).
+    """
+
+    def __init__(self, n: int, sigma_at, s_churn, s_min, s_max, memo: bool):
+        super().__init__(n, memo)
+        self._sigma_at, self._churn = sigma_at, (s_churn, s_min, s_max)
+
+    def _make(self, i: int) -> Step:
+        sigma_prev = self._sigma_at(i + 1) if i + 1 < self._n else 0
+        return Step(i, self._n - 1 - i, self._sigma_at(i), sigma_prev, *self._churn, self._n)
 
 
 # -- the plan cache ------------------------------------------------------------------------------------
@@ -345,24 +365,15 @@ class KStep:
         return self._sigmas[self.index] * (self.gamma + 1)
 
 
-class KPlan(Sequence):
-    """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access, nothing kept)."""
+class KPlan(_LazySteps):
+    """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access)."""
 
     def __init__(self, sigmas: torch.Tensor, sigmas_cpu: torch.Tensor, s_churn, s_tmin, s_tmax):
+        super().__init__(sigmas_cpu.numel() - 1)
         self.sigmas, self._cpu, self._churn = sigmas, sigmas_cpu, (s_churn, s_tmin, s_tmax)
 
-    def __len__(self) -> int:
-        return self._cpu.numel() - 1
-
-    def __getitem__(self, i):
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _make(self, i: int) -> KStep:
         return KStep(i, self._cpu, self.sigmas, *self._churn)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
 
 
 def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPlan:

@@ -273,7 +273,7 @@ def test_a_huge_step_count_starts_at_once(monkeypatch):
     finally:
         tracemalloc.stop()
     assert seen == [0, 1] and out.shape == (1, 3, 8, 8)
-    assert len(calls) <= 6, f"{len(calls)} schedule values computed for 2 steps"
+    assert len(calls) <= 4, f"{len(calls)} schedule values computed for 2 steps (2 each)"
     assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB for a run stopped after 2 of 10**9 steps"
 
 
