@@ -273,8 +273,27 @@ def test_a_huge_step_count_starts_at_once(monkeypatch):
     finally:
         tracemalloc.stop()
     assert seen == [0, 1] and out.shape == (1, 3, 8, 8)
-    assert len(calls) <= 4, f"{len(calls)} schedule values computed for 2 steps (2 each)"
+    # 2 for the scheduler's range check at construction, then sigma_i and sigma_{i+1} for each of the 2 steps
+    assert len(calls) <= 6, f"{len(calls)} schedule values computed for 2 steps"
     assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB for a run stopped after 2 of 10**9 steps"
+
+
+def test_each_step_is_planned_once_on_the_fused_path(monkeypatch):
+    made = []
+
+    class CountingStep(plan_module.Step):
+        __slots__ = ()
+
+        def __init__(self, *args):
+            made.append(args[0])
+            super().__init__(*args)
+
+    monkeypatch.setattr(plan_module, "Step", CountingStep)
+    for backend in BACKENDS:
+        made.clear()
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8) + 20.0, SIGMAS, s_churn=2.0,
+                                         backend=backend)
+        assert made == [0, 1, 2, 3], f"{backend}: steps made {made}"
 
 
 def test_step_memo_fits_its_byte_estimate():
