@@ -107,7 +107,8 @@ def check_kernels(sizes):
     d = torch.empty_like(hat)
     scal = step_triton.euler_scalars(st.sigma_hat, st.sigma_prev)
     step_triton._euler_kernel[step_triton._grid(n)](
-        raw, hat, prev, d, prev, prev, prev, n, 1, *scal, TRUE_DIV=False, STORE_D=True, STORE_XIN=False,
+        raw, hat, prev, d, prev, prev, prev, n, 1, *scal, prev, SCAL_MEM=False, DENOISER=False, TRUE_DIV=False,
+        STORE_D=True, STORE_XIN=False,
         STORE_PRED=False, STORE_IMG=False, C=1, TO_UINT8=False, BLOCK=step_triton._BLOCK, num_warps=4,
         enable_fp_fusion=True)
     rp, rd, _ = step_torch.euler(step_torch.scale_model_output(raw, st.sigma_hat), st.sigma_hat, st.sigma_prev, hat)

@@ -125,6 +125,8 @@ def parse_args(argv=None):
     ap.add_argument("--output-type", choices=("latent", "np"), default="latent", help="what kve_fast's rows return")
     ap.add_argument("--no-reference", dest="reference", action="store_false", help="skip diffusers' pipeline")
     ap.add_argument("--no-fast", dest="fast", action="store_false", help="skip the fast-noise rows")
+    ap.add_argument("--no-eager", dest="eager", action="store_false",
+                    help="skip kve_fast's eager rows (the targets are the graphed rows; saves time on big models)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "out"), help="output folder")
     args = ap.parse_args(argv)
     if args.steps < 2:
@@ -192,6 +194,7 @@ def main(argv=None) -> int:
             rec = kb.bench_pipeline(
                 pipe, name=name, batch_size=batch, steps=args.steps, device=device, seed=args.seed,
                 noises=("exact", "fast") if args.fast else ("exact",), reference=args.reference,
+                kinds=kb.KINDS if args.eager else ("graphed",),
                 output_type=args.output_type, policy=policy, deadline=deadline, log=log, model_label=model_name)
         except Exception as exc:
             traceback.print_exc()

@@ -100,7 +100,7 @@ def _sampler_options(p, device_help: str) -> None:
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=None,
                    help="capture each step in a CUDA graph and replay it (same bits; on CUDA with the triton or "
                         "cuda backend): 'auto' where possible, 'on' fails where not, 'off' never (default: the "
-                        "library's, off until confirmed on GPUs; KVE_FAST_CUDA_GRAPH=0 turns graphs off)")
+                        "library's, auto; KVE_FAST_CUDA_GRAPH=0 turns graphs off)")
     p.add_argument("--noise", choices=NOISE_MODES, default="exact",
                    help="exact: the reference's noise stream; fast: generated on the device")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,

@@ -173,7 +173,7 @@ class KarrasVePipeline(DiffusionPipeline):
             cuda_graph: ``"auto"`` (on CUDA with the Triton or CUDA backend, each step's model calls and
                 kernels are captured once and replayed: same bits, far fewer launches; falls back to eager
                 with one warning where the model cannot be captured), True (raise instead), False, or None
-                (the default: ``kve_fast.graphs.DEFAULT_MODE``, off until confirmed on GPUs).
+                (the default: ``kve_fast.graphs.DEFAULT_MODE``, which is "auto").
 
         Returns:
             ``ImagePipelineOutput`` with ``.images``, or ``(images,)`` when ``return_dict`` is False.

@@ -128,7 +128,8 @@ def sample_karras_ve(
     it, BHWC). ``solver``: ``"heun"`` (Algorithm 2) or ``"euler"`` (no second-order correction: one
     model call per step). ``cuda_graph``: ``"auto"`` (capture each step in a CUDA graph where possible,
     see ``kve_fast.graphs``), True (raise where not possible), False, or None (the default,
-    ``kve_fast.graphs.DEFAULT_MODE``). ``scheduler`` is not modified. Runs under ``torch.no_grad()``.
+    ``kve_fast.graphs.DEFAULT_MODE``, which is "auto"). ``scheduler`` is not modified. Runs under
+    ``torch.no_grad()``.
     """
     shape, generator = _check_common(model, shape, generator, callback, noise, output, solver)
     device = _check_device(device)

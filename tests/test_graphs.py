@@ -160,13 +160,14 @@ def test_decisions_and_argument_checks(monkeypatch):
     with pytest.raises(ValueError, match="cuda_graph"):
         graphs.decide(True, cpu, backend, "exact")  # not CUDA
     assert graphs.decide("auto", cpu, backend, "exact") is False
-    assert graphs.check_cuda_graph(None) is graphs.DEFAULT_MODE is False  # off until confirmed on GPUs
+    assert graphs.check_cuda_graph(None) == graphs.DEFAULT_MODE == "auto"  # on by default (confirmed on an H100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert graphs.decide("auto", cpu, backend, "exact") is False  # on the CPU: no warning, nothing to gain
     monkeypatch.setattr(graphs, "_FAKE_GRAPHS", True)
     with pytest.raises(ValueError, match="triton"):
         graphs.decide(True, cpu, backend, "exact")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # a Triton backend on the CPU, also where CUDA is available
     triton_backend = kve_fast.backends.make_backend("triton", cpu, 1.0)
     assert graphs.decide(True, cpu, triton_backend, "exact") is True
     monkeypatch.setenv(graphs.ENV_VAR, "0")

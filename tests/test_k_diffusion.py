@@ -152,6 +152,34 @@ def test_schedule_helpers_match_k_diffusion():
         assert_bitwise(kd.get_sigmas_exponential(n, lo, hi), real.get_sigmas_exponential(n, lo, hi), "exponential")
 
 
+@pytest.mark.parametrize("churn", [(1.0, 0.0, float("inf")), (40.0, 0.05, 10.0), (13.7, 0.3, 20.0)])
+def test_step_scalars_match_k_diffusion_expressions(churn):
+    """Each step's host scalars against k-diffusion's own 0-d expressions on the sigmas' device (on a GPU
+    machine, CUDA: there the churn coefficient comes from ``device_churn``, whose powers are CUDA's)."""
+    from kve_fast.plan import device_churn, kdiffusion_plan
+
+    s_churn, s_tmin, s_tmax = churn
+    sigmas = real_sampling().get_sigmas_karras(60, 0.002, 80.0, device=DEVICE)
+    plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
+    assert (plan._device_churn is not None) == (DEVICE != "cpu")
+    vector = device_churn(sigmas, s_churn)
+    churned = 0
+    for i in range(len(sigmas) - 1):
+        # k-diffusion's sample_heun lines
+        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        sigma_hat = sigmas[i] * (gamma + 1)
+        step = plan[i]
+        assert step.gamma == gamma and step.sigma_hat_f == float(sigma_hat), i
+        assert step.dt == float(sigmas[i + 1] - sigma_hat), i
+        if gamma > 0:
+            churned += 1
+            coefficient = float((sigma_hat**2 - sigmas[i] ** 2) ** 0.5)
+            assert step.churn == coefficient == float(vector[i]), i
+        else:
+            assert step.churn is None, i
+    assert 0 < churned < len(sigmas) - 1 or s_tmax == float("inf")
+
+
 def test_score_and_denoiser_adapters_are_inverse():
     score = GaussianScore(8)
     denoiser = kd.score_to_denoiser(score)
