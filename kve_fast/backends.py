@@ -68,21 +68,22 @@ def check_backend(name: str, device: torch.device) -> str:
 
 
 def make_backend(name: str, device: torch.device, s_noise: float, want_pred: bool = False, shape=None,
-                 denoiser: bool = False, layout: torch.Tensor | None = None):
+                 denoiser: bool = False, layout: torch.Tensor | None = None, model_dtype: torch.dtype = torch.float32):
     """The step backend object for a resolved or unresolved ``name`` (``shape``: checked against its limits).
 
     ``denoiser``: k-diffusion's convention (``kve_fast.k_diffusion``) instead of the reference pipeline's;
-    ``layout``: a tensor whose dense layout the fused backends keep their state in (default contiguous).
+    ``layout``: a tensor whose dense layout the fused backends keep their state in (default contiguous);
+    ``model_dtype``: the UNet's dtype, which the Triton kernels write its input in (``kve_fast.precision``).
     """
     name = check_backend(name, device)
     if name == "cuda":
         from .ops.step_cuda import CudaStep
 
-        return CudaStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout)
+        return CudaStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout, model_dtype=model_dtype)
     if name == "triton":
         from .ops.step_triton import TritonStep
 
-        return TritonStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout)
+        return TritonStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout, model_dtype=model_dtype)
     from .ops.step_torch import KTorchStep, TorchStep
 
     return (KTorchStep if denoiser else TorchStep)(s_noise, want_pred, shape)

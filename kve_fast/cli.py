@@ -103,6 +103,11 @@ def _sampler_options(p, device_help: str) -> None:
                         "library's, auto; KVE_FAST_CUDA_GRAPH=0 turns graphs off)")
     p.add_argument("--noise", choices=NOISE_MODES, default="exact",
                    help="exact: the reference's noise stream; fast: generated on the device")
+    p.add_argument("--unet-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the dtype the model runs in (the sampler's state stays float32); bf16/fp16 are fast "
+                        "modes, not bit-exact with the reference")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions for an fp32 model on CUDA "
+                                                       "(a fast mode, not bit-exact)")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="noise levels: the reference's ('diffusers'), Table 1 VE ('ve') or Eq. 5 ('edm'); "
                         "default: the model's scheduler config ('diffusers' when it has none)")
@@ -114,6 +119,15 @@ def _sampler_options(p, device_help: str) -> None:
 
 
 _CUDA_GRAPH = {"auto": "auto", "on": True, "off": False, None: None}
+
+
+def _apply_precision(pipe, args) -> None:
+    """--unet-dtype: the command owns the model it loaded, so it converts it (faster than autocast)."""
+    from .precision import parse_dtype
+
+    dtype = parse_dtype(args.unet_dtype)
+    if dtype is not parse_dtype("fp32"):
+        pipe.unet.to(dtype)
 
 
 def _check_cuda_graph(args, device) -> None:
@@ -430,6 +444,7 @@ def sample_command(args) -> int:
 
     # 3. The model and the sampler settings.
     pipe = _load(args, device)
+    _apply_precision(pipe, args)
     _apply_scheduler_options(pipe, args)
     _warn_few_steps(pipe, args)
     pipe.set_progress_bar_config(disable=args.quiet, desc="sampling")
@@ -450,7 +465,7 @@ def sample_command(args) -> int:
     try:
         latents = pipe(args.batch_size, args.steps, torch.Generator().manual_seed(args.seed), output_type="latent",
                        backend=args.backend, noise=args.noise, solver=args.solver,
-                       callback_on_step_end=callback, cuda_graph=_CUDA_GRAPH[args.cuda_graph]).images
+                       callback_on_step_end=callback, cuda_graph=_CUDA_GRAPH[args.cuda_graph], tf32=args.tf32).images
     except ValueError as exc:
         raise CliError(str(exc)) from None
     seconds = time.perf_counter() - start
@@ -540,6 +555,7 @@ def generate_command(args) -> int:
         error = model = pipe = None
         try:
             pipe = _load(args, device)
+            _apply_precision(pipe, args)
             _apply_scheduler_options(pipe, args)
             if comm.rank == 0:
                 model = gen.model_identity(args.model, folder)
@@ -566,7 +582,7 @@ def generate_command(args) -> int:
             summary = gen.generate_images(pipe, seeds, outdir, steps=args.steps, batch=args.batch, subdirs=args.subdirs,
                                           backend=backend, noise=args.noise, solver=args.solver, model=model, comm=comm,
                                           quiet=args.quiet, run_info={"device": device.type}, status=status,
-                                          cuda_graph=_CUDA_GRAPH[args.cuda_graph])
+                                          cuda_graph=_CUDA_GRAPH[args.cuda_graph], tf32=args.tf32)
         except (KeyboardInterrupt, _Terminated):
             if comm.rank == 0:
                 print(f"kve-fast: stopped: {status.get('written', 0)} images written; rerun the same command to "

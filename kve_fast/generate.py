@@ -262,15 +262,18 @@ class Summary:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-def sampler_settings(pipe, steps: int, solver: str, noise: str) -> dict:
+def sampler_settings(pipe, steps: int, solver: str, noise: str, tf32: bool = False) -> dict:
     """What decides the images besides the model and the seed (checked on a rerun into the same folder)."""
+    from .precision import model_dtype
+
     config = pipe.scheduler.config
     keys = ("sigma_schedule", "sigma_min", "sigma_max", "s_churn", "s_noise", "s_min", "s_max", "rho")
     scheduler = {k: config[k] for k in keys if k in config}
     scheduler.setdefault("sigma_schedule", "diffusers")
     channels, height, width = pipe._image_shape(1)[1:]
     return {"steps": steps, "solver": solver, "noise": noise, "scheduler": scheduler,
-            "image": [channels, height, width]}
+            "image": [channels, height, width],
+            "precision": {"unet_dtype": str(model_dtype(pipe.unet)).replace("torch.", ""), "tf32": tf32}}
 
 
 def _differences(record: dict, model: dict, settings: dict) -> list[str]:
@@ -375,7 +378,7 @@ def _padded(seeds: list[int], batch: int) -> list[int]:
 def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 64, subdirs: bool = False,
                     backend: str = "auto", noise: str = "exact", solver: str = "heun", model: dict | None = None,
                     comm=None, quiet: bool = True, version: str | None = None, run_info: dict | None = None,
-                    status: dict | None = None, cuda_graph=None) -> Summary:
+                    status: dict | None = None, cuda_graph=None, tf32: bool = False) -> Summary:
     """Write ``outdir/{seed:06d}.png`` for every seed with ``pipe`` (a ``KarrasVePipeline`` on its device).
 
     This process samples its share of the seeds that lack a complete file (``comm``: the job's processes, one
@@ -394,7 +397,7 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     rank, world = comm.rank, comm.world
     seeds = sorted(set(int(s) for s in seeds))
     model = model or {"name": type(pipe.unet).__name__, "sha256": None}
-    settings = sampler_settings(pipe, steps, solver, noise)
+    settings = sampler_settings(pipe, steps, solver, noise, tf32)
     channels, height, width = settings["image"]
     size, mode = (width, height), {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
     if mode is None:
@@ -488,7 +491,7 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
                         padded = _padded(mine, batch)
                         images = pipe(len(padded), steps, [torch.Generator().manual_seed(s) for s in padded],
                                       output_type="pil", backend=backend, noise=noise, solver=solver,
-                                      cuda_graph=cuda_graph).images
+                                      cuda_graph=cuda_graph, tf32=tf32).images
                         folders = set()
                         for seed, image in zip(mine, images):
                             rel = seed_file(seed, subdirs)

@@ -306,10 +306,12 @@ def _kinds(plan, heun: bool, hand_out: bool) -> set:
     return kinds
 
 
-def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out: bool, image, call_model):
+def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out: bool, image, call_model,
+                variant: tuple = ()):
     """The cached capture for these keys (a new one if there is none), or None if it is busy in another
-    thread (that run then goes eagerly)."""
-    key = (id(model), backend.name, tuple(shape), str(device), noise, solver, hand_out, image)
+    thread (that run then goes eagerly). ``variant``: more of what the captured kernels depend on (the
+    precision: the UNet's dtype, autocast, TF32)."""
+    key = (id(model), backend.name, tuple(shape), str(device), noise, solver, hand_out, image) + tuple(variant)
     with _LOCK:
         cap = _CACHE.get(key)
         if cap is not None and cap.model_ref() is not model:
@@ -341,12 +343,12 @@ def keep(cap: _Capture) -> None:
 
 
 def graphed_engine(cuda_graph, model, backend, source, plan, shape, device, noise, solver, hand_out, image,
-                   s_noise, call_model, noise_level):
+                   s_noise, call_model, noise_level, variant: tuple = ()):
     """A ``GraphedEngine`` with its graphs captured, or None to run eagerly (the capture is busy in
     another thread, or the model cannot be captured: ``"auto"`` warns once, ``True`` raises)."""
     from .ncsnpp import make_capturable, needs_patch
 
-    cap = capture_for(model, backend, shape, device, noise, solver, hand_out, image, call_model)
+    cap = capture_for(model, backend, shape, device, noise, solver, hand_out, image, call_model, variant)
     if cap is None:
         return None
     try:

@@ -38,6 +38,22 @@ still builds a host filter in its forward (what a graph runner asks before captu
 
 Other host work in an NCSN++ ``UNet2DModel.forward`` (diffusers 0.42.1) is not patched here; see
 ``GRAPH_CAPTURE_NOTES``.
+
+Fast mode (not bit-exact): ``make_fast(model)`` makes the same modules run their ``upfirdn2d`` as one
+Triton launch (``kve_fast.ops.fir_triton``: a direct sum of products in float32 instead of diffusers'
+zero-stuffing, padding and ``F.conv2d``) with the same cached device filter, and ``restore_fast(model)``
+undoes it. Intended use: only in the sampler's fast mode / low precision, never in exact mode (float32
+parity with diffusers needs diffusers' own ops and bits; each fast FIR output may differ from diffusers'
+by a few float32 roundings, see fir_triton's docstring for the bound). The patch is the same per-instance
+mechanism as ``make_capturable`` (the same helpers and lambdas replaced, forwards untouched), with one
+flag per module deciding which op runs, so the two compose in either order: a fast module needs no host
+filter (it is capturable too: ``needs_patch`` is False for it), ``restore`` undoes only
+``make_capturable`` (a module made fast stays fast) and ``restore_fast`` only ``make_fast`` (a module made
+capturable stays capturable, bit-identical to diffusers); a module returns to diffusers' own code when
+both are undone. In fast mode, a call the kernel does not take (a float64 input, a CPU tensor when Triton
+runs only on CUDA, a filter over 16 taps) runs diffusers' ``upfirdn2d_native`` as before. Where Triton
+cannot run at all (no CUDA device and no ``TRITON_INTERPRET=1``, or Triton missing), ``make_fast`` patches
+nothing and warns once: there is no torch re-implementation of the op here.
 """
 
 from __future__ import annotations
@@ -48,7 +64,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["make_capturable", "restore", "needs_patch", "GRAPH_CAPTURE_NOTES"]
+__all__ = ["make_capturable", "restore", "needs_patch", "make_fast", "restore_fast", "is_fast", "GRAPH_CAPTURE_NOTES"]
 
 GRAPH_CAPTURE_NOTES = """\
 Host work left in diffusers 0.42.1's UNet2DModel.forward for NCSN++ configs (not patched here):
@@ -105,15 +121,18 @@ def _host_filter(kernel, factor: int, gain, up: bool) -> torch.Tensor:
 
 
 class _Patch:
-    """What ``make_capturable`` replaced on one module, and that module's filter cache."""
+    """What ``make_capturable`` / ``make_fast`` replaced on one module, that module's filter cache, and
+    which of the two asked for the patch (it is removed when neither does any more)."""
 
-    __slots__ = ("kind", "originals", "lambda_kernels", "filters")
+    __slots__ = ("kind", "originals", "lambda_kernels", "filters", "capturable", "fast")
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, capturable: bool = True, fast: bool = False):
         self.kind = kind  # "up", "down" (FirUpsample2D / FirDownsample2D) or "resnet"
         self.originals: dict = {}  # attribute -> original value (lambdas), or absent (helpers)
         self.lambda_kernels: dict = {}  # "upsample"/"downsample" -> the lambda's fir_kernel
         self.filters: dict = {}  # (kernel key, factor, gain key, up, device, dtype) -> device tensor
+        self.capturable = capturable  # make_capturable asked for it (restore clears it)
+        self.fast = fast  # make_fast asked for it: upfirdn2d runs the Triton kernel (restore_fast clears it)
 
     def filter(self, kernel, factor: int, gain, up: bool, device: torch.device, dtype: torch.dtype):
         """The filter on ``device`` in ``dtype``; ``None`` when the arguments cannot be cached."""
@@ -138,7 +157,42 @@ def _build(kernel, factor, gain, up, device, dtype) -> torch.Tensor:
 
 
 # --- the replacements ------------------------------------------------------------------------------
-# Each mirrors diffusers 0.42.1's function line by line, except that the filter comes from the cache.
+# Each mirrors diffusers 0.42.1's function line by line, except that the filter comes from the cache and
+# that in fast mode ``_upfirdn2d`` runs the Triton kernel instead of diffusers' ``upfirdn2d_native``.
+
+_FAST_WARNED: set = set()  # the reasons make_fast / a fast call has warned about (once each per process)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _FAST_WARNED:
+        _FAST_WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _fast_backend():
+    """``(kve_fast.ops.fir_triton, None)``, or ``(None, why)`` where Triton cannot run here."""
+    try:
+        from .ops import fir_triton
+    except Exception as exc:  # Triton missing, or installed without what it needs
+        return None, f"Triton does not import ({type(exc).__name__}: {exc})"
+    if not fir_triton.can_run():
+        return None, "no CUDA device and TRITON_INTERPRET is not 1"
+    return fir_triton, None
+
+
+def _upfirdn2d(patch: _Patch, native, x, filt, up=1, down=1, pad=(0, 0)):
+    """``native(x, filt, up, down, pad)`` (diffusers' ``upfirdn2d_native``), or in fast mode the Triton
+    kernel when it takes these arguments."""
+    if patch.fast:
+        from .ops import fir_triton as fir  # imported by make_fast already
+
+        if fir.supports(x, filt, up, down, pad):
+            return fir.upfirdn2d(x, filt, up=up, down=down, pad=pad)
+        if x.dtype in fir.DTYPES and x.device.type != "cuda":
+            _warn_once(f"device {x.device.type}", f"kve_fast.ncsnpp fast mode: FIR inputs on {x.device.type} run "
+                                                  "diffusers' upfirdn2d_native (Triton kernels run on CUDA)")
+    return native(x, filt, up=up, down=down, pad=pad)
+
 
 def _upsample_2d(self, hidden_states, weight=None, kernel=None, factor=2, gain=1):
     """FirUpsample2D._upsample_2d (upsampling.py:222-314) with a cached filter."""
@@ -178,7 +232,9 @@ def _upsample_2d(self, hidden_states, weight=None, kernel=None, factor=2, gain=1
         )
         filt = patch.filter(kernel, factor, gain, True, inverse_conv.device, inverse_conv.dtype)
         pad_value = (filt.shape[0] - factor) - (convW - 1)
-        output = upsampling.upfirdn2d_native(
+        output = _upfirdn2d(
+            patch,
+            upsampling.upfirdn2d_native,
             inverse_conv,
             filt,
             pad=((pad_value + 1) // 2 + factor - 1, pad_value // 2 + 1),
@@ -186,7 +242,9 @@ def _upsample_2d(self, hidden_states, weight=None, kernel=None, factor=2, gain=1
     else:
         filt = patch.filter(kernel, factor, gain, True, hidden_states.device, hidden_states.dtype)
         pad_value = filt.shape[0] - factor
-        output = upsampling.upfirdn2d_native(
+        output = _upfirdn2d(
+            patch,
+            upsampling.upfirdn2d_native,
             hidden_states,
             filt,
             up=factor,
@@ -208,7 +266,9 @@ def _downsample_2d(self, hidden_states, weight=None, kernel=None, factor=2, gain
         _, _, convH, convW = weight.shape
         pad_value = (filt.shape[0] - factor) + (convW - 1)
         stride_value = [factor, factor]
-        upfirdn_input = downsampling.upfirdn2d_native(
+        upfirdn_input = _upfirdn2d(
+            patch,
+            downsampling.upfirdn2d_native,
             hidden_states,
             filt,
             pad=((pad_value + 1) // 2, pad_value // 2),
@@ -216,7 +276,9 @@ def _downsample_2d(self, hidden_states, weight=None, kernel=None, factor=2, gain
         output = F.conv2d(upfirdn_input, weight, stride=stride_value, padding=0)
     else:
         pad_value = filt.shape[0] - factor
-        output = downsampling.upfirdn2d_native(
+        output = _upfirdn2d(
+            patch,
+            downsampling.upfirdn2d_native,
             hidden_states,
             filt,
             down=factor,
@@ -240,10 +302,10 @@ class _CachedResample:
         filt = self.patch.filter(self.kernel, factor, 1, self.up, hidden_states.device, hidden_states.dtype)
         pad_value = filt.shape[0] - factor
         if self.up:
-            return upsampling.upfirdn2d_native(
-                hidden_states, filt, up=factor, pad=((pad_value + 1) // 2 + factor - 1, pad_value // 2))
-        return downsampling.upfirdn2d_native(
-            hidden_states, filt, down=factor, pad=((pad_value + 1) // 2, pad_value // 2))
+            return _upfirdn2d(self.patch, upsampling.upfirdn2d_native,
+                              hidden_states, filt, up=factor, pad=((pad_value + 1) // 2 + factor - 1, pad_value // 2))
+        return _upfirdn2d(self.patch, downsampling.upfirdn2d_native,
+                          hidden_states, filt, down=factor, pad=((pad_value + 1) // 2, pad_value // 2))
 
     def __repr__(self) -> str:
         return f"<kve_fast cached FIR {'upsample_2d' if self.up else 'downsample_2d'}, kernel={self.kernel}>"
@@ -312,8 +374,8 @@ def _scan(model: torch.nn.Module):
     return patchable, unrecognised
 
 
-def _apply(module: torch.nn.Module, kind: str, kernels: dict) -> _Patch:
-    patch = _Patch(kind)
+def _apply(module: torch.nn.Module, kind: str, kernels: dict, capturable: bool = True, fast: bool = False) -> _Patch:
+    patch = _Patch(kind, capturable=capturable, fast=fast)
     patch.lambda_kernels = dict(kernels)
     if kind in _HELPERS:
         helper = _upsample_2d if kind == "up" else _downsample_2d
@@ -345,6 +407,8 @@ def make_capturable(model: torch.nn.Module) -> int:
 
     A module whose host-filter code this file does not recognise (a subclass with its own forward, an
     unknown lambda) is left alone with a warning, and ``needs_patch`` keeps returning True for it.
+    Modules that ``make_fast`` patched are capturable already (not counted); ``restore`` then leaves
+    them in fast mode.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -352,31 +416,110 @@ def make_capturable(model: torch.nn.Module) -> int:
     if unrecognised:
         warnings.warn("kve_fast.ncsnpp: left unpatched (they still build FIR filters on the host in forward, "
                       f"which blocks CUDA-graph capture): {unrecognised}", RuntimeWarning, stacklevel=2)
-    targets = {(t.device, t.dtype) for t in model.parameters() if t.is_floating_point() and t.device.type != "meta"}
+    targets = _targets(model)
     for module, kind, kernels in patchable:
         _prebuild(_apply(module, kind, kernels), module, targets)
+    for module, patch in _records(model):  # patched by make_fast only: now asked for by make_capturable too
+        if not patch.capturable:
+            patch.capturable = True
+            _prebuild(patch, module, targets)
     return len(patchable)
 
 
+def _targets(model: torch.nn.Module) -> set:
+    return {(t.device, t.dtype) for t in model.parameters() if t.is_floating_point() and t.device.type != "meta"}
+
+
+def _records(model: torch.nn.Module):
+    return [(m, m.__dict__[_RECORD]) for m in model.modules() if _RECORD in m.__dict__]
+
+
+def _remove(module: torch.nn.Module, patch: _Patch) -> None:
+    """Put back what ``_apply`` replaced on ``module``."""
+    if patch.kind in _HELPERS:
+        module.__dict__.pop(_HELPERS[patch.kind], None)
+    else:
+        for attr, original in patch.originals.items():
+            object.__setattr__(module, attr, original)
+    del module.__dict__[_RECORD]
+
+
 def restore(model: torch.nn.Module) -> int:
-    """Undo ``make_capturable`` on ``model``; return how many modules were restored."""
+    """Undo ``make_capturable`` on ``model``; return how many modules were restored. Modules that
+    ``make_fast`` patched stay in fast mode (``restore_fast`` undoes that)."""
     count = 0
-    for module in model.modules():
-        patch = module.__dict__.get(_RECORD)
-        if patch is None:
+    for module, patch in _records(model):
+        if patch.fast:  # make_fast's patch stays (and keeps the module capturable)
+            count += patch.capturable
+            patch.capturable = False
             continue
-        if patch.kind in _HELPERS:
-            module.__dict__.pop(_HELPERS[patch.kind], None)
-        else:
-            for attr, original in patch.originals.items():
-                object.__setattr__(module, attr, original)
-        del module.__dict__[_RECORD]
+        _remove(module, patch)
         count += 1
     return count
 
 
 def needs_patch(model: torch.nn.Module) -> bool:
     """Whether some module of ``model`` still builds a FIR filter on the host inside its forward (False
-    for models without FIR blocks, and after ``make_capturable`` patched them all)."""
+    for models without FIR blocks, and after ``make_capturable`` or ``make_fast`` patched them all)."""
     patchable, unrecognised = _scan(model)
     return bool(patchable or unrecognised)
+
+
+# --- fast mode -------------------------------------------------------------------------------------
+
+def make_fast(model: torch.nn.Module) -> int:
+    """Run the FIR resampling of ``model``'s NCSN++ blocks (``FirUpsample2D``, ``FirDownsample2D``, FIR
+    ``ResnetBlock2D``) with the Triton kernel of ``kve_fast.ops.fir_triton`` instead of diffusers'
+    ``upfirdn2d_native``; return how many modules were switched now (0 on a second call, and for models
+    without FIR blocks). Only this instance is changed; ``restore_fast`` undoes it.
+
+    Not bit-exact (each FIR output within a few float32 roundings of diffusers', see fir_triton): meant
+    for the sampler's fast mode / low precision only, never for exact mode. The patched model is also
+    CUDA-graph capturable (its filters are device-cached, built now for the model's device and dtype).
+    Where Triton cannot run (no CUDA device and no ``TRITON_INTERPRET=1``, or no Triton), nothing is
+    patched, diffusers' op keeps running, and a warning says so (once per process); the return is 0.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    patchable, unrecognised = _scan(model)
+    if unrecognised:
+        warnings.warn("kve_fast.ncsnpp.make_fast: left on diffusers' ops (host-built FIR filters this file does "
+                      f"not recognise): {unrecognised}", RuntimeWarning, stacklevel=2)
+    records = _records(model)
+    if not patchable and all(p.fast for _, p in records):
+        return 0  # nothing to switch (no FIR blocks, or all fast already): no backend needed
+    fir, why = _fast_backend()
+    if fir is None:
+        _warn_once("unavailable", f"kve_fast.ncsnpp.make_fast: not applied ({why}); diffusers' upfirdn2d_native "
+                                  "keeps running")
+        return 0
+    targets = _targets(model)
+    count = 0
+    for module, kind, kernels in patchable:
+        _prebuild(_apply(module, kind, kernels, capturable=False, fast=True), module, targets)
+        count += 1
+    for _, patch in records:  # made capturable before: switch the same patch to fast mode
+        if not patch.fast:
+            patch.fast = True
+            count += 1
+    return count
+
+
+def restore_fast(model: torch.nn.Module) -> int:
+    """Undo ``make_fast`` on ``model`` (diffusers' ``upfirdn2d_native`` runs again, bit-identical to the
+    unpatched model); return how many modules were switched back. Modules that ``make_capturable`` also
+    patched stay capturable; the others get diffusers' own code back."""
+    count = 0
+    for module, patch in _records(model):
+        if not patch.fast:
+            continue
+        patch.fast = False
+        count += 1
+        if not patch.capturable:
+            _remove(module, patch)
+    return count
+
+
+def is_fast(model: torch.nn.Module) -> bool:
+    """Whether some module of ``model`` is in fast mode (``make_fast`` applied, not restored)."""
+    return any(p.fast for _, p in _records(model))

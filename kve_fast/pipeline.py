@@ -150,6 +150,8 @@ class KarrasVePipeline(DiffusionPipeline):
         noise: str = "exact",
         solver: str = "heun",
         cuda_graph: bool | str | None = None,
+        unet_dtype: torch.dtype | None = None,
+        tf32: bool = False,
         **kwargs,
     ):
         """Generate ``batch_size`` images with ``num_inference_steps`` Heun steps (2N - 1 model calls).
@@ -174,6 +176,11 @@ class KarrasVePipeline(DiffusionPipeline):
                 kernels are captured once and replayed: same bits, far fewer launches; falls back to eager
                 with one warning where the model cannot be captured), True (raise instead), False, or None
                 (the default: ``kve_fast.graphs.DEFAULT_MODE``, which is "auto").
+            unet_dtype: None (the UNet's own parameter dtype: ``pipe.unet.to(torch.bfloat16)`` runs it in
+                bf16), or ``torch.float32`` / ``torch.bfloat16`` / ``torch.float16``; the sampler's state stays
+                float32. A float32 UNet asked to run in bf16/fp16 runs under ``torch.autocast``. Not
+                bit-exact with the reference (which cannot run a half-precision UNet at all).
+            tf32: TF32 matmuls and convolutions for a float32 UNet on CUDA, for this call only.
 
         Returns:
             ``ImagePipelineOutput`` with ``.images``, or ``(images,)`` when ``return_dict`` is False.
@@ -194,7 +201,7 @@ class KarrasVePipeline(DiffusionPipeline):
         image = sample_karras_ve(
             self.unet, scheduler, shape, num_inference_steps, generator, self.device,
             backend=backend, noise=noise, callback=callback, progress=self.progress_bar, output=output,
-            solver=solver, cuda_graph=cuda_graph,
+            solver=solver, cuda_graph=cuda_graph, unet_dtype=unet_dtype, tf32=tf32,
         )
         # Leave the scheduler as the reference does after a call.
         self.scheduler.set_timesteps(num_inference_steps)

@@ -26,6 +26,7 @@ from .graphs import decide, graphed_engine, keep, release
 from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
 from .plan import PlanHandle, Step, plan_steps, scheduler_plan, sigmas_plan
+from .precision import UNET_DTYPES, Precision, resolve
 
 __all__ = ["sample_karras_ve", "sample_karras_ve_sigmas", "plan_steps", "Step", "ModelOutputError", "OUTPUTS", "SOLVERS"]
 
@@ -112,6 +113,8 @@ def sample_karras_ve(
     output: str = "latent",
     solver: str = "heun",
     cuda_graph: bool | str | None = None,
+    unet_dtype: torch.dtype | None = None,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """Run Algorithm 2 with ``model`` and ``scheduler``; return the final sample or image.
 
@@ -128,17 +131,23 @@ def sample_karras_ve(
     it, BHWC). ``solver``: ``"heun"`` (Algorithm 2) or ``"euler"`` (no second-order correction: one
     model call per step). ``cuda_graph``: ``"auto"`` (capture each step in a CUDA graph where possible,
     see ``kve_fast.graphs``), True (raise where not possible), False, or None (the default,
-    ``kve_fast.graphs.DEFAULT_MODE``, which is "auto"). ``scheduler`` is not modified. Runs under
-    ``torch.no_grad()``.
+    ``kve_fast.graphs.DEFAULT_MODE``, which is "auto"). ``unet_dtype``: None (the model's own parameter
+    dtype), ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``: the dtype the model runs in while the
+    state stays float32 (a float32 model then runs under autocast); ``tf32``: TF32 matmuls and
+    convolutions for the run (see ``kve_fast.precision``; neither is bit-exact with the reference).
+    ``scheduler`` is not modified. Runs under ``torch.no_grad()``.
     """
     shape, generator = _check_common(model, shape, generator, callback, noise, output, solver)
     device = _check_device(device)
+    precision = resolve(model, unet_dtype, tf32, device)
     plan = scheduler_plan(scheduler, num_inference_steps)
-    backend = make_backend(backend, device, scheduler.config.s_noise, want_pred=callback is not None, shape=shape)
+    backend = make_backend(backend, device, scheduler.config.s_noise, want_pred=callback is not None, shape=shape,
+                           model_dtype=precision.input_dtype)
     graphed = decide(cuda_graph, device, backend, noise)
     # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not by the first sigma).
     return _run(model, plan, shape, generator, device, noise, lambda x0: x0 * scheduler.init_noise_sigma, backend,
-                callback, progress, output, solver, graph=(cuda_graph, scheduler.config.s_noise) if graphed else None)
+                callback, progress, output, solver, graph=(cuda_graph, scheduler.config.s_noise) if graphed else None,
+                precision=precision)
 
 
 @torch.no_grad()
@@ -158,6 +167,8 @@ def sample_karras_ve_sigmas(
     noise: str = "exact",
     solver: str = "heun",
     cuda_graph: bool | str | None = None,
+    unet_dtype: torch.dtype | None = None,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """Algorithm 2 over your own noise levels, in the reference pipeline's score convention.
 
@@ -172,19 +183,22 @@ def sample_karras_ve_sigmas(
     gamma_i = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma_i <= s_tmax. ``callback(state)``
     gets ``x``, ``i``, ``sigma``, ``sigma_hat`` and ``denoised`` (and the names the pipeline uses).
     Noise comes from ``generator`` (or the global RNG), drawn on the host like the reference draws it
-    (``noise="exact"``) or on the device (``"fast"``). Returns the final sample (float32, contiguous).
+    (``noise="exact"``) or on the device (``"fast"``). ``unet_dtype`` and ``tf32``: as in
+    ``sample_karras_ve``. Returns the final sample (float32, contiguous).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("`x` must be a floating-point torch.Tensor")
     plan = sigmas_plan(sigmas, s_churn, s_tmin, s_tmax)
     check_real("s_noise", s_noise, minimum=0)
     shape, generator = _check_common(model, x.shape, generator, callback, noise, "latent", solver)
-    backend = make_backend(backend, x.device, s_noise, want_pred=callback is not None, shape=shape)
+    precision = resolve(model, unet_dtype, tf32, x.device)
+    backend = make_backend(backend, x.device, s_noise, want_pred=callback is not None, shape=shape,
+                           model_dtype=precision.input_dtype)
     graphed = decide(cuda_graph, x.device, backend, noise)
     x0 = x.detach()
     return _run(model, PlanHandle(plan, None), shape, generator, x.device, noise, lambda _: x0.to(torch.float32),
                 backend, callback, not disable, "latent", solver, draw_initial=False,
-                graph=(cuda_graph, s_noise) if graphed else None)
+                graph=(cuda_graph, s_noise) if graphed else None, precision=precision)
 
 
 def _progress(progress, steps):
@@ -236,34 +250,39 @@ def _half_sigma(step, which: str) -> torch.Tensor:
 
 
 def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, backend, callback, progress, output,
-         solver, draw_initial: bool = True, graph=None) -> torch.Tensor:
+         solver, draw_initial: bool = True, graph=None, precision: Precision = Precision()) -> torch.Tensor:
     """The loop of Algorithm 2; the callers checked every argument.
 
     ``initial(x)`` makes x_0 from the source's unscaled initial noise (``draw_initial``) or ignores it.
     ``graph``: ``(cuda_graph, s_noise)`` to replay captured steps (``kve_fast.graphs``), or None.
+    ``precision``: how the model is called (``kve_fast.precision``; float32 by default).
     On any failure the generators and RNGs are put back (``_RngSnapshot``) and the noise thread is
     stopped; the plan is cached only once the run has completed.
     """
     steps = plan.plan
+    forward = precision.call(model, device)
 
     def call_model(x, half_sigma):
-        out = _raw_output(model(x, half_sigma))
+        out = _raw_output(forward(x, half_sigma))
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x.shape)}, got {got}")
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
+        if out.dtype not in UNET_DTYPES:  # float64, say: float32 like the state (low-precision outputs are read as is)
+            out = out.to(torch.float32)
         return out.contiguous()
 
     snapshot = _RngSnapshot(generator, device)
     source = iterator = capture = None
     image = None if output == "latent" else output
+    switches = precision.switches()
     try:
+        switches.__enter__()
         source = make_noise(noise, shape, generator, device, len(steps))
         engine = None
         if graph is not None:
             engine = graphed_engine(graph[0], model, backend, source, steps, shape, device, noise, solver,
-                                    callback is not None, image, graph[1], call_model, _half_sigma)
+                                    callback is not None, image, graph[1], call_model, _half_sigma,
+                                    variant=precision.key())
             capture = None if engine is None else engine.cap
         if engine is None:
             engine = StepEngine(backend, source, steps, solver, hand_out=callback is not None, image=image,
@@ -299,6 +318,7 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
             source.close()
         if hasattr(iterator, "close"):
             iterator.close()
+        switches.__exit__(None, None, None)
     if capture is not None:
         keep(capture)
     plan.commit()

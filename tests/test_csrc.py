@@ -512,8 +512,9 @@ def run_with(ops):
     from kve_fast import k_diffusion, sampler
     from kve_fast.ops.step_cuda import CudaStep
 
-    def make(name, device, s_noise, want_pred=False, shape=None, denoiser=False, layout=None):
-        return CudaStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout)
+    def make(name, device, s_noise, want_pred=False, shape=None, denoiser=False, layout=None,
+             model_dtype=torch.float32):
+        return CudaStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout, model_dtype=model_dtype)
 
     def run(kind, fn):
         if kind == "torch" or CUDA:
@@ -569,6 +570,18 @@ def test_cuda_backend_with_callback_euler_and_fast_noise(models, run_with):
                                                  backend=backend, noise="fast").images) for _ in range(2)]
     assert_bitwise(fast[0], fast[1], "fast noise: same seed, same sample")
     assert not torch.equal(fast[0], got[1])
+
+
+def test_cuda_backend_with_a_bf16_unet_gives_the_torch_backends_bits(models, run_with):
+    """The extension's kernels are float32 only: CudaStep casts around a bf16 UNet, with the same values as
+    the torch backend's casts (and the Triton kernels' own, tests/test_lowp.py)."""
+    unet = copy.deepcopy(models("test_unet")).to(DEVICE).to(torch.bfloat16)
+    pipe = kve_pipe(unet, sigma_min=0.02, sigma_max=2.0, s_churn=10.0)  # small sigmas: no bf16 saturation
+    run = lambda backend: pipe(2, 3, torch.Generator().manual_seed(3), output_type="latent",  # noqa: E731
+                               backend=backend).images
+    got, ref = run_with("cuda", run), run_with("torch", run)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all() and got.std() > 0.1
+    assert_bitwise(got, ref, "cuda backend vs torch, bf16 UNet")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

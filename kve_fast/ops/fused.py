@@ -161,9 +161,11 @@ class FusedStep:
 
     name = "fused"
     launch = None  # the module with _launch_churn / _launch_euler / _launch_heun
+    # The dtypes the kernels write model inputs in and read model outputs in (others are cast around them)
+    model_dtypes = (torch.float32,)
 
     def __init__(self, s_noise: float, want_pred: bool = False, shape=None, denoiser: bool = False,
-                 layout: torch.Tensor | None = None):
+                 layout: torch.Tensor | None = None, model_dtype: torch.dtype = torch.float32):
         if shape is not None:
             numel = 1
             for dim in shape:
@@ -176,6 +178,8 @@ class FusedStep:
         self.denoiser = denoiser
         self._layout = layout
         self._buffers = None
+        # the score model's input buffers are in the UNet's dtype where the kernels can write it
+        self.model_dtype = model_dtype if model_dtype in self.model_dtypes and not denoiser else torch.float32
 
     def _like(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` in the state's layout (a copy only when its strides differ)."""
@@ -185,8 +189,14 @@ class FusedStep:
             return t
         return torch.empty_like(self._layout).copy_(t)
 
-    def _new(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(like if self._layout is None else self._layout)
+    def _new(self, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.empty_like(like if self._layout is None else self._layout, dtype=dtype)
+
+    def _raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """The model's output as the kernels read it: its own dtype where they can, else float32; the state's layout."""
+        if raw.dtype not in self.model_dtypes:
+            raw = raw.float()
+        return self._like(raw)
 
     def _buf(self, like: torch.Tensor):
         b = self._buffers
@@ -194,10 +204,11 @@ class FusedStep:
             if like.numel() > _MAX_ELEMENTS:
                 raise ValueError(f"`shape` {tuple(like.shape)} has {like.numel()} elements; the {self.name} backend "
                                  f"takes at most {_MAX_ELEMENTS} (use backend='torch' or a smaller batch)")
+            dtypes = (torch.float32, self.model_dtype, torch.float32, torch.float32, self.model_dtype)
             if self._layout is None:
-                b = [torch.empty(like.shape, dtype=torch.float32, device=like.device) for _ in range(5)]
+                b = [torch.empty(like.shape, dtype=dt, device=like.device) for dt in dtypes]
             else:
-                b = [torch.empty_like(self._layout) for _ in range(5)]
+                b = [torch.empty_like(self._layout, dtype=dt) for dt in dtypes]
             self._buffers = b
         return b  # hat, xin (first model input), prev, d, xin2 (second model input)
 
@@ -227,7 +238,7 @@ class FusedStep:
             return sample, sample  # k-diffusion leaves x as it is where gamma = 0 (the noise is still drawn)
         eps, seed = self._noise(noise)
         b = self._buf(sample)
-        out = None if not keep else (self._new(sample), None if self.denoiser else self._new(sample))
+        out = None if not keep else (self._new(sample), None if self.denoiser else self._new(sample, self.model_dtype))
         hat, xin = self.launch._launch_churn(sample, eps, seed, self.s_noise, step.churn,
                                  out=out or (b[0], None if self.denoiser else b[1]), store_xin=not self.denoiser)
         return hat, hat if self.denoiser else xin
@@ -237,7 +248,7 @@ class FusedStep:
         """``keep``: x_prev is handed out (the final sample, or a callback's): a new tensor, not a buffer."""
         b = self._buf(sample_hat)
         out = None if keep else (b[2], b[3], b[4])
-        prev, d, xin, pred, img = self.launch._launch_euler(self._like(raw), sample_hat, self._euler_scalars(step),
+        prev, d, xin, pred, img = self.launch._launch_euler(self._raw(raw), sample_hat, self._euler_scalars(step),
                                                 want_input and not self.denoiser, want_derivative, self.want_pred,
                                                 image, out=out, denoiser=self.denoiser)
         if self.denoiser and want_input:
@@ -250,7 +261,7 @@ class FusedStep:
             eps, seed = self._noise(noise_next)
             churn_next = (eps, seed, self.s_noise, next_step.churn)
         b = self._buf(sample_hat)
-        x, pred, hat, xin = self.launch._launch_heun(self._like(raw), sample_hat, sample_prev, derivative,
+        x, pred, hat, xin = self.launch._launch_heun(self._raw(raw), sample_hat, sample_prev, derivative,
                                          self._heun_scalars(step), next_step is None, self.want_pred, churn_next,
                                          out=(b[0], b[1]), denoiser=self.denoiser)
         if next_step is None:

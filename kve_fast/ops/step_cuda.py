@@ -272,6 +272,6 @@ class CudaStep(fused.FusedStep):
     launch = _SELF
 
     def __init__(self, s_noise: float, want_pred: bool = False, shape=None, denoiser: bool = False,
-                 layout: torch.Tensor | None = None):
-        super().__init__(s_noise, want_pred, shape, denoiser, layout)
+                 layout: torch.Tensor | None = None, model_dtype: torch.dtype = torch.float32):
+        super().__init__(s_noise, want_pred, shape, denoiser, layout, model_dtype)  # float32 kernels: casts around the model
         _ops()

@@ -96,6 +96,23 @@ def _block_randn(seed, keys_ptr, per_sample, n, pid, KEYED: tl.constexpr, BIG: t
     return z
 
 
+@triton.jit
+def _as_model_dtype(v, ptr):
+    """float32 ``v`` in the dtype ``ptr`` points to (a low-precision UNet's input), rounded as torch rounds it.
+
+    bfloat16 is rounded to nearest even with integer ops (what ``Tensor.to(torch.bfloat16)`` does, NaN to
+    0x7FC0) rather than with ``.to``: Triton's interpreter truncates there, so this keeps the CPU tests'
+    bits equal to the GPU's and to torch's. float16 and float32 use ``.to`` (round to nearest even).
+    """
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        bits = tl.where(v != v, 0x7FC0, bits)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(ptr.dtype.element_ty)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _churn_kernel(x_ptr, eps_ptr, hat_ptr, xin_ptr, n, seed, keys_ptr, per_sample, s_noise, c, cs_ptr,
                   SCAL_MEM: tl.constexpr, STORE_XIN: tl.constexpr, DEVICE_NOISE: tl.constexpr, KEYED: tl.constexpr,
@@ -128,7 +145,7 @@ def _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, n, pid, seed, keys_pt
         hat = x
     tl.store(hat_ptr + offs, hat, mask=mask)
     if STORE_XIN:
-        tl.store(xin_ptr + offs, (hat + 1.0) * 0.5, mask=mask)
+        tl.store(xin_ptr + offs, _as_model_dtype((hat + 1.0) * 0.5, xin_ptr), mask=mask)  # in the UNet's dtype
 
 
 @triton.jit
@@ -171,7 +188,7 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
         dt = tl.load(sc_ptr + 3)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    raw = tl.load(raw_ptr + offs, mask=mask)
+    raw = tl.load(raw_ptr + offs, mask=mask).to(tl.float32)  # a low-precision UNet's output, read as is
     hat = tl.load(hat_ptr + offs, mask=mask)
     if DENOISER:
         # a denoiser returns D itself
@@ -187,7 +204,7 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
     if STORE_D:
         tl.store(d_ptr + offs, d, mask=mask)
     if STORE_XIN:
-        tl.store(xin_ptr + offs, (prev + 1.0) * 0.5, mask=mask)
+        tl.store(xin_ptr + offs, _as_model_dtype((prev + 1.0) * 0.5, xin_ptr), mask=mask)
     if STORE_PRED:
         tl.store(pred_ptr + offs, pred, mask=mask)
     if STORE_IMG:
@@ -211,7 +228,7 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    raw = tl.load(raw_ptr + offs, mask=mask)
+    raw = tl.load(raw_ptr + offs, mask=mask).to(tl.float32)  # a low-precision UNet's output, read as is
     hat = tl.load(hat_ptr + offs, mask=mask)
     prev = tl.load(prev_ptr + offs, mask=mask)
     d = tl.load(d_ptr + offs, mask=mask)
@@ -356,3 +373,4 @@ class TritonStep(fused.FusedStep):
 
     name = "triton"
     launch = _SELF
+    model_dtypes = (torch.float32, torch.bfloat16, torch.float16)

@@ -1,0 +1,205 @@
+"""Low precision (kve_fast.precision): a bf16/fp16 UNet with float32 state, autocast, TF32, and what stays true.
+
+Bits cannot match the reference here (it cannot run a half-precision UNet at all). What must hold: the
+state and the result stay float32; the model sees its own dtype; the Triton kernels (which write the
+model input in that dtype and read its output as is) give the torch backend's bits, which cast around
+the call, so the backends stay interchangeable; graphs give the eager bits; bad arguments fail before
+any draw. Accuracy against float64 is tests/test_precision.py's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CAN_RUN_TRITON, assert_bitwise, kve_pipe, make_generator, reference_test_unet
+
+import kve_fast
+from kve_fast import graphs
+from kve_fast.precision import Precision, model_dtype, resolve
+
+BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
+# Small noise levels keep the tiny random UNet's activations far from fp16's range (65504): at the
+# reference's sigma_max = 100 its activations overflow fp16 and every pixel turns NaN, which would make
+# equality checks vacuous.
+SCHEDULE = {"sigma_min": 0.02, "sigma_max": 2.0, "s_churn": 10.0}
+
+
+class Recording(torch.nn.Module):
+    """Wraps a UNet; records the dtype of every input, whether autocast was on, and the output dtype."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.seen = unet, []
+
+    def forward(self, x, t):
+        out = self.unet(x, t).sample
+        self.seen.append((x.dtype, torch.is_autocast_enabled(x.device.type), out.dtype))
+        return out
+
+
+def _sample(model, backend="torch", steps=3, **kw):
+    kw.setdefault("generator", make_generator("single", 0, 2))
+    return kve_fast.sample_karras_ve(model, kve_fast.KarrasVeScheduler(**SCHEDULE), (2, 3, 8, 8), steps,
+                                     backend=backend, **kw)
+
+
+def _assert_meaningful(x: torch.Tensor) -> None:
+    """Equality of NaNs or of saturated values proves little: most values must be finite and varied."""
+    assert x.dtype == torch.float32
+    assert torch.isfinite(x).float().mean() > 0.99
+    assert x.std() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_unet_runs_with_float32_state_and_the_backends_agree(dtype):
+    model = Recording(reference_test_unet(8).to(dtype))
+    states = []
+
+    def callback(state):
+        states.append(state["sample"].dtype)
+
+    ref = _sample(model, "torch", callback=callback, output="latent")
+    _assert_meaningful(ref)
+    assert {x for x, _, _ in model.seen} == {dtype}, "the model must be called in its own dtype"
+    assert set(states) == {torch.float32}, "the sampler's state stays float32"
+    for backend in BACKENDS[1:]:
+        model.seen.clear()
+        out = _sample(model, backend, output="latent")
+        assert {x for x, _, _ in model.seen} == {dtype}
+        assert_bitwise(out, ref, f"{backend} vs torch, UNet in {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_float32_path_is_unchanged_by_an_explicit_float32(backend):
+    unet = reference_test_unet(8)
+    assert_bitwise(_sample(unet, backend, unet_dtype=torch.float32), _sample(unet, backend), "unet_dtype=float32")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float32_unet_asked_for_bf16_runs_under_autocast(backend):
+    unet = reference_test_unet(8)
+    model = Recording(unet)
+    exact = _sample(unet, backend)
+    lowp = _sample(model, backend, unet_dtype=torch.bfloat16)
+    _assert_meaningful(lowp)
+    assert all(autocast for _, autocast, _ in model.seen) and model.seen
+    assert {x for x, _, _ in model.seen} == {torch.float32}, "under autocast the input stays float32"
+    assert not torch.equal(lowp, exact), "bf16 matmuls must change some bits (else the mode did nothing)"
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per op); through a UNet and 3 steps the run
+    # drifts far more than float32 but stays close: a relative RMS difference well under 10 %.
+    rel = ((lowp - exact).norm() / exact.norm()).item()
+    assert rel < 0.1, rel
+    if backend != "torch":
+        assert_bitwise(lowp, _sample(model, "torch", unet_dtype=torch.bfloat16), "autocast, backend vs torch")
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    ({"unet_dtype": "bf16"}, TypeError, "unet_dtype"),
+    ({"unet_dtype": torch.float64}, ValueError, "unet_dtype"),
+    ({"unet_dtype": torch.int8}, ValueError, "unet_dtype"),
+    ({"tf32": 1}, TypeError, "tf32"),
+])
+def test_bad_precision_arguments_fail_before_any_draw(kwargs, error, name):
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(error, match=name):
+        _sample(reference_test_unet(8), generator=gen, **kwargs)
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_a_bf16_unet_cannot_be_asked_to_run_in_fp16():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(ValueError, match="unet_dtype"):
+        _sample(reference_test_unet(8).to(torch.bfloat16), generator=gen, unet_dtype=torch.float16)
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_resolve_reads_the_model_dtype():
+    cpu = torch.device("cpu")
+    assert model_dtype(lambda x, t: x) == torch.float32
+    assert resolve(reference_test_unet(8).half(), None, False, cpu) == Precision(torch.float16)
+    assert resolve(reference_test_unet(8), torch.bfloat16, True, cpu) == Precision(torch.bfloat16, True, True)
+    assert Precision().exact and not Precision(tf32=True).exact
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_tf32_is_on_for_the_run_only(fail, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    seen = []
+
+    def model(x, t):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        if fail:
+            raise RuntimeError("boom")
+        return torch.zeros_like(x)
+
+    if fail:
+        with pytest.raises(RuntimeError, match="boom"):
+            _sample(model, tf32=True)
+    else:
+        _sample(model, tf32=True)
+    assert seen and set(seen) == {(True, True)}
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+
+
+def test_the_pipeline_takes_unet_dtype():
+    pipe = kve_pipe(reference_test_unet(8), **SCHEDULE)
+    latent = pipe(2, 3, torch.Generator().manual_seed(0), output_type="latent", unet_dtype=torch.bfloat16).images
+    _assert_meaningful(latent)
+    assert not torch.equal(latent, pipe(2, 3, torch.Generator().manual_seed(0), output_type="latent").images)
+    with pytest.raises(TypeError, match="unet_dtype"):
+        pipe(1, 2, unet_dtype="bfloat16")
+
+
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
+def test_graphed_low_precision_gives_the_eager_bits_and_its_own_capture(monkeypatch):
+    monkeypatch.setattr(graphs, "_FAKE_GRAPHS", not torch.cuda.is_available())
+    graphs.clear_graphs()
+    try:
+        unet = reference_test_unet(8)
+        pipe = kve_pipe(unet, **SCHEDULE)
+        run = lambda **kw: pipe(2, 3, torch.Generator().manual_seed(0), output_type="latent",  # noqa: E731
+                                backend="triton", **kw).images
+        eager = run(cuda_graph=False, unet_dtype=torch.bfloat16)
+        assert_bitwise(run(cuda_graph=True, unet_dtype=torch.bfloat16), eager, "graphed vs eager, autocast bf16")
+        run(cuda_graph=True)
+        assert graphs.graph_info()["captures"] == 2, "float32 and bf16 runs must not share a capture"
+        unet.to(torch.bfloat16)
+        native = run(cuda_graph=False)
+        assert_bitwise(run(cuda_graph=True), native, "graphed vs eager, bf16 UNet")
+    finally:
+        graphs.clear_graphs()
+
+
+def test_the_cli_runs_a_bf16_unet(tmp_path):
+    from diffusers import UNet2DModel
+
+    from kve_fast.cli import main
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=1, out_channels=1,
+                       norm_num_groups=8, time_embedding_type="fourier",
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    model = tmp_path / "model"
+    unet.save_pretrained(model)
+    kve_fast.KarrasVeScheduler(**SCHEDULE).save_config(model)
+    out = tmp_path / "bf16.png"
+    assert main(["sample", "--model", str(model), "--steps", "3", "--batch-size", "2", "--device", "cpu", "--quiet",
+                 "--unet-dtype", "bf16", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_generate_records_the_precision_and_refuses_to_mix_it_on_resume():
+    from kve_fast.generate import _differences, sampler_settings
+
+    pipe = kve_pipe(reference_test_unet(8))
+    fp32 = sampler_settings(pipe, 3, "heun", "exact")
+    assert fp32["precision"] == {"unet_dtype": "float32", "tf32": False}
+    pipe.unet.to(torch.bfloat16)
+    bf16 = sampler_settings(pipe, 3, "heun", "exact", tf32=False)
+    model = {"name": "m", "sha256": None}
+    assert _differences({"model": model, "settings": fp32}, model, bf16) == [
+        f"precision {fp32['precision']!r} (now {bf16['precision']!r})"]
+    assert _differences({"model": model, "settings": fp32}, model, fp32) == []
