@@ -21,6 +21,12 @@ later call with those keys:
   memory; a sample a callback returns is copied into the static input buffer.
 - diffusers' NCSN++ Skip blocks build their FIR filters on the host inside forward, which forbids
   capture: ``kve_fast.ncsnpp.make_capturable`` fixes that per model instance, bit for bit.
+- k-diffusion's convention (``kve_fast.k_diffusion``): the denoiser's ``sigma * s_in`` is a per-sample
+  buffer filled inside the graph from the scalar buffer; ``torch.randn_like`` draws each step's noise
+  outside the graph (the global RNG moves as k-diffusion moves it) into the static noise buffer; steps
+  where gamma = 0 replay graphs without a churn; ``extra_args``' tensors are copied into static ones
+  each call (their other values are part of the key). Off by default there (``KDIFFUSION_DEFAULT_MODE``)
+  until a GPU run confirms the bits.
 
 ``cuda_graph="auto"`` captures where it can and otherwise runs eagerly with the same bits, after one
 warning naming the reason; ``True`` raises that reason instead; ``False`` (or the environment
@@ -44,6 +50,8 @@ from .engine import StepEngine
 ENV_VAR = "KVE_FAST_CUDA_GRAPH"
 MODES = ("auto", True, False)
 DEFAULT_MODE = "auto"  # what cuda_graph=None means (see the module docstring)
+# ... in kve_fast.k_diffusion: off until a GPU run confirms that convention's graphed output bit for bit
+KDIFFUSION_DEFAULT_MODE = False
 MAX_CAPTURES = 4
 # Scalar slots: [churn c, S_noise | sigma_hat/2, sigma_hat, 1/sigma_hat, dt | sigma_{i+1}/2, sigma_{i+1},
 #                1/sigma_{i+1}, dt | next churn c, S_noise]
@@ -90,8 +98,8 @@ def decide(cuda_graph, device: torch.device, backend, noise: str) -> bool:
         reason = f"the device is {device}, not CUDA"
     elif getattr(backend, "name", None) not in ("triton", "cuda"):
         reason = "graphs run the fused kernels: use backend='triton' or 'cuda' (or 'auto' with Triton installed)"
-    elif getattr(backend, "denoiser", False):
-        reason = "k-diffusion's convention is not captured yet"
+    elif noise == "fast" and getattr(backend, "_layout", None) is not None and not backend._layout.is_contiguous():
+        reason = "fast noise in a non-contiguous layout is drawn contiguous and copied, which is not captured"
     else:
         return True
     if cuda_graph is True:
@@ -99,6 +107,22 @@ def decide(cuda_graph, device: torch.device, backend, noise: str) -> bool:
     if device.type == "cuda":
         _warn_once(("decide", reason), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same results")
     return False
+
+
+def extra_signature(extra: dict) -> tuple | None:
+    """What of k-diffusion's ``extra_args`` a capture depends on (tensors' shapes, dtypes, devices and
+    strides; other values themselves), or None if they cannot be captured (a value that is neither a
+    tensor nor a plain scalar or string: a list of tensors, say)."""
+    items = []
+    for key in sorted(extra):
+        value = extra[key]
+        if isinstance(value, torch.Tensor):
+            items.append((key, "tensor", tuple(value.shape), str(value.dtype), str(value.device), value.stride()))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            items.append((key, type(value).__name__, repr(value)))
+        else:
+            return None
+    return tuple(items)
 
 
 def graph_info() -> dict:
@@ -180,10 +204,15 @@ class _Capture:
         self._events: list = [None] * _RING
         self._row = 0
         self.fast = noise == "fast"
-        self.eps = None if self.fast else torch.zeros(shape, dtype=torch.float32, device=device)
+        # k-diffusion's convention: a denoiser called at x_hat with sigma * s_in (a per-sample tensor),
+        # true division, no churn where gamma = 0; ``extra`` holds static copies of its extra_args' tensors
+        self.denoiser = getattr(backend, "denoiser", False)
+        self.levels = torch.zeros(2, shape[0], dtype=torch.float32, device=device) if self.denoiser else None
+        self.extra: dict | None = None
+        self.eps = None if self.fast else self._zeros()
         # fast noise: one Philox key per sample (kve_fast.noise.StepKeys), read by the kernels
         self.keys = torch.zeros(shape[0], dtype=torch.int64, device=device) if self.fast else None
-        self.sample_in = torch.zeros(shape, dtype=torch.float32, device=device) if hand_out else None
+        self.sample_in = self._zeros() if hand_out else None
         self.graphs: dict = {}
         self.outputs: dict = {}
         self.busy = threading.Lock()
@@ -191,6 +220,13 @@ class _Capture:
         for b in buffers:
             b.zero_()
         self.buffers = buffers
+
+    def _zeros(self) -> torch.Tensor:
+        """A static buffer in the state's layout (the kernels index every tensor they touch linearly)."""
+        layout = getattr(self.backend, "_layout", None)
+        if layout is not None:
+            return torch.zeros_like(layout, dtype=torch.float32)
+        return torch.zeros(self.shape, dtype=torch.float32, device=self.device)
 
     # -- what a graph reads -------------------------------------------------------------------------
 
@@ -200,11 +236,15 @@ class _Capture:
         if self._events[row] is not None:
             self._events[row].synchronize()  # that row's copy, _RING steps back, has long been read
         h = self.host[row]
-        h[0], h[1] = step.churn, s_noise
-        h[2:6] = torch.tensor(step.euler, dtype=torch.float32)
-        if step.heun is not None:
+        be = self.backend
+        h[0], h[1] = (step.churn or 0.0), s_noise  # k-diffusion's gamma = 0 steps: no churn (a graph without it)
+        h[2:6] = torch.tensor(be._euler_scalars(step), dtype=torch.float32)
+        if self.denoiser:
+            if not step.last:
+                h[6:10] = torch.tensor(be._heun_scalars(step), dtype=torch.float32)
+        elif step.heun is not None:
             h[6:10] = torch.tensor(step.heun, dtype=torch.float32)
-        h[10], h[11] = (nxt.churn if nxt is not None else 0.0), s_noise
+        h[10], h[11] = ((nxt.churn or 0.0) if nxt is not None else 0.0), s_noise
         self.scalars.copy_(h, non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -224,14 +264,39 @@ class _Capture:
         return (None, self.keys) if self.fast else (self.eps, None)
 
     def half_sigma(self, which: str) -> torch.Tensor:
-        """The model's noise-level input: a 0-d view of the scalar buffer (sigma_hat / 2 or sigma_{i+1} / 2)."""
-        return self.scalars[2] if which == "hat" else self.scalars[6]
+        """The model's noise-level input: a 0-d view of the scalar buffer (sigma_hat / 2 or sigma_{i+1} / 2);
+        for a denoiser, ``sigma * s_in``: the per-sample buffer, filled inside the graph from the scalar
+        buffer (sigma_hat or sigma_{i+1}, the values k-diffusion's ``sigma * s_in`` holds)."""
+        if not self.denoiser:
+            return self.scalars[2] if which == "hat" else self.scalars[6]
+        row, slot = (0, 3) if which == "hat" else (1, 7)
+        level = self.levels[row]
+        level.copy_(self.scalars[slot].expand_as(level))
+        return level
+
+    def set_extra(self, extra: dict) -> None:
+        """k-diffusion's ``extra_args``: its tensors into static copies the graphs' model calls read (the
+        other values are part of the capture's key)."""
+        if self.extra is None:
+            self.extra = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        else:
+            for k, v in extra.items():
+                if isinstance(v, torch.Tensor):
+                    self.extra[k].copy_(v)
+
+    def _model(self, x, which: str):
+        if self.denoiser:
+            return self.call_model(x, self.half_sigma(which), extra=self.extra)
+        return self.call_model(x, self.half_sigma(which))
 
     # -- the captured functions ---------------------------------------------------------------------
 
-    def _fused_step(self, correct: bool, last: bool):
+    def _fused_step(self, correct: bool, last: bool, apply_next: bool = True):
         """No callback: x_hat and the model input arrive in buffers 0 and 1 (written by the previous
-        replay's fused churn, or by the first step's eager churn)."""
+        replay's fused churn, or by the first step's eager churn). ``apply_next``: the next step churns
+        (False only for k-diffusion's gamma = 0 steps)."""
+        if self.denoiser:
+            return self._denoiser_fused_step(correct, last, apply_next)
         b, s, be = self.buffers, self.scalars, self.backend
         _launch_churn, _launch_euler, _launch_heun = be.launch._launch_churn, be.launch._launch_euler, \
             be.launch._launch_heun
@@ -255,9 +320,64 @@ class _Capture:
 
         return fn
 
-    def _handout_step(self, correct: bool):
+    def _denoiser_fused_step(self, correct: bool, last: bool, apply_next: bool):
+        """k-diffusion's convention without a callback: x_hat (also the model's input) in buffer 0."""
+        b, s, be = self.buffers, self.scalars, self.backend
+        launch = be.launch
+        nxt = (*self.noise_args(), s[_NEXT], s[_NEXT] if apply_next else None)
+
+        def fn():
+            raw = self._model(b[0], "hat")
+            if last:
+                return (launch._launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, None, out=None,
+                                             denoiser=True)[0],)
+            if not correct:  # Euler solver: x_{i+1} into buffer 2, then the next x_hat into buffer 0
+                launch._launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, None,
+                                     out=(b[2], b[3], b[4]), denoiser=True)
+                if apply_next:
+                    launch._launch_churn(b[2], nxt[0], nxt[1], s[_NEXT], s[_NEXT], out=(b[0], None), store_xin=False)
+                else:
+                    b[0].copy_(b[2])
+                return ()
+            launch._launch_euler(be._raw(raw), b[0], s[_EULER], False, True, False, None, out=(b[2], b[3], b[4]),
+                                 denoiser=True)
+            raw2 = self._model(b[2], "next")
+            launch._launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], False, False, nxt, out=(b[0], None),
+                                denoiser=True)
+            return ()
+
+        return fn
+
+    def _denoiser_handout_step(self, correct: bool, apply: bool):
+        """k-diffusion's convention with a callback: the sample in through ``sample_in``; x, x_hat and the
+        first model call's D go out (k-diffusion's callback sees x_hat and D; the engine calls it after
+        the replay, with copies)."""
+        b, s, be = self.buffers, self.scalars, self.backend
+        launch = be.launch
+
+        def fn():
+            if apply:
+                launch._launch_churn(self.sample_in, *self.noise_args(), s[_CHURN], s[_CHURN], out=(b[0], None),
+                                     store_xin=False)
+            else:
+                b[0].copy_(self.sample_in)
+            raw = be._raw(self._model(b[0], "hat"))
+            if not correct:
+                prev = launch._launch_euler(raw, b[0], s[_EULER], False, False, False, None, denoiser=True)[0]
+                return prev, raw, b[0]
+            launch._launch_euler(raw, b[0], s[_EULER], False, True, False, None, out=(b[2], b[3], b[4]),
+                                 denoiser=True)
+            raw2 = self._model(b[2], "next")
+            x = launch._launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], True, False, None, denoiser=True)[0]
+            return x, raw, b[0]
+
+        return fn
+
+    def _handout_step(self, correct: bool, apply: bool = True):
         """With a callback: the sample comes in through ``sample_in``; x and D go out as graph memory
         that the engine copies."""
+        if self.denoiser:
+            return self._denoiser_handout_step(correct, apply)
         b, s, be = self.buffers, self.scalars, self.backend
         _launch_churn, _launch_euler, _launch_heun = be.launch._launch_churn, be.launch._launch_euler, \
             be.launch._launch_heun
@@ -276,12 +396,14 @@ class _Capture:
         return fn
 
     def graph(self, kind: tuple):
-        """The graph for ``kind`` = (correct, last), captured at first use (before any real state is in
-        the buffers: the caller captures every kind a run needs before its first step)."""
+        """The graph for ``kind`` = (correct, last, apply), captured at first use (before any real state is
+        in the buffers: the caller captures every kind a run needs before its first step). ``apply``: the
+        churn this graph runs (the step's own with a callback, else the next step's) adds noise; always
+        True in the reference's convention, False for k-diffusion's gamma = 0 steps."""
         g = self.graphs.get(kind)
         if g is None:
-            correct, last = kind
-            fn = self._handout_step(correct) if self.hand_out else self._fused_step(correct, last)
+            correct, last, apply = kind
+            fn = self._handout_step(correct, apply) if self.hand_out else self._fused_step(correct, last, apply)
             g, out = _capture(fn, self.device)
             self.graphs[kind], self.outputs[kind] = g, out
         return g
@@ -295,15 +417,21 @@ def _weakrefable(obj) -> bool:
     return True
 
 
-def _kinds(plan, heun: bool, hand_out: bool) -> set:
-    """The (correct, last) kinds of graph a run of ``plan`` replays."""
+def _kind(plan, i: int, heun: bool, hand_out: bool, denoiser: bool) -> tuple:
+    """The (correct, last, apply) kind of graph step ``i`` of ``plan`` replays (see ``_Capture.graph``)."""
+    last = i == len(plan) - 1
+    apply = True
+    if denoiser:  # k-diffusion churns only where gamma > 0
+        apply = plan[i].churn is not None if hand_out else (last or plan[i + 1].churn is not None)
+    return heun and not last, last and not hand_out, apply
+
+
+def _kinds(plan, heun: bool, hand_out: bool, denoiser: bool = False) -> set:
+    """The kinds of graph a run of ``plan`` replays (every step's, for k-diffusion's convention, whose
+    gamma changes along the run; the reference's steps differ only at the end)."""
     n = len(plan)
-    kinds = set()
-    for i in (0, n - 2, n - 1) if n > 2 else range(n):
-        last = i == n - 1
-        correct = heun and not last
-        kinds.add((correct, last and not hand_out))
-    return kinds
+    steps = range(n) if denoiser or n <= 2 else (0, n - 2, n - 1)
+    return {_kind(plan, i, heun, hand_out, denoiser) for i in steps}
 
 
 def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out: bool, image, call_model,
@@ -343,15 +471,19 @@ def keep(cap: _Capture) -> None:
 
 
 def graphed_engine(cuda_graph, model, backend, source, plan, shape, device, noise, solver, hand_out, image,
-                   s_noise, call_model, noise_level, variant: tuple = ()):
+                   s_noise, call_model, noise_level, variant: tuple = (), extra: dict | None = None):
     """A ``GraphedEngine`` with its graphs captured, or None to run eagerly (the capture is busy in
-    another thread, or the model cannot be captured: ``"auto"`` warns once, ``True`` raises)."""
+    another thread, or the model cannot be captured: ``"auto"`` warns once, ``True`` raises).
+    ``extra``: k-diffusion's ``extra_args`` (its tensors are copied into the capture's static ones; the
+    caller puts ``extra_signature(extra)`` into ``variant``)."""
     from .ncsnpp import make_capturable, needs_patch
 
     cap = capture_for(model, backend, shape, device, noise, solver, hand_out, image, call_model, variant)
     if cap is None:
         return None
     try:
+        if cap.denoiser:
+            cap.set_extra(extra or {})
         if isinstance(model, torch.nn.Module) and needs_patch(model):
             make_capturable(model)  # host-built FIR filters -> device-cached, bit-identical
         engine = GraphedEngine(cap, source, plan, solver, hand_out, image, s_noise, call_model, noise_level)
@@ -380,37 +512,50 @@ class GraphedEngine(StepEngine):
         """Capture every graph this run replays, before any real state is in the buffers (warm-up
         computes with the first step's scalars, so it sees finite values)."""
         self.cap.load(self.plan[0], self.plan[1] if len(self.plan) > 1 else None, self.s_noise)
-        for kind in sorted(_kinds(self.plan, self.heun_solver, self.hand_out)):
+        for kind in sorted(_kinds(self.plan, self.heun_solver, self.hand_out, self.cap.denoiser)):
             self.cap.graph(kind)
 
     def step(self, step, on_denoised=None) -> None:
         cap, i = self.cap, step.index
-        correct = self.corrects(step)
         nxt = self.plan[i + 1] if i + 1 < len(self.plan) else None
+        kind = _kind(self.plan, i, self.heun_solver, self.hand_out, cap.denoiser)
         if self.hand_out:
             cap.sample_in.copy_(self.sample)
             cap.set_noise(self.source.step())
             cap.load(step, None, self.s_noise)
-            kind = (correct, False)
             cap.graph(kind).replay()
+            if cap.denoiser:  # k-diffusion's callback sees x_hat and D of the first model call
+                x, denoised, x_hat = cap.outputs[kind]
+                if on_denoised is not None:
+                    on_denoised(step, x_hat.clone(), denoised.clone())
+                self.sample, self.denoised = x.clone(), denoised.clone()
+                return
             x, pred = cap.outputs[kind]
             self.sample, self.denoised = x.clone(), pred.clone()
             return
         if self._fused is None:  # the first step: its churn runs eagerly into the graphs' buffers 0 and 1
-            b = cap.buffers
-            eps, seed = cap.backend._noise(self.source.step())
-            cap.backend.launch._launch_churn(self.backend._like(self.sample), eps, seed, cap.backend.s_noise,
-                                             step.churn, out=(b[0], b[1]))
+            self._first_churn(step)
         self._fused = None
         last = step.last
         if not last:
             cap.set_noise(self.source.step())  # the next step's churn noise
         cap.load(step, nxt, self.s_noise)
-        kind = (correct, last)
         cap.graph(kind).replay()
         if last:
-            prev, img = cap.outputs[kind]
-            self.sample = prev.clone()
-            self.image = None if img is None else img.clone()
+            out = cap.outputs[kind]
+            self.sample = out[0].clone()
+            self.image = None if len(out) < 2 or out[1] is None else out[1].clone()
         else:
             self._fused = True
+
+    def _first_churn(self, step) -> None:
+        cap, b = self.cap, self.cap.buffers
+        be = cap.backend
+        eps, seed = be._noise(self.source.step())  # drawn also where k-diffusion's gamma is 0, as it does
+        sample = be._like(self.sample)
+        if not cap.denoiser:
+            be.launch._launch_churn(sample, eps, seed, be.s_noise, step.churn, out=(b[0], b[1]))
+        elif step.churn is None:
+            b[0].copy_(sample)
+        else:
+            be.launch._launch_churn(sample, eps, seed, be.s_noise, step.churn, out=(b[0], None), store_xin=False)

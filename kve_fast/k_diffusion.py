@@ -27,6 +27,7 @@ import torch
 from ._checks import check_real
 from .backends import make_backend
 from .engine import StepEngine
+from . import graphs
 from .noise import DeviceNoise, RandnLikeNoise
 from .options import NOISE_MODES
 from .plan import kdiffusion_plan
@@ -88,7 +89,7 @@ def denoiser_to_score(denoiser: Callable) -> Callable:
 
 
 def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, backend, noise,
-            solver) -> torch.Tensor:
+            solver, cuda_graph=None) -> torch.Tensor:
     if not callable(model):
         raise TypeError(f"`model` must be callable (a denoiser), got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
@@ -111,10 +112,11 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
     stepper = make_backend(backend, x.device, s_noise, want_pred=callback is not None, shape=x.shape, denoiser=True,
                            layout=layout)
     extra_args = {} if extra_args is None else extra_args
+    graphed = _decide_graphs(cuda_graph, x.device, stepper, noise, extra_args)
     s_in = x.new_ones([x.shape[0]])
 
-    def call_model(x_in, sigma_in):
-        out = _raw_output(model(x_in, sigma_in, **extra_args))
+    def call_model(x_in, sigma_in, extra=None):
+        out = _raw_output(model(x_in, sigma_in, **(extra_args if extra is None else extra)))
         if not isinstance(out, torch.Tensor) or out.shape != x_in.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x_in.shape)}, got {got}")
@@ -125,11 +127,19 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
         return (step.sigma_hat_on_device() if which == "hat" else step.sigma_next) * s_in
 
     snapshot = _RngSnapshot(None, x.device)
-    iterator = None
+    iterator = capture = None
     try:
         source = RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, x.device, steps)
-        engine = StepEngine(stepper, source, plan, solver, hand_out=callback is not None, image=None,
-                            call_model=call_model, noise_level=_noise_level)
+        engine = None
+        if graphed:
+            engine = graphs.graphed_engine(
+                cuda_graph, model, stepper, source, plan, x.shape, x.device, noise, solver, callback is not None, None,
+                s_noise, call_model, _noise_level, variant=("k-diffusion", graphs.extra_signature(extra_args)),
+                extra=extra_args)
+            capture = None if engine is None else engine.cap
+        if engine is None:
+            engine = StepEngine(stepper, source, plan, solver, hand_out=callback is not None, image=None,
+                                call_model=call_model, noise_level=_noise_level)
         engine.start(x)
         def on_denoised(step, x_hat, denoised):
             # k-diffusion's callback: after the first model call, before the Euler step
@@ -142,30 +152,56 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
         result = engine.output()
         _warn_if_not_finite(result)
     except BaseException:
+        if capture is not None:
+            graphs.release(capture)
         snapshot.restore()
         raise
     finally:
         if hasattr(iterator, "close"):
             iterator.close()
+    if capture is not None:
+        graphs.keep(capture)
     return result
+
+
+def _decide_graphs(cuda_graph, device, stepper, noise: str, extra_args: dict) -> bool:
+    """Whether this run replays CUDA graphs. ``None`` means ``graphs.KDIFFUSION_DEFAULT_MODE`` (off until
+    a GPU run has confirmed this convention's graphed output bit for bit; ``"auto"``/True ask for them)."""
+    mode = graphs.KDIFFUSION_DEFAULT_MODE if cuda_graph is None else graphs.check_cuda_graph(cuda_graph)
+    if not graphs.decide(mode, device, stepper, noise):
+        return False
+    if graphs.extra_signature(extra_args) is None:
+        reason = "`extra_args` holds values other than tensors, numbers, strings and None"
+        if mode is True:
+            raise ValueError(f"`cuda_graph`=True but {reason}")
+        graphs._warn_once(("extra_args",), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same "
+                                           "results")
+        return False
+    return True
 
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
-                s_tmax=float("inf"), s_noise=1.0, *, backend: str = "auto", noise: str = "exact") -> torch.Tensor:
+                s_tmax=float("inf"), s_noise=1.0, *, backend: str = "auto", noise: str = "exact",
+                cuda_graph=None) -> torch.Tensor:
     """Implements Algorithm 2 (Heun steps) from Karras et al. (2022), as k-diffusion's ``sample_heun``.
 
     ``model(x, sigma * s_in, **extra_args)`` returns the denoised image; ``sigmas`` is descending and
     ends in 0 (``get_sigmas_karras``); ``x`` is the initial sample scaled to ``sigmas[0]``. Bit-identical
     to k-diffusion's function in float32 on the same device (``noise="exact"``, either backend).
+    ``cuda_graph``: ``"auto"``/True replay each step from a CUDA graph (Triton or CUDA backend, on CUDA;
+    ``extra_args``' tensors are copied into static buffers each call); None (the default) is
+    ``kve_fast.graphs.KDIFFUSION_DEFAULT_MODE``, off until confirmed on a GPU.
     """
     return _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, backend, noise,
-                   "heun")
+                   "heun", cuda_graph)
 
 
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
-                 s_tmax=float("inf"), s_noise=1.0, *, backend: str = "auto", noise: str = "exact") -> torch.Tensor:
-    """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), as k-diffusion's ``sample_euler``."""
+                 s_tmax=float("inf"), s_noise=1.0, *, backend: str = "auto", noise: str = "exact",
+                 cuda_graph=None) -> torch.Tensor:
+    """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), as k-diffusion's ``sample_euler``
+    (``cuda_graph`` as in ``sample_heun``)."""
     return _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, backend, noise,
-                   "euler")
+                   "euler", cuda_graph)

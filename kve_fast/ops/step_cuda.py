@@ -245,7 +245,7 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
         if isinstance(c, torch.Tensor):
             cs, c, s_noise = c, 0.0, 0.0
         if not apply:
-            eps, c = None, 0.0
+            eps, c, s_noise = None, 0.0, 0.0
     values, mem = _scalar_args(scalars, 4)
     if churn_next is not None and apply and (mem is None) != (cs is None):
         raise ValueError("the step's scalars and the next churn's must both be floats or both device tensors")

@@ -222,7 +222,7 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
         sigma_prev = tl.load(sc_ptr + 1)
         inv_sigma_prev = tl.load(sc_ptr + 2)
         dt = tl.load(sc_ptr + 3)
-        if CHURN:
+        if CHURN and APPLY:
             c_next = tl.load(cs_ptr)
             s_noise = tl.load(cs_ptr + 1)
     pid = tl.program_id(0)
@@ -342,9 +342,11 @@ def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool,
         hat_next, xin = out if out is not None else (torch.empty_like(hat), torch.empty_like(hat))
         xin = None if denoiser else xin
     apply = c is not None
+    if not apply:  # the next x_hat is x itself: no noise, no coefficient
+        eps, s_noise, c = None, 0.0, None
     scalars, sc, mem = _scalar_args(scalars, 4)
     cs = c if isinstance(c, torch.Tensor) else None
-    if churn_next is not None and mem != (cs is not None):
+    if churn_next is not None and apply and mem != (cs is not None):
         raise ValueError("the step's scalars and the next churn's must both be floats or both device tensors")
     device_noise = churn_next is not None and apply and eps is None
     seed, keys, per_sample, keyed, big, noise4 = _seed_args(seed, n, hat)

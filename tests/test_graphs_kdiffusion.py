@@ -1,0 +1,128 @@
+"""The CUDA-graph runner in k-diffusion's convention (``kve_fast.k_diffusion``, ``cuda_graph=``), on the CPU
+with the eager stand-in for torch.cuda.CUDAGraph (``graphs._FAKE_GRAPHS``): every per-step value must come
+from the capture's static buffers (scalars, the per-sample noise level, noise, ``extra_args``), so the
+graphed output must be the eager output bit for bit, which tests/test_k_diffusion.py ties to the real
+k-diffusion package. Real capture on a GPU: bench/kdiffusion_check.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_bitwise, needs_triton, reference_test_unet
+
+from kve_fast import graphs
+from kve_fast import k_diffusion as kd
+
+pytestmark = needs_triton
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CHURN = {"s_churn": 20.0, "s_tmin": 0.1, "s_tmax": 5.0, "s_noise": 1.003}  # gamma > 0 on some steps only
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    monkeypatch.setattr(graphs, "_FAKE_GRAPHS", not torch.cuda.is_available())
+    graphs.clear_graphs()
+    yield
+    graphs.clear_graphs()
+
+
+class Denoiser(torch.nn.Module):
+    """A small denoiser: a UNet's output mixed with the input, with an optional conditioning tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.unet = reference_test_unet(8)
+
+    def forward(self, x, sigma, cond=None, scale=1.0):
+        c = sigma.reshape(-1, 1, 1, 1)
+        out = x / (1 + c**2) + 0.05 * scale * self.unet(x / (1 + c), sigma).sample
+        return out if cond is None else out + 0.01 * cond
+
+
+def _run(sampler, model, cuda_graph, seed=0, steps=6, layout="contiguous", **kw):
+    sigmas = kd.get_sigmas_karras(steps, 0.02, 20.0, device=DEVICE)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * sigmas[0]
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    torch.manual_seed(seed + 100)
+    if DEVICE == "cuda":
+        torch.cuda.manual_seed(seed + 100)
+    out = sampler(model, x, sigmas, backend="triton", cuda_graph=cuda_graph, **kw)
+    return out, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("sampler", [kd.sample_heun, kd.sample_euler])
+@pytest.mark.parametrize("churn", [{}, CHURN])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_graphed_k_diffusion_gives_the_eager_bits(fake_graphs, sampler, churn, layout):
+    model = Denoiser().to(DEVICE)
+    eager, rng_eager = _run(sampler, model, False, layout=layout, **churn)
+    graphed, rng_graphed = _run(sampler, model, True, layout=layout, **churn)
+    assert_bitwise(graphed, eager, f"{sampler.__name__} graphed vs eager {churn} {layout}")
+    assert torch.equal(rng_graphed, rng_eager), "the graphed run must consume the RNG exactly as the eager one"
+    assert graphs.graph_info()["captures"] == 1
+
+
+@pytest.mark.parametrize("sampler", [kd.sample_heun, kd.sample_euler])
+def test_graphed_callbacks_see_what_eager_callbacks_see(fake_graphs, sampler):
+    model = Denoiser().to(DEVICE)
+    seen = {False: [], True: []}
+    for cuda_graph in (False, True):
+        def callback(d, out=seen[cuda_graph]):
+            out.append((d["i"], d["x"].clone(), d["denoised"].clone(), d["sigma"].clone(), d["sigma_hat"].clone()))
+
+        result = _run(sampler, model, cuda_graph, callback=callback, **CHURN)[0]
+        seen[cuda_graph].append(result)
+    assert len(seen[True]) == len(seen[False]) > 3
+    for a, b in zip(seen[True][:-1], seen[False][:-1]):
+        assert a[0] == b[0]
+        for u, v, what in zip(a[1:], b[1:], ("x", "denoised", "sigma", "sigma_hat")):
+            assert_bitwise(u, v, f"callback {what} at step {a[0]}")
+    assert_bitwise(seen[True][-1], seen[False][-1], "result with a callback")
+
+
+def test_fast_noise_graphed_equals_eager(fake_graphs):
+    model = Denoiser().to(DEVICE)
+    assert_bitwise(_run(kd.sample_heun, model, True, noise="fast", **CHURN)[0],
+                   _run(kd.sample_heun, model, False, noise="fast", **CHURN)[0], "fast noise")
+
+
+def test_extra_args_are_read_fresh_every_call(fake_graphs):
+    model = Denoiser().to(DEVICE)
+    for k in range(3):
+        cond = torch.full((2, 3, 8, 8), float(k), device=DEVICE)
+        extra = {"cond": cond, "scale": 0.5}
+        assert_bitwise(_run(kd.sample_heun, model, True, extra_args=extra)[0],
+                       _run(kd.sample_heun, model, False, extra_args=extra)[0], f"cond = {k}")
+    assert graphs.graph_info()["captures"] == 1, "new tensors of the same shape reuse the capture"
+    _run(kd.sample_heun, model, True, extra_args={"cond": cond, "scale": 2.0})
+    assert graphs.graph_info()["captures"] == 2, "a new non-tensor value is a new capture"
+
+
+def test_uncapturable_extra_args_run_eagerly(fake_graphs):
+    model = Denoiser().to(DEVICE)
+    bad = {"cond": [torch.zeros(2, 3, 8, 8, device=DEVICE)]}
+
+    def listy(x, sigma, cond):
+        return model(x, sigma, cond[0])
+
+    with pytest.raises(ValueError, match="extra_args"):
+        _run(kd.sample_heun, listy, True, extra_args=bad)
+    graphs._warned.discard(("extra_args",))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _run(kd.sample_heun, listy, "auto", extra_args=bad)[0]
+    on_cuda = DEVICE == "cuda"
+    assert any("extra_args" in str(w.message) for w in caught) or not on_cuda
+    assert_bitwise(out, _run(kd.sample_heun, listy, False, extra_args=bad)[0], "eager fallback")
+    assert graphs.graph_info()["captures"] == 0
+
+
+def test_graphs_are_off_by_default_in_this_convention(fake_graphs):
+    assert graphs.KDIFFUSION_DEFAULT_MODE is False  # until a GPU run confirms the graphed bits
+    _run(kd.sample_heun, Denoiser().to(DEVICE), None)
+    assert graphs.graph_info()["captures"] == 0
+    with pytest.raises(ValueError, match="cuda_graph"):
+        _run(kd.sample_heun, Denoiser().to(DEVICE), "sometimes")
