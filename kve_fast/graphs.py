@@ -305,16 +305,16 @@ class _Capture:
         def fn():
             raw = self.call_model(b[1], self.half_sigma("hat"))
             if last:
-                prev, _, _, _, img = _launch_euler(be._like(raw), b[0], s[_EULER], False, False, False, image,
+                prev, _, _, _, img = _launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, image,
                                                    out=None)
                 return prev, img
             if not correct:  # Euler solver: x_{i+1} into buffer 2, then the next step's churn into 0 and 1
-                _launch_euler(be._like(raw), b[0], s[_EULER], False, False, False, None, out=(b[2], b[3], b[4]))
+                _launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, None, out=(b[2], b[3], b[4]))
                 _launch_churn(b[2], *self.noise_args(), s[_NEXT], s[_NEXT], out=(b[0], b[1]))
                 return ()
-            _launch_euler(be._like(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
+            _launch_euler(be._raw(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
             raw2 = self.call_model(b[4], self.half_sigma("next"))
-            _launch_heun(be._like(raw2), b[0], b[2], b[3], s[_HEUN], False, False,
+            _launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], False, False,
                          (*self.noise_args(), s[_NEXT], s[_NEXT]), out=(b[0], b[1]))
             return ()
 
@@ -386,11 +386,11 @@ class _Capture:
             _launch_churn(self.sample_in, *self.noise_args(), s[_CHURN], s[_CHURN], out=(b[0], b[1]))
             raw = self.call_model(b[1], self.half_sigma("hat"))
             if not correct:
-                prev, _, _, pred, _ = _launch_euler(be._like(raw), b[0], s[_EULER], False, False, True, None)
+                prev, _, _, pred, _ = _launch_euler(be._raw(raw), b[0], s[_EULER], False, False, True, None)
                 return prev, pred
-            _launch_euler(be._like(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
+            _launch_euler(be._raw(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
             raw2 = self.call_model(b[4], self.half_sigma("next"))
-            x, pred, _, _ = _launch_heun(be._like(raw2), b[0], b[2], b[3], s[_HEUN], True, True, None)
+            x, pred, _, _ = _launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], True, True, None)
             return x, pred
 
         return fn
