@@ -51,7 +51,8 @@ filter (it is capturable too: ``needs_patch`` is False for it), ``restore`` undo
 ``make_capturable`` (a module made fast stays fast) and ``restore_fast`` only ``make_fast`` (a module made
 capturable stays capturable, bit-identical to diffusers); a module returns to diffusers' own code when
 both are undone. In fast mode, a call the kernel does not take (a float64 input, a CPU tensor when Triton
-runs only on CUDA, a filter over 16 taps) runs diffusers' ``upfirdn2d_native`` as before. Where Triton
+runs only on CUDA, a filter over 16 taps, an input that requires grad: the kernel has no backward) runs
+diffusers' ``upfirdn2d_native`` as before. Where Triton
 cannot run at all (no CUDA device and no ``TRITON_INTERPRET=1``, or Triton missing), ``make_fast`` patches
 nothing and warns once: there is no torch re-implementation of the op here.
 """
