@@ -14,6 +14,7 @@ leaves no thread behind.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable
 
@@ -249,6 +250,17 @@ def _half_sigma(step, which: str) -> torch.Tensor:
     return step.half_sigma_hat if which == "hat" else step.half_sigma_prev
 
 
+def _fast_fir(model, device: torch.device, noise: str, precision: Precision) -> bool:
+    """Whether this run puts an NCSN++ UNet's FIR resampling on the Triton kernel (``kve_fast.ncsnpp.make_fast``):
+    only in the modes that are not bit-exact anyway (fast noise, low precision, TF32), on CUDA (or in
+    Triton's interpreter), for the duration of the run."""
+    if noise != "fast" and precision.exact:
+        return False
+    if not isinstance(model, torch.nn.Module):
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, backend, callback, progress, output,
          solver, draw_initial: bool = True, graph=None, precision: Precision = Precision()) -> torch.Tensor:
     """The loop of Algorithm 2; the callers checked every argument.
@@ -275,8 +287,13 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
     source = iterator = capture = None
     image = None if output == "latent" else output
     switches = precision.switches()
+    fir_patched = 0
     try:
         switches.__enter__()
+        if _fast_fir(model, device, noise, precision):
+            from . import ncsnpp
+
+            fir_patched = ncsnpp.make_fast(model)  # 0 for a model without FIR blocks (or already fast)
         source = make_noise(noise, shape, generator, device, len(steps))
         engine = None
         if graph is not None:
@@ -318,6 +335,10 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
             source.close()
         if hasattr(iterator, "close"):
             iterator.close()
+        if fir_patched:
+            from . import ncsnpp
+
+            ncsnpp.restore_fast(model)  # exact runs of this model keep diffusers' own ops and bits
         switches.__exit__(None, None, None)
     if capture is not None:
         keep(capture)

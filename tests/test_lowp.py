@@ -203,3 +203,28 @@ def test_generate_records_the_precision_and_refuses_to_mix_it_on_resume():
     assert _differences({"model": model, "settings": fp32}, model, bf16) == [
         f"precision {fp32['precision']!r} (now {bf16['precision']!r})"]
     assert _differences({"model": model, "settings": fp32}, model, fp32) == []
+
+
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
+def test_fast_modes_put_ncsnpp_fir_blocks_on_the_triton_kernel_for_the_run_only(monkeypatch):
+    from conftest import ncsnpp_unet
+
+    from kve_fast import ncsnpp
+    from kve_fast.ops import fir_triton
+
+    unet = ncsnpp_unet(8)
+    pipe = kve_pipe(unet, **SCHEDULE)
+    run = lambda **kw: pipe(2, 2, torch.Generator().manual_seed(0), output_type="latent",  # noqa: E731
+                            backend="triton", cuda_graph=False, **kw).images
+    calls = []
+    original = fir_triton.upfirdn2d
+    monkeypatch.setattr(fir_triton, "upfirdn2d", lambda *a, **k: calls.append(1) or original(*a, **k))
+    exact = run()
+    assert not calls, "exact mode keeps diffusers' FIR ops"
+    fast = run(noise="fast")
+    assert calls and not ncsnpp.is_fast(unet), "fast noise runs the Triton FIR kernel, then puts diffusers' back"
+    _assert_meaningful(fast)
+    assert_bitwise(run(), exact, "an exact run after a fast one")
+    calls.clear()
+    run(unet_dtype=torch.bfloat16)
+    assert calls and not ncsnpp.is_fast(unet), "low precision is a fast mode too"
