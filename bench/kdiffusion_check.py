@@ -7,19 +7,35 @@
    ``(sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5``, ``sigmas[i + 1] - sigma_hat``) for get_sigmas_karras
    schedules (n = 10, 50, 200) under several churn settings. The Triton path relies on CPU float32 ops
    giving the same bits as CUDA's.
-2. exact: ``sample_heun`` / ``sample_euler``, s_churn 0 and > 0 (steps with gamma = 0 and gamma > 0),
-   batch 1 and 3, sigmas on the device, a near-free denoiser (``x * 0.5``) and a small UNet denoiser
-   (diffusers' tiny test UNet plus the exact Gaussian denoiser, as tests/test_k_diffusion.py builds it),
-   ``torch.manual_seed(s)`` before each run: kve_fast (backend "torch" and "triton"; with a callback and
-   without one, the fused path) ``torch.equal`` to k-diffusion's output, the callback dicts' tensors
-   equal, and the global CUDA (and CPU) RNG states after the run equal. Mismatches are counted element by
-   element (count, first indices, max |diff|); never a tolerance. Also: k-diffusion run twice (repeatable?).
+2. exact: ``sample_heun`` / ``sample_euler``, s_churn 0 and > 0 on part of the steps (s_tmin/s_tmax:
+   steps with gamma = 0 and gamma > 0 in one run), batch 1 and 3, contiguous and channels_last (batch 3),
+   sigmas on the device, a near-free denoiser (``x * 0.5``) and a small UNet denoiser (diffusers' tiny
+   test UNet plus the exact Gaussian denoiser, as tests/test_k_diffusion.py builds it),
+   ``torch.manual_seed(s)`` before each run: kve_fast (backend "torch", "triton", and "cuda" where the
+   extension is already built, all with ``cuda_graph=False``; then "triton" (and "cuda") GRAPHED,
+   ``cuda_graph=True``; each with a callback and without one, the fused path) ``torch.equal`` to
+   k-diffusion's output, the callback dicts' tensors equal, and the global CUDA (and CPU) RNG states
+   after the run equal. Also ``extra_args`` with a conditioning tensor (and a non-tensor value) that
+   changes between calls: a new tensor, then the first one changed in place; each graphed call must
+   match k-diffusion with that call's tensor (the capture is reused and reads the new values).
+   Mismatches are counted element by element (count, first indices, max |diff|); never a tolerance.
+   Graphed runs keep kve_fast's capture cache between cases, as a user's later calls would: a case replays
+   the captures of an earlier one where the keys match (same model, shape, solver, callback or not), and
+   the channels_last case runs graphed twice, first right after the contiguous case of the same shape
+   (its captures cached), then with ``clear_graphs()`` first (a capture made in this layout).
+   Also: k-diffusion run twice (repeatable?). Every graphed check is tagged ``"graphed": backend`` in
+   the JSON; the summary's last line says whether they allow ``kve_fast.graphs.KDIFFUSION_DEFAULT_MODE
+   = "auto"`` (every graphed check bit-exact, on CUDA, nothing failed) or not.
 3. timing (same run): per-step sampler overhead = (time of a call - time of its model calls alone) / steps
    with the near-free denoiser at 256x256 x 16 (3 channels), and the total time of a 50-step call with the
-   small UNet at 32x32 x 1, for k-diffusion's own loop, kve_fast torch, kve_fast triton (exact noise) and
-   kve_fast triton noise="fast"; ratios to k-diffusion. perf_counter around each call with
-   torch.cuda.synchronize() before and after, one warm-up call each, the variants interleaved round by
-   round, medians. k-diffusion's convention is not captured in CUDA graphs: all eager.
+   small UNet at 32x32 x 1, for k-diffusion's own loop, kve_fast torch, kve_fast triton (exact noise),
+   kve_fast triton noise="fast" (all eager, ``cuda_graph=False``), and "kve_fast triton graphed" and
+   "triton graphed, fast noise" (``cuda_graph=True``); ratios to k-diffusion. perf_counter around each
+   call with torch.cuda.synchronize() before and after. Each variant's first call (for the graphed rows:
+   the capture and its warm-up included) is timed on its own ("first call" column) and is not in the
+   median; then one more untimed warm-up call each, then the variants interleaved round by round,
+   medians. The model calls alone are timed eagerly, so a graphed row's "overhead" (which also gains the
+   model's replay) can be negative: compare its total.
 
 Prints a markdown table last; writes kdiffusion_check.json and .md under --out (default: $OUT, else
 bench/out). Each part runs in try/except, so one failure does not hide the rest; exit status 1 if any
@@ -27,6 +43,10 @@ check mismatched or any part failed. TF32 is off throughout (float32 exactness).
 
 On the CPU (``--device cpu``; TRITON_INTERPRET=1 is set if unset, so the Triton backend runs in Triton's
 interpreter) every part runs with tiny sizes: a smoke test of this script, whose timings mean nothing.
+CUDA graphs do not exist there: the graphed runs use kve_fast.graphs' eager stand-in
+(``graphs._FAKE_GRAPHS = True``, as tests/test_graphs_kdiffusion.py does), which checks the graph runner's
+bookkeeping (static buffers, per-step scalars, noise, extra_args) but not real capture; only a CUDA run
+decides KDIFFUSION_DEFAULT_MODE.
 
 What it needs besides kve_fast (imported from this checkout) and torch/triton:
 - k-diffusion 0.1.1.post1's ``k_diffusion/sampling.py`` and ``utils.py``: from an installed k_diffusion,
@@ -46,7 +66,8 @@ What it needs besides kve_fast (imported from this checkout) and torch/triton:
   does not import, this script extracts its wheel from .whl/ into ~/.cache/kve_fast/wheels and puts it
   on sys.path, so it also runs without the pip step.
 
-On the GPU machine (device tool; about 1 minute with --quick, 1.5 to 3 minutes without, on an H100/H200):
+On the GPU machine (device tool; about 1.5 minutes with --quick, 2 to 4 minutes without, on an H100/H200;
+bench/gpu_session.sh runs it with --quick among its stages):
 
     run(carry=[".whl"], timeout_s=420, command="python3 -m pip install -q --no-index --no-deps --no-compile
         --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
@@ -81,6 +102,10 @@ RESULTS: dict = {
         "model_alone_ms": "median time of the same number of model calls, with the same shapes, outside the sampler",
         "overhead_ms_per_step": "(ms_per_call - model_alone_ms) / steps: the sampler's own cost per step",
         "speedup_*_vs_k_diffusion": "k-diffusion's value / this variant's value, measured in the same run",
+        "first_call_ms": "the variant's first call in this configuration, timed on its own and not in the median "
+                         "(graphed rows: the capture and its warm-up included)",
+        "graphed": "exact rows: the backend of a cuda_graph=True run; timing rows: whether the run is graphed "
+                   "(its overhead_ms_per_step subtracts the EAGER model time, so it can be negative)",
     },
 }
 
@@ -213,8 +238,12 @@ def compare(actual, expected) -> dict:
     return info
 
 
-def record(table: str, name: str, info: dict):
+def record(table: str, name: str, info: dict, graphed: str | None = None):
+    """One check into RESULTS[table]; ``graphed``: the backend of a ``cuda_graph=True`` run (counted for the
+    KDIFFUSION_DEFAULT_MODE decision)."""
     info = {"check": name, **info}
+    if graphed:
+        info["graphed"] = graphed
     RESULTS[table].append(info)
     bad = info["mismatches"]
     extra = ""
@@ -336,22 +365,119 @@ def rng_states(device):
     return states
 
 
+def extension_built(device) -> bool:
+    """Whether backend="cuda" can run here without a just-in-time build (the extension is loaded or installed:
+    ``setup.py build_ext --inplace``). A JIT build would take minutes of this script's slot, so none is made."""
+    if device.type != "cuda":
+        return False
+    try:
+        from kve_fast.ops import step_cuda
+
+        step_cuda.load_ops(jit=False)  # loads kve_fast._C if it is there; never builds
+        return bool(step_cuda.has_cuda_kernels())
+    except Exception as exc:  # noqa: BLE001 - no extension: the cuda rows are left out
+        RESULTS["notes"].append(f"backend 'cuda' left out of the exact part: {type(exc).__name__}: {exc}")
+        return False
+
+
+def capture_used(backend: str, shape, solver: str, hand_out: bool, noise: str = "exact") -> bool:
+    """Whether kve_fast.graphs holds a k-diffusion-convention capture with these keys (a cuda_graph=True run
+    that silently ran eagerly would leave none)."""
+    from kve_fast import graphs
+
+    for key in graphs.graph_info()["keys"]:
+        # key[1:] of graphs.capture_for: backend, shape, device, noise, solver, hand_out, image, variant...
+        if (key[0] == backend and tuple(key[1]) == tuple(shape) and key[3] == noise and key[4] == solver
+                and key[5] == hand_out and "k-diffusion" in key[7:]):
+            return True
+    return False
+
+
+def graphed_error(where: str, exc: BaseException):
+    RESULTS["errors"].append({"part": where, "error": f"{type(exc).__name__}: {exc}", "graphed": True,
+                              "traceback": traceback.format_exc()})
+    log(f"  GRAPHED RUN FAILED {where}: {type(exc).__name__}: {exc}")
+
+
+def run_variants(real, sampler, model, x, sigmas, seed, case, runs, extra_args=None, **churn):
+    """k-diffusion (with a callback, then again without: repeatable?), then each of ``runs`` =
+    [(label, kwargs, graphed backend or None[, fresh])] with and without a callback, against it (``fresh``:
+    ``clear_graphs()`` first, so the run captures instead of replaying a cached capture)."""
+    import torch
+
+    from kve_fast import graphs
+    from kve_fast import k_diffusion as kd
+
+    solver = sampler.split("_", 1)[1]
+    seen = {"real": [], "ours": []}
+
+    def recorder(key):
+        return lambda d: seen[key].append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()})
+
+    torch.manual_seed(seed)
+    expected = getattr(real, sampler)(model, x, sigmas, extra_args=extra_args, callback=recorder("real"),
+                                      disable=True, **churn)
+    states = rng_states(x.device)
+    torch.manual_seed(seed)
+    again = getattr(real, sampler)(model, x, sigmas, extra_args=extra_args, disable=True, **churn)
+    record("exact", f"{case}: k-diffusion repeatable", compare(again, expected))
+    outputs = {}
+    for name, kwargs, graphed, *fresh in runs:
+        for with_cb in (True, False):
+            label = f"{case}: {name}{' +callback' if with_cb else ''}"
+            seen["ours"] = []
+            try:
+                if fresh and fresh[0]:
+                    graphs.clear_graphs()  # this run captures anew
+                torch.manual_seed(seed)
+                got = getattr(kd, sampler)(model, x, sigmas, extra_args=extra_args, disable=True,
+                                           callback=recorder("ours") if with_cb else None, **kwargs, **churn)
+                after = rng_states(x.device)
+                if graphed and not capture_used(graphed, x.shape, solver, with_cb):
+                    raise RuntimeError("cuda_graph=True ran without a capture (kve_fast.graphs holds none for it)")
+            except Exception as exc:  # noqa: BLE001 - one run's failure must not hide the others
+                if graphed:
+                    graphed_error(f"exact {label}", exc)
+                    continue
+                raise
+            outputs[(name, with_cb)] = got
+            record("exact", f"{label} output", compare(got, expected), graphed)
+            for dev_name, state in states.items():
+                record("exact", f"{label} {dev_name} RNG state after", compare(after[dev_name], state), graphed)
+            if with_cb:
+                check_callbacks(label, seen["ours"], seen["real"], graphed)
+    return expected, outputs
+
+
+def variant_runs(device, extension: bool):
+    """[(label, sampler kwargs, graphed backend or None)]: the eager backends, then the graphed ones."""
+    eager = ["torch", "triton"] + (["cuda"] if extension else [])
+    graphed = ["triton"] + (["cuda"] if extension else [])
+    return ([(b, {"backend": b, "cuda_graph": False}, None) for b in eager]
+            + [(f"{b} graphed", {"backend": b, "cuda_graph": True}, b) for b in graphed])
+
+
 def check_exact(real, device, sizes, steps):
     import torch
 
-    from kve_fast import k_diffusion as kd
+    from kve_fast import graphs
 
     churn_on = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 10.0, "s_noise": 1.007}
     models = {name: make_model(name, device, size) for name, size in sizes.items()}
-    backends = ["torch", "triton"]
+    extension = extension_built(device)
+    runs = variant_runs(device, extension)
+    log(f"  runs: {', '.join(r[0] for r in runs)}" + ("" if extension or device.type != "cuda" else
+        " (backend 'cuda' left out: the extension is not built, and a just-in-time build is not made here)"))
+    graphs.clear_graphs()
     seed = 0
     for sampler in ("sample_heun", "sample_euler"):
         for model_name, model in models.items():
             size = sizes[model_name]
             for churn_name, churn in (("s_churn=0", {}), ("s_churn=40 [0.05, 10]", churn_on)):
-                for batch in (1, 3):
+                for batch, layout in ((1, "contiguous"), (3, "contiguous"), (3, "channels_last")):
                     seed += 1
-                    case = f"{sampler} {model_name} {size}x{size} b{batch} {churn_name}"
+                    case = f"{sampler} {model_name} {size}x{size} b{batch}{' ' + layout if batch > 1 else ''} " \
+                           f"{churn_name}"
                     sigmas = real.get_sigmas_karras(steps, 0.02, 40.0, device=device)
                     if churn:
                         s = sigmas[:-1].cpu()
@@ -359,44 +485,87 @@ def check_exact(real, device, sizes, steps):
                         case += f" ({pos} of {steps} steps gamma > 0)"
                     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
                     x = x * sigmas[0]
-                    seen = {"real": [], "ours": []}
-
-                    def recorder(key):
-                        return lambda d: seen[key].append(
-                            {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()})
-
+                    if layout == "channels_last":
+                        x = x.to(memory_format=torch.channels_last)
+                    case_runs = runs
+                    if layout == "channels_last":
+                        # first with the contiguous b3 run's capture (same model, shape, solver) in the cache,
+                        # then with a capture made from this layout
+                        case = case.replace(" channels_last", " channels_last (after contiguous)")
+                        case_runs = runs + [(f"{r[0]}, fresh capture", r[1], r[2], True) for r in runs if r[2]]
                     try:
-                        torch.manual_seed(seed)
-                        expected = getattr(real, sampler)(model, x, sigmas, callback=recorder("real"), disable=True,
-                                                          **churn)
-                        states = rng_states(device)
-                        torch.manual_seed(seed)
-                        again = getattr(real, sampler)(model, x, sigmas, disable=True, **churn)
-                        record("exact", f"{case}: k-diffusion repeatable", compare(again, expected))
-                        for backend in backends:
-                            for with_cb in (True, False):
-                                label = f"{case}: {backend}{' +callback' if with_cb else ''}"
-                                seen["ours"] = []
-                                torch.manual_seed(seed)
-                                got = getattr(kd, sampler)(model, x, sigmas, disable=True, backend=backend,
-                                                           callback=recorder("ours") if with_cb else None, **churn)
-                                record("exact", f"{label} output", compare(got, expected))
-                                after = rng_states(device)
-                                for dev_name, state in states.items():
-                                    record("exact", f"{label} {dev_name} RNG state after",
-                                           compare(after[dev_name], state))
-                                if with_cb:
-                                    check_callbacks(label, seen["ours"], seen["real"])
+                        run_variants(real, sampler, model, x, sigmas, seed, case, case_runs, **churn)
                     except Exception as exc:  # noqa: BLE001 - one case's failure must not hide the others
                         RESULTS["errors"].append({"part": f"exact {case}", "error": f"{type(exc).__name__}: {exc}",
                                                   "traceback": traceback.format_exc()})
                         log(f"  CASE FAILED {case}: {type(exc).__name__}: {exc}")
+    check_extra_args(real, device, sizes["unet"], steps, churn_on, models["unet"], runs)
 
 
-def check_callbacks(label, ours, real):
+def check_extra_args(real, device, size, steps, churn, base, runs):
+    """``extra_args={"cond": tensor, "weight": 0.5}`` on a conditioned denoiser, three calls per sampler: the
+    first tensor, a new tensor (same shape: the capture is reused and must read the new values), then the
+    first tensor changed in place. Each against k-diffusion with that call's tensor."""
+    import torch
+
+    from kve_fast import graphs
+
+    class Conditioned(torch.nn.Module):
+        """The small UNet denoiser plus a conditioning image (k-diffusion passes extra_args as keywords)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, sigma, cond=None, weight=1.0):
+            out = self.inner(x, sigma)
+            return out if cond is None else out + (0.2 * weight) * cond
+
+    model = Conditioned(base)
+    batch = 2
+    sigmas = real.get_sigmas_karras(steps, 0.02, 40.0, device=device)
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device) * sigmas[0]
+    cond_a = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    cond_b = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    def held():  # the capture objects held now (is the same capture reused across calls?)
+        return sorted(id(c) for c in getattr(graphs, "_CACHE", {}).values())
+
+    for sampler in ("sample_heun", "sample_euler"):
+        graphs.clear_graphs()
+        results = []
+        captures = []
+        for call, (what, cond) in enumerate((("cond A", cond_a), ("cond B (a new tensor)", cond_b),
+                                             ("cond A changed in place", None))):
+            if cond is None:
+                cond_a.mul_(-0.5).add_(0.25)  # the same tensor object, new values
+                cond = cond_a
+            case = f"{sampler} unet {size}x{size} b{batch} extra_args call {call + 1}: {what}"
+            try:
+                expected, _ = run_variants(real, sampler, model, x, sigmas, 500 + call, case, runs,
+                                           extra_args={"cond": cond, "weight": 0.5}, **churn)
+                results.append(expected)
+            except Exception as exc:  # noqa: BLE001
+                RESULTS["errors"].append({"part": f"exact {case}", "error": f"{type(exc).__name__}: {exc}",
+                                          "traceback": traceback.format_exc()})
+                log(f"  CASE FAILED {case}: {type(exc).__name__}: {exc}")
+            captures.append(held())
+        if len(results) == 3:
+            differ = not torch.equal(results[0], results[1]) and not torch.equal(results[1], results[2])
+            reused = len(captures) == 3 and captures[0] == captures[1] == captures[2] and bool(captures[0])
+            RESULTS["notes"].append(f"{sampler} extra_args: k-diffusion's outputs differ between the three "
+                                    f"conditioning tensors: {differ} (else these checks would be vacuous); calls 2 "
+                                    f"and 3 replayed call 1's captures ({len(captures[0])}): {reused}")
+            if not differ:
+                RESULTS["errors"].append({"part": f"exact {sampler} extra_args", "graphed": True,
+                                          "error": "the conditioning tensor does not change k-diffusion's output: "
+                                                   "the extra_args checks test nothing"})
+
+
+def check_callbacks(label, ours, real, graphed=None):
     if len(ours) != len(real):
         record("exact", f"{label} callback count", {"elements": len(real), "mismatches": abs(len(ours) - len(real)),
-                                                    "note": f"{len(ours)} calls vs {len(real)}"})
+                                                    "note": f"{len(ours)} calls vs {len(real)}"}, graphed)
         return
     totals = {key: {"elements": 0, "mismatches": 0} for key in ("keys/i", "x", "sigma", "sigma_hat", "denoised")}
     for step, (a, b) in enumerate(zip(ours, real)):
@@ -416,7 +585,7 @@ def check_callbacks(label, ours, real):
             if info.get("note") and "note" not in t:
                 t["note"] = f"step {step}: {info['note']}"
     for key, t in totals.items():
-        record("exact", f"{label} callback {key} ({len(real)} steps)", t)
+        record("exact", f"{label} callback {key} ({len(real)} steps)", t, graphed)
 
 
 # -- 3. timing -------------------------------------------------------------------------------------------
@@ -468,24 +637,53 @@ def time_config(real, device, cfg, reps_free, reps_unet):
     model = make_model(model_name, device, size)
     sigmas = real.get_sigmas_karras(steps, 0.002, 80.0, device=device)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * sigmas[0]
+    eager, graphed = {"cuda_graph": False}, {"cuda_graph": True}
     variants = {
         "k-diffusion": lambda: getattr(real, sampler)(model, x, sigmas, disable=True, **churn),
-        "kve_fast torch": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="torch", **churn),
-        "kve_fast triton": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton", **churn),
+        "kve_fast torch": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="torch", **eager,
+                                                       **churn),
+        "kve_fast triton": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton", **eager,
+                                                        **churn),
         "kve_fast triton fast": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton",
-                                                             noise="fast", **churn),
+                                                             noise="fast", **eager, **churn),
+        "kve_fast triton graphed": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton",
+                                                                **graphed, **churn),
+        "triton graphed, fast noise": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True,
+                                                                   backend="triton", noise="fast", **graphed,
+                                                                   **churn),
     }
+    is_graphed = {"kve_fast triton graphed": "triton", "triton graphed, fast noise": "triton"}
     log(f"  {label}: {sampler} {model_name} {size}x{size} x {batch}, {steps} steps, {churn or 's_churn=0'}")
-    # exactness at this size too (also a warm-up for each variant)
-    outs = {}
+    # each variant's first call, timed on its own (graphed: capture and warm-up included; not in the medians);
+    # its output is checked against k-diffusion's at this size too
+    outs, first = {}, {}
     for name, fn in variants.items():
         torch.manual_seed(0)
-        outs[name] = fn()
-    sync(device)
-    for name in ("kve_fast torch", "kve_fast triton"):
-        record("exact", f"timing config {label}: {name} output", compare(outs[name], outs["k-diffusion"]))
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            outs[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - a graphed variant's failure must not hide the eager rows
+            if name not in is_graphed:
+                raise
+            graphed_error(f"timing {label}: {name}", exc)
+            continue
+        sync(device)
+        first[name] = time.perf_counter() - t0
+    for name in ("kve_fast torch", "kve_fast triton", "kve_fast triton graphed"):
+        if name in outs:
+            record("exact", f"timing config {label}: {name} output", compare(outs[name], outs["k-diffusion"]),
+                   is_graphed.get(name))
+    if "triton graphed, fast noise" in outs:  # fast noise is not k-diffusion's stream: graphed = eager
+        record("exact", f"timing config {label}: triton graphed, fast noise output = eager fast noise's",
+               compare(outs["triton graphed, fast noise"], outs["kve_fast triton fast"]), "triton")
+    for name in [n for n in is_graphed if n in outs]:
+        noise = "fast" if "fast" in name else "exact"
+        if not capture_used("triton", x.shape, sampler.split("_", 1)[1], False, noise):
+            graphed_error(f"timing {label}: {name}", RuntimeError("cuda_graph=True ran without a capture"))
     fast = outs["kve_fast triton fast"]
     RESULTS["notes"].append(f"{label}: fast-noise output finite: {bool(torch.isfinite(fast).all())}")
+    variants = {name: fn for name, fn in variants.items() if name in outs}
     del outs, fast
 
     # the model calls alone, with the noise levels the sampler would pass (precomputed)
@@ -508,16 +706,17 @@ def time_config(real, device, cfg, reps_free, reps_unet):
     for name, total in med.items():
         over = (total - model_s) / steps
         row = {"config": label, "sampler": sampler, "model": model_name, "image": size, "batch": batch,
-               "steps": steps, "churn": churn, "variant": name, "model_calls": n_calls,
+               "steps": steps, "churn": churn, "variant": name, "graphed": name in is_graphed,
+               "model_calls": n_calls, "first_call_ms": first[name] * 1e3,
                "ms_per_call": total * 1e3, "ms_per_call_all": [t * 1e3 for t in times[name]],
                "model_alone_ms": model_s * 1e3, "model_alone_ms_all": [t * 1e3 for t in times["model calls alone"]],
                "overhead_ms_per_step": over * 1e3,
                "speedup_total_vs_k_diffusion": base_total / total,
                "speedup_overhead_vs_k_diffusion": base_over / over if over > 0 else float("nan")}
         RESULTS["timing"].append(row)
-        log(f"    {name:22s} {total * 1e3:9.2f} ms/call  overhead {over * 1e3:8.3f} ms/step  "
+        log(f"    {name:26s} {total * 1e3:9.2f} ms/call  overhead {over * 1e3:8.3f} ms/step  "
             f"x{row['speedup_total_vs_k_diffusion']:5.2f} total  x{row['speedup_overhead_vs_k_diffusion']:6.1f} "
-            f"overhead  (model alone {model_s * 1e3:.2f} ms, {n_calls} calls)")
+            f"overhead  first call {first[name] * 1e3:.1f} ms  (model alone {model_s * 1e3:.2f} ms, {n_calls} calls)")
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -539,13 +738,47 @@ def summary_markdown() -> str:
     for n in RESULTS["notes"]:
         lines.append(f"- note: {n}")
     if RESULTS["timing"]:
-        lines += ["", "| config | variant | ms per call | model alone, ms | overhead ms/step | vs k-diffusion (total) "
-                      "| vs k-diffusion (overhead) |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| config | variant | ms per call | first call, ms (graphed: incl. capture) | model alone, ms "
+                      "| overhead ms/step | vs k-diffusion (total) | vs k-diffusion (overhead) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in RESULTS["timing"]:
-            lines.append(f"| {r['config']} | {r['variant']} | {r['ms_per_call']:.2f} | {r['model_alone_ms']:.2f} | "
-                         f"{r['overhead_ms_per_step']:.3f} | {r['speedup_total_vs_k_diffusion']:.2f}x | "
-                         f"{r['speedup_overhead_vs_k_diffusion']:.1f}x |")
+            lines.append(f"| {r['config']} | {r['variant']} | {r['ms_per_call']:.2f} | {r['first_call_ms']:.1f} | "
+                         f"{r['model_alone_ms']:.2f} | {r['overhead_ms_per_step']:.3f} | "
+                         f"{r['speedup_total_vs_k_diffusion']:.2f}x | {r['speedup_overhead_vs_k_diffusion']:.1f}x |")
+        if any(r.get("graphed") for r in RESULTS["timing"]):
+            lines.append("")
+            lines.append("Graphed rows: the model calls are replayed too, while \"model alone\" is timed eagerly, so "
+                         "their overhead can be negative; compare totals.")
+    lines += ["", graphs_verdict()]
     return "\n".join(lines)
+
+
+def graphs_verdict() -> str:
+    """The line that says whether kve_fast.graphs.KDIFFUSION_DEFAULT_MODE can be "auto"."""
+    rows = [r for r in RESULTS["exact"] if r.get("graphed")]
+    good = [r for r in rows if r["mismatches"] == 0]
+    by_backend = {}
+    for r in rows:
+        n, m = by_backend.get(r["graphed"], (0, 0))
+        by_backend[r["graphed"]] = (n + (r["mismatches"] == 0), m + 1)
+    split = ", ".join(f"{b} {n} of {m}" for b, (n, m) in sorted(by_backend.items()))
+    errors = RESULTS["errors"]
+    graphed_errors = [e for e in errors if e.get("graphed")]
+    real_cuda = RESULTS["env"].get("device", "").startswith("cuda") and not RESULTS["env"].get("fake_graphs")
+    if not real_cuda:
+        verdict, why = "keep False", ("CPU run: eager stand-in for CUDA graphs (graphs._FAKE_GRAPHS), not real "
+                                      "capture; only a CUDA run decides")
+    elif not rows:
+        verdict, why = "keep False", "no graphed check ran"
+    elif len(good) != len(rows):
+        verdict, why = "keep False", f"{len(rows) - len(good)} graphed checks mismatched"
+    elif errors:
+        verdict, why = "keep False", (f"{len(errors)} parts/cases failed ({len(graphed_errors)} of them graphed runs): "
+                                      "see the FAILED lines")
+    else:
+        verdict, why = "set kve_fast.graphs.KDIFFUSION_DEFAULT_MODE = 'auto'", "every graphed check bit-exact on CUDA"
+    return (f"**graphed k-diffusion: {len(good)} of {len(rows)} checks bit-exact"
+            f"{f' ({split})' if split else ''} → {verdict}** ({why})")
 
 
 def main(argv=None):
@@ -569,13 +802,23 @@ def main(argv=None):
         RESULTS["notes"].append("TRITON_INTERPRET=1 on a CUDA run: the Triton timings are meaningless")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    from kve_fast import graphs
+
+    if not gpu:  # CUDA graphs do not exist on the CPU: the graphed runs use kve_fast's eager stand-in
+        graphs._FAKE_GRAPHS = True
+        RESULTS["notes"].append("CPU run: the graphed runs (cuda_graph=True) use kve_fast.graphs' eager stand-in for "
+                                "CUDA graphs (graphs._FAKE_GRAPHS = True): they check the graph runner's bookkeeping, "
+                                "not real capture")
+        log("CPU run: graphed runs use the eager stand-in for CUDA graphs (kve_fast.graphs._FAKE_GRAPHS = True)")
 
     env = RESULTS["env"]
     name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or "cpu")
     env.update({"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
                 "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "command": " ".join([Path(sys.executable).name] + sys.argv), "quick": args.quick, "tf32": False,
-                "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")})
+                "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"), "fake_graphs": graphs._FAKE_GRAPHS,
+                "KDIFFUSION_DEFAULT_MODE": graphs.KDIFFUSION_DEFAULT_MODE, "graphs_DEFAULT_MODE": graphs.DEFAULT_MODE,
+                "KVE_FAST_CUDA_GRAPH": os.environ.get("KVE_FAST_CUDA_GRAPH")})
     try:
         import triton
 
@@ -597,6 +840,23 @@ def main(argv=None):
         env["cpu_threads"] = torch.get_num_threads()
     log({k: v for k, v in env.items()})
 
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
+
+    def save(final: bool = False) -> str:
+        """Write the JSON and markdown as they stand (after every part: a run killed later keeps them)."""
+        RESULTS["seconds"] = time.time() - t_start
+        RESULTS["complete"] = final
+        md = summary_markdown()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "kdiffusion_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+            (out / "kdiffusion_check.md").write_text(md + "\n")
+            if final:
+                log(f"\nwrote {out / 'kdiffusion_check.json'} and .md")
+        except OSError as exc:
+            log(f"could not write results to {out}: {exc}")
+        return md
+
     real = None
     try:
         real = load_real_sampling()
@@ -608,9 +868,12 @@ def main(argv=None):
     if real is not None:
         if "scalars" in args.parts:
             part("scalars: KStep's host floats vs k-diffusion's device ops", check_scalars, real, device, args.quick)
+            save()
         if "exact" in args.parts:
             sizes, steps = ({"near-free": 64, "unet": 32}, 12) if gpu else ({"near-free": 8, "unet": 8}, 5)
             part("exact: kve_fast.k_diffusion vs k-diffusion", check_exact, real, device, sizes, steps)
+            save()
+            log(f"\n{graphs_verdict()} (so far)")
         if "timing" in args.parts:
             churn = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
             if gpu:
@@ -631,16 +894,7 @@ def main(argv=None):
             part("timing: per-step overhead and total per call", timing, real, device, free + unet, reps_free,
                  reps_unet)
 
-    RESULTS["seconds"] = time.time() - t_start
-    out = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
-    md = summary_markdown()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "kdiffusion_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
-        (out / "kdiffusion_check.md").write_text(md + "\n")
-        log(f"\nwrote {out / 'kdiffusion_check.json'} and .md")
-    except OSError as exc:
-        log(f"could not write results to {out}: {exc}")
+    md = save(final=True)
     bad = sum(1 for t in ("scalars", "exact") for r in RESULTS[t] if r["mismatches"] != 0)
     log(f"\ntotal {RESULTS['seconds']:.0f} s; {bad} mismatched checks; {len(RESULTS['errors'])} failed parts/cases\n")
     log(md)
