@@ -439,6 +439,8 @@ def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out
     """The cached capture for these keys (a new one if there is none), or None if it is busy in another
     thread (that run then goes eagerly). ``variant``: more of what the captured kernels depend on (the
     precision: the UNet's dtype, autocast, TF32)."""
+    layout = getattr(backend, "_layout", None)  # k-diffusion keeps x's layout: the graphs index buffers linearly
+    strides = None if layout is None else tuple(layout.stride())
     key = (id(model), backend.name, tuple(shape), str(device), noise, solver, hand_out, image) + tuple(variant)
     with _LOCK:
         cap = _CACHE.get(key)

@@ -126,3 +126,13 @@ def test_graphs_are_off_by_default_in_this_convention(fake_graphs):
     assert graphs.graph_info()["captures"] == 0
     with pytest.raises(ValueError, match="cuda_graph"):
         _run(kd.sample_heun, Denoiser().to(DEVICE), "sometimes")
+
+
+def test_a_capture_is_never_shared_between_layouts(fake_graphs):
+    """The graphs index their buffers linearly in x's layout: a channels_last call must not replay a
+    contiguous call's capture (found by bench/kdiffusion_check.py; each layout gets its own)."""
+    model = Denoiser().to(DEVICE)
+    for layout in ("contiguous", "channels_last", "contiguous"):
+        assert_bitwise(_run(kd.sample_heun, model, True, layout=layout, **CHURN)[0],
+                       _run(kd.sample_heun, model, False, layout=layout, **CHURN)[0], f"{layout} after another layout")
+    assert graphs.graph_info()["captures"] == 2
