@@ -441,7 +441,7 @@ def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out
     precision: the UNet's dtype, autocast, TF32)."""
     layout = getattr(backend, "_layout", None)  # k-diffusion keeps x's layout: the graphs index buffers linearly
     strides = None if layout is None else tuple(layout.stride())
-    key = (id(model), backend.name, tuple(shape), str(device), noise, solver, hand_out, image) + tuple(variant)
+    key = (id(model), backend.name, tuple(shape), strides, str(device), noise, solver, hand_out, image) + tuple(variant)
     with _LOCK:
         cap = _CACHE.get(key)
         if cap is not None and cap.model_ref() is not model:
