@@ -56,11 +56,13 @@ def check_tf32(tf32) -> bool:
 
 
 def model_dtype(model) -> torch.dtype:
-    """The dtype of ``model``'s first floating-point parameter (float32 for a function or a parameterless module)."""
+    """The dtype of ``model``'s first floating-point parameter, else of its first floating-point buffer
+    (a model of constants, such as ``kve_fast.oracle``'s); float32 for a function or a module of neither."""
     if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            if p.is_floating_point():
-                return p.dtype
+        for tensors in (model.parameters(), model.buffers()):
+            for t in tensors:
+                if t.is_floating_point():
+                    return t.dtype
     return torch.float32
 
 

@@ -228,3 +228,11 @@ def test_fast_modes_put_ncsnpp_fir_blocks_on_the_triton_kernel_for_the_run_only(
     calls.clear()
     run(unet_dtype=torch.bfloat16)
     assert calls and not ncsnpp.is_fast(unet), "low precision is a fast mode too"
+
+
+def test_a_model_of_buffers_runs_in_its_buffers_dtype():
+    from conftest import GaussianScore
+
+    model = GaussianScore(8)
+    assert not list(model.parameters()) and model_dtype(model) == torch.float32
+    assert model_dtype(model.to(torch.bfloat16)) == torch.bfloat16
