@@ -22,10 +22,23 @@ user's own model):
   (``torch.equal``) and its ``np`` images (``np.array_equal``; the share of pixels strictly inside (0, 1)
   is reported because saturated images prove little), graphed rows against eager ones.
 
+Low precision (``--unet-dtype bf16|fp16``, ``--tf32``; issue 12): diffusers' row runs the float32 model as
+always (it cannot run a bf16 UNet); kve_fast's rows run a copy of the model converted to that dtype, natively
+(made once per configuration, freed after); the floor is 99 x one graphed forward of that copy (input in its
+dtype, NCSN++ FIR blocks on the Triton kernel as the sampler's fast modes run them); exact-noise rows report
+the relative RMS difference of their final latent from diffusers' float32 one instead of bit equality, graphed
+rows are still compared bit for bit with eager ones. Results go to graph_bench_bf16.* (graph_bench_fp16.*,
+graph_bench_tf32.*, ...). The Targets section states issue 12's for bf16:
+
+    python bench/graph_bench.py --unet-dtype bf16 --configs ncsnpp-b64 celebahq256-b8 --no-eager
+
+ncsnpp-b64 graphed + fast noise >= 4.5x faster than diffusers and <= 1.05 x its bf16 floor;
+celebahq256-b8 graphed + fast noise >= 2x faster than diffusers.
+
 Graphed rows the installed kve_fast cannot run (no ``cuda_graph`` option, a model it cannot capture, fast
 noise not captured) are reported as "graphs unavailable: <why>". Each configuration runs in its own
 try/except; ``--budget-s`` skips what no longer fits (with a note). Results go to ``--out`` (default
-``$OUT``, else bench/out): graph_bench[_quick].json, .md, .png (matplotlib permitting), written after
+``$OUT``, else bench/out): graph_bench[_quick][_bf16].json, .md, .png (matplotlib permitting), written after
 every configuration; the markdown table is printed last. Exit status 1 if an exactness check failed or a
 configuration failed.
 """
@@ -103,6 +116,15 @@ QUICK = ("tiny-b1", "tiny-b64", "ncsnpp-b1", "celebahq256-b1")
 POLICY = {"full": dict(row_seconds=5.0, min_repeats=1, max_repeats=5),
           "quick": dict(row_seconds=2.0, min_repeats=1, max_repeats=3)}
 BUDGET_S = {"full": 480.0, "quick": 170.0}
+# Issue 12 (bf16): the graphed fast-noise row against diffusers' float32 pipeline and the bf16 floor.
+ISSUE12_TARGETS = {"ncsnpp-b64": {"speedup": 4.5, "floor_ratio": 1.05}, "celebahq256-b8": {"speedup": 2.0}}
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def output_suffix(unet_dtype: str = "fp32", tf32: bool = False) -> str:
+    """The output files' stem suffix: "" for fp32 (graph_bench.*), "_bf16", "_fp16", "_tf32", "_bf16_tf32"."""
+    parts = ([unet_dtype] if unet_dtype != "fp32" else []) + (["tf32"] if tf32 else [])
+    return "".join("_" + p for p in parts)
 
 
 def log(*parts):
@@ -127,6 +149,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-fast", dest="fast", action="store_false", help="skip the fast-noise rows")
     ap.add_argument("--no-eager", dest="eager", action="store_false",
                     help="skip kve_fast's eager rows (the targets are the graphed rows; saves time on big models)")
+    ap.add_argument("--unet-dtype", choices=DTYPES, default="fp32",
+                    help="the dtype kve_fast's rows run the UNet in (a converted copy; diffusers' row stays fp32); "
+                         "bf16/fp16: relative RMS against diffusers instead of bits, floor in the same dtype")
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions in kve_fast's rows and the floor")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "out"), help="output folder")
     args = ap.parse_args(argv)
     if args.steps < 2:
@@ -150,26 +176,36 @@ def main(argv=None) -> int:
 
     import kve_fast
     from diffusers.utils import logging as diffusers_logging
+    from kve_fast.precision import parse_dtype
+
+    unet_dtype = parse_dtype(args.unet_dtype)
+    unet_dtype = None if unet_dtype == torch.float32 else unet_dtype
+    label = kb.precision_label(unet_dtype, args.tf32)
 
     diffusers_logging.set_verbosity_error()
     t0 = time.monotonic()
     budget = args.budget_s if args.budget_s is not None else BUDGET_S[mode]
     deadline = t0 + budget
     policy = kb.RepeatPolicy(fixed=args.repeats, **POLICY[mode])
-    stem = "graph_bench_quick" if args.quick else "graph_bench"
+    title = "graph_bench" + (f" ({label})" if label else "")
+    stem = ("graph_bench_quick" if args.quick else "graph_bench") + output_suffix(args.unet_dtype, args.tf32)
     result = {
         "env": kb.environment(device), "settings": {
             "mode": mode, "configs": names, "steps": args.steps, "seed": args.seed, "output_type": args.output_type,
             "reference": args.reference, "fast": args.fast, "budget_s": budget, "repeat_policy": policy.as_dict()},
         "configs": [], "notes": [],
     }
+    if label is not None:
+        result["settings"].update(unet_dtype=args.unet_dtype, tf32=args.tf32)
+        if unet_dtype == torch.bfloat16:
+            result["targets"], result["targets_source"] = ISSUE12_TARGETS, "issue 12"
     log(result["env"])
     ok, why = kb.graph_support(kve_fast.KarrasVePipeline, device)
     if not ok:
         result["notes"].append(why)
         log(why)
     try:
-        warm = kb.jit_warmup(device, log=log)
+        warm = kb.jit_warmup(device, log=log, unet_dtype=unet_dtype, tf32=args.tf32)
         if warm is not None:
             result["notes"].append(f"kernel warm-up before any timing (Triton JIT of the step kernels, eager and "
                                    f"graphed, on a throwaway tiny UNet): {warm:.1f} s")
@@ -195,7 +231,8 @@ def main(argv=None) -> int:
                 pipe, name=name, batch_size=batch, steps=args.steps, device=device, seed=args.seed,
                 noises=("exact", "fast") if args.fast else ("exact",), reference=args.reference,
                 kinds=kb.KINDS if args.eager else ("graphed",),
-                output_type=args.output_type, policy=policy, deadline=deadline, log=log, model_label=model_name)
+                output_type=args.output_type, policy=policy, deadline=deadline, log=log, model_label=model_name,
+                unet_dtype=unet_dtype, tf32=args.tf32)
         except Exception as exc:
             traceback.print_exc()
             rec = {"name": name, "model": model_name, "batch_size": batch, "status": "failed",
@@ -214,9 +251,9 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         result["configs"].append(rec)
         result["seconds"] = time.monotonic() - t0
-        paths = kb.write_outputs(result, args.out, stem, chart=False, title="graph_bench")
+        paths = kb.write_outputs(result, args.out, stem, chart=False, title=title)
     result["seconds"] = time.monotonic() - t0
-    paths = kb.write_outputs(result, args.out, stem, title="graph_bench")
+    paths = kb.write_outputs(result, args.out, stem, title=title)
     log(f"\nwrote {', '.join(v for k, v in paths.items() if k != 'chart_note')}"
         + (f" ({paths['chart_note']})" if "chart_note" in paths else ""))
     bad = kb.exactness_failures(result["configs"])
@@ -225,7 +262,7 @@ def main(argv=None) -> int:
         f"exactness: {'all checks passed' if not bad else 'FAILED: ' + '; '.join(bad)}"
         + (f"; failed configurations: {', '.join(failed)}" if failed else ""))
     log("")
-    log(kb.format_markdown(result, "graph_bench"))
+    log(kb.format_markdown(result, title))
     return 1 if bad or failed else 0
 
 

@@ -18,6 +18,16 @@ time from the first call to the first image (capture included: ``clear_graphs()`
 calls the median is of, and bit-exactness: exact rows against diffusers (the final sample with
 ``torch.equal``, the ``np`` images with ``np.array_equal``) and graphed rows against eager ones.
 
+Low precision (``--unet-dtype bf16|fp16``, ``--tf32``; ``bench_pipeline(..., unet_dtype=, tf32=)``): diffusers'
+row runs the float32 UNet as always (it cannot run a half-precision one); kve_fast's rows run a copy of the
+UNet converted to that dtype (``copy.deepcopy(unet).to(dtype)``, made per configuration, freed after; the
+caller's UNet is not touched) natively, and the floor is ``2N - 1`` graphed forwards of that copy (input in
+its dtype; NCSN++ FIR blocks on the Triton kernel, ``kve_fast.ncsnpp.make_fast``, as the sampler's fast
+modes run them). Bits cannot match diffusers there: exact-noise rows report the relative RMS difference of
+their final latent from diffusers' float32 one (``||a - b|| / ||b||``) instead; graphed rows are still
+compared bit for bit with eager ones (same kernels, same precision). Row labels and the floor say the
+precision.
+
 The same engine (``bench_pipeline``, ``format_markdown``, ``write_outputs``) drives
 ``bench/graph_bench.py``. Import-light: torch, numpy and diffusers load inside the functions, so
 ``kve-fast --help`` stays fast.
@@ -26,6 +36,8 @@ The same engine (``bench_pipeline``, ``format_markdown``, ``write_outputs``) dri
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import math
 import os
@@ -38,7 +50,8 @@ import warnings
 from .options import BACKENDS, NOISE_MODES
 
 __all__ = ["add_arguments", "run", "bench_pipeline", "measure_floor", "format_markdown", "write_outputs",
-           "environment", "RepeatPolicy", "graph_support", "jit_warmup", "BenchError", "ROW_LABELS", "COLUMNS"]
+           "environment", "RepeatPolicy", "graph_support", "jit_warmup", "BenchError", "ROW_LABELS", "COLUMNS",
+           "precision_label", "relative_rms"]
 
 KINDS = ("eager", "graphed")
 ROW_LABELS = {
@@ -146,6 +159,62 @@ def _latent_to_np(latent):
     return (latent / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
 
 
+def relative_rms(a, b) -> float:
+    """``||a - b|| / ||b||`` over all elements, in float64 (tensors or arrays; inf where ``b`` is all zeros)."""
+    import numpy as np
+    import torch
+
+    ta = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    tb = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(b))
+    ta, tb = ta.detach().cpu().double(), tb.detach().cpu().double()
+    if ta.shape != tb.shape:
+        raise ValueError(f"relative_rms: shapes differ, {tuple(ta.shape)} vs {tuple(tb.shape)}")
+    den = float(tb.norm())
+    num = float((ta - tb).norm())
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+_DTYPE_SHORT = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def precision_label(unet_dtype=None, tf32: bool = False) -> str | None:
+    """How kve_fast's rows run the UNet, for labels: ``"bf16"``, ``"fp16"``, ``"fp32 + TF32"``,
+    ``"bf16 + TF32"``; None for float32 without TF32 (the exact path, labelled as before)."""
+    name = _DTYPE_SHORT.get(str(unet_dtype), "fp32") if unet_dtype is not None else "fp32"
+    if name == "fp32" and not tf32:
+        return None
+    return name + (" + TF32" if tf32 else "")
+
+
+def _fast_fir_runs(device) -> bool:
+    """Where the sampler's fast modes put NCSN++ FIR blocks on the Triton kernel (kve_fast/sampler.py::_fast_fir):
+    CUDA, or Triton's interpreter."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def _diffusers_quiet():
+    """diffusers' logger at error level for the block (``ModelMixin.to(dtype)`` warns about an empty list of
+    float32 modules)."""
+    try:
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:
+        yield
+        return
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def low_precision_copy(unet, dtype):
+    """``copy.deepcopy(unet).to(dtype)``: the caller's float32 UNet stays as it is."""
+    with _diffusers_quiet():
+        return copy.deepcopy(unet).to(dtype)
+
+
 def _median_ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1e3
 
@@ -247,20 +316,67 @@ def _captures() -> int | None:
 
 # ---- the floor: one model forward, eager and in a CUDA graph -----------------------------------------------
 
-def measure_floor(unet, shape, device, calls: int, log=print, seconds: float = 1.0) -> dict:
+def measure_floor(unet, shape, device, calls: int, log=print, seconds: float = 1.0, dtype=None,
+                  fast_fir: bool = False, tf32: bool = False) -> dict:
     """``calls`` x one model forward: captured in a ``torch.cuda.CUDAGraph`` (device timestep) and replayed,
     median of CUDA-event timings; also the eager forward (0-d CPU timestep, as the sampler passes it).
 
     NCSN++ models are made capturable with ``kve_fast.ncsnpp.make_capturable`` for the capture only
     (bit-identical) and restored afterwards, so the reference runs the model as diffusers ships it.
     Where no graph can be captured (the CPU, a failed capture) the floor is ``calls`` x the eager forward.
+
+    The floor in another precision (what low-precision rows are measured against): ``dtype``, the dtype
+    of the model's input (a bf16/fp16 model's own; None: float32); ``fast_fir``, the model's NCSN++ FIR
+    blocks on the Triton kernel (``kve_fast.ncsnpp.make_fast``, where the sampler's fast modes use it:
+    CUDA or Triton's interpreter) for the measurement, ``restore_fast`` afterwards; ``tf32``, TF32
+    matmuls and convolutions on for the measurement (put back afterwards).
     """
     import torch
 
-    sync = _sync(device)
+    from .precision import Precision
+
+    label = None
     res: dict = {"calls": calls}
+    if dtype is not None or fast_fir or tf32:
+        label = precision_label(dtype, tf32) or "fp32"
+        res.update(dtype=str(dtype if dtype is not None else torch.float32).replace("torch.", ""), tf32=tf32)
+    patched = 0
+    if fast_fir and isinstance(unet, torch.nn.Module):
+        from . import ncsnpp
+
+        has_fir = _needs_patch(unet) or ncsnpp.is_fast(unet)
+        if has_fir and _fast_fir_runs(device):
+            patched = ncsnpp.make_fast(unet)
+        fir = (None if not has_fir else "FIR on Triton" if ncsnpp.is_fast(unet)
+               else "FIR on diffusers' ops" + ("" if _fast_fir_runs(device) else f" (as the sampler's on {device})"))
+        res["fir"] = fir
+        if fir:
+            label = f"{label}, {fir}"
+    if label is not None:
+        res["label"] = label
+    switches = Precision(tf32=tf32).switches() if tf32 else contextlib.nullcontext()
+    try:
+        with switches:
+            res.update(_measure_floor(unet, shape, device, calls, log, seconds, dtype))
+    finally:
+        if patched:
+            from . import ncsnpp
+
+            ncsnpp.restore_fast(unet)
+    if label is not None:
+        res["floor_note"] = res["floor_note"].replace("floor = ", f"floor ({label}) = ", 1)
+    return res
+
+
+def _measure_floor(unet, shape, device, calls: int, log, seconds: float, dtype) -> dict:
+    import torch
+
+    sync = _sync(device)
+    res: dict = {}
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(shape, generator=gen).to(device)
+    if dtype is not None:
+        x = x.to(dtype)  # the model's input in its dtype, as the sampler writes it
     t_host = torch.tensor(0.5)  # sigma / 2, a 0-d CPU float32 tensor like the sampler's
     with torch.no_grad():
         for _ in range(2):
@@ -397,11 +513,26 @@ class _LatentHook:
         return False
 
 
-def _row_record(kind: str, noise: str) -> dict:
-    return {"row": ROW_LABELS[(kind, noise)], "kind": kind, "noise": noise, "status": "pending", "why": None,
-            "ms_per_call": None, "times_ms": [], "repeats": 0, "first_call_s": None, "speedup": None,
-            "floor_ratio": None, "equal_reference_latent": None, "equal_reference_np": None, "equal_eager": None,
-            "repeat_consistent": None, "warnings": []}
+def row_label(kind: str, noise: str, precision: str | None = None) -> str:
+    """``ROW_LABELS``' label; with a low ``precision`` label, which UNet the row runs: diffusers' row
+    "(fp32 UNet)", kve_fast's rows ", bf16 UNet" (or ", fp32 UNet + TF32")."""
+    base = ROW_LABELS[(kind, noise)]
+    if precision is None:
+        return base
+    if kind == "reference":
+        return f"{base} (fp32 UNet)"
+    dtype, _, tf32 = precision.partition(" + ")
+    return f"{base}, {dtype} UNet" + (f" + {tf32}" if tf32 else "")
+
+
+def _row_record(kind: str, noise: str, precision: str | None = None) -> dict:
+    rec = {"row": row_label(kind, noise, precision), "kind": kind, "noise": noise, "status": "pending", "why": None,
+           "ms_per_call": None, "times_ms": [], "repeats": 0, "first_call_s": None, "speedup": None,
+           "floor_ratio": None, "equal_reference_latent": None, "equal_reference_np": None, "equal_eager": None,
+           "repeat_consistent": None, "warnings": []}
+    if precision is not None and kind != "reference":
+        rec.update(precision=precision, rel_rms_reference=None)
+    return rec
 
 
 def _row_estimate(call_s: float, policy: RepeatPolicy) -> float:
@@ -438,10 +569,61 @@ def _time_row(rec: dict, call, sync, policy: RepeatPolicy, log, before_first=Non
 def bench_pipeline(pipe, *, name: str, batch_size: int, steps: int = 50, device=None, seed: int = 0,
                    noises=NOISE_MODES, kinds=KINDS, reference: bool = True, step_backend: str = "auto",
                    output_type: str = "latent", policy: RepeatPolicy | None = None, deadline: float | None = None,
-                   log=print, model_label: str | None = None) -> dict:
+                   log=print, model_label: str | None = None, unet_dtype=None, tf32: bool = False) -> dict:
     """Measure every row for one pipeline and batch size; return the configuration's record (see the module
     docstring). ``deadline``: a ``time.monotonic()`` value after which rows are skipped with a note (and the
-    whole configuration, when its estimated cost does not fit the time left)."""
+    whole configuration, when its estimated cost does not fit the time left).
+
+    ``unet_dtype`` (None, ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``) and ``tf32``: how
+    kve_fast's rows run the UNet. Low precision: they run a converted copy of ``pipe.unet`` (which must
+    be float32; it is not modified) natively, with ``unet_dtype`` and ``tf32`` passed to the pipeline;
+    diffusers' row runs the float32 UNet with TF32 off; the floor is measured on the copy (see
+    ``measure_floor``); exact-noise rows get ``rel_rms_reference`` instead of bit comparisons with
+    diffusers. The copy is dropped (and the graph captures holding it cleared) before returning.
+    """
+    import torch
+
+    from .precision import check_tf32, check_unet_dtype, model_dtype
+
+    unet_dtype, tf32 = check_unet_dtype(unet_dtype), check_tf32(tf32)
+    if unet_dtype == torch.float32:
+        unet_dtype = None
+    label = precision_label(unet_dtype, tf32)
+    common = dict(name=name, batch_size=batch_size, steps=steps, device=device, seed=seed, noises=noises,
+                  kinds=kinds, reference=reference, step_backend=step_backend, output_type=output_type,
+                  policy=policy, deadline=deadline, log=log, model_label=model_label)
+    if label is None:
+        return _bench_pipeline(pipe, pipe, **common)
+    own = model_dtype(pipe.unet)
+    if unet_dtype is not None and own != torch.float32:
+        raise ValueError(f"bench_pipeline: `unet_dtype`={unet_dtype} needs the float32 UNet (diffusers' row runs it; "
+                         f"kve_fast's rows run a converted copy), got a {own} one")
+    run_pipe = pipe
+    if unet_dtype is not None:
+        run_pipe = copy.copy(pipe)  # shares the scheduler; only its unet differs
+        run_pipe.__dict__["unet"] = low_precision_copy(pipe.unet, unet_dtype)
+    precision = {"label": label, "unet_dtype": str(unet_dtype or torch.float32).replace("torch.", ""), "tf32": tf32,
+                 "converted_copy": run_pipe is not pipe, "reference": "float32, TF32 off"}
+    try:
+        return _bench_pipeline(pipe, run_pipe, precision=precision, **common)
+    finally:
+        if run_pipe is not pipe:
+            _clear_graphs()  # captures of the copy hold it and its buffers
+            run_pipe.__dict__.pop("unet", None)
+            del run_pipe
+            import gc
+
+            gc.collect()
+            dev = torch.device(device) if device is not None else pipe.device
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _bench_pipeline(pipe, run_pipe, *, name: str, batch_size: int, steps: int, device, seed: int, noises, kinds,
+                    reference: bool, step_backend: str, output_type: str, policy: RepeatPolicy | None,
+                    deadline: float | None, log, model_label: str | None, precision: dict | None = None) -> dict:
+    """``bench_pipeline``'s rows: diffusers' on ``pipe`` (float32), kve_fast's on ``run_pipe`` (``pipe`` itself,
+    or a copy holding the low-precision UNet); ``precision``: None (float32, exact) or bench_pipeline's record."""
     import torch
 
     device = torch.device(device) if device is not None else pipe.device
@@ -449,16 +631,25 @@ def bench_pipeline(pipe, *, name: str, batch_size: int, steps: int = 50, device=
     sync = _sync(device)
     t_config = time.monotonic()
     unet = pipe.unet
+    low = precision is not None
+    label = precision["label"] if low else None
     shape = pipe._image_shape(batch_size)
     calls = 2 * steps - 1
     rec = {"name": name, "model": model_label, "params": _params(unet), "shape": list(shape), "batch_size": batch_size,
            "steps": steps, "model_calls": calls, "output_type": output_type, "step_backend": step_backend,
            "seed": seed, "repeat_policy": policy.as_dict(), "status": "ok", "floor": None, "rows": [], "notes": [],
            "inside_share": None}
+    if low:
+        rec["precision"] = dict(precision)
     log(f"== {name}: image {'x'.join(map(str, shape[1:]))}, batch {batch_size}, {steps} steps ({calls} model calls), "
-        f"{(rec['params'] or 0) / 1e6:.1f} M parameters, {device}")
+        f"{(rec['params'] or 0) / 1e6:.1f} M parameters, {device}" + (f"; kve_fast rows in {label}" if low else ""))
 
-    floor = measure_floor(unet, shape, device, calls, log)
+    if low:
+        dtype = getattr(torch, precision["unet_dtype"])
+        floor = measure_floor(run_pipe.unet, shape, device, calls, log, dtype=None if dtype == torch.float32 else dtype,
+                              fast_fir=True, tf32=precision["tf32"])
+    else:
+        floor = measure_floor(unet, shape, device, calls, log)
     rec["floor"] = floor
     log(f"    one forward: eager {floor['forward_eager_ms']:.3f} ms"
         + (f", graphed {floor['forward_graphed_ms']:.3f} ms" if "forward_graphed_ms" in floor else "")
@@ -466,15 +657,17 @@ def bench_pipeline(pipe, *, name: str, batch_size: int, steps: int = 50, device=
 
     rows = ([("reference", "exact")] if reference else []) + [(k, n) for k in KINDS if k in kinds
                                                                 for n in NOISE_MODES if n in noises]
-    records = {key: _row_record(*key) for key in rows}
+    records = {key: _row_record(*key, precision=label) for key in rows}
     rec["rows"] = list(records.values())
 
     shipped = _needs_patch(unet)  # NCSN++ as diffusers ships it: put back after the graph runner patched it
     ref_pipe, ref_why = (None, "not asked for (--no-reference)") if not reference else _reference_pipeline(pipe)
-    graphs_ok, graphs_why = graph_support(pipe, device)
-    cuda_graph_kw = supports_cuda_graph(pipe)
+    graphs_ok, graphs_why = graph_support(run_pipe, device)
+    cuda_graph_kw = supports_cuda_graph(run_pipe)
+    precision_kw = {"unet_dtype": getattr(torch, precision["unet_dtype"]), "tf32": precision["tf32"]} if low else {}
 
     # Skip the whole configuration if its rows (first call + the policy's repeats) cannot fit the time left.
+    # (Low precision: the floor is the low-precision model's, so diffusers' float32 row is underestimated.)
     if deadline is not None:
         eager_call_s = calls * floor["forward_eager_ms"] / 1e3
         graph_call_s = floor["floor_ms"] / 1e3
@@ -494,8 +687,8 @@ def bench_pipeline(pipe, *, name: str, batch_size: int, steps: int = 50, device=
 
     def ours(kind, noise, out_type=output_type):
         kwargs = {"cuda_graph": kind == "graphed"} if cuda_graph_kw else {}
-        return lambda: pipe(batch_size, steps, generator(), output_type=out_type, backend=step_backend, noise=noise,
-                            **kwargs).images
+        return lambda: run_pipe(batch_size, steps, generator(), output_type=out_type, backend=step_backend,
+                                noise=noise, **kwargs, **precision_kw).images
 
     outputs: dict = {}
     ref_latent = ref_np = None
@@ -555,7 +748,13 @@ def bench_pipeline(pipe, *, name: str, batch_size: int, steps: int = 50, device=
                 outputs[key] = out
                 if rec["inside_share"] is None:
                     rec["inside_share"] = inside_share(_latent_to_np(out) if output_type == "latent" else out)
-                if noise == "exact" and ref_np is not None:
+                if noise == "exact" and ref_np is not None and low:
+                    # Bits cannot match a float32 run: how far the final sample is from diffusers' instead.
+                    if output_type == "latent" and ref_latent is not None:
+                        r["rel_rms_reference"] = {"of": "latent", "value": relative_rms(out, ref_latent)}
+                    elif output_type != "latent":
+                        r["rel_rms_reference"] = {"of": "np", "value": relative_rms(out, ref_np)}
+                elif noise == "exact" and ref_np is not None:
                     if output_type == "latent":
                         if ref_latent is not None:
                             r["equal_reference_latent"] = compare(out, ref_latent)
@@ -622,9 +821,11 @@ def _row_line(r: dict) -> str:
             f"{r['first_call_s']:.2f} s" + ("" if r["repeat_consistent"] else ", REPEATS DIFFER"))
 
 
-def jit_warmup(device, step_backend: str = "auto", log=print) -> float | None:
+def jit_warmup(device, step_backend: str = "auto", log=print, unet_dtype=None, tf32: bool = False) -> float | None:
     """Compile the step kernels (eager and graphed, both noises) on a throwaway tiny UNet, 2 steps, so that
-    first-call times are not Triton's one-time JIT; returns the seconds it took (None on the CPU)."""
+    first-call times are not Triton's one-time JIT; returns the seconds it took (None on the CPU).
+    ``unet_dtype``/``tf32``: warm up the variants low-precision rows run (the UNet converted to ``unet_dtype``;
+    the kernels write the model input in it)."""
     import torch
 
     if device.type != "cuda":
@@ -638,7 +839,14 @@ def jit_warmup(device, step_backend: str = "auto", log=print) -> float | None:
     torch.manual_seed(0)
     unet = UNet2DModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=3, out_channels=3,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-    pipe = KarrasVePipeline(unet.to(device).eval(), KarrasVeScheduler())
+    unet = unet.to(device).eval()
+    precision_kw = {}
+    if unet_dtype is not None and unet_dtype != torch.float32:
+        unet = low_precision_copy(unet, unet_dtype)
+        precision_kw["unet_dtype"] = unet_dtype
+    if tf32:
+        precision_kw["tf32"] = True
+    pipe = KarrasVePipeline(unet, KarrasVeScheduler())
     pipe.set_progress_bar_config(disable=True)
     graphs_ok, _ = graph_support(pipe, device)
     kinds = [False, True] if graphs_ok else [False]
@@ -649,7 +857,7 @@ def jit_warmup(device, step_backend: str = "auto", log=print) -> float | None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     pipe(1, 2, torch.Generator().manual_seed(0), output_type="latent", backend=step_backend,
-                         noise=noise, **kwargs)
+                         noise=noise, **kwargs, **precision_kw)
             except Exception as exc:
                 log(f"    warm-up ({'graphed' if graphed else 'eager'}, {noise}): {_first_line(exc)}")
     if graphs_ok:
@@ -672,11 +880,23 @@ def _fmt_eq(c) -> str:
     return f"NO ({c['mismatches']:,} of {c['elements']:,} differ)"
 
 
+def _fmt_rel(value) -> str:
+    """A relative RMS difference; NaN/inf (a run that overflowed, e.g. fp16) said plainly."""
+    if value is None or not math.isfinite(value):
+        return f"{value} (NON-FINITE: the output has NaN/inf)"
+    return f"{value:.2e}"
+
+
 def _eq_reference(r: dict) -> str:
     if r["kind"] == "reference":
         return ""
     if r["noise"] == "fast" and r["status"] == "ok":
         return "n/a (own noise stream)"
+    if r.get("precision") is not None:  # low precision: bits cannot match diffusers' float32 run
+        rel = r.get("rel_rms_reference")
+        if rel is None:
+            return ""
+        return f"rel. RMS {_fmt_rel(rel['value'])} ({rel['of']}; {r['precision']}: not bitwise)"
     parts = []
     if r.get("equal_reference_latent") is not None:
         parts.append(f"latent {_fmt_eq(r['equal_reference_latent'])}")
@@ -734,7 +954,8 @@ def floors_table(configs: list[dict]) -> str:
             _config_label(c), f"{f['forward_eager_ms']:.3f} (n={f['forward_eager_n']})",
             f"{graphed:.3f} (n={f['forward_graphed_n']})" if graphed is not None else f.get("capture_error", "-"),
             ("yes" if f.get("graph_equals_eager") else "NO") if "graph_equals_eager" in f else "",
-            f"{f['floor_ms']:.1f} ({f['calls']} x {f['floor_kind']})",
+            f"{f['floor_ms']:.1f} ({f['calls']} x {f['floor_kind']}" + (f"; {f['label']}" if f.get("label") else "")
+            + ")",
             f"{c['inside_share']:.1%}" if c.get("inside_share") is not None else "",
         ])
     header = ("config", "one forward, eager ms", "one forward, graphed ms", "graph = eager", "floor ms",
@@ -746,6 +967,8 @@ def verdicts(configs: list[dict]) -> list[str]:
     """The issue's targets for graphed exact rows: <= 1.05 x floor, first image < 3 s, bit-identical."""
     lines = []
     for c in configs:
+        if c.get("precision"):  # low precision: precision_verdicts
+            continue
         for r in c.get("rows", []):
             if r["kind"] != "graphed" or r["noise"] != "exact":
                 continue
@@ -767,6 +990,76 @@ def verdicts(configs: list[dict]) -> list[str]:
     return lines
 
 
+def precision_verdicts(configs: list[dict], targets: dict | None = None) -> list[str]:
+    """Low-precision configurations: one line per graphed row, its speedup over diffusers (float32) and its
+    ratio to the floor in its own precision. ``targets``: ``{config name: {"speedup": x, "floor_ratio": y}}``
+    for the graphed fast-noise row (bench/graph_bench.py passes issue 12's); a configuration not named
+    there gets the floor target ``FLOOR_TARGET`` only. The other graphed rows are for information."""
+    lines = []
+    for c in configs:
+        p = c.get("precision")
+        if not p:
+            continue
+        named = (targets or {}).get(c["name"])
+        target = named if named is not None else {"floor_ratio": FLOOR_TARGET}
+        floor = c.get("floor") or {}
+        floor_name = f"the floor ({floor.get('label') or p['label']}" + (
+            ", EAGER" if floor.get("floor_kind") not in (None, "graphed") else "") + ")"
+        graphed = [r for r in c.get("rows", []) if r["kind"] == "graphed"]
+        if not graphed:
+            lines.append(f"- {c['name']}: no graphed rows measured" + (f" ({c['status']})" if c.get("status") != "ok"
+                                                                       else ""))
+        for r in graphed:
+            aimed = r["noise"] == "fast"
+            if r["status"] != "ok":
+                lines.append(f"- {c['name']}, {r['row']}: {r['status']} ({r['why']})"
+                             + ("; targets NOT met (not measured)" if aimed and named else ""))
+                continue
+            parts = []
+            want = target.get("speedup") if aimed else None
+            if r.get("speedup"):
+                parts.append(f"{r['speedup']:.2f}x diffusers (fp32)"
+                             + (f" (target >= {want:g}x: {'met' if r['speedup'] >= want else 'NOT met'})" if want else ""))
+            else:
+                parts.append("speedup n/a (no diffusers row)" + (f" (target >= {want:g}x: NOT met)" if want else ""))
+            want = target.get("floor_ratio") if aimed else None
+            if r.get("floor_ratio"):
+                if want:
+                    verdict = f" (target <= {want:g}: {'met' if r['floor_ratio'] <= want else 'NOT met'})"
+                elif aimed and named is not None:
+                    verdict = " (no floor target for this configuration)"
+                else:
+                    verdict = ""
+                parts.append(f"{r['floor_ratio']:.3f} x {floor_name}{verdict}")
+            parts.append(f"first image {r['first_call_s']:.2f} s")
+            if r.get("rel_rms_reference"):
+                rel = r["rel_rms_reference"]
+                parts.append(f"rel. RMS vs diffusers' fp32 {rel['of']} {_fmt_rel(rel['value'])}")
+            if r.get("equal_eager") is not None:
+                parts.append(f"graphed = eager: {_fmt_eq(r['equal_eager'])}")
+            lines.append(f"- {c['name']}, {r['row']}: " + "; ".join(parts) + ("" if aimed else " (for information)"))
+    return lines
+
+
+def _precision_paragraph(configs: list[dict]) -> str:
+    """What low-precision rows are, for the top of the report."""
+    ps = {c["precision"]["label"]: c["precision"] for c in configs if c.get("precision")}
+    names = " / ".join(sorted(ps))
+    examples = " / ".join(f"\"{row_label('graphed', 'fast', k).split(', ', 2)[-1]}\"" for k in sorted(ps))
+    copied = any(p.get("converted_copy") for p in ps.values())
+    floors = sorted({(c.get("floor") or {}).get("label") for c in configs if c.get("precision")} - {None})
+    return (f"**Low precision ({names}):** kve_fast's rows (labelled {examples}) run "
+            + ("a copy of the UNet converted to that dtype, natively" if copied else "the float32 UNet with TF32 on")
+            + " (the sampler's state stays float32); diffusers' row runs the float32 UNet with TF32 off (it cannot "
+            "run a half-precision UNet). The floor is 2N - 1 forwards in the same precision as kve_fast's rows"
+            + (f" ({'; '.join(floors)})" if floors else "")
+            + ("; \"FIR on Triton\": the NCSN++ FIR blocks run on the Triton kernel the sampler's fast modes use"
+               if any("FIR on Triton" in f for f in floors) else "")
+            + ". Bits cannot match diffusers: \"= diffusers\" gives, for exact-noise rows (the same noise stream), the relative "
+            "RMS difference ||a - b|| / ||b|| of the final latent from diffusers' float32 one; \"= eager\" is still "
+            "bit equality (same kernels, same precision).")
+
+
 def format_markdown(result: dict, title: str = "kve_fast benchmark") -> str:
     env = result.get("env", {})
     head = (f"## {title}\n\n{env.get('gpu') or env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
@@ -774,10 +1067,20 @@ def format_markdown(result: dict, title: str = "kve_fast benchmark") -> str:
             f"{'on' if env.get('tf32_matmul') or env.get('tf32_cudnn') else 'off'}; kve_fast {env.get('git') or ''}\n"
             f"Command: `{env.get('command')}`\n")
     configs = result.get("configs", [])
+    low = sorted({c["precision"]["label"] for c in configs if c.get("precision")})
+    if low:
+        head += "\n" + _precision_paragraph(configs) + "\n"
     parts = [head, "### Floors\n", floors_table(configs), "", "### Per call\n", _md_table(COLUMNS, table_rows(configs))]
     v = verdicts(configs)
     if v:
         parts += ["", "### Targets (graphed, exact noise)\n", "\n".join(v)]
+    pv = precision_verdicts(configs, result.get("targets"))
+    if pv:
+        source = result.get("targets_source")
+        if source and result.get("targets"):
+            source += " for " + ", ".join(result["targets"])
+        parts += ["", f"### Targets ({' / '.join(low)}, graphed, fast noise{'; ' + source if source else ''})\n",
+                  "\n".join(pv)]
     notes = list(result.get("notes", []))
     for c in configs:
         notes += [f"{c['name']}: {n}" for n in c.get("notes", [])]
@@ -803,15 +1106,21 @@ def write_chart(result: dict, path: str) -> str | None:
     configs = [c for c in result.get("configs", []) if any(r["status"] == "ok" for r in c.get("rows", []))]
     if not configs:
         return "no chart: no measured rows"
-    labels = list(ROW_LABELS.values())
+    keys = list(ROW_LABELS)
+    labels = []
+    for key in keys:  # the rows' own labels (low-precision rows say their precision)
+        found = next((r["row"] for c in configs for r in c["rows"] if (r["kind"], r["noise"]) == key), None)
+        labels.append(found or ROW_LABELS[key])
+    low = sorted({c["precision"]["label"] for c in configs if c.get("precision")})
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(configs)) * 1.6, 4.8))
     width = 0.8 / len(labels)
     for ax, field, title in ((axes[0], "speedup", "speedup over diffusers (higher is better)"),
-                             (axes[1], "floor_ratio", "time / floor (99 graphed forwards; 1 is ideal)")):
-        for j, label in enumerate(labels):
+                             (axes[1], "floor_ratio", "time / floor (99 graphed forwards"
+                              + (f", {' / '.join(low)}" if low else "") + "; 1 is ideal)")):
+        for j, (key, label) in enumerate(zip(keys, labels)):
             xs, ys = [], []
             for i, c in enumerate(configs):
-                r = next((r for r in c["rows"] if r["row"] == label and r["status"] == "ok"), None)
+                r = next((r for r in c["rows"] if (r["kind"], r["noise"]) == key and r["status"] == "ok"), None)
                 if r is not None and r.get(field):
                     xs.append(i + (j - (len(labels) - 1) / 2) * width)
                     ys.append(r[field])
@@ -919,6 +1228,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the CPU generator")
     parser.add_argument("--output-type", choices=("latent", "np"), default="latent",
                         help="what kve_fast's rows return (diffusers' always returns np)")
+    parser.add_argument("--unet-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="the dtype kve_fast's rows run the model in (a converted copy; the sampler's state stays "
+                             "float32; diffusers' row runs fp32): bf16/fp16 are fast modes, compared with diffusers "
+                             "by relative RMS, and the floor is measured in the same dtype")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 matmuls and convolutions in kve_fast's rows and the floor (CUDA; not bit-exact)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the report as markdown")
 
@@ -979,6 +1294,11 @@ def _run(args) -> int:
     except CliError as exc:
         raise BenchError(str(exc)) from None
     pipe.set_progress_bar_config(disable=True)
+    from .precision import parse_dtype
+
+    unet_dtype = parse_dtype(getattr(args, "unet_dtype", "fp32"))
+    unet_dtype = None if unet_dtype == torch.float32 else unet_dtype
+    use_tf32 = bool(getattr(args, "tf32", False))
 
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -990,11 +1310,13 @@ def _run(args) -> int:
                                "step_backend": args.step_backend, "reference": args.reference,
                                "output_type": args.output_type, "seed": args.seed},
                   "configs": [], "notes": []}
+        if precision_label(unet_dtype, use_tf32) is not None:
+            result["settings"].update(unet_dtype=args.unet_dtype, tf32=use_tf32)
         policy = RepeatPolicy(fixed=args.repeats)
         ok, why = graph_support(pipe, device)
         if not ok and "graphed" in args.backends:
             result["notes"].append(why)
-        warm = jit_warmup(device, args.step_backend, log)
+        warm = jit_warmup(device, args.step_backend, log, unet_dtype=unet_dtype, tf32=use_tf32)
         if warm is not None:
             result["notes"].append(f"kernel warm-up (Triton JIT, before any timing): {warm:.1f} s")
         for batch in args.batch_size:
@@ -1002,11 +1324,12 @@ def _run(args) -> int:
                 pipe, name=f"{os.path.basename(os.path.normpath(args.model))} b{batch}", batch_size=batch,
                 steps=args.steps, device=device, seed=args.seed, noises=args.noise, kinds=args.backends,
                 reference=args.reference, step_backend=args.step_backend, output_type=args.output_type,
-                policy=policy, log=log, model_label=args.model))
+                policy=policy, log=log, model_label=args.model, unet_dtype=unet_dtype, tf32=use_tf32))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
-    text = format_markdown(result, f"kve-fast bench: {args.model}")
+    label = precision_label(unet_dtype, use_tf32)
+    text = format_markdown(result, f"kve-fast bench: {args.model}" + (f" ({label})" if label else ""))
     if args.json:
         _atomic_write(args.json, json.dumps(_jsonable(result), indent=1))
     if args.markdown:
