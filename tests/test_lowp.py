@@ -123,10 +123,17 @@ def test_resolve_reads_the_model_dtype():
     assert Precision().exact and not Precision(tf32=True).exact
 
 
+@pytest.fixture
+def tf32_off():
+    """Both TF32 switches off, put back afterwards (torch's switch objects are properties, so no monkeypatch)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.mark.parametrize("fail", [False, True])
-def test_tf32_is_on_for_the_run_only(fail, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_tf32_is_on_for_the_run_only(fail, tf32_off):
     seen = []
 
     def model(x, t):
