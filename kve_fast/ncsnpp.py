@@ -401,6 +401,17 @@ def _prebuild(patch: _Patch, module: torch.nn.Module, targets) -> None:
                 patch.filter(kernel, 2, 1, attr == "upsample", device, dtype)
 
 
+def _scan_checked(model, unrecognised_warning: str) -> list:
+    """``_scan(model)``'s patchable modules; a TypeError for a non-module, a warning naming the modules it
+    does not recognise."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    patchable, unrecognised = _scan(model)
+    if unrecognised:
+        warnings.warn(f"{unrecognised_warning}: {unrecognised}", RuntimeWarning, stacklevel=3)
+    return patchable
+
+
 def make_capturable(model: torch.nn.Module) -> int:
     """Patch every module of ``model`` that builds a FIR filter on the host in its forward, so that it
     takes a device-resident cached copy instead (bit-identical outputs); return how many modules were
@@ -411,12 +422,8 @@ def make_capturable(model: torch.nn.Module) -> int:
     Modules that ``make_fast`` patched are capturable already (not counted); ``restore`` then leaves
     them in fast mode.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    patchable, unrecognised = _scan(model)
-    if unrecognised:
-        warnings.warn("kve_fast.ncsnpp: left unpatched (they still build FIR filters on the host in forward, "
-                      f"which blocks CUDA-graph capture): {unrecognised}", RuntimeWarning, stacklevel=2)
+    patchable = _scan_checked(model, "kve_fast.ncsnpp: left unpatched (they still build FIR filters on the host in "
+                                     "forward, which blocks CUDA-graph capture)")
     targets = _targets(model)
     for module, kind, kernels in patchable:
         _prebuild(_apply(module, kind, kernels), module, targets)
@@ -480,12 +487,8 @@ def make_fast(model: torch.nn.Module) -> int:
     Where Triton cannot run (no CUDA device and no ``TRITON_INTERPRET=1``, or no Triton), nothing is
     patched, diffusers' op keeps running, and a warning says so (once per process); the return is 0.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    patchable, unrecognised = _scan(model)
-    if unrecognised:
-        warnings.warn("kve_fast.ncsnpp.make_fast: left on diffusers' ops (host-built FIR filters this file does "
-                      f"not recognise): {unrecognised}", RuntimeWarning, stacklevel=2)
+    patchable = _scan_checked(model, "kve_fast.ncsnpp.make_fast: left on diffusers' ops (host-built FIR filters "
+                                     "this file does not recognise)")
     records = _records(model)
     if not patchable and all(p.fast for _, p in records):
         return 0  # nothing to switch (no FIR blocks, or all fast already): no backend needed

@@ -185,6 +185,18 @@ def assert_mostly_inside(images, what: str = "images", at_least: float = 0.9) ->
     return share
 
 
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """The CUDA-graph runner on the CPU: ``kve_fast.graphs`` with an eager stand-in for CUDAGraph (real graphs
+    where CUDA is available), with no captures before or after the test."""
+    from kve_fast import graphs
+
+    monkeypatch.setattr(graphs, "_FAKE_GRAPHS", not torch.cuda.is_available())
+    graphs.clear_graphs()
+    yield
+    graphs.clear_graphs()
+
+
 @pytest.fixture(scope="session")
 def models():
     cache = {}

@@ -18,14 +18,6 @@ pytestmark = needs_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def fake_graphs(monkeypatch):
-    monkeypatch.setattr(graphs, "_FAKE_GRAPHS", not torch.cuda.is_available())
-    graphs.clear_graphs()
-    yield
-    graphs.clear_graphs()
-
-
 def _run(pipe, cuda_graph, **kw):
     kw.setdefault("output_type", "latent")
     steps = kw.pop("steps", 4)

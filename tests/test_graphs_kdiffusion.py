@@ -20,14 +20,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CHURN = {"s_churn": 20.0, "s_tmin": 0.1, "s_tmax": 5.0, "s_noise": 1.003}  # gamma > 0 on some steps only
 
 
-@pytest.fixture
-def fake_graphs(monkeypatch):
-    monkeypatch.setattr(graphs, "_FAKE_GRAPHS", not torch.cuda.is_available())
-    graphs.clear_graphs()
-    yield
-    graphs.clear_graphs()
-
-
 class Denoiser(torch.nn.Module):
     """A small denoiser: a UNet's output mixed with the input, with an optional conditioning tensor."""
 
