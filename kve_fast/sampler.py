@@ -293,6 +293,10 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
         if _fast_fir(model, device, noise, precision):
             from . import ncsnpp
 
+            if ncsnpp.needs_patch(model):
+                # capturable first (bit-identical): then restore_fast only switches the patches back, and the
+                # device filters a CUDA graph captured in this call reads stay alive on the model
+                ncsnpp.make_capturable(model)
             fir_patched = ncsnpp.make_fast(model)  # 0 for a model without FIR blocks (or already fast)
         source = make_noise(noise, shape, generator, device, len(steps))
         engine = None
