@@ -95,7 +95,9 @@ class Precision:
 
         def run(x, *args):
             if autocast:
-                with torch.autocast(device.type, dtype=dtype):
+                # no weight-cast cache: PyTorch's rule for autocast under CUDA-graph capture (a cast cached
+                # outside the capture would be read by the graph after the context frees it); same values
+                with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
                     return model(x, *args)  # x is float32 (input_dtype)
             return model(x if x.dtype == dtype else x.to(dtype), *args)
 
