@@ -108,6 +108,9 @@ def _sampler_options(p, device_help: str) -> None:
                         "modes, not bit-exact with the reference")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions for an fp32 model on CUDA "
                                                        "(a fast mode, not bit-exact)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the model and the sampler's state in channels_last memory (triton/cuda backends; "
+                        "the same images)")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="noise levels: the reference's ('diffusers'), Table 1 VE ('ve') or Eq. 5 ('edm'); "
                         "default: the model's scheduler config ('diffusers' when it has none)")
@@ -122,12 +125,17 @@ _CUDA_GRAPH = {"auto": "auto", "on": True, "off": False, None: None}
 
 
 def _apply_precision(pipe, args) -> None:
-    """--unet-dtype: the command owns the model it loaded, so it converts it (faster than autocast)."""
+    """--unet-dtype and --channels-last: the command owns the model it loaded, so it converts it (faster than
+    autocast, and no layout conversion inside the model)."""
     from .precision import parse_dtype
 
     dtype = parse_dtype(args.unet_dtype)
     if dtype is not parse_dtype("fp32"):
         pipe.unet.to(dtype)
+    if args.channels_last:
+        import torch
+
+        pipe.unet.to(memory_format=torch.channels_last)
 
 
 def _check_cuda_graph(args, device) -> None:
@@ -465,7 +473,8 @@ def sample_command(args) -> int:
     try:
         latents = pipe(args.batch_size, args.steps, torch.Generator().manual_seed(args.seed), output_type="latent",
                        backend=args.backend, noise=args.noise, solver=args.solver,
-                       callback_on_step_end=callback, cuda_graph=_CUDA_GRAPH[args.cuda_graph], tf32=args.tf32).images
+                       callback_on_step_end=callback, cuda_graph=_CUDA_GRAPH[args.cuda_graph], tf32=args.tf32,
+                       channels_last=args.channels_last).images
     except ValueError as exc:
         raise CliError(str(exc)) from None
     seconds = time.perf_counter() - start
@@ -582,7 +591,8 @@ def generate_command(args) -> int:
             summary = gen.generate_images(pipe, seeds, outdir, steps=args.steps, batch=args.batch, subdirs=args.subdirs,
                                           backend=backend, noise=args.noise, solver=args.solver, model=model, comm=comm,
                                           quiet=args.quiet, run_info={"device": device.type}, status=status,
-                                          cuda_graph=_CUDA_GRAPH[args.cuda_graph], tf32=args.tf32)
+                                          cuda_graph=_CUDA_GRAPH[args.cuda_graph], tf32=args.tf32,
+                                          channels_last=args.channels_last)
         except (KeyboardInterrupt, _Terminated):
             if comm.rank == 0:
                 print(f"kve-fast: stopped: {status.get('written', 0)} images written; rerun the same command to "

@@ -93,7 +93,7 @@ class StepEngine:
         """
         correct = self.corrects(step)
         x_hat = self._stage[0]
-        fuse_image = step.last and not self.hand_out
+        fuse_image = step.last and not self.hand_out and getattr(self.backend, "fuses_image", True)
         prev, d, denoised, x_in, image = self.backend.euler(
             raw, x_hat, step, want_input=correct, want_derivative=correct,
             image=self.image_kind if fuse_image else None, keep=step.last or self.hand_out)

@@ -378,7 +378,8 @@ def _padded(seeds: list[int], batch: int) -> list[int]:
 def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 64, subdirs: bool = False,
                     backend: str = "auto", noise: str = "exact", solver: str = "heun", model: dict | None = None,
                     comm=None, quiet: bool = True, version: str | None = None, run_info: dict | None = None,
-                    status: dict | None = None, cuda_graph=None, tf32: bool = False) -> Summary:
+                    status: dict | None = None, cuda_graph=None, tf32: bool = False,
+                    channels_last: bool = False) -> Summary:
     """Write ``outdir/{seed:06d}.png`` for every seed with ``pipe`` (a ``KarrasVePipeline`` on its device).
 
     This process samples its share of the seeds that lack a complete file (``comm``: the job's processes, one
@@ -491,7 +492,7 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
                         padded = _padded(mine, batch)
                         images = pipe(len(padded), steps, [torch.Generator().manual_seed(s) for s in padded],
                                       output_type="pil", backend=backend, noise=noise, solver=solver,
-                                      cuda_graph=cuda_graph, tf32=tf32).images
+                                      cuda_graph=cuda_graph, tf32=tf32, channels_last=channels_last).images
                         folders = set()
                         for seed, image in zip(mine, images):
                             rel = seed_file(seed, subdirs)

@@ -98,8 +98,6 @@ def decide(cuda_graph, device: torch.device, backend, noise: str) -> bool:
         reason = f"the device is {device}, not CUDA"
     elif getattr(backend, "name", None) not in ("triton", "cuda"):
         reason = "graphs run the fused kernels: use backend='triton' or 'cuda' (or 'auto' with Triton installed)"
-    elif noise == "fast" and getattr(backend, "_layout", None) is not None and not backend._layout.is_contiguous():
-        reason = "fast noise in a non-contiguous layout is drawn contiguous and copied, which is not captured"
     else:
         return True
     if cuda_graph is True:
@@ -260,8 +258,20 @@ class _Capture:
             self.eps.copy_(noise, non_blocking=True)
 
     def noise_args(self):
-        """``(eps, seed)`` as the launchers take them, pointing at the static buffers."""
-        return (None, self.keys) if self.fast else (self.eps, None)
+        """``(eps, seed)`` as the launchers take them, pointing at the static buffers. Fast noise in a
+        non-contiguous layout (channels_last): drawn here, inside the graph, as the eager path draws it
+        (contiguous from the keys, then copied into the layout), so both give the same values."""
+        if not self.fast:
+            return self.eps, None
+        layout = getattr(self.backend, "_layout", None)
+        if layout is None or layout.is_contiguous():
+            return None, self.keys
+        if self.eps is None:
+            self.eps = self._zeros()
+            self._zero = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        drawn = self.backend.launch._launch_churn(self._zero, None, self.keys, 1.0, 1.0, store_xin=False)[0]
+        self.eps.copy_(drawn)  # 0 + 1 * (1 * z) = z, as FusedStep._noise
+        return self.eps, None
 
     def half_sigma(self, which: str) -> torch.Tensor:
         """The model's noise-level input: a 0-d view of the scalar buffer (sigma_hat / 2 or sigma_{i+1} / 2);
@@ -300,7 +310,7 @@ class _Capture:
         b, s, be = self.buffers, self.scalars, self.backend
         _launch_churn, _launch_euler, _launch_heun = be.launch._launch_churn, be.launch._launch_euler, \
             be.launch._launch_heun
-        image = self.image_kind if last else None
+        image = self.image_kind if last and be.fuses_image else None  # else the engine converts the sample
 
         def fn():
             raw = self.call_model(b[1], self.half_sigma("hat"))
@@ -324,7 +334,6 @@ class _Capture:
         """k-diffusion's convention without a callback: x_hat (also the model's input) in buffer 0."""
         b, s, be = self.buffers, self.scalars, self.backend
         launch = be.launch
-        nxt = (*self.noise_args(), s[_NEXT], s[_NEXT] if apply_next else None)
 
         def fn():
             raw = self._model(b[0], "hat")
@@ -335,13 +344,15 @@ class _Capture:
                 launch._launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, None,
                                      out=(b[2], b[3], b[4]), denoiser=True)
                 if apply_next:
-                    launch._launch_churn(b[2], nxt[0], nxt[1], s[_NEXT], s[_NEXT], out=(b[0], None), store_xin=False)
+                    launch._launch_churn(b[2], *self.noise_args(), s[_NEXT], s[_NEXT], out=(b[0], None),
+                                         store_xin=False)
                 else:
                     b[0].copy_(b[2])
                 return ()
             launch._launch_euler(be._raw(raw), b[0], s[_EULER], False, True, False, None, out=(b[2], b[3], b[4]),
                                  denoiser=True)
             raw2 = self._model(b[2], "next")
+            nxt = (*self.noise_args(), s[_NEXT], s[_NEXT]) if apply_next else (None, None, s[_NEXT], None)
             launch._launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], False, False, nxt, out=(b[0], None),
                                 denoiser=True)
             return ()

@@ -152,6 +152,7 @@ class KarrasVePipeline(DiffusionPipeline):
         cuda_graph: bool | str | None = None,
         unet_dtype: torch.dtype | None = None,
         tf32: bool = False,
+        channels_last: bool = False,
         **kwargs,
     ):
         """Generate ``batch_size`` images with ``num_inference_steps`` Heun steps (2N - 1 model calls).
@@ -181,6 +182,9 @@ class KarrasVePipeline(DiffusionPipeline):
                 float32. A float32 UNet asked to run in bf16/fp16 runs under ``torch.autocast``. Not
                 bit-exact with the reference (which cannot run a half-precision UNet at all).
             tf32: TF32 matmuls and convolutions for a float32 UNet on CUDA, for this call only.
+            channels_last: keep the sampler's state and the UNet's input in channels_last memory (the
+                Triton and CUDA backends; for a UNet converted with ``.to(memory_format=torch.channels_last)``,
+                which then gives the same values as without it: convolutions pick their algorithm by layout).
 
         Returns:
             ``ImagePipelineOutput`` with ``.images``, or ``(images,)`` when ``return_dict`` is False.
@@ -201,7 +205,7 @@ class KarrasVePipeline(DiffusionPipeline):
         image = sample_karras_ve(
             self.unet, scheduler, shape, num_inference_steps, generator, self.device,
             backend=backend, noise=noise, callback=callback, progress=self.progress_bar, output=output,
-            solver=solver, cuda_graph=cuda_graph, unet_dtype=unet_dtype, tf32=tf32,
+            solver=solver, cuda_graph=cuda_graph, unet_dtype=unet_dtype, tf32=tf32, channels_last=channels_last,
         )
         # Leave the scheduler as the reference does after a call.
         self.scheduler.set_timesteps(num_inference_steps)

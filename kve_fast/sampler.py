@@ -116,6 +116,7 @@ def sample_karras_ve(
     cuda_graph: bool | str | None = None,
     unet_dtype: torch.dtype | None = None,
     tf32: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Run Algorithm 2 with ``model`` and ``scheduler``; return the final sample or image.
 
@@ -136,14 +137,18 @@ def sample_karras_ve(
     dtype), ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``: the dtype the model runs in while the
     state stays float32 (a float32 model then runs under autocast); ``tf32``: TF32 matmuls and
     convolutions for the run (see ``kve_fast.precision``; neither is bit-exact with the reference).
-    ``scheduler`` is not modified. Runs under ``torch.no_grad()``.
+    ``channels_last``: the Triton and CUDA backends keep the state and the model's input in channels_last
+    memory (for a model converted with ``.to(memory_format=torch.channels_last)``, which then gives the
+    same values as without it: the sampler's arithmetic does not depend on the layout, but convolutions
+    pick their algorithm by it); a 4-D ``shape`` only. ``scheduler`` is not modified. Runs under ``torch.no_grad()``.
     """
     shape, generator = _check_common(model, shape, generator, callback, noise, output, solver)
     device = _check_device(device)
     precision = resolve(model, unet_dtype, tf32, device)
+    layout = _check_channels_last(channels_last, shape, device)
     plan = scheduler_plan(scheduler, num_inference_steps)
     backend = make_backend(backend, device, scheduler.config.s_noise, want_pred=callback is not None, shape=shape,
-                           model_dtype=precision.input_dtype)
+                           model_dtype=precision.input_dtype, layout=layout)
     graphed = decide(cuda_graph, device, backend, noise)
     # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not by the first sigma).
     return _run(model, plan, shape, generator, device, noise, lambda x0: x0 * scheduler.init_noise_sigma, backend,
@@ -200,6 +205,17 @@ def sample_karras_ve_sigmas(
     return _run(model, PlanHandle(plan, None), shape, generator, x.device, noise, lambda _: x0.to(torch.float32),
                 backend, callback, not disable, "latent", solver, draw_initial=False,
                 graph=(cuda_graph, s_noise) if graphed else None, precision=precision)
+
+
+def _check_channels_last(channels_last, shape, device) -> torch.Tensor | None:
+    """The layout template the fused backends keep their state in: None (contiguous) or channels_last."""
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"`channels_last` must be True or False, got {type(channels_last).__name__}")
+    if not channels_last:
+        return None
+    if len(shape) != 4:
+        raise ValueError(f"`channels_last`=True needs a (batch, channels, height, width) shape, got {shape}")
+    return torch.empty(shape, dtype=torch.float32, device=device, memory_format=torch.channels_last)
 
 
 def _progress(progress, steps):

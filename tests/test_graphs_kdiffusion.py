@@ -75,10 +75,13 @@ def test_graphed_callbacks_see_what_eager_callbacks_see(fake_graphs, sampler):
     assert_bitwise(seen[True][-1], seen[False][-1], "result with a callback")
 
 
-def test_fast_noise_graphed_equals_eager(fake_graphs):
-    model = Denoiser().to(DEVICE)
-    assert_bitwise(_run(kd.sample_heun, model, True, noise="fast", **CHURN)[0],
-                   _run(kd.sample_heun, model, False, noise="fast", **CHURN)[0], "fast noise")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fast_noise_graphed_equals_eager(fake_graphs, layout):
+    model = Denoiser().to(DEVICE).to(memory_format=torch.channels_last if layout == "channels_last" else
+                                     torch.contiguous_format)
+    assert_bitwise(_run(kd.sample_heun, model, True, noise="fast", layout=layout, **CHURN)[0],
+                   _run(kd.sample_heun, model, False, noise="fast", layout=layout, **CHURN)[0], f"fast noise, {layout}")
+    assert graphs.graph_info()["captures"] == 1
 
 
 def test_extra_args_are_read_fresh_every_call(fake_graphs):

@@ -21,7 +21,7 @@ BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
 # Small noise levels keep the tiny random UNet's activations far from fp16's range (65504): at the
 # reference's sigma_max = 100 its activations overflow fp16 and every pixel turns NaN, which would make
 # equality checks vacuous.
-SCHEDULE = {"sigma_min": 0.02, "sigma_max": 2.0, "s_churn": 10.0}
+SCHEDULE = {"sigma_min": 0.02, "sigma_max": 2.0, "s_churn": 10.0, "s_min": 1e-4}  # s_min: churn on every step
 
 
 class Recording(torch.nn.Module):
@@ -246,3 +246,73 @@ def test_a_model_of_buffers_runs_in_its_buffers_dtype():
     model = GaussianScore(8)
     assert not list(model.parameters()) and model_dtype(model) == torch.float32
     assert model_dtype(model.to(torch.bfloat16)) == torch.bfloat16
+
+
+# --- channels_last ----------------------------------------------------------------------------------------
+
+
+def _cl_run(pipe, channels_last, cuda_graph, **kw):
+    kw.setdefault("output_type", "latent")
+    out = pipe(2, 3, make_generator(kw.pop("form", "list"), 5, 2), backend="triton", cuda_graph=cuda_graph,
+               channels_last=channels_last, **kw).images
+    if kw["output_type"] == "pil":
+        import numpy as np
+
+        return torch.from_numpy(np.stack([np.asarray(i) for i in out]))
+    return out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+
+
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("noise", ["exact", "fast"])
+@pytest.mark.parametrize("output_type", ["latent", "np", "pil"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_channels_last_gives_the_contiguous_bits(fake_graphs, noise, output_type, cuda_graph):
+    unet = reference_test_unet(8).to(memory_format=torch.channels_last)
+    pipe = kve_pipe(unet, **SCHEDULE)
+    seen = []
+    model_forward = unet.forward
+
+    def spy(x, *a, **k):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return model_forward(x, *a, **k)
+
+    unet.forward = spy
+    try:
+        cl = _cl_run(pipe, True, cuda_graph, noise=noise, output_type=output_type)
+        assert seen and all(seen), "the model must get channels_last input"
+        ref = _cl_run(pipe, False, cuda_graph, noise=noise, output_type=output_type)
+    finally:
+        del unet.forward
+    assert_bitwise(cl, ref, f"channels_last vs contiguous ({noise}, {output_type}, graphs {cuda_graph})")
+    if output_type == "latent":
+        _assert_meaningful(ref)
+    if cuda_graph:
+        assert graphs.graph_info()["captures"] == 2, "one capture per layout"
+
+
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
+def test_channels_last_with_a_callback_and_euler(fake_graphs):
+    # the model converted too: torch's convolutions pick their algorithm by the input's and weights' layout,
+    # so a contiguous model fed channels_last input may round differently (the model's bits, not the sampler's)
+    pipe = kve_pipe(reference_test_unet(8).to(memory_format=torch.channels_last), **SCHEDULE)
+    runs = {}
+    for cl in (False, True):
+        samples = []
+
+        def callback(p, i, t, kw, samples=samples):
+            samples.append(kw["sample"].clone())
+            return {}
+
+        out = pipe(2, 3, torch.Generator().manual_seed(1), output_type="latent", backend="triton", cuda_graph=True,
+                   channels_last=cl, solver="euler", callback_on_step_end=callback).images
+        runs[cl] = samples + [out]
+    for a, b in zip(runs[True], runs[False]):
+        assert_bitwise(a, b, "euler with a callback, channels_last vs contiguous")
+
+
+def test_channels_last_needs_a_4d_shape_and_a_bool():
+    model, sched = reference_test_unet(8), kve_fast.KarrasVeScheduler()
+    with pytest.raises(ValueError, match="channels_last"):
+        kve_fast.sample_karras_ve(lambda x, t: x, sched, (2, 3, 8), 2, channels_last=True)
+    with pytest.raises(TypeError, match="channels_last"):
+        kve_fast.sample_karras_ve(model, sched, (2, 3, 8, 8), 2, channels_last="yes")

@@ -189,6 +189,13 @@ class FusedStep:
             return t
         return torch.empty_like(self._layout).copy_(t)
 
+    @property
+    def fuses_image(self) -> bool:
+        """Whether the final image can be written by the last Euler kernel: the kernels map BCHW to a BHWC
+        uint8 image by position, which holds for the contiguous layout only (else the engine converts the
+        final sample with torch's ops: the same values, one pass more at the end)."""
+        return self._layout is None or self._layout.is_contiguous()
+
     def _new(self, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.empty_like(like if self._layout is None else self._layout, dtype=dtype)
 
