@@ -297,7 +297,7 @@ def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, back
             raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x.shape)}, got {got}")
         if out.dtype not in UNET_DTYPES:  # float64, say: float32 like the state (low-precision outputs are read as is)
             out = out.to(torch.float32)
-        return out.contiguous()
+        return out  # in the state's layout by the backend (a copy only where the layouts differ)
 
     snapshot = _RngSnapshot(generator, device)
     source = iterator = capture = None

@@ -277,12 +277,24 @@ def test_channels_last_gives_the_contiguous_bits(fake_graphs, noise, output_type
         return model_forward(x, *a, **k)
 
     unet.forward = spy
+    from kve_fast.ops.fused import FusedStep
+
+    raw_layouts = []
+    original_raw = FusedStep._raw
+
+    def raw_spy(self, raw):
+        raw_layouts.append(raw.is_contiguous(memory_format=torch.channels_last))
+        return original_raw(self, raw)
+
+    FusedStep._raw = raw_spy
     try:
         cl = _cl_run(pipe, True, cuda_graph, noise=noise, output_type=output_type)
         assert seen and all(seen), "the model must get channels_last input"
+        assert raw_layouts and all(raw_layouts), "the model's output must reach the kernels without a layout copy"
         ref = _cl_run(pipe, False, cuda_graph, noise=noise, output_type=output_type)
     finally:
         del unet.forward
+        FusedStep._raw = original_raw
     assert_bitwise(cl, ref, f"channels_last vs contiguous ({noise}, {output_type}, graphs {cuda_graph})")
     if output_type == "latent":
         _assert_meaningful(ref)

@@ -89,7 +89,8 @@ class TorchStep:
         Returns ``(sample_prev, derivative, denoised, model input, image)``.
         """
         sigma_hat = step.sigma_hat
-        model_output = scale_model_output(raw.float(), sigma_hat)  # a low-precision UNet's output, read exactly
+        # a low-precision UNet's output read exactly, in the (contiguous) state's layout
+        model_output = scale_model_output(raw.float().contiguous(), sigma_hat)
         sample_prev, derivative, pred = euler(model_output, sigma_hat, step.sigma_prev, sample_hat)
         xin = model_input(sample_prev) if want_input else None
         return sample_prev, derivative, pred, xin, None if image is None else to_image(sample_prev, image)
@@ -97,7 +98,7 @@ class TorchStep:
     def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, eps_next=None):
         """Lines 9-11, then (if ``next_step``) the next step's churn; returns ``(sample, denoised, churned)``."""
         sigma_prev = step.sigma_prev
-        model_output = scale_model_output(raw.float(), sigma_prev)
+        model_output = scale_model_output(raw.float().contiguous(), sigma_prev)
         sample, pred = heun(model_output, step.sigma_hat, sigma_prev, sample_hat, sample_prev, derivative)
         churned = None if next_step is None else self.churn(sample, eps_next, next_step)
         return sample, pred, churned
