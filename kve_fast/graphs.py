@@ -2,8 +2,8 @@
 
 At small batches a UNet forward is launch-bound (the reference's tiny test UNet: 6.4 ms eagerly, 1.4 ms
 replayed from a graph, on an H200). The graph runner captures one step of Algorithm 2 per (model,
-shape, device, noise mode, solver, callback or not, output) and replays it for every step of every
-later call with those keys:
+shape, layout, device, noise mode, solver, callback or not, output, precision) and replays it for every
+step of every later call with those keys:
 
 - Per-step values live in device memory the graph reads: the kernels' scalars (``sigma_hat / 2``,
   ``sigma_hat``, its float32 reciprocal, ``dt``, the churn coefficients, ``S_noise``) in one small
