@@ -131,3 +131,24 @@ def test_a_capture_is_never_shared_between_layouts(fake_graphs):
         assert_bitwise(_run(kd.sample_heun, model, True, layout=layout, **CHURN)[0],
                        _run(kd.sample_heun, model, False, layout=layout, **CHURN)[0], f"{layout} after another layout")
     assert graphs.graph_info()["captures"] == 2
+
+
+def test_a_failing_graphed_run_caches_nothing_and_restores_the_rng(fake_graphs):
+    model = Denoiser().to(DEVICE)
+
+    def callback(d):
+        if d["i"] == 3:  # after the capture, between replays
+            raise RuntimeError("boom")
+
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if DEVICE == "cuda" else None
+    sigmas = kd.get_sigmas_karras(6, 0.02, 20.0, device=DEVICE)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) * sigmas[0]
+    with pytest.raises(RuntimeError, match="boom"):
+        kd.sample_heun(model, x, sigmas, backend="triton", cuda_graph=True, callback=callback, **CHURN)
+    assert torch.equal(torch.get_rng_state(), state)
+    if cuda_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    assert graphs.graph_info()["captures"] == 0
+    assert_bitwise(_run(kd.sample_heun, model, True)[0], _run(kd.sample_heun, model, False)[0], "after a failure")

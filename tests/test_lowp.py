@@ -328,3 +328,40 @@ def test_channels_last_needs_a_4d_shape_and_a_bool():
         kve_fast.sample_karras_ve(lambda x, t: x, sched, (2, 3, 8), 2, channels_last=True)
     with pytest.raises(TypeError, match="channels_last"):
         kve_fast.sample_karras_ve(model, sched, (2, 3, 8, 8), 2, channels_last="yes")
+
+
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
+def test_a_failing_fast_run_puts_everything_back():
+    """A model that raises mid-run in a fast mode: the generator, the TF32 switches and the NCSN++ FIR
+    patches are as before (exact runs after it keep diffusers' ops and bits)."""
+    from conftest import ncsnpp_unet
+
+    from kve_fast import ncsnpp
+
+    unet = ncsnpp_unet(8)
+    exact = kve_pipe(unet, **SCHEDULE)(2, 2, torch.Generator().manual_seed(0), output_type="latent",
+                                       backend="triton", cuda_graph=False).images
+    calls = {"n": 0}
+    forward = unet.forward
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return forward(*a, **k)
+
+    unet.forward = failing
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            kve_pipe(unet, **SCHEDULE)(2, 2, gen, output_type="latent", backend="triton", cuda_graph=False,
+                                       noise="fast", tf32=True)
+    finally:
+        del unet.forward
+    assert torch.equal(gen.get_state(), state)
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32
+    assert not ncsnpp.is_fast(unet)
+    assert_bitwise(kve_pipe(unet, **SCHEDULE)(2, 2, torch.Generator().manual_seed(0), output_type="latent",
+                                              backend="triton", cuda_graph=False).images, exact, "exact after a failure")
