@@ -385,10 +385,9 @@ def capture_used(backend: str, shape, solver: str, hand_out: bool, noise: str = 
     that silently ran eagerly would leave none)."""
     from kve_fast import graphs
 
-    for key in graphs.graph_info()["keys"]:
-        # key[1:] of graphs.capture_for: backend, shape, device, noise, solver, hand_out, image, variant...
-        if (key[0] == backend and tuple(key[1]) == tuple(shape) and key[3] == noise and key[4] == solver
-                and key[5] == hand_out and "k-diffusion" in key[7:]):
+    for e in graphs.graph_info()["entries"]:
+        if (e["backend"] == backend and tuple(e["shape"]) == tuple(shape) and e["noise"] == noise
+                and e["solver"] == solver and e["hand_out"] == hand_out and "k-diffusion" in e["variant"]):
             return True
     return False
 

@@ -123,10 +123,18 @@ def extra_signature(extra: dict) -> tuple | None:
     return tuple(items)
 
 
+# What a capture's key holds (``capture_for``), after the model's id; the precision or k-diffusion variant follows
+KEY_FIELDS = ("backend", "shape", "strides", "device", "noise", "solver", "hand_out", "image")
+
+
 def graph_info() -> dict:
-    """``{"captures": n, "keys": [...]}``: the captures held now."""
+    """``{"captures": n, "keys": [...], "entries": [...]}``: the captures held now; ``entries`` names each key's
+    fields (``KEY_FIELDS`` and ``variant``)."""
     with _LOCK:
-        return {"captures": len(_CACHE), "keys": [k[1:] for k in _CACHE]}
+        keys = [k[1:] for k in _CACHE]
+    n = len(KEY_FIELDS)
+    entries = [dict(zip(KEY_FIELDS, k[:n]), variant=tuple(k[n:])) for k in keys]
+    return {"captures": len(keys), "keys": keys, "entries": entries}
 
 
 def clear_graphs(model=None) -> None:

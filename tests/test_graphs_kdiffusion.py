@@ -152,3 +152,11 @@ def test_a_failing_graphed_run_caches_nothing_and_restores_the_rng(fake_graphs):
         assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
     assert graphs.graph_info()["captures"] == 0
     assert_bitwise(_run(kd.sample_heun, model, True)[0], _run(kd.sample_heun, model, False)[0], "after a failure")
+
+
+def test_graph_info_names_each_key_field(fake_graphs):
+    _run(kd.sample_euler, Denoiser().to(DEVICE), True, layout="channels_last", noise="fast")
+    (entry,) = graphs.graph_info()["entries"]
+    assert entry["backend"] == "triton" and entry["shape"] == (2, 3, 8, 8) and entry["noise"] == "fast"
+    assert entry["solver"] == "euler" and entry["hand_out"] is False and entry["strides"] == (192, 1, 24, 3)
+    assert entry["variant"][0] == "k-diffusion"
