@@ -81,7 +81,7 @@ def output_moments(steps, mu: np.ndarray, var: np.ndarray, init_sigma: float, s_
 
     for st in steps:
         sigma, sigma_hat = float(st.sigma), float(st.sigma_hat)
-        sigma_prev = float(st.sigma_prev)
+        sigma_prev = float(st.sigma_next)
         v = v + (sigma_hat**2 - sigma**2) * s_noise**2  # line 6
         a, b = denoiser(sigma_hat)
         # d = (x - D(x)) / sigma_hat = p x + q ; x' = x + h d  (lines 7-8)

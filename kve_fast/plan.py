@@ -16,6 +16,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -49,16 +50,24 @@ def churn_coefficient(sigma, sigma_hat) -> float:
     return _f32((torch.as_tensor(sigma_hat) ** 2 - torch.as_tensor(sigma) ** 2) ** 0.5)
 
 
-def euler_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
-    """(sigma_hat / 2, sigma_hat, 1 / sigma_hat, sigma_prev - sigma_hat) as the reference rounds them."""
-    sigma_hat = torch.as_tensor(sigma_hat)
-    return _f32(sigma_hat / 2), _f32(sigma_hat), reciprocal(sigma_hat), _f32(sigma_prev - sigma_hat)
+class Level(NamedTuple):
+    """The scalars of one noise level a step's model is called at (sigma_hat, or sigma_{i+1}), as the fused
+    kernels take them: ``half`` (sigma / 2, the score model's noise-level argument), ``sigma``, ``inverse``
+    (1 / sigma in float32: what torch on CUDA multiplies by when it divides by a CPU scalar) and ``dt``
+    (sigma_{i+1} - sigma_hat), each a Python float holding a float32 value. k-diffusion's convention uses
+    ``sigma`` and ``dt`` only (its model takes sigma itself, and it divides truly): ``half`` and ``inverse``
+    are 0.0 there."""
+
+    half: float
+    sigma: float
+    inverse: float
+    dt: float
 
 
-def heun_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
-    """(sigma_prev / 2, sigma_prev, 1 / sigma_prev, sigma_prev - sigma_hat) as the reference rounds them."""
-    sigma_prev = torch.as_tensor(sigma_prev)
-    return _f32(sigma_prev / 2), _f32(sigma_prev), reciprocal(sigma_prev), _f32(sigma_prev - sigma_hat)
+def level_at(sigma, sigma_hat, sigma_next) -> Level:
+    """``Level`` of ``sigma`` (sigma_hat or sigma_{i+1}) as the reference rounds it: 0-d float32 tensor ops."""
+    sigma = torch.as_tensor(sigma)
+    return Level(_f32(sigma / 2), _f32(sigma), reciprocal(sigma), _f32(sigma_next - sigma_hat))
 
 
 def _scalar(value: float) -> torch.Tensor:
@@ -66,25 +75,28 @@ def _scalar(value: float) -> torch.Tensor:
 
 
 class Step:
-    """One step's scalars (Python floats holding float32 values; ``sigma_prev`` is 0 on the last step).
+    """One step of the reference's Algorithm 2: its noise levels and the constants the kernels take.
 
-    ``sigma``, ``sigma_hat``, ``sigma_prev``, ``half_sigma_hat`` and ``half_sigma_prev`` return new 0-d
-    float32 CPU tensors, as the reference holds them (``sigma_prev`` is the int 0 on the last step, as
-    in the reference). ``churn``, ``euler`` and ``heun`` are the constants of the fused kernels.
+    Data (Python floats holding float32 values): ``index``, ``timestep``, ``gamma``, ``last`` (sigma_{i+1}
+    is 0), ``noise_coef`` (sqrt(sigma_hat^2 - sigma^2), line 6), ``at_hat`` and ``at_next`` (``Level`` of
+    sigma_hat and of sigma_{i+1}; ``at_next`` is None on the last step). ``sigma``, ``sigma_hat`` and
+    ``sigma_next`` return new 0-d float32 CPU tensors, as the reference holds them (``sigma_next`` is the
+    int 0 on the last step, as the reference's ``sigma_prev``), so nothing a model or a callback receives
+    can change a later call.
     """
 
-    __slots__ = ("index", "timestep", "gamma", "last", "_sigma", "_sigma_hat", "_sigma_prev", "churn", "euler",
-                 "heun")
+    __slots__ = ("index", "timestep", "gamma", "last", "_sigma", "_sigma_hat", "_sigma_next", "noise_coef", "at_hat",
+                 "at_next")
 
-    def __init__(self, index: int, timestep: int, sigma: torch.Tensor, sigma_prev, s_churn, s_min, s_max, n: int):
+    def __init__(self, index: int, timestep: int, sigma: torch.Tensor, sigma_next, s_churn, s_min, s_max, n: int):
         sigma_hat, gamma = churn_sigma(sigma, n, s_churn, s_min, s_max)
         self.index, self.timestep, self.gamma = index, int(timestep), float(gamma)
-        self.last = isinstance(sigma_prev, int)
+        self.last = isinstance(sigma_next, int)
         self._sigma, self._sigma_hat = _f32(sigma), _f32(sigma_hat)
-        self._sigma_prev = 0.0 if self.last else _f32(sigma_prev)
-        self.churn = churn_coefficient(sigma, sigma_hat)
-        self.euler = euler_scalars(sigma_hat, sigma_prev)
-        self.heun = None if self.last else heun_scalars(sigma_hat, sigma_prev)
+        self._sigma_next = 0.0 if self.last else _f32(sigma_next)
+        self.noise_coef = churn_coefficient(sigma, sigma_hat)
+        self.at_hat = level_at(sigma_hat, sigma_hat, sigma_next)
+        self.at_next = None if self.last else level_at(sigma_next, sigma_hat, sigma_next)
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -95,31 +107,22 @@ class Step:
         return _scalar(self._sigma_hat)
 
     @property
-    def sigma_prev(self) -> torch.Tensor | int:
-        return 0 if self.last else _scalar(self._sigma_prev)
-
-    @property
-    def half_sigma_hat(self) -> torch.Tensor:
-        """The model's noise-level argument at sigma_hat (``sigma_hat / 2``, the reference's 0-d tensor)."""
-        return _scalar(self.euler[0])
-
-    @property
-    def half_sigma_prev(self) -> torch.Tensor | None:
-        return None if self.last else _scalar(self.heun[0])
+    def sigma_next(self) -> torch.Tensor | int:
+        return 0 if self.last else _scalar(self._sigma_next)
 
     def __repr__(self) -> str:
         return (f"Step(index={self.index}, sigma={self._sigma!r}, sigma_hat={self._sigma_hat!r}, "
-                f"sigma_prev={self._sigma_prev!r}, gamma={self.gamma!r})")
+                f"sigma_next={self._sigma_next!r}, gamma={self.gamma!r})")
 
 
 class _LazySteps(Sequence):
-    """Steps made on access by ``_make(i)``; the last one made is kept, since the loop asks for step i+1
-    twice (the fused churn of step i, then step i+1 itself). ``memo``: keep every step (cached plans)."""
+    """Steps made on access by ``_make(i)``; the last two made are kept, since the loop asks for steps i and
+    i+1 together (step i's stages fuse step i+1's churn). ``memo``: keep every step (cached plans)."""
 
     def __init__(self, n: int, memo: bool = False):
         self._n = n
         self._memo = [None] * n if memo else None
-        self._last = (None, None)
+        self._recent = ((None, None), (None, None))
 
     def __len__(self) -> int:
         return self._n
@@ -133,13 +136,13 @@ class _LazySteps(Sequence):
             raise IndexError(i)
         if self._memo is not None and self._memo[i] is not None:
             return self._memo[i]
-        last_i, last = self._last
-        if last_i == i:
-            return last
+        for made_i, made in self._recent:
+            if made_i == i:
+                return made
         step = self._make(i)
         if self._memo is not None:
             self._memo[i] = step  # an atomic store: racing threads compute the same values
-        self._last = (i, step)
+        self._recent = (self._recent[1], (i, step))  # one tuple store: safe to read from another thread
         return step
 
     def __iter__(self):
@@ -161,8 +164,8 @@ class Plan(_LazySteps):
         self._sigma_at, self._churn = sigma_at, (s_churn, s_min, s_max)
 
     def _make(self, i: int) -> Step:
-        sigma_prev = self._sigma_at(i + 1) if i + 1 < self._n else 0
-        return Step(i, self._n - 1 - i, self._sigma_at(i), sigma_prev, *self._churn, self._n)
+        sigma_next = self._sigma_at(i + 1) if i + 1 < self._n else 0
+        return Step(i, self._n - 1 - i, self._sigma_at(i), sigma_next, *self._churn, self._n)
 
 
 # -- the plan cache ------------------------------------------------------------------------------------
@@ -339,9 +342,12 @@ class KStep:
     another device it is computed there, for all steps at once (``device_churn``). The device tensors the
     model and the callback receive are computed on the device with k-diffusion's own expressions
     (``sigma_hat_on_device``).
+
+    Data as in ``Step``: ``index``, ``gamma``, ``last``, ``noise_coef`` (None where gamma = 0: no churn),
+    ``at_hat`` and ``at_next`` (``Level``s with ``sigma`` and ``dt``; None on the last step).
     """
 
-    __slots__ = ("index", "gamma", "last", "churn", "sigma_hat_f", "sigma_next_f", "dt", "_sigmas")
+    __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "_sigmas")
 
     def __init__(self, index: int, sigmas_cpu: torch.Tensor, sigmas, s_churn, s_tmin, s_tmax,
                  device_churn: torch.Tensor | None = None):
@@ -352,13 +358,14 @@ class KStep:
         self.index, self.gamma, self._sigmas = index, gamma, sigmas
         self.last = bool(sigma_next == 0)
         if gamma <= 0:
-            self.churn = None
+            self.noise_coef = None
         elif device_churn is not None:
-            self.churn = float(device_churn[index])
+            self.noise_coef = float(device_churn[index])
         else:
-            self.churn = _f32((sigma_hat**2 - sigma**2) ** 0.5)
-        self.sigma_hat_f, self.sigma_next_f = _f32(sigma_hat), _f32(sigma_next)
-        self.dt = _f32(sigma_next - sigma_hat)
+            self.noise_coef = _f32((sigma_hat**2 - sigma**2) ** 0.5)
+        dt = _f32(sigma_next - sigma_hat)
+        self.at_hat = Level(0.0, _f32(sigma_hat), 0.0, dt)
+        self.at_next = None if self.last else Level(0.0, _f32(sigma_next), 0.0, dt)
 
     @property
     def sigma(self) -> torch.Tensor:

@@ -187,11 +187,13 @@ def assert_mostly_inside(images, what: str = "images", at_least: float = 0.9) ->
 
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    """The CUDA-graph runner on the CPU: ``kve_fast.graphs`` with an eager stand-in for CUDAGraph (real graphs
-    where CUDA is available), with no captures before or after the test."""
+    """The CUDA-graph runner on the CPU: ``KVE_FAST_FAKE_GRAPHS=1`` (``kve_fast.fake_graph.FakeGraph``, which
+    records what a capture runs and reads and fails where a real graph would), real graphs where CUDA is
+    available; no captures before or after the test."""
     from kve_fast import graphs
 
-    monkeypatch.setattr(graphs, "_FAKE_GRAPHS", not torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(graphs.FAKE_ENV_VAR, "1")
     graphs.clear_graphs()
     yield
     graphs.clear_graphs()

@@ -41,6 +41,7 @@ from conftest import (
 import kve_fast
 from kve_fast.ops import step_cuda, step_torch
 from kve_fast.sampler import plan_steps
+from kve_fast.ops.fused import NextChurn
 from kve_fast.plan import churn_coefficient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,16 +270,16 @@ def test_churn_matches_torch(ops, device, shape, which):
 def test_euler_matches_torch(ops, device, shape, which):
     step = _steps()[which]
     raw, hat = _rand(shape, 3, 0.2, device), _rand(shape, 4, 2.0, device)
-    prev, d, xin, pred, img = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_prev, want_pred=True,
+    prev, d, xin, pred, img = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_next, want_pred=True,
                                               image="float")
     r_prev, r_d, r_pred = step_torch.euler(step_torch.scale_model_output(raw, step.sigma_hat), step.sigma_hat,
-                                           step.sigma_prev, hat)
+                                           step.sigma_next, hat)
     assert_bitwise(prev, r_prev, "sample_prev")
     assert_bitwise(d, r_d, "derivative")
     assert_bitwise(pred, r_pred, "pred_original_sample")
     assert_bitwise(xin, step_torch.model_input(r_prev), "model input")
     assert_bitwise(img, step_torch.to_image(r_prev), "float image")
-    img8 = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_prev, image="uint8")[4]
+    img8 = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_next, image="uint8")[4]
     assert_bitwise(img8, step_torch.to_image(r_prev, "uint8"), "uint8 image")
 
 
@@ -291,10 +292,10 @@ def test_heun_matches_torch(ops, device, shape, fused):
     raw, hat = _rand(shape, 5, 0.2, device), _rand(shape, 6, 2.0, device)
     prev, d, eps = _rand(shape, 7, 2.0, device), _rand(shape, 8, 1.0, device), _rand(shape, 9, 1.0, device)
     churn = (eps, 1.007, nxt.sigma, nxt.sigma_hat, None) if fused else None
-    x, pred, hat_n, xin = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
+    x, pred, hat_n, xin = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_next, want_pred=True,
                                          next_churn=churn)
-    r_x, r_pred = step_torch.heun(step_torch.scale_model_output(raw, step.sigma_prev), step.sigma_hat,
-                                  step.sigma_prev, hat, prev, d)
+    r_x, r_pred = step_torch.heun(step_torch.scale_model_output(raw, step.sigma_next), step.sigma_hat,
+                                  step.sigma_next, hat, prev, d)
     assert_bitwise(x, r_x, "corrected sample")
     assert_bitwise(pred, r_pred, "pred_original_sample")
     if fused:
@@ -331,17 +332,16 @@ def _differs(a, b) -> float:
 
 @pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 33, 31)])
 @pytest.mark.parametrize("which", [0, 3, 7])
-def test_cuda_arithmetic_forced_on_the_cpu(ops, monkeypatch, shape, which):
-    """The CUDA branch (multiply by the host's float32 reciprocal) through the CPU operators, against torch's
-    formula for it, on inputs where it differs from true division (asserted)."""
-    monkeypatch.setattr(step_cuda, "_true_div", lambda t: False)
+def test_cuda_arithmetic_forced_on_the_cpu(ops, shape, which):
+    """The CUDA branch (multiply by the host's float32 reciprocal, ``true_div=False``) through the CPU operators,
+    against torch's formula for it, on inputs where it differs from true division (asserted)."""
     steps = _steps()
     step = steps[which]
     raw, hat = _rand(shape, 3, 1.0 / float(step.sigma_hat) ** 2), _rand(shape, 4, 2.0)
-    prev, d, xin, pred, _ = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_prev, want_pred=True)
+    prev, d, xin, pred, _ = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_next, want_pred=True, true_div=False)
     r_pred = hat + step.sigma_hat * step_torch.scale_model_output(raw, step.sigma_hat)
     r_d = (hat - r_pred) * _host_reciprocal(step.sigma_hat)
-    r_prev = hat + (step.sigma_prev - step.sigma_hat) * r_d
+    r_prev = hat + (step.sigma_next - step.sigma_hat) * r_d
     assert _differs(r_d, (hat - r_pred) / step.sigma_hat) > 0.01, "inputs must tell the two divisions apart"
     assert_bitwise(d, r_d, "derivative")
     assert_bitwise(prev, r_prev, "sample_prev")
@@ -350,12 +350,12 @@ def test_cuda_arithmetic_forced_on_the_cpu(ops, monkeypatch, shape, which):
         return
     step, nxt = steps[3], steps[4]
     raw, prev, d, eps = _rand(shape, 5, 0.2), _rand(shape, 7, 2.0), _rand(shape, 8), _rand(shape, 9)
-    x, pred, hat_n, _ = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
-                                       next_churn=(eps, 1.007, nxt.sigma, nxt.sigma_hat, None))
-    r_pred = prev + step.sigma_prev * step_torch.scale_model_output(raw, step.sigma_prev)
-    r_dc = (prev - r_pred) * _host_reciprocal(step.sigma_prev)
-    r_x = hat + (step.sigma_prev - step.sigma_hat) * (0.5 * d + 0.5 * r_dc)
-    assert _differs(r_dc, (prev - r_pred) / step.sigma_prev) > 0.01
+    x, pred, hat_n, _ = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_next, want_pred=True,
+                                       next_churn=(eps, 1.007, nxt.sigma, nxt.sigma_hat, None), true_div=False)
+    r_pred = prev + step.sigma_next * step_torch.scale_model_output(raw, step.sigma_next)
+    r_dc = (prev - r_pred) * _host_reciprocal(step.sigma_next)
+    r_x = hat + (step.sigma_next - step.sigma_hat) * (0.5 * d + 0.5 * r_dc)
+    assert _differs(r_dc, (prev - r_pred) / step.sigma_next) > 0.01
     assert_bitwise(x, r_x, "corrected sample")
     assert_bitwise(hat_n, step_torch.churn(r_x, 1.007 * eps, nxt.sigma, nxt.sigma_hat), "next sample_hat")
 
@@ -368,20 +368,22 @@ def test_denoiser_convention_matches_k_diffusion_arithmetic(ops, device):
     x, raw, raw2, eps = (_rand(shape, s, 1.0, device) for s in (1, 2, 3, 4))
     sigma_hat, sigma_next = torch.tensor(1.7, device=device), torch.tensor(0.9, device=device)
     dt = sigma_next - sigma_hat
-    prev, d, _, _, _ = step_cuda._launch_euler(raw, x, (0.0, float(sigma_hat), 0.0, float(dt)), False, True, False,
-                                               None, denoiser=True)
+    prev, d = torch.empty_like(x), torch.empty_like(x)
+    step_cuda._launch_euler(raw, x, (0.0, float(sigma_hat), 0.0, float(dt)), x_next=prev, d=d, denoiser=True,
+                            true_div=True)
     r_d = (x - raw) / sigma_hat
     assert_bitwise(d, r_d, "derivative")
     assert_bitwise(prev, x + r_d * dt, "x_prev")
     c = churn_coefficient(torch.tensor(0.5), torch.tensor(0.6))
     for apply in (True, False):
-        out = step_cuda._launch_heun(raw2, x, prev, d, (0.0, float(sigma_next), 0.0, float(dt)), True, False,
-                                     (eps, None, 1.007, c if apply else None), denoiser=True)
+        out, hat_next = torch.empty_like(x), torch.empty_like(x)
+        step_cuda._launch_heun(raw2, x, prev, d, (0.0, float(sigma_next), 0.0, float(dt)), x=out,
+                               then=NextChurn(eps, None, (c, 1.007) if apply else None, hat_next, None, apply),
+                               denoiser=True, true_div=True)
         r_x = x + (d + (prev - raw2) / sigma_next) / 2 * dt
-        assert_bitwise(out[0], r_x, "corrected sample")
+        assert_bitwise(out, r_x, "corrected sample")
         r_hat = r_x + (eps * 1.007) * c if apply else r_x
-        assert_bitwise(out[2], r_hat, "next x_hat")
-        assert out[3] is None, "a denoiser takes x_hat: no model input is written"
+        assert_bitwise(hat_next, r_hat, "next x_hat")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -391,21 +393,29 @@ def test_scalars_from_device_memory_are_the_same_bits(ops, device):
     step, nxt = steps[3], steps[4]
     x, raw, prev, d, eps = (_rand(shape, s, 1.0, device) for s in range(5))
     mem = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
-    a = step_cuda._launch_churn(x, eps, None, 1.007, nxt.churn)
-    b = step_cuda._launch_churn(x, eps, None, 0.0, mem([nxt.churn, 1.007]))
-    assert_bitwise(a[0], b[0])
-    assert_bitwise(a[1], b[1])
-    a = step_cuda._launch_euler(raw, x, step.euler, True, True, True, None)
-    b = step_cuda._launch_euler(raw, x, mem(step.euler), True, True, True, None)
+    new = lambda n: tuple(torch.empty_like(x) for _ in range(n))  # noqa: E731
+    a, b = new(2), new(2)
+    step_cuda._launch_churn(x, eps, None, (nxt.noise_coef, 1.007), hat=a[0], model_input=a[1])
+    step_cuda._launch_churn(x, eps, None, mem([nxt.noise_coef, 1.007]), hat=b[0], model_input=b[1])
     for u, v in zip(a, b):
-        if u is not None:
-            assert_bitwise(u, v)
-    a = step_cuda._launch_heun(raw, x, prev, d, step.heun, True, True, (eps, None, 1.007, nxt.churn))
-    b = step_cuda._launch_heun(raw, x, prev, d, mem(step.heun), True, True, (eps, None, 0.0, mem([nxt.churn, 1.007])))
+        assert_bitwise(u, v)
+    a, b = new(4), new(4)
+    for level, out in ((step.at_hat, a), (mem(step.at_hat), b)):
+        step_cuda._launch_euler(raw, x, level, x_next=out[0], d=out[1], model_input=out[2], denoised=out[3],
+                                denoiser=False, true_div=True)
+    for u, v in zip(a, b):
+        assert_bitwise(u, v)
+    a, b = new(4), new(4)
+    for level, coef, out in ((step.at_next, (nxt.noise_coef, 1.007), a),
+                             (mem(step.at_next), mem([nxt.noise_coef, 1.007]), b)):
+        step_cuda._launch_heun(raw, x, prev, d, level, x=out[0], denoised=out[1],
+                               then=NextChurn(eps, None, coef, out[2], out[3]), denoiser=False, true_div=True)
     for u, v in zip(a, b):
         assert_bitwise(u, v)
     with pytest.raises(ValueError, match="both"):
-        step_cuda._launch_heun(raw, x, prev, d, mem(step.heun), True, True, (eps, None, 1.007, nxt.churn))
+        step_cuda._launch_heun(raw, x, prev, d, mem(step.at_next), x=a[0],
+                               then=NextChurn(eps, None, (nxt.noise_coef, 1.007), a[2], a[3]), denoiser=False,
+                               true_div=True)
 
 
 def test_operators_check_their_arguments(ops):
@@ -462,7 +472,9 @@ def test_operators_pass_torch_opcheck(ops):
 def _noise(seed, shape=(4096,), device="cpu", module=None):
     zero = torch.zeros(shape, device=device)
     # sample = 0, c = 1, S_noise = 1: x_hat is the generated noise itself
-    return (module or step_cuda)._launch_churn(zero, None, seed, 1.0, 1.0, store_xin=False)[0]
+    hat = torch.empty_like(zero)
+    (module or step_cuda)._launch_churn(zero, None, seed, (1.0, 1.0), hat=hat)
+    return hat
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -512,9 +524,8 @@ def run_with(ops):
     from kve_fast import k_diffusion, sampler
     from kve_fast.ops.step_cuda import CudaStep
 
-    def make(name, device, s_noise, want_pred=False, shape=None, denoiser=False, layout=None,
-             model_dtype=torch.float32):
-        return CudaStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout, model_dtype=model_dtype)
+    def make(name, device, convention, shape=None, layout=None, model_dtype=torch.float32):
+        return CudaStep(convention, device, shape, layout=layout, model_dtype=model_dtype)
 
     def run(kind, fn):
         if kind == "torch" or CUDA:

@@ -1,5 +1,5 @@
 """The CUDA-graph runner in k-diffusion's convention (``kve_fast.k_diffusion``, ``cuda_graph=``), on the CPU
-with the eager stand-in for torch.cuda.CUDAGraph (``graphs._FAKE_GRAPHS``): every per-step value must come
+with ``KVE_FAST_FAKE_GRAPHS=1`` (``kve_fast.fake_graph.FakeGraph``, which replays what it recorded): every per-step value must come
 from the capture's static buffers (scalars, the per-sample noise level, noise, ``extra_args``), so the
 graphed output must be the eager output bit for bit, which tests/test_k_diffusion.py ties to the real
 k-diffusion package. Real capture on a GPU: bench/kdiffusion_check.py."""
@@ -155,8 +155,9 @@ def test_a_failing_graphed_run_caches_nothing_and_restores_the_rng(fake_graphs):
 
 
 def test_graph_info_names_each_key_field(fake_graphs):
-    _run(kd.sample_euler, Denoiser().to(DEVICE), True, layout="channels_last", noise="fast")
+    model = Denoiser().to(DEVICE)  # (held: a model's captures go when it is garbage-collected)
+    _run(kd.sample_euler, model, True, layout="channels_last", noise="fast")
     (entry,) = graphs.graph_info()["entries"]
     assert entry["backend"] == "triton" and entry["shape"] == (2, 3, 8, 8) and entry["noise"] == "fast"
     assert entry["solver"] == "euler" and entry["hand_out"] is False and entry["strides"] == (192, 1, 24, 3)
-    assert entry["variant"][0] == "k-diffusion"
+    assert entry["convention"].name == "k-diffusion" and entry["extra"] == ()

@@ -169,14 +169,14 @@ def test_step_scalars_match_k_diffusion_expressions(churn):
         gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
         sigma_hat = sigmas[i] * (gamma + 1)
         step = plan[i]
-        assert step.gamma == gamma and step.sigma_hat_f == float(sigma_hat), i
-        assert step.dt == float(sigmas[i + 1] - sigma_hat), i
+        assert step.gamma == gamma and step.at_hat.sigma == float(sigma_hat), i
+        assert step.at_hat.dt == float(sigmas[i + 1] - sigma_hat), i
         if gamma > 0:
             churned += 1
             coefficient = float((sigma_hat**2 - sigmas[i] ** 2) ** 0.5)
-            assert step.churn == coefficient == float(vector[i]), i
+            assert step.noise_coef == coefficient == float(vector[i]), i
         else:
-            assert step.churn is None, i
+            assert step.noise_coef is None, i
     assert 0 < churned < len(sigmas) - 1 or s_tmax == float("inf")
 
 
