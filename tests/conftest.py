@@ -166,6 +166,9 @@ MODELS = {
 SMALL_SIGMAS = {"sigma_min": 0.05, "sigma_max": 2.0, "s_churn": 10.0, "s_min": 0.1, "s_max": 1.0}
 SMALL_SIGMAS_NO_CHURN = {"sigma_max": 1.0, "s_churn": 0.0, "s_noise": 1.003}
 CUSTOM = {"sigma_min": 0.01, "sigma_max": 50.0, "s_noise": 1.0, "s_churn": 30.0, "s_min": 0.1, "s_max": 10.0}
+# gamma_i = S_churn / N below its cap sqrt(2) - 1 on most steps (0.2 at 6 steps; the others sit at the cap, where
+# a sampler that forgot to divide by N would give the same bits), churned between s_min and s_max only
+BELOW_CAP = {"sigma_min": 0.05, "sigma_max": 2.0, "s_churn": 1.2, "s_min": 0.02, "s_max": 3.0, "s_noise": 1.004}
 
 
 def inside_share(images) -> float:

@@ -90,6 +90,9 @@ CASES = [  # (sampler, model, batch, steps, churn settings)
     ("sample_heun", "unet", 2, 4, {"s_churn": 10.0}),
     ("sample_euler", "gaussian", 2, 5, {"s_churn": 40.0, "s_tmin": 0.1, "s_tmax": 5.0}),
     ("sample_euler", "unet", 1, 3, {}),
+    # gamma = S_churn / N below its cap on the churned steps (catches a gamma that forgets / N)
+    ("sample_heun", "gaussian", 2, 8, {"s_churn": 1.6, "s_tmin": 0.05, "s_tmax": 20.0, "s_noise": 1.004}),
+    ("sample_euler", "unet", 2, 6, {"s_churn": 0.9, "s_tmin": 0.05, "s_tmax": 30.0}),
 ]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    CUSTOM, HAS_TRITON, SMALL_SIGMAS, SMALL_SIGMAS_NO_CHURN, GaussianScore, assert_bitwise, assert_mostly_inside,
+    BELOW_CAP, CUSTOM, HAS_TRITON, SMALL_SIGMAS, SMALL_SIGMAS_NO_CHURN, GaussianScore, assert_bitwise, assert_mostly_inside,
     check_image_parity, kve_pipe, make_generator, needs_triton, run_reference,
 )
 
@@ -221,6 +221,7 @@ PIPE_CASES = [
     ("gaussian", "single", 1, 2, SMALL_SIGMAS_NO_CHURN),
     ("gaussian", "list", 3, 6, SMALL_SIGMAS),
     ("gaussian", "global", 2, 14, CUSTOM),
+    ("test_unet+gaussian", "list", 2, 6, BELOW_CAP),
 ]
 
 
