@@ -63,8 +63,33 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
         check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule, rho)
         self.init_noise_sigma = sigma_max
         self.num_inference_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
-        self.schedule: torch.Tensor | None = None  # sigma(t_i), ascending, indexed by timesteps
+        self._schedule_device = None
+        self._made: tuple | None = None  # (timesteps, schedule), made on first read
+
+    @property
+    def timesteps(self) -> torch.Tensor | None:
+        """``[N - 1, ..., 0]`` after ``set_timesteps(N)`` (made on first read), else None."""
+        made = self._materialize()
+        return None if made is None else made[0]
+
+    @timesteps.setter
+    def timesteps(self, value) -> None:
+        self._made = (value, None if self._made is None else self._made[1])
+
+    @property
+    def schedule(self) -> torch.Tensor | None:
+        """sigma(t_i), ascending, indexed by ``timesteps`` (the reference's, bit for bit; made on first read)."""
+        made = self._materialize()
+        return None if made is None else made[1]
+
+    @schedule.setter
+    def schedule(self, value) -> None:
+        self._made = (None if self._made is None else self._made[0], value)
+
+    def _materialize(self):
+        if self._made is None and self.num_inference_steps is not None:
+            self._made = self.make_schedule(self.num_inference_steps, self._schedule_device)
+        return self._made
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Identity, for interchangeability with schedulers that scale the model input."""
@@ -78,11 +103,13 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
                              c.get("rho", 7.0), device)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """Set ``timesteps`` and the noise levels ``schedule`` (bitwise the reference's)."""
-        timesteps, schedule = self.make_schedule(num_inference_steps, device)
+        """Set ``timesteps`` and the noise levels ``schedule`` (bitwise the reference's). Both are made when
+        first read, so a call with a huge step count (which the sampler plans one step at a time) costs
+        nothing here."""
+        check_int("num_inference_steps", num_inference_steps, 2)
         self.num_inference_steps = num_inference_steps
-        self.timesteps = timesteps
-        self.schedule = schedule
+        self._schedule_device = device
+        self._made = None
 
     def churn_sigma(self, sigma, num_inference_steps: int | None = None):
         """Algorithm 2, lines 4-5: gamma_i and sigma_hat = sigma + gamma_i * sigma, as the reference rounds them."""
