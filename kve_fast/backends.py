@@ -5,19 +5,12 @@ it does not pick ``"cuda"`` until measurements on a GPU say it should: bench/csr
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
+from ._warn import warn_once
 from .options import BACKENDS
 
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -62,7 +55,7 @@ def check_backend(name: str, device: torch.device) -> str:
         return "torch"
     ok, why = triton_available()
     if not ok:
-        _warn_once("auto-triton", f"kve_fast: Triton is unavailable ({why}); using the torch backend (same results, slower)")
+        warn_once("auto-triton", f"kve_fast: Triton is unavailable ({why}); using the torch backend (same results, slower)")
         return "torch"
     return "triton"
 

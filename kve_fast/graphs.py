@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from . import fake_graph
+from ._warn import warn_once
 from .fingerprint import ModelState
 from .schedule import Buffers, Churn, ChurnValues, Denoise, HandOut, Heun, LevelValues, StepContext, run
 
@@ -77,13 +77,6 @@ _LIVE: "weakref.WeakSet[Capture]" = weakref.WeakSet()  # every capture not yet f
 _LOCK = threading.Lock()
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in this process
 _FINALIZERS: dict = {}  # id(model) -> weakref.finalize dropping its captures
-_warned: set = set()
-
-
-def _warn_once(key, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def fake() -> bool:
@@ -120,7 +113,7 @@ def decide(cuda_graph, device: torch.device, backend_name: str) -> bool:
     if cuda_graph is True:
         raise ValueError(f"`cuda_graph`=True but {reason}")
     if device.type == "cuda":
-        _warn_once(("decide", reason), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same results")
+        warn_once(("decide", reason), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same results")
     return False
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from . import graphs
+from ._warn import warn_once
 from ._checks import check_real
 from .backends import make_backend
 from .convention import K_DIFFUSION, raw_output
@@ -154,7 +155,7 @@ def _decide_graphs(cuda_graph, device, backend_name: str, extra_args: dict) -> b
         reason = "`extra_args` holds values other than tensors, numbers, strings and None"
         if mode is True:
             raise ValueError(f"`cuda_graph`=True but {reason}")
-        graphs._warn_once(("extra_args",), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same "
+        warn_once(("extra_args",), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same "
                                            "results")
         return False
     return True

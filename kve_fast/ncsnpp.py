@@ -71,6 +71,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ._warn import warn_once
+
 __all__ = ["make_capturable", "restore", "needs_patch", "make_fast", "restore_fast", "is_fast", "fast_fir",
            "GRAPH_CAPTURE_NOTES"]
 
@@ -171,13 +173,6 @@ def _build(kernel, factor, gain, up, device, dtype) -> torch.Tensor:
 # Each mirrors diffusers 0.42.1's function line by line, except that the filter comes from the cache and
 # that in fast mode ``_upfirdn2d`` runs the Triton kernel instead of diffusers' ``upfirdn2d_native``.
 
-_FAST_WARNED: set = set()  # the reasons make_fast / a fast call has warned about (once each per process)
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _FAST_WARNED:
-        _FAST_WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _locked(fn):
@@ -201,7 +196,7 @@ def fast_fir(enabled: bool = True):
     if enabled:
         fir, why = _fast_backend()
         if fir is None:
-            _warn_once("unavailable", f"kve_fast.ncsnpp.fast_fir: not applied ({why}); diffusers' upfirdn2d_native "
+            warn_once(("ncsnpp", "unavailable"), f"kve_fast.ncsnpp.fast_fir: not applied ({why}); diffusers' upfirdn2d_native "
                                       "keeps running")
             enabled = False
     token = _FAST_HERE.set(enabled)
@@ -231,7 +226,7 @@ def _upfirdn2d(patch: _Patch, native, x, filt, up=1, down=1, pad=(0, 0)):
         if fir.supports(x, filt, up, down, pad):
             return fir.upfirdn2d(x, filt, up=up, down=down, pad=pad)
         if x.dtype in fir.DTYPES and x.device.type != "cuda":
-            _warn_once(f"device {x.device.type}", f"kve_fast.ncsnpp fast mode: FIR inputs on {x.device.type} run "
+            warn_once(("ncsnpp", "device", x.device.type), f"kve_fast.ncsnpp fast mode: FIR inputs on {x.device.type} run "
                                                   "diffusers' upfirdn2d_native (Triton kernels run on CUDA)")
     return native(x, filt, up=up, down=down, pad=pad)
 
@@ -538,7 +533,7 @@ def make_fast(model: torch.nn.Module) -> int:
         return 0  # nothing to switch (no FIR blocks, or all fast already): no backend needed
     fir, why = _fast_backend()
     if fir is None:
-        _warn_once("unavailable", f"kve_fast.ncsnpp.make_fast: not applied ({why}); diffusers' upfirdn2d_native "
+        warn_once(("ncsnpp", "unavailable"), f"kve_fast.ncsnpp.make_fast: not applied ({why}); diffusers' upfirdn2d_native "
                                   "keeps running")
         return 0
     targets = _targets(model)

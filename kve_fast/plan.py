@@ -279,7 +279,7 @@ def _float32_range_problem(high: float, low: float, churn: bool = True) -> str:
     """Why noise levels in [low, high] break the reference's float32 step arithmetic ('' if they do not).
 
     Every step computes sigma**2 and sigma_hat**2 (sigma_hat <= sqrt(2) sigma with churn), divides by
-    sigma_hat and sigma_prev, and calls the model at sigma / 2: all must be finite and non-zero.
+    sigma_hat and sigma_{i+1}, and calls the model at sigma / 2: all must be finite and non-zero.
     """
     top = torch.tensor(high, dtype=torch.float32)
     bottom = torch.tensor(low, dtype=torch.float32)

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from . import graphs
+from ._warn import warn_once
 from ._checks import check_generator, check_int, check_real
 from .backends import make_backend
 from .convention import REFERENCE, ModelOutputError, raw_output
@@ -220,7 +221,7 @@ def _graphed(r: Run, schedule, steps, denoise, source):
     like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=spec.device)
     cap = graphs.checkout(model, spec, r.backend, like, r.backend.model_dtype, wait=mode is True)
     if cap is None:
-        graphs._warn_once(("busy",), "kve_fast: this model's CUDA-graph capture is in use by another thread; running "
+        warn_once(("busy",), "kve_fast: this model's CUDA-graph capture is in use by another thread; running "
                                      "eagerly (same results; cuda_graph=True waits for it instead)")
         return None, None
     try:
@@ -231,7 +232,7 @@ def _graphed(r: Run, schedule, steps, denoise, source):
         reason = f"{type(exc).__name__}: {exc}".strip()
         if mode is True:
             raise ValueError(f"`cuda_graph`=True but the model cannot be captured in a CUDA graph ({reason})") from exc
-        graphs._warn_once(("capture", type(model)), f"kve_fast: this model cannot be captured in a CUDA graph "
+        warn_once(("capture", type(model)), f"kve_fast: this model cannot be captured in a CUDA graph "
                                                     f"({reason}); running eagerly, same results")
         return None, None
     return engine, cap

@@ -23,7 +23,7 @@ from conftest import (
 from diffusers.utils import BaseOutput
 
 import kve_fast
-from kve_fast import graphs, ncsnpp
+from kve_fast import _warn, graphs, ncsnpp
 from kve_fast.fake_graph import CaptureRefused, FakeGraph, StaleCapture
 
 pytestmark = needs_triton
@@ -198,7 +198,7 @@ def test_a_model_that_draws_random_numbers_is_refused_before_it_draws(fake_graph
     with pytest.raises(ValueError, match="random numbers"):
         _run(pipe, True)
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(4).get_state()), "the refused capture drew"
-    graphs._warned.clear()
+    _warn.forget()
     with pytest.warns(RuntimeWarning, match="random numbers"):
         torch.manual_seed(4)
         auto = _run(pipe, "auto")
@@ -354,7 +354,7 @@ def test_a_busy_capture_makes_true_wait_and_auto_run_eagerly(fake_graphs):
 
     a, out_a = _in_thread(lambda: _run(pipe, True, callback_on_step_end=hold))
     assert model.entered.wait(30)
-    graphs._warned.clear()
+    _warn.forget()
     with pytest.warns(RuntimeWarning, match="in use by another thread"):
         auto = _run(pipe, "auto", callback_on_step_end=noop)  # runs eagerly now, same bits
     assert_bitwise(auto, expected, "auto while busy")
@@ -446,7 +446,7 @@ def test_a_model_that_cannot_be_captured_runs_eagerly_or_raises(fake_graphs):
     pipe = kve_pipe(HostSync().to(DEVICE))
     with pytest.raises(ValueError, match="cuda_graph"):
         _run(pipe, True)
-    graphs._warned.clear()
+    _warn.forget()
     with pytest.warns(RuntimeWarning, match="cannot be captured"):
         graphed = _run(pipe, "auto")
     assert_bitwise(graphed, _run(pipe, False))

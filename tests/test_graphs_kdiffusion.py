@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_bitwise, needs_triton, reference_test_unet
 
-from kve_fast import graphs
+from kve_fast import _warn, graphs
 from kve_fast import k_diffusion as kd
 
 pytestmark = needs_triton
@@ -105,7 +105,7 @@ def test_uncapturable_extra_args_run_eagerly(fake_graphs):
 
     with pytest.raises(ValueError, match="extra_args"):
         _run(kd.sample_heun, listy, True, extra_args=bad)
-    graphs._warned.discard(("extra_args",))
+    _warn.forget(("extra_args",))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = _run(kd.sample_heun, listy, "auto", extra_args=bad)[0]

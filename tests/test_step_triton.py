@@ -20,6 +20,7 @@ from conftest import (
 )
 
 import kve_fast
+from kve_fast import _warn
 from kve_fast.backends import check_backend
 from kve_fast.noise import ReferenceNoise, draw_randn
 from kve_fast.ops import step_torch
@@ -357,7 +358,7 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         check_backend("triton", torch.device("cpu"))
     monkeypatch.setattr(backends, "triton_available", lambda: (False, "ImportError: no triton"))
-    monkeypatch.setattr(backends, "_warned", set())
+    _warn.forget()
     with pytest.warns(RuntimeWarning, match="Triton is unavailable"):
         assert check_backend("auto", torch.device("cuda")) == "torch"
     import warnings

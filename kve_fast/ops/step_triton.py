@@ -6,7 +6,7 @@ is ``euler`` + ``heun`` (one launch per step with ``solver="euler"``, or with a 
 the sample between steps: then ``churn`` runs on its own):
 
 - ``churn``: x_hat = x + c * (S_noise * eps), and the model input (x_hat + 1) / 2.
-- ``euler``: from the raw model output, the derivative, x_prev and the next model input, or on the
+- ``euler``: from the raw model output, the derivative, x_next and the next model input, or on the
   last step the final image (x / 2 + 0.5).clamp(0, 1) (float BCHW, or uint8 BHWC for PIL).
 - ``heun``: the second-order correction, fused with the next step's churn.
 
@@ -199,7 +199,7 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
         # model_output = (sigma_hat / 2) * F ; D = x_hat + sigma_hat * model_output
         mo = half_sigma_hat * raw
         pred = hat + sigma_hat * mo
-    # d = (x_hat - D) / sigma_hat ; x_prev = x_hat + (sigma_prev - sigma_hat) * d
+    # d = (x_hat - D) / sigma_hat ; x_next = x_hat + (sigma_next - sigma_hat) * d
     d = _divide(hat - pred, sigma_hat, inv_sigma_hat, TRUE_DIV)
     prev = hat + dt * d
     tl.store(prev_ptr + offs, prev, mask=mask)
@@ -215,15 +215,15 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
 
 @triton.jit(do_not_specialize=["seed"])
 def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, hat_next_ptr, xin_ptr, n,
-                 half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, keys_ptr, per_sample, s_noise, c_next, sc_ptr,
+                 half_sigma_next, sigma_next, inv_sigma_next, dt, seed, keys_ptr, per_sample, s_noise, c_next, sc_ptr,
                  cs_ptr, SCAL_MEM: tl.constexpr, DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr,
                  STORE_PRED: tl.constexpr, CHURN: tl.constexpr, APPLY: tl.constexpr, STORE_XIN: tl.constexpr,
                  DEVICE_NOISE: tl.constexpr, KEYED: tl.constexpr, BIG: tl.constexpr, NOISE4: tl.constexpr,
                  BLOCK: tl.constexpr):
     if SCAL_MEM:
-        half_sigma_prev = tl.load(sc_ptr)
-        sigma_prev = tl.load(sc_ptr + 1)
-        inv_sigma_prev = tl.load(sc_ptr + 2)
+        half_sigma_next = tl.load(sc_ptr)
+        sigma_next = tl.load(sc_ptr + 1)
+        inv_sigma_next = tl.load(sc_ptr + 2)
         dt = tl.load(sc_ptr + 3)
         if CHURN and APPLY:
             c_next = tl.load(cs_ptr)
@@ -236,16 +236,16 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
     prev = tl.load(prev_ptr + offs, mask=mask)
     d = tl.load(d_ptr + offs, mask=mask)
     if DENOISER:
-        # D' is the denoiser's output ; d' = (x_prev - D') / sigma_prev ; x = x_hat + ((d + d') / 2) * dt
+        # D' is the denoiser's output ; d' = (x_next - D') / sigma_next ; x = x_hat + ((d + d') / 2) * dt
         pred = raw
-        dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+        dc = _divide(prev - pred, sigma_next, inv_sigma_next, TRUE_DIV)
         x = hat + ((d + dc) * 0.5) * dt
     else:
-        # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
-        mo = half_sigma_prev * raw
-        pred = prev + sigma_prev * mo
-        # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
-        dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+        # model_output = (sigma_next / 2) * F ; D' = x_next + sigma_next * model_output
+        mo = half_sigma_next * raw
+        pred = prev + sigma_next * mo
+        # d' = (x_next - D') / sigma_next ; x = x_hat + (sigma_next - sigma_hat) * (d / 2 + d' / 2)
+        dc = _divide(prev - pred, sigma_next, inv_sigma_next, TRUE_DIV)
         x = hat + dt * (0.5 * d + 0.5 * dc)
     if STORE_X:
         tl.store(x_ptr + offs, x, mask=mask)
