@@ -41,24 +41,22 @@ class Engine:
         self.s_in, self.extra, self.callback = s_in, extra, callback
         buffers = Buffers(like, model_dtype, reuse=schedule.reusable(), image_kind=schedule.image)
         self.ctx = StepContext(backend, buffers, denoise, self._hand_out)
+        self.feed = HostFeed(schedule.convention, plan, s_noise, source.step, s_in, extra)
 
     @property
     def env(self) -> dict:
         return self.ctx.env
-
-    def _feed(self, i: int) -> HostFeed:
-        return HostFeed(self.schedule.convention, self.plan, i, self.s_noise, self.source.step, self.s_in, self.extra)
 
     def start(self, x0: torch.Tensor) -> None:
         """Line 1: the initial sample (already scaled), then the first step's churn where it runs on its own."""
         self.env["x"] = x0
         prologue = self.schedule.prologue(self.plan)
         if prologue:
-            run(prologue, self.ctx, self._feed(0))
+            run(prologue, self.ctx, self.feed.at(self.plan[0]))
 
     def step(self, step) -> None:
         """Lines 4-11 of Algorithm 2 for ``step``: the stages of its kind."""
-        run(self.schedule.stages(self.schedule.kind(self.plan, step.index)), self.ctx, self._feed(step.index))
+        run(self.schedule.stages(self.schedule.kind(self.plan, step)), self.ctx, self.feed.at(step))
 
     def _hand_out(self, stage: HandOut, feed) -> None:
         state = {stage.x: self.env[stage.x], stage.denoised: self.env[stage.denoised]}

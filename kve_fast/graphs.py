@@ -261,8 +261,13 @@ class DeviceFeed:
     def churn(self, of: str) -> ChurnValues:
         return ChurnValues(None, self.scalars[self.SLOTS[of]], None, self.noise)
 
-    def level(self, at: str) -> LevelValues:
-        return LevelValues(None, self.scalars[self.SLOTS["hat" if at == "hat" else "next_level"]])
+    @property
+    def at_hat(self) -> LevelValues:
+        return LevelValues(None, self.scalars[self.SLOTS["hat"]])
+
+    @property
+    def at_next(self) -> LevelValues:
+        return LevelValues(None, self.scalars[self.SLOTS["next_level"]])
 
     def model_level(self, at: str) -> torch.Tensor:
         scalars = self.scalars[self.SLOTS["hat" if at == "hat" else "next_level"]]
@@ -461,7 +466,7 @@ class GraphEngine:
         indices = range(n) if not schedule.convention.churn_every_step else sorted({0, max(n - 2, 0), n - 1})
         lists = [schedule.prologue(plan)] if schedule.prologue(plan) else []
         for i in indices:
-            stages = schedule.stages(schedule.kind(plan, i))
+            stages = schedule.stages(schedule.kind(plan, plan[i]))
             if stages not in lists:
                 lists.append(stages)
         return lists
@@ -491,7 +496,7 @@ class GraphEngine:
             self._replay(prologue, self.plan[0])
 
     def step(self, step) -> None:
-        self._replay(self.schedule.stages(self.schedule.kind(self.plan, step.index)), step)
+        self._replay(self.schedule.stages(self.schedule.kind(self.plan, step)), step)
 
     def _replay(self, stages, step) -> None:
         cap = self.cap

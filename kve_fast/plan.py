@@ -128,6 +128,11 @@ class _LazySteps(Sequence):
         return self._n
 
     def __getitem__(self, i):
+        (i0, s0), (i1, s1) = self._recent  # the loop's accesses: steps i and i+1, again and again
+        if i == i1 and i1 is not None:
+            return s1
+        if i == i0 and i0 is not None:
+            return s0
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(self._n))]
         if i < 0:
@@ -136,7 +141,7 @@ class _LazySteps(Sequence):
             raise IndexError(i)
         if self._memo is not None and self._memo[i] is not None:
             return self._memo[i]
-        for made_i, made in self._recent:
+        for made_i, made in self._recent:  # (a negative index, now made positive)
             if made_i == i:
                 return made
         step = self._make(i)

@@ -50,6 +50,9 @@ class Churn:
     noise: bool
     of: str = "own"
 
+    def writes(self) -> tuple:
+        return self.hat, self.model_input
+
 
 @dataclass(frozen=True)
 class Denoise:
@@ -59,6 +62,9 @@ class Denoise:
     x: str
     at: str
     out: str
+
+    def writes(self) -> tuple:
+        return ()  # the model's output is the model's own tensor
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class Euler:
     image: str | None = None
     image_kind: str | None = None
 
+    def writes(self) -> tuple:
+        return self.x_next, self.d, self.model_input, self.denoised, self.image
+
 
 @dataclass(frozen=True)
 class Heun:
@@ -90,6 +99,9 @@ class Heun:
     denoised: str | None = None
     then: Churn | None = None
 
+    def writes(self) -> tuple:
+        return (self.x, self.denoised) + (self.then.writes() if self.then is not None else (None, None))
+
 
 @dataclass(frozen=True)
 class HandOut:
@@ -98,12 +110,14 @@ class HandOut:
     x: str
     denoised: str
 
+    def writes(self) -> tuple:
+        return ()
+
 
 # -- which stages a step runs ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StepKind:
+class StepKind(NamedTuple):
     """What distinguishes one step's stage list from another's."""
 
     correct: bool  # lines 9-11 run (Heun, and sigma_{i+1} > 0)
@@ -126,12 +140,16 @@ class Schedule:
     def __init__(self, convention: Convention, heun: bool, hand_out: bool, image: str | None, fuses_image: bool):
         self.convention, self.heun, self.hand_out, self.image = convention, heun, hand_out, image
         self.fuses_image = fuses_image and image is not None and not hand_out
+        self._stages: dict = {}  # StepKind -> its stages (a run has a few kinds)
 
-    def kind(self, plan, i: int) -> StepKind:
-        last, convention = i == len(plan) - 1, self.convention
-        every = convention.churn_every_step  # (then no step needs to be made to know)
-        return StepKind(correct=self.heun and not last, last=last, churns=every or convention.churns(plan[i]),
-                        next_churns=not last and (every or convention.churns(plan[i + 1])))
+    def kind(self, plan, step) -> StepKind:
+        """The kind of ``step`` (of ``plan``)."""
+        i = step.index
+        last = i == len(plan) - 1
+        if self.convention.churn_every_step:  # (then no other step needs to be made to know)
+            return StepKind(self.heun and not last, last, True, not last)
+        churns = self.convention.churns
+        return StepKind(self.heun and not last, last, churns(step), not last and churns(plan[i + 1]))
 
     def _input(self, hat: str, name: str) -> tuple[str, str | None]:
         """(what the model is called at, the named model input a stage writes for it) for the sample ``hat``."""
@@ -151,6 +169,12 @@ class Schedule:
 
     def stages(self, kind: StepKind) -> tuple:
         """The stages of a step of ``kind``, in the paper's order."""
+        stages = self._stages.get(kind)
+        if stages is None:
+            stages = self._stages[kind] = self._declare(kind)
+        return stages
+
+    def _declare(self, kind: StepKind) -> tuple:
         at_hat, input_hat = self._input("hat", "input")
         at_next, input_next = self._input("next", "input_next")
         k_diffusion_callback = self.hand_out and self.convention.denoiser
@@ -216,6 +240,15 @@ class Buffers:
                  image_kind: str | None = None):
         self.like, self.model_dtype, self.reuse, self.image_kind = like, model_dtype, reuse, image_kind
         self.tensors: dict[str, torch.Tensor] = {}
+        self._targets: dict = {}
+
+    def targets(self, stage) -> tuple:
+        """``(stage.writes(), their targets)``: ``target(name)`` for each name, in that order (the same every step)."""
+        found = self._targets.get(stage)
+        if found is None:
+            names = stage.writes()
+            found = self._targets[stage] = (names, tuple(self.target(n) for n in names))
+        return found
 
     def target(self, name: str | None):
         """The tensor ``name`` is written into, ``NEW``, or None (not wanted)."""
@@ -252,7 +285,8 @@ class ChurnValues(NamedTuple):
 
 
 class LevelValues(NamedTuple):
-    """What an Euler or Heun stage reads: the step, and its ``Level`` as floats or a device tensor of them."""
+    """What an Euler (``feed.at_hat``) or Heun (``feed.at_next``) stage reads: the step, and its ``Level`` as
+    floats or a device tensor of them."""
 
     step: object
     scalars: object
@@ -263,16 +297,20 @@ class HostFeed:
     churn asks for it (one draw per churn, in the stages' order), the model's noise levels as the convention
     makes them."""
 
-    def __init__(self, convention: Convention, plan, i: int, s_noise: float, draw, s_in=None, extra=None):
-        self.convention, self.plan, self.step, self.s_noise, self.draw = convention, plan, plan[i], s_noise, draw
+    def __init__(self, convention: Convention, plan, s_noise: float, draw, s_in=None, extra=None):
+        self.convention, self.plan, self.s_noise, self.draw = convention, plan, s_noise, draw
         self.s_in, self.extra = s_in, extra
+        self.step = self.at_hat = self.at_next = None
+
+    def at(self, step) -> "HostFeed":
+        """This feed, now for ``step`` (one object serves a whole run)."""
+        self.step = step
+        self.at_hat, self.at_next = LevelValues(step, step.at_hat), LevelValues(step, step.at_next)
+        return self
 
     def churn(self, of: str) -> ChurnValues:
         step = self.step if of == "own" else self.plan[self.step.index + 1]
         return ChurnValues(step, step.noise_coef, self.s_noise, self.draw())
-
-    def level(self, at: str) -> LevelValues:
-        return LevelValues(self.step, self.step.at_hat if at == "hat" else self.step.at_next)
 
     def model_level(self, at: str) -> torch.Tensor:
         return self.convention.noise_level(self.step, at, self.s_in)
@@ -292,34 +330,27 @@ class StepContext:
 
 def run(stages, ctx: StepContext, feed) -> None:
     """Run ``stages`` with the step values of ``feed`` (a ``HostFeed``, or a graph's device feed)."""
-    env, out, be = ctx.env, ctx.buffers.target, ctx.backend
+    env, be, targets = ctx.env, ctx.backend, ctx.buffers.targets
     for s in stages:
-        if isinstance(s, Churn):
-            env[s.hat], inp = be.churn(env[s.x], feed.churn(s.of), noise=s.noise, hat=out(s.hat),
-                                       model_input=out(s.model_input))
-            if s.model_input:
-                env[s.model_input] = inp
-        elif isinstance(s, Denoise):
+        kind = type(s)
+        if kind is Denoise:
             env[s.out] = ctx.denoise(env[s.x], feed.model_level(s.at), feed.extra)
-        elif isinstance(s, Euler):
-            image = None if s.image is None else (s.image_kind, out(s.image))
-            written = be.euler(env[s.raw], env[s.hat], feed.level("hat"), x_next=out(s.x_next), d=out(s.d),
-                               model_input=out(s.model_input), denoised=out(s.denoised), image=image)
-            for name, t in zip((s.x_next, s.d, s.model_input, s.denoised, s.image), written):
-                if name is not None:
-                    env[name] = t
-        elif isinstance(s, Heun):
-            then = None
-            if s.then is not None:
-                c = s.then
-                then = (feed.churn(c.of), c.noise, out(c.hat), out(c.model_input))
-            written = be.heun(env[s.raw], env[s.hat], env[s.x_next], env[s.d], feed.level("next"), x=out(s.x),
-                              denoised=out(s.denoised), then=then)
-            names = (s.x, s.denoised) + ((s.then.hat, s.then.model_input) if s.then is not None else (None, None))
-            for name, t in zip(names, written):
-                if name is not None:
-                    env[name] = t
-        elif isinstance(s, HandOut):
+            continue
+        if kind is HandOut:
             ctx.hand_out(s, feed)
+            continue
+        names, out = targets(s)
+        if kind is Churn:
+            written = be.churn(env[s.x], feed.churn(s.of), noise=s.noise, hat=out[0], model_input=out[1])
+        elif kind is Euler:
+            written = be.euler(env[s.raw], env[s.hat], feed.at_hat, x_next=out[0], d=out[1], model_input=out[2],
+                               denoised=out[3], image=None if s.image is None else (s.image_kind, out[4]))
+        elif kind is Heun:
+            then = None if s.then is None else (feed.churn(s.then.of), s.then.noise, out[2], out[3])
+            written = be.heun(env[s.raw], env[s.hat], env[s.x_next], env[s.d], feed.at_next, x=out[0],
+                              denoised=out[1], then=then)
         else:  # pragma: no cover - a stage type without a runner
             raise TypeError(f"unknown stage {s!r}")
+        for name, t in zip(names, written):
+            if name is not None:
+                env[name] = t

@@ -89,19 +89,19 @@ class TorchStep:
 
     def euler(self, raw, hat, values, *, x_next, d, model_input, denoised, image):
         """Lines 7-8 from the raw model output; returns ``(x_next, d, model input, denoised, image)``."""
-        step = values.step
+        sigma_hat, sigma_next = values.step.sigma_hat, values.step.sigma_next  # (each access: a new 0-d tensor)
         # a low-precision UNet's output read exactly, in the (contiguous) state's layout
-        model_output = scale_model_output(raw.float().contiguous(), step.sigma_hat)
-        sample_next, derivative, pred = euler(model_output, step.sigma_hat, step.sigma_next, hat)
+        model_output = scale_model_output(raw.float().contiguous(), sigma_hat)
+        sample_next, derivative, pred = euler(model_output, sigma_hat, sigma_next, hat)
         return (sample_next, derivative, None if model_input is None else _to_model_input(sample_next), pred,
                 None if image is None else to_image(sample_next, image[0]))
 
     def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
         """Lines 9-11, then (``then``: ``(ChurnValues, noise, hat, model input)``) the next step's churn;
         returns ``(x, denoised, hat_next, model_input_next)``."""
-        step = values.step
-        model_output = scale_model_output(raw.float().contiguous(), step.sigma_next)
-        sample, pred = heun(model_output, step.sigma_hat, step.sigma_next, hat, x_next, d)
+        sigma_hat, sigma_next = values.step.sigma_hat, values.step.sigma_next
+        model_output = scale_model_output(raw.float().contiguous(), sigma_next)
+        sample, pred = heun(model_output, sigma_hat, sigma_next, hat, x_next, d)
         if then is None:
             return sample, pred, None, None
         values_next, noise, hat_next, input_next = then
