@@ -11,9 +11,12 @@ Without a GPU (the development and CI machines), what can be checked is checked:
 - the operators themselves, built for the CPU (the same element code as the kernels, ``step_math.h``,
   on the host): bit for bit against torch's ops (true division, as torch on the CPU), the CUDA
   arithmetic (multiply by the host's reciprocal) forced, the image rounding, the Philox noise against
-  Triton's stream, the whole pipeline against diffusers, and torch's operator checks (opcheck).
-With a GPU, the same operator tests also run on CUDA against torch's CUDA ops (bench/csrc_check.py
-checks the pipeline, bandwidth and cold start there).
+  Triton's stream, the whole pipeline against diffusers, and torch's operator checks (opcheck);
+- the argument checks (csrc/ops.h), all before a data pointer is taken; nothing is written by a refused
+  call.
+With a GPU, the same operator tests (the argument checks included) also run on CUDA tensors, through the
+CUDA implementation, against torch's CUDA ops (bench/csrc_check.py checks the pipeline, bandwidth and
+cold start there).
 """
 
 from __future__ import annotations
@@ -408,22 +411,61 @@ def test_scalars_from_device_memory_are_the_same_bits(ops, device):
         step_cuda._launch_heun(raw, x, prev, d, mem(step.heun), True, True, (eps, None, 1.007, nxt.churn))
 
 
-def test_operators_check_their_arguments(ops):
-    x = torch.zeros(2, 3, 4, 4)
-    with pytest.raises(RuntimeError, match="kve_fast::churn: `eps` has shape"):
-        ops.churn(x, torch.zeros(2, 3, 4), None, 0, 1.0, 1.0, None, torch.empty_like(x), None)
-    with pytest.raises(RuntimeError, match="`hat` must be float32"):
-        ops.churn(x, x, None, 0, 1.0, 1.0, None, torch.empty_like(x, dtype=torch.float64), None)
-    with pytest.raises(RuntimeError, match="do not cover"):
-        ops.churn(x, None, torch.tensor([1, 2, 3]), 30, 1.0, 1.0, None, torch.empty_like(x), None)
-    with pytest.raises(RuntimeError, match="give `eps`"):
-        ops.churn(x, None, None, 0, 1.0, 1.0, None, torch.empty_like(x), None)
-    with pytest.raises(RuntimeError, match="strides"):
-        ops.euler(x, x, 0.5, 1.0, 1.0, -0.5, None, False, True, torch.empty_like(x).transpose(2, 3), None, None, None,
-                  None)
-    with pytest.raises(RuntimeError, match="uint8 `image` must be contiguous BHWC"):
-        ops.euler(x, x, 0.5, 1.0, 1.0, -0.5, None, False, True, torch.empty_like(x), None, None, None,
-                  torch.empty(2, 3, 4, 4, dtype=torch.uint8))
+# -- argument checks: every one before any data pointer is taken or a kernel launched (csrc/ops.h) ----------
+
+SHAPE = (2, 3, 4, 4)  # 96 elements
+
+
+def _args(op: str, device: str, **kw) -> dict:
+    """A valid call of ``op`` as keywords (euler and heun without optional outputs, heun without the fused
+    churn), with ``kw`` replacing arguments."""
+    t = lambda seed: _rand(SHAPE, seed, 1.0, device)  # noqa: E731
+    out = lambda: torch.empty(SHAPE, device=device)  # noqa: E731
+    stage = dict(half_sigma=0.5, sigma=1.0, inv_sigma=1.0, dt=-0.5, scalars=None, denoiser=False, true_div=True)
+    args = {
+        "churn": lambda: dict(x=t(0), eps=t(1), keys=None, per_sample=0, s_noise=1.007, c=0.5, scalars=None,
+                              hat=out(), xin=out()),
+        "euler": lambda: dict(raw=t(0), hat=t(1), **stage, prev=out(), d=None, xin=None, pred=None, image=None),
+        "heun": lambda: dict(raw=t(0), hat=t(1), prev=t(2), d=t(3), **stage, x=out(), pred=None, churn=False,
+                             apply=False, eps=None, keys=None, per_sample=0, s_noise=1.007, c=0.5,
+                             churn_scalars=None, hat_next=None, xin=None),
+    }[op]()
+    args.update(kw)
+    return args
+
+
+def _refused(ops, op: str, args: dict, match: str, exc=RuntimeError) -> None:
+    """``op`` refuses ``args`` with ``match``, having written nothing (every tensor argument keeps its bits)."""
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(exc, match=match):
+        getattr(ops, op)(**args)
+    for k, v in before.items():
+        assert_bitwise(args[k], v, f"`{k}` after the refused call")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_operators_check_their_arguments(ops, device):
+    """On a GPU these run through the CUDA implementation (ops_cuda.cpp), which checks with the same code."""
+    x = torch.zeros(SHAPE, device=device)
+    _refused(ops, "churn", _args("churn", device, eps=torch.zeros(2, 3, 4, device=device)),
+             "kve_fast::churn: `eps` has shape")
+    _refused(ops, "churn", _args("churn", device, hat=torch.empty_like(x, dtype=torch.float64)),
+             "`hat` must be float32")
+    _refused(ops, "churn", _args("churn", device, eps=None, keys=torch.tensor([1, 2, 3], device=device),
+                                 per_sample=30), "3 keys of 30 elements each do not cover the 96 elements")
+    _refused(ops, "churn", _args("churn", device, eps=None), "give `eps`")
+    _refused(ops, "euler", _args("euler", device, prev=torch.empty_like(x).transpose(2, 3)), "`prev` has strides")
+    _refused(ops, "euler", _args("euler", device, image=torch.empty(SHAPE, dtype=torch.uint8, device=device)),
+             "uint8 `image` must be contiguous BHWC")
+    _refused(ops, "heun", _args("heun", device, churn=True), "needs `hat_next`")
+    _refused(ops, "heun", _args("heun", device, scalars=torch.zeros(3, device=device)),
+             "`scalars` must be a contiguous tensor of 4 values")
+    if device == "cuda":  # the dispatcher picks the CUDA implementation: it checks each tensor's device
+        _refused(ops, "churn", _args("churn", device, eps=torch.zeros(SHAPE)), "`eps` is on cpu, expected cuda")
+        _refused(ops, "euler", _args("euler", device, hat=torch.zeros(SHAPE)),
+                 "the CUDA implementation got `hat` on cpu")
+        _refused(ops, "heun", _args("heun", device, scalars=torch.zeros(4)), "`scalars` is on cpu")
+        _refused(ops, "churn", _args("churn", device, eps=None, keys=torch.tensor([7])), "`keys` is on cpu")
     with pytest.raises(TypeError, match="sample"):
         step_cuda.churn(x.double(), x, 1.0, torch.tensor(1.0), torch.tensor(2.0))
     with pytest.raises(ValueError, match="seed"):
