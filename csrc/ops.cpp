@@ -79,8 +79,10 @@ void check_noise(const char* op, const at::Tensor& like, const OptTensor& eps, c
     TORCH_CHECK(k->numel() == 1, op, ": `per_sample` = 0 (one key for the whole tensor) takes one key, got ",
                 k->numel());
   } else {
-    TORCH_CHECK(k->numel() * per_sample == like.numel(), op, ": ", k->numel(), " keys of ", per_sample,
-                " elements each do not cover the ", like.numel(), " elements");
+    // keys * per_sample == numel, by division: the product can overflow int64 (and wrap onto numel)
+    const int64_t n = like.numel();
+    TORCH_CHECK(n % per_sample == 0 && n / per_sample == k->numel(), op, ": ", k->numel(), " keys of ", per_sample,
+                " elements each do not cover the ", n, " elements");
   }
 }
 

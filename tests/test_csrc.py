@@ -12,8 +12,8 @@ Without a GPU (the development and CI machines), what can be checked is checked:
   on the host): bit for bit against torch's ops (true division, as torch on the CPU), the CUDA
   arithmetic (multiply by the host's reciprocal) forced, the image rounding, the Philox noise against
   Triton's stream, the whole pipeline against diffusers, and torch's operator checks (opcheck);
-- the argument checks (csrc/ops.h), all before a data pointer is taken; nothing is written by a refused
-  call.
+- the argument checks (csrc/ops.h), all before a data pointer is taken: sizes checked without overflow;
+  nothing is written by a refused call.
 With a GPU, the same operator tests (the argument checks included) also run on CUDA tensors, through the
 CUDA implementation, against torch's CUDA ops (bench/csrc_check.py checks the pipeline, bandwidth and
 cold start there).
@@ -470,6 +470,17 @@ def test_operators_check_their_arguments(ops, device):
         step_cuda.churn(x.double(), x, 1.0, torch.tensor(1.0), torch.tensor(2.0))
     with pytest.raises(ValueError, match="seed"):
         step_cuda.churn(x, None, 1.0, torch.tensor(1.0), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["churn", "heun"])
+def test_keys_count_check_cannot_overflow(ops, device, op):
+    """4 keys of 2**62 + 24 elements: 4 * (2**62 + 24) wraps to 96 in int64, the tensor's size (accepted before)."""
+    keys = torch.tensor([1, 2, 3, 4], device=device)
+    kw = dict(eps=None, keys=keys, per_sample=2**62 + 24)
+    if op == "heun":
+        kw.update(churn=True, apply=True, hat_next=torch.empty(SHAPE, device=device))
+    _refused(ops, op, _args(op, device, **kw), "4 keys of 4611686018427387928 elements each do not cover the 96")
 
 
 def test_operators_pass_torch_opcheck(ops):
