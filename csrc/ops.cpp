@@ -6,10 +6,12 @@
 // Device-generic torch headers only: compiles against the CPU torch wheel (tests/test_csrc.py).
 #include <Python.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 
 #include "ops.h"
@@ -86,6 +88,47 @@ void check_noise(const char* op, const at::Tensor& like, const OptTensor& eps, c
   }
 }
 
+// -- overlap: the kernels read and write in place, one group of 4 elements per thread ----------------------
+
+enum class Access {
+  kOut,        // written
+  kReadFirst,  // read at each element before any output is written there (by the same thread): an output may
+               // be this very tensor (the same view; heun's hat_next = hat), but not overlap it otherwise
+  kReadShared, // read by every thread (scalars, keys), or after the outputs are written: no output may overlap it
+};
+
+struct Arg {
+  const char* name;
+  const at::Tensor* t;  // nullptr: not given
+  Access access;
+};
+
+// Outputs overlap no other tensor of the call (one another included), except that an output may be exactly a
+// kReadFirst input. Data pointers are compared, never dereferenced; run after the dtype/device/layout checks.
+void check_overlaps(const char* op, std::initializer_list<Arg> args) {
+  for (const Arg* out = args.begin(); out != args.end(); ++out) {
+    if (!out->t || out->access != Access::kOut) continue;
+    for (const Arg* other = args.begin(); other != args.end(); ++other) {
+      if (other == out || !other->t || (other->access == Access::kOut && other < out)) continue;  // pairs once
+      const at::MemOverlapStatus s = at::get_overlap_status(*out->t, *other->t);
+      if (s == at::MemOverlapStatus::No) continue;
+      const bool full = s == at::MemOverlapStatus::Full;
+      switch (other->access) {
+        case Access::kOut:
+          TORCH_CHECK(false, op, ": outputs `", out->name, "` and `", other->name, "` ",
+                      full ? "are the same memory" : "overlap in memory", ": give separate tensors");
+        case Access::kReadFirst:
+          TORCH_CHECK(full, op, ": output `", out->name, "` partially overlaps input `", other->name,
+                      "`: an output may be an input itself (the same view) or lie apart from it, not partly on it");
+          break;
+        case Access::kReadShared:
+          TORCH_CHECK(false, op, ": output `", out->name, "` overlaps `", other->name,
+                      "`, which is read after outputs are written or by every thread: give separate tensors");
+      }
+    }
+  }
+}
+
 float* ptr(const at::Tensor& t) { return t.data_ptr<float>(); }
 float* ptr(const OptTensor& t) { return given(t) ? t->data_ptr<float>() : nullptr; }
 
@@ -130,6 +173,9 @@ ChurnArgs churn_args(const at::Tensor& x, const OptTensor& eps, const OptTensor&
   if (const at::Tensor* cs = given(scalars)) check_scalars(op, "scalars", *cs, x, 2);
   check_like(op, "hat", hat, x);
   check_like(op, "xin", xin, x);
+  check_overlaps(op, {{"x", &x, Access::kReadFirst}, {"eps", given(eps), Access::kReadFirst},
+                      {"keys", given(keys), Access::kReadShared}, {"scalars", given(scalars), Access::kReadShared},
+                      {"hat", &hat, Access::kOut}, {"xin", given(xin), Access::kOut}});
   ChurnArgs a;
   a.x = ptr(x);
   a.n = x.numel();
@@ -165,6 +211,10 @@ EulerArgs euler_args(const at::Tensor& raw, const at::Tensor& hat, double half_s
                 op, ": a uint8 `image` must be contiguous BHWC [", b, ", ", h, ", ", w, ", ", c, "], got ",
                 img->sizes());
   }
+  check_overlaps(op, {{"raw", &raw, Access::kReadFirst}, {"hat", &hat, Access::kReadFirst},
+                      {"scalars", given(scalars), Access::kReadShared}, {"prev", &prev, Access::kOut},
+                      {"d", given(d), Access::kOut}, {"xin", given(xin), Access::kOut},
+                      {"pred", given(pred), Access::kOut}, {"image", img, Access::kOut}});
   EulerArgs a;
   a.raw = ptr(raw);
   a.hat = ptr(hat);
@@ -210,6 +260,15 @@ HeunArgs heun_args(const at::Tensor& raw, const at::Tensor& hat, const at::Tenso
       if (given(churn_scalars)) check_scalars(op, "churn_scalars", *churn_scalars, hat, 2);
     }
   }
+  // heun reads raw, hat, prev, d first, then writes x and pred, then reads eps (the churn's noise) and writes
+  // hat_next and xin: eps may not be an output
+  check_overlaps(op, {{"raw", &raw, Access::kReadFirst}, {"hat", &hat, Access::kReadFirst},
+                      {"prev", &prev, Access::kReadFirst}, {"d", &d, Access::kReadFirst},
+                      {"scalars", given(scalars), Access::kReadShared}, {"eps", given(eps), Access::kReadShared},
+                      {"keys", given(keys), Access::kReadShared},
+                      {"churn_scalars", given(churn_scalars), Access::kReadShared},
+                      {"x", given(x), Access::kOut}, {"pred", given(pred), Access::kOut},
+                      {"hat_next", given(hat_next), Access::kOut}, {"xin", given(xin), Access::kOut}});
   HeunArgs a;
   a.raw = ptr(raw);
   a.hat = ptr(hat);

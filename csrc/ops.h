@@ -17,11 +17,18 @@ namespace kve_fast {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// Each *_args checks every argument first (dtype, device, shape, one dense layout, keys) and only then takes
-// the data pointers into the kernel's argument struct: a refused call has touched no data and launched
-// nothing. The first tensor (``x`` or ``hat``) must be on ``device_type`` (the implementation's: CPU or
-// CUDA), every other on its device. Optional tensors that are undefined count as None; the floats that a
-// device tensor replaces (``scalars``, ``churn_scalars``) are ignored.
+// Each *_args checks every argument first (dtype, device, shape, one dense layout, keys; outputs that overlap
+// inputs or one another) and only then takes the data pointers into the kernel's argument struct: a refused
+// call has touched no data and launched nothing. The first tensor (``x`` or ``hat``) must be on
+// ``device_type`` (the implementation's: CPU or CUDA), every other on its device. Optional tensors that are
+// undefined count as None; the floats that a device tensor replaces (``scalars``, ``churn_scalars``) are
+// ignored.
+//
+// Aliasing: an output may be exactly an input that the kernel reads at each element before writing that
+// element (churn: x, eps; euler: raw, hat; heun: raw, hat, prev, d), as kve_fast.ops.fused.FusedStep
+// uses it (heun's hat_next = hat; euler's prev = hat in k-diffusion's Euler where gamma = 0); any other
+// overlap of an output with an input or with another output is refused, heun's eps included (it is read
+// after x and pred are written).
 ChurnArgs churn_args(const at::Tensor& x, const OptTensor& eps, const OptTensor& keys, int64_t per_sample,
                      double s_noise, double c, const OptTensor& scalars, const at::Tensor& hat,
                      const OptTensor& xin, c10::DeviceType device_type);

@@ -12,8 +12,9 @@ Without a GPU (the development and CI machines), what can be checked is checked:
   on the host): bit for bit against torch's ops (true division, as torch on the CPU), the CUDA
   arithmetic (multiply by the host's reciprocal) forced, the image rounding, the Philox noise against
   Triton's stream, the whole pipeline against diffusers, and torch's operator checks (opcheck);
-- the argument checks (csrc/ops.h), all before a data pointer is taken: sizes checked without overflow;
-  nothing is written by a refused call.
+- the argument checks (csrc/ops.h), all before a data pointer is taken: sizes checked without overflow,
+  outputs overlapping inputs or one another refused (the exact aliasing the kernels allow gives the same
+  bits); nothing is written by a refused call.
 With a GPU, the same operator tests (the argument checks included) also run on CUDA tensors, through the
 CUDA implementation, against torch's CUDA ops (bench/csrc_check.py checks the pipeline, bandwidth and
 cold start there).
@@ -481,6 +482,80 @@ def test_keys_count_check_cannot_overflow(ops, device, op):
     if op == "heun":
         kw.update(churn=True, apply=True, hat_next=torch.empty(SHAPE, device=device))
     _refused(ops, op, _args(op, device, **kw), "4 keys of 4611686018427387928 elements each do not cover the 96")
+
+
+def _overlap_cases(device):
+    """(name, op, arguments, match): outputs that overlap inputs or one another."""
+    buf = lambda n=200: _rand((n,), 5, 1.0, device)  # noqa: E731
+    view = lambda b, start: b[start : start + 96].view(SHAPE)  # noqa: E731
+    a, b, c, d, e, f = buf(), buf(), buf(), buf(), buf(), buf()
+    out = lambda: torch.empty(SHAPE, device=device)  # noqa: E731
+    return [
+        # the issue's case: x_prev one element past x_hat (wrong values on the CPU, a data race on a GPU)
+        ("euler prev partly on hat", "euler", _args("euler", device, hat=view(a, 0), prev=view(a, 1)),
+         "output `prev` partially overlaps input `hat`"),
+        ("euler pred partly on raw", "euler", _args("euler", device, raw=view(b, 4), pred=view(b, 0)),
+         "output `pred` partially overlaps input `raw`"),
+        ("churn hat partly on x", "churn", _args("churn", device, x=view(c, 0), hat=view(c, 8)),
+         "output `hat` partially overlaps input `x`"),
+        ("heun hat_next partly on prev", "heun",
+         _args("heun", device, prev=view(d, 0), churn=True, apply=True, eps=out(), hat_next=view(d, 3), xin=out()),
+         "output `hat_next` partially overlaps input `prev`"),
+        ("euler d is prev", "euler", _args("euler", device, prev=view(e, 0), d=view(e, 0)),
+         "outputs `prev` and `d` are the same memory"),
+        ("euler xin partly on prev", "euler", _args("euler", device, prev=view(e, 0), xin=view(e, 50)),
+         "outputs `prev` and `xin` overlap in memory"),
+        # heun writes x, then reads eps at the same element: even the same view would read x, not the noise
+        ("heun x is eps", "heun", _args("heun", device, x=view(f, 0), churn=True, apply=True, eps=view(f, 0),
+                                        hat_next=out(), xin=out()),
+         "output `x` overlaps `eps`"),
+        # read by every thread: scalars in an output, keys in an output
+        ("euler scalars in prev", "euler", _args("euler", device, prev=view(a, 100), scalars=a[100:104]),
+         "output `prev` overlaps `scalars`"),
+        ("churn keys in hat", "churn",
+         _args("churn", device, eps=None, keys=view(b, 100).reshape(-1).view(torch.int64)[:1], hat=view(b, 100)),
+         "output `hat` overlaps `keys`"),
+        # the uint8 image in the bytes of x_hat
+        ("euler uint8 image on hat", "euler",
+         _args("euler", device, hat=view(c, 100), image=view(c, 100).reshape(-1).view(torch.uint8)[:96].view(2, 4, 4, 3)),
+         "output `image` partially overlaps input `hat`"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_overlapping_inputs_or_each_other_are_refused(ops, device):
+    for name, op, args, match in _overlap_cases(device):
+        try:
+            _refused(ops, op, args, match)
+        except BaseException as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_aliasing_the_kernels_allow_gives_the_same_bits(ops, device):
+    """An output may be an input that its kernel reads at each element first (csrc/ops.h): heun's hat_next = hat
+    is how FusedStep reuses its buffers, euler's prev = hat is k-diffusion's Euler where gamma = 0."""
+    steps = _steps()
+    step, nxt = steps[3], steps[4]
+    raw, hat, prev, d, eps = (_rand(SHAPE, s, 1.0, device) for s in range(5))
+    ref = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
+                         next_churn=(eps, 1.007, nxt.sigma, nxt.sigma_hat, None))
+    hat_in_place = hat.clone()
+    x, pred, hat_next, xin = step_cuda._launch_heun(raw, hat_in_place, prev, d, step.heun, True, True,
+                                                    (eps, None, 1.007, nxt.churn), out=(hat_in_place, torch.empty_like(hat)))
+    assert hat_next is hat_in_place
+    for got, want, what in zip((x, pred, hat_next, xin), ref, ("x", "pred", "hat_next = hat", "xin")):
+        assert_bitwise(got, want, what)
+    ref = step_cuda._launch_euler(raw, hat, step.euler, True, True, True, None)
+    h, r = hat.clone(), raw.clone()
+    got = step_cuda._launch_euler(r, h, step.euler, True, True, True, None, out=(h, r, torch.empty_like(h)))
+    for g, w, what in zip(got[:4], ref[:4], ("prev = hat", "d = raw", "xin", "pred")):
+        assert_bitwise(g, w, what)
+    ref = step_cuda._launch_churn(hat, eps, None, 1.007, nxt.churn)
+    h, e = hat.clone(), eps.clone()
+    got = step_cuda._launch_churn(h, e, None, 1.007, nxt.churn, out=(h, e))
+    assert_bitwise(got[0], ref[0], "churn hat = x")
+    assert_bitwise(got[1], ref[1], "churn xin = eps")
 
 
 def test_operators_pass_torch_opcheck(ops):
