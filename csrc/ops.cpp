@@ -62,14 +62,17 @@ void check_scalars(const char* op, const char* name, const at::Tensor& t, const 
               " values, got shape ", t.sizes());
 }
 
-// The noise of a churn: ``eps`` (a tensor like ``like``), or Philox ``keys`` with ``per_sample``.
+// The noise of a churn: ``eps`` (a tensor like ``like``), or Philox ``keys`` with ``per_sample``; not both.
 void check_noise(const char* op, const at::Tensor& like, const OptTensor& eps, const OptTensor& keys,
                  int64_t per_sample) {
   const at::Tensor* e = given(eps);
   const at::Tensor* k = given(keys);
   TORCH_CHECK(e || k, op, ": give `eps` (noise) or `keys` (Philox noise made in the kernel)");
+  TORCH_CHECK(!(e && k), op, ": give `eps` (noise) or `keys` (Philox noise made in the kernel), not both");
   if (e) {
     check_like(op, "eps", *e, like);
+    TORCH_CHECK(per_sample == 0, op, ": `per_sample` counts the elements of one key, and `eps` takes no keys: give 0, "
+                "got ", per_sample);
     return;
   }
   TORCH_CHECK(k->scalar_type() == at::kLong && k->dim() == 1 && k->numel() >= 1 && k->is_contiguous(), op,
@@ -127,6 +130,11 @@ void check_overlaps(const char* op, std::initializer_list<Arg> args) {
       }
     }
   }
+}
+
+// A tensor for a stage the call does not run: refused rather than ignored.
+void refuse_unused(const char* op, const char* name, const OptTensor& t, const char* why) {
+  TORCH_CHECK(!given(t), op, ": `", name, "` is given but ", why, ", so it would be ignored: pass None");
 }
 
 float* ptr(const at::Tensor& t) { return t.data_ptr<float>(); }
@@ -249,6 +257,21 @@ HeunArgs heun_args(const at::Tensor& raw, const at::Tensor& hat, const at::Tenso
   check_like(op, "x", x, hat);
   check_like(op, "pred", pred, hat);
   if (const at::Tensor* s = given(scalars)) check_scalars(op, "scalars", *s, hat, 4);
+  // What only the fused churn reads or writes is refused where the kernel would ignore it (the floats s_noise
+  // and c are ignored there, as they are wherever `churn_scalars` gives them)
+  if (!churn) {
+    const char* why = "`churn` is False (no fused churn)";
+    TORCH_CHECK(!apply, op, ": `apply` is True but ", why);
+    refuse_unused(op, "hat_next", hat_next, why);
+    refuse_unused(op, "xin", xin, why);
+  }
+  if (!churn || !apply) {
+    const char* why = churn ? "`apply` is False (the next x_hat is x: no noise)" : "`churn` is False (no fused churn)";
+    refuse_unused(op, "eps", eps, why);
+    refuse_unused(op, "keys", keys, why);
+    refuse_unused(op, "churn_scalars", churn_scalars, why);
+    TORCH_CHECK(per_sample == 0, op, ": `per_sample` is ", per_sample, " but ", why, ": give 0");
+  }
   if (churn) {
     TORCH_CHECK(given(hat_next), op, ": the fused churn (`churn`=True) needs `hat_next`");
     check_like(op, "hat_next", *hat_next, hat);

@@ -18,11 +18,11 @@ namespace kve_fast {
 using OptTensor = std::optional<at::Tensor>;
 
 // Each *_args checks every argument first (dtype, device, shape, one dense layout, keys; outputs that overlap
-// inputs or one another) and only then takes the data pointers into the kernel's argument struct: a refused
-// call has touched no data and launched nothing. The first tensor (``x`` or ``hat``) must be on
-// ``device_type`` (the implementation's: CPU or CUDA), every other on its device. Optional tensors that are
-// undefined count as None; the floats that a device tensor replaces (``scalars``, ``churn_scalars``) are
-// ignored.
+// inputs or one another; tensors for a stage the call does not run) and only then takes the data pointers
+// into the kernel's argument struct: a refused call has touched no data and launched nothing. The first
+// tensor (``x`` or ``hat``) must be on ``device_type`` (the implementation's: CPU or CUDA), every other
+// on its device. Optional tensors that are undefined count as None; the floats that a device tensor
+// replaces (``scalars``, ``churn_scalars``) are ignored.
 //
 // Aliasing: an output may be exactly an input that the kernel reads at each element before writing that
 // element (churn: x, eps; euler: raw, hat; heun: raw, hat, prev, d), as kve_fast.ops.fused.FusedStep

@@ -14,7 +14,7 @@ Without a GPU (the development and CI machines), what can be checked is checked:
   Triton's stream, the whole pipeline against diffusers, and torch's operator checks (opcheck);
 - the argument checks (csrc/ops.h), all before a data pointer is taken: sizes checked without overflow,
   outputs overlapping inputs or one another refused (the exact aliasing the kernels allow gives the same
-  bits); nothing is written by a refused call.
+  bits), tensors for a stage the call does not run refused; nothing is written by a refused call.
 With a GPU, the same operator tests (the argument checks included) also run on CUDA tensors, through the
 CUDA implementation, against torch's CUDA ops (bench/csrc_check.py checks the pipeline, bandwidth and
 cold start there).
@@ -556,6 +556,41 @@ def test_exact_aliasing_the_kernels_allow_gives_the_same_bits(ops, device):
     got = step_cuda._launch_churn(h, e, None, 1.007, nxt.churn, out=(h, e))
     assert_bitwise(got[0], ref[0], "churn hat = x")
     assert_bitwise(got[1], ref[1], "churn xin = eps")
+
+
+def _unused_cases(device):
+    """(op, arguments, match): tensors (and per_sample, apply) for a stage the call does not run."""
+    out = lambda: torch.empty(SHAPE, device=device)  # noqa: E731
+    keys = torch.tensor([5], device=device)
+    cs = torch.tensor([0.5, 1.0], device=device)
+    no_churn = "`churn` is False"
+    no_noise = "`apply` is False"
+    fused = dict(churn=True, apply=False, hat_next=out(), xin=out())
+    return [
+        ("churn", _args("churn", device, keys=keys), "give `eps` .* or `keys` .*, not both"),
+        ("churn", _args("churn", device, per_sample=48), "`per_sample` counts the elements of one key"),
+        ("heun", _args("heun", device, hat_next=out()), f"`hat_next` is given but {no_churn}"),
+        ("heun", _args("heun", device, xin=out()), f"`xin` is given but {no_churn}"),
+        ("heun", _args("heun", device, eps=out()), f"`eps` is given but {no_churn}"),
+        ("heun", _args("heun", device, keys=keys), f"`keys` is given but {no_churn}"),
+        ("heun", _args("heun", device, churn_scalars=cs), f"`churn_scalars` is given but {no_churn}"),
+        ("heun", _args("heun", device, apply=True), f"`apply` is True but {no_churn}"),
+        ("heun", _args("heun", device, per_sample=48), f"`per_sample` is 48 but {no_churn}"),
+        ("heun", _args("heun", device, **fused, eps=out()), f"`eps` is given but {no_noise}"),
+        ("heun", _args("heun", device, **fused, keys=keys), f"`keys` is given but {no_noise}"),
+        ("heun", _args("heun", device, **fused, churn_scalars=cs), f"`churn_scalars` is given but {no_noise}"),
+        ("heun", _args("heun", device, **fused, per_sample=48), f"`per_sample` is 48 but {no_noise}"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensors_for_stages_not_run_are_refused(ops, device):
+    """What the kernel would ignore is refused; the launchers pass None there (test_*_matches_torch run them)."""
+    for op, args, match in _unused_cases(device):
+        try:
+            _refused(ops, op, args, match)
+        except BaseException as exc:
+            raise AssertionError(f"{op} with {match!r}: {exc}") from exc
 
 
 def test_operators_pass_torch_opcheck(ops):
