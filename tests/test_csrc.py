@@ -548,24 +548,31 @@ def test_exact_aliasing_the_kernels_allow_gives_the_same_bits(ops, device):
     steps = _steps()
     step, nxt = steps[3], steps[4]
     raw, hat, prev, d, eps = (_rand(SHAPE, s, 1.0, device) for s in range(5))
-    ref = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
+    ref = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_next, want_pred=True,
                          next_churn=(eps, 1.007, nxt.sigma, nxt.sigma_hat, None))
     hat_in_place = hat.clone()
-    x, pred, hat_next, xin = step_cuda._launch_heun(raw, hat_in_place, prev, d, step.heun, True, True,
-                                                    (eps, None, 1.007, nxt.churn), out=(hat_in_place, torch.empty_like(hat)))
-    assert hat_next is hat_in_place
-    for got, want, what in zip((x, pred, hat_next, xin), ref, ("x", "pred", "hat_next = hat", "xin")):
+    x, pred, xin = torch.empty_like(hat), torch.empty_like(hat), torch.empty_like(hat)
+    step_cuda._launch_heun(raw, hat_in_place, prev, d, step.at_next, x=x, denoised=pred,
+                           then=NextChurn(eps, None, (nxt.noise_coef, 1.007), hat_in_place, xin), denoiser=False,
+                           true_div=True)
+    for got, want, what in zip((x, pred, hat_in_place, xin), ref, ("x", "pred", "hat_next = hat", "xin")):
         assert_bitwise(got, want, what)
-    ref = step_cuda._launch_euler(raw, hat, step.euler, True, True, True, None)
+    new = lambda: torch.empty_like(hat)  # noqa: E731
+    ref = (new(), new(), new(), new())
+    step_cuda._launch_euler(raw, hat, step.at_hat, x_next=ref[0], d=ref[1], model_input=ref[2], denoised=ref[3],
+                            denoiser=False, true_div=True)
     h, r = hat.clone(), raw.clone()
-    got = step_cuda._launch_euler(r, h, step.euler, True, True, True, None, out=(h, r, torch.empty_like(h)))
-    for g, w, what in zip(got[:4], ref[:4], ("prev = hat", "d = raw", "xin", "pred")):
+    got = (h, r, new(), new())
+    step_cuda._launch_euler(r, h, step.at_hat, x_next=h, d=r, model_input=got[2], denoised=got[3], denoiser=False,
+                            true_div=True)
+    for g, w, what in zip(got, ref, ("prev = hat", "d = raw", "xin", "pred")):
         assert_bitwise(g, w, what)
-    ref = step_cuda._launch_churn(hat, eps, None, 1.007, nxt.churn)
+    ref = (new(), new())
+    step_cuda._launch_churn(hat, eps, None, (nxt.noise_coef, 1.007), hat=ref[0], model_input=ref[1])
     h, e = hat.clone(), eps.clone()
-    got = step_cuda._launch_churn(h, e, None, 1.007, nxt.churn, out=(h, e))
-    assert_bitwise(got[0], ref[0], "churn hat = x")
-    assert_bitwise(got[1], ref[1], "churn xin = eps")
+    step_cuda._launch_churn(h, e, None, (nxt.noise_coef, 1.007), hat=h, model_input=e)
+    assert_bitwise(h, ref[0], "churn hat = x")
+    assert_bitwise(e, ref[1], "churn xin = eps")
 
 
 def _unused_cases(device):
