@@ -81,8 +81,8 @@ class Convention:
             kwargs = {} if extra is None else extra
 
             def denoise(x, level, extra=None):
-                out = _checked(model(x, level, **(kwargs if extra is None else extra)), x)
-                return out if out.dtype == x.dtype else out.to(x.dtype)
+                # as it is: k-diffusion's arithmetic promotes with the output's dtype (a float64 D makes x float64)
+                return _checked(model(x, level, **(kwargs if extra is None else extra)), x)
 
             return denoise
         forward = precision.call(model, device)

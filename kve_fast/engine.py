@@ -33,15 +33,17 @@ class Engine:
         extra: k-diffusion's ``extra_args``.
         callback: ``callback(stage, step, state)`` at each ``HandOut``, with ``state`` the named tensors it
             sees; returns a replacement for ``state[stage.x]`` or None.
+        fallback: ``fallback(raw)``, the backend that goes on where ``backend`` cannot read a model output
+            (``kve_fast.schedule.StepContext``), or None.
     """
 
     def __init__(self, schedule, plan, backend, denoise, source, s_noise: float, like: torch.Tensor | None,
-                 model_dtype: torch.dtype = torch.float32, s_in=None, extra=None, callback=None):
+                 model_dtype: torch.dtype = torch.float32, s_in=None, extra=None, callback=None, fallback=None):
         self.schedule, self.plan, self.source, self.s_noise = schedule, plan, source, s_noise
         self.s_in, self.extra, self.callback = s_in, extra, callback
         buffers = Buffers(like, model_dtype, reuse=schedule.reusable(), image_kind=schedule.image)
-        self.ctx = StepContext(backend, buffers, denoise, self._hand_out)
-        self.feed = HostFeed(schedule.convention, plan, s_noise, source.step, s_in, extra)
+        self.ctx = StepContext(backend, buffers, denoise, self._hand_out, fallback)
+        self.feed = HostFeed(schedule.convention, plan, s_noise, source, s_in, extra)
 
     @property
     def env(self) -> dict:

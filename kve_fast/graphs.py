@@ -61,7 +61,7 @@ import torch
 from . import fake_graph
 from ._warn import warn_once
 from .fingerprint import ModelState
-from .schedule import Buffers, Churn, ChurnValues, Denoise, HandOut, Heun, LevelValues, StepContext, run
+from .schedule import Advance, Buffers, Churn, ChurnValues, Denoise, HandOut, Heun, LevelValues, StepContext, run
 
 ENV_VAR = "KVE_FAST_CUDA_GRAPH"
 FAKE_ENV_VAR = "KVE_FAST_FAKE_GRAPHS"
@@ -298,10 +298,10 @@ def _reads(segment) -> set:
     """The named tensors the stages of ``segment`` read."""
     names = set()
     for s in segment:
-        if isinstance(s, Churn):
+        if isinstance(s, (Churn, Denoise)):
             names.add(s.x)
-        elif isinstance(s, Denoise):
-            names.add(s.x)
+        elif isinstance(s, Advance):
+            names.update((s.hat, s.d))
         else:
             names.update((s.raw, s.hat) + ((s.x_next, s.d) if isinstance(s, Heun) else ()))
     return names

@@ -27,7 +27,7 @@ import torch
 from . import graphs
 from ._warn import warn_once
 from ._checks import check_real
-from .backends import make_backend
+from .backends import check_backend, make_backend
 from .convention import K_DIFFUSION, raw_output
 from .noise import DeviceNoise, RandnLikeNoise
 from .options import NOISE_MODES
@@ -106,12 +106,39 @@ class KDiffusionCallback:
         return None
 
 
+def _fusable(x: torch.Tensor, sigmas: torch.Tensor) -> str:
+    """Why the fused float32 kernels cannot give k-diffusion's bits for this call ('' if they can)."""
+    if x.dtype != torch.float32:
+        return f"`x` is {x.dtype} (the kernels keep a float32 state)"
+    if sigmas.dtype != torch.float32:
+        return f"`sigmas` are {sigmas.dtype} (the kernels take float32 noise levels)"
+    if sigmas.device != x.device:
+        return (f"`sigmas` are on {sigmas.device} and `x` on {x.device} (k-diffusion then divides by a "
+                "0-d tensor of another device)")
+    return ""
+
+
+def _fallback(backend: str):
+    """Where the fused kernels cannot read the model's output (a float64 denoiser makes k-diffusion's state
+    float64): with ``backend="auto"`` the torch ops go on (k-diffusion's own, its bits); else a ValueError."""
+    def fallback(raw):
+        why = (f"the model returned {raw.dtype}, which makes k-diffusion's state {raw.dtype}; the fused kernels "
+               "keep it float32")
+        if backend != "auto":
+            raise ValueError(f"`backend`={backend!r} cannot run this call: {why}; use backend='torch' or 'auto'")
+        warn_once(("k-diffusion", "dtype", str(raw.dtype)), f"kve_fast.k_diffusion: {why}: the torch ops run the rest "
+                                                            "of the call (k-diffusion's bits, slower)")
+        return make_backend("torch", raw.device, K_DIFFUSION)
+
+    return fallback
+
+
 def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, backend, noise,
             solver, cuda_graph=None) -> torch.Tensor:
     if not callable(model):
         raise TypeError(f"`model` must be callable (a denoiser), got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
-        raise TypeError(f"`x` must be a float32 torch.Tensor, got "
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"`x` must be a floating-point torch.Tensor, got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"`x` must be (batch, ...) with a batch of at least 1, got shape {tuple(x.shape)}")
@@ -122,12 +149,20 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
     check_real("s_noise", s_noise, minimum=0)
     if not isinstance(noise, str) or noise not in NOISE_MODES:
         raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
-    plan = kdiffusion_plan(sigmas.to(x.device) if isinstance(sigmas, torch.Tensor) else sigmas,
-                           s_churn, s_tmin, s_tmax)
+    check_backend(backend, x.device)
+    plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
+    if len(plan) == 0:
+        return x  # one noise level (SplitSigmas' last): no step, x as it is, as k-diffusion returns it
+    why = _fusable(x, sigmas)
+    name = backend
+    if why:
+        if backend in ("triton", "cuda"):
+            raise ValueError(f"`backend`={backend!r} cannot run this call: {why}; use backend='torch' or 'auto'")
+        name = "torch"
     x = x.detach()
     layout = torch.empty_like(x)  # the state keeps x's layout, as k-diffusion's tensors do
     device = resolve_device(x.device)
-    stepper = make_backend(backend, x.device, K_DIFFUSION, shape=x.shape, layout=layout)
+    stepper = make_backend(name, x.device, K_DIFFUSION, shape=x.shape, layout=layout)
     extra_args = {} if extra_args is None else extra_args
     graphed = _decide_graphs(cuda_graph, x.device, stepper.name, extra_args)
     spec = RunSpec(convention=K_DIFFUSION, backend=stepper.name, device=device, shape=tuple(x.shape),
@@ -139,9 +174,17 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
     def source():
         return RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, x.device, steps)
 
+    def progress(iterable):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, disable=disable)  # k-diffusion's trange(..., disable=disable)
+
+    # k-diffusion's side effects win over kve_fast's own rule: a failed call (an interrupt raised from the
+    # callback, say) leaves the global RNG advanced by the draws it made, as k-diffusion leaves it
     r = Run(model=model, spec=spec, plan=plan, backend=stepper, like=layout, source=source, initial=lambda _: x,
             graphed=graphed, cuda_graph=cuda_graph, hand_out=None if callback is None else KDiffusionCallback(callback),
-            progress=not disable, extra=extra_args, s_in=x.new_ones([x.shape[0]]))
+            progress=progress, restore_rng=False, extra=extra_args, s_in=x.new_ones([x.shape[0]]),
+            fallback=_fallback(backend))
     return run(r)
 
 

@@ -390,7 +390,7 @@ class KPlan(_LazySteps):
     """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access)."""
 
     def __init__(self, sigmas: torch.Tensor, sigmas_cpu: torch.Tensor, s_churn, s_tmin, s_tmax):
-        super().__init__(sigmas_cpu.numel() - 1)
+        super().__init__(max(sigmas_cpu.numel() - 1, 0))
         self.sigmas, self._cpu, self._churn = sigmas, sigmas_cpu, (s_churn, s_tmin, s_tmax)
         self._device_churn = device_churn(sigmas, s_churn) if sigmas.device.type != "cpu" else None
 
@@ -414,7 +414,15 @@ def device_churn(sigmas: torch.Tensor, s_churn: float) -> torch.Tensor | None:
 
 
 def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPlan:
-    """Check k-diffusion's arguments and plan its steps (``sigmas``: a 1-D float tensor, descending)."""
+    """Check k-diffusion's arguments and plan its steps.
+
+    ``sigmas`` is what k-diffusion's samplers take: a 1-D floating-point tensor of any dtype, in any order
+    (ComfyUI's FlipSigmas ascends, its SplitSigmas can leave one value), zeros anywhere; step i goes from
+    ``sigmas[i]`` to ``sigmas[i + 1]`` and has a Heun correction unless ``sigmas[i + 1]`` is 0. Refused: a
+    churned step (gamma > 0) whose ``sigma_hat ** 2``, which k-diffusion computes there, overflows the
+    sigmas' dtype (k-diffusion would go on with inf and NaN). Fewer than two values: no step (the callers
+    return x as it is, as k-diffusion does).
+    """
     check_real("s_churn", s_churn, minimum=0)
     for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
@@ -422,18 +430,18 @@ def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPl
     if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point():
         raise TypeError(f"`sigmas` must be a floating-point torch.Tensor (as k-diffusion's get_sigmas_* return), "
                         f"got {type(sigmas).__name__}")
-    if sigmas.dim() != 1 or sigmas.numel() < 2:
-        raise ValueError(f"`sigmas` must be 1-D with at least 2 values, got shape {tuple(sigmas.shape)}")
-    if sigmas.dtype != torch.float32:
-        raise TypeError(f"`sigmas` must be float32 (kve_fast's exact path is float32), got {sigmas.dtype}")
+    if sigmas.dim() != 1:
+        raise ValueError(f"`sigmas` must be 1-D, got shape {tuple(sigmas.shape)}")
     cpu = sigmas.detach().cpu()
-    if not bool(torch.isfinite(cpu).all()) or not bool((cpu[:-1] > 0).all()) or float(cpu[-1]) < 0:
-        raise ValueError("`sigmas` must be finite, positive, with a last value >= 0")
-    if not bool((cpu[1:] <= cpu[:-1]).all()):
-        raise ValueError("`sigmas` must be non-increasing")
-    if bool((cpu[:-1] == 0).any()):
-        raise ValueError("`sigmas` may be 0 only at the end")
-    why = _float32_range_problem(float(cpu[0]), float(cpu[:-1].min()), churn=s_churn > 0)
-    if why:
-        raise ValueError(f"`sigmas` {why}")
+    n = cpu.numel() - 1
+    if n >= 1 and s_churn > 0:
+        gamma = min(s_churn / n, 2**0.5 - 1)
+        sig = cpu[:-1]
+        churned = (sig >= s_tmin) & (sig <= s_tmax)
+        hat = sig * (gamma + 1)
+        overflow = churned & torch.isfinite(sig) & ~torch.isfinite(hat * hat)
+        if bool(overflow.any()):
+            k = int(overflow.nonzero()[0])
+            raise ValueError(f"`sigmas`[{k}] = {float(sig[k]):g} is churned (s_tmin <= sigma <= s_tmax) and its "
+                             f"sigma_hat ** 2 overflows {sigmas.dtype}")
     return KPlan(sigmas.detach(), cpu, s_churn, s_tmin, s_tmax)

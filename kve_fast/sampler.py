@@ -129,7 +129,8 @@ class Run:
     mode asked for; ``hand_out``: the callback at each ``HandOut`` stage (``(stage, step, state) -> new x
     or None``; an object with a ``stop`` attribute ends the run after the step); ``restore_rng``: put the
     generators and global RNGs back if the run fails; ``extra``: k-diffusion's ``extra_args``; ``s_in``: its
-    ``s_in``.
+    ``s_in``; ``fallback``: the backend that goes on where the chosen one cannot read a model output (or a
+    function that raises; None: a TypeError).
     """
 
     model: Callable
@@ -147,6 +148,7 @@ class Run:
     restore_rng: bool = True
     extra: dict | None = None
     s_in: torch.Tensor | None = None
+    fallback: Callable | None = None
 
 
 def run(r: Run) -> torch.Tensor:
@@ -179,7 +181,7 @@ def run(r: Run) -> torch.Tensor:
                     like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=device)
                 engine = Engine(schedule, steps, r.backend, denoise, source, spec.s_noise, like,
                                 r.backend.model_dtype if like is not None else torch.float32, r.s_in, r.extra,
-                                r.hand_out)
+                                r.hand_out, r.fallback)
             engine.start(r.initial(source))  # line 1, and the first churn where it runs on its own
             iterator = _progress(r.progress, steps)
             for step in iterator:  # line 2

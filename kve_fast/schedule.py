@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .convention import Convention
+from .noise import Draw
 
 
 # -- the stages ----------------------------------------------------------------------------------------
@@ -104,6 +105,20 @@ class Heun:
 
 
 @dataclass(frozen=True)
+class Advance:
+    """Line 8 on its own, after a callback saw x_hat: ``x_next`` = ``hat`` + (sigma_{i+1} - sigma_hat) ``d``, from
+    the ``d`` an Euler stage computed before the callback (k-diffusion's order: an in-place edit of x_hat by
+    the callback moves the step, an edit of D does not)."""
+
+    hat: str
+    d: str
+    x_next: str
+
+    def writes(self) -> tuple:
+        return (self.x_next,)
+
+
+@dataclass(frozen=True)
 class HandOut:
     """Host work: the callback sees ``x`` and ``denoised`` (and may replace ``x`` or stop the run)."""
 
@@ -120,8 +135,8 @@ class HandOut:
 class StepKind(NamedTuple):
     """What distinguishes one step's stage list from another's."""
 
-    correct: bool  # lines 9-11 run (Heun, and sigma_{i+1} > 0)
-    last: bool
+    correct: bool  # lines 9-11 run (Heun, and sigma_{i+1} != 0)
+    last: bool  # the run's last step
     churns: bool  # this step's line 6 adds noise (always in the reference's convention)
     next_churns: bool  # ... and the next step's (False on the last step)
 
@@ -146,10 +161,11 @@ class Schedule:
         """The kind of ``step`` (of ``plan``)."""
         i = step.index
         last = i == len(plan) - 1
+        correct = self.heun and not step.last  # step.last: sigma_{i+1} = 0 (k-diffusion's sequences may end elsewhere)
         if self.convention.churn_every_step:  # (then no other step needs to be made to know)
-            return StepKind(self.heun and not last, last, True, not last)
+            return StepKind(correct, last, True, not last)
         churns = self.convention.churns
-        return StepKind(self.heun and not last, last, churns(step), not last and churns(plan[i + 1]))
+        return StepKind(correct, last, churns(step), not last and churns(plan[i + 1]))
 
     def _input(self, hat: str, name: str) -> tuple[str, str | None]:
         """(what the model is called at, the named model input a stage writes for it) for the sample ``hat``."""
@@ -183,23 +199,28 @@ class Schedule:
         if self.hand_out:  # lines 4-6 here; else the previous step (or the prologue) did them
             stages.append(Churn(x="x", hat="hat", model_input=input_hat, noise=kind.churns))
         stages.append(Denoise(x=at_hat, at="hat", out="raw"))  # line 7
-        if k_diffusion_callback:  # k-diffusion's callback sees x_hat and D(x_hat) after the first model call
-            stages.append(HandOut(x="hat", denoised="raw"))
         then = None
         if not self.hand_out and not kind.last:  # the next step's lines 4-6, fused into this step's end
             then = Churn(x="x", hat="hat", model_input=input_hat, noise=kind.next_churns, of="next")
-        if kind.correct:  # lines 7-8, then 9-11
+        x_next = "next" if kind.correct else "x"
+        if k_diffusion_callback:
+            # k-diffusion: d, then the callback sees x_hat and D, then line 8 from the x_hat it may have edited
+            stages.append(Euler(raw="raw", hat="hat", x_next="scratch", d="d"))
+            stages.append(HandOut(x="hat", denoised="raw"))
+            stages.append(Advance(hat="hat", d="d", x_next=x_next))
+        elif kind.correct:  # lines 7-8
             stages.append(Euler(raw="raw", hat="hat", x_next="next", d="d", model_input=input_next))
-            stages.append(Denoise(x=at_next, at="next", out="raw_next"))
-            stages.append(Heun(raw="raw_next", hat="hat", x_next="next", d="d",
-                               x="x" if self.hand_out else None,
-                               denoised="denoised" if reference_callback else None, then=then))
-        else:  # lines 7-8 only: Euler steps, and the last step (sigma_{i+1} = 0)
+        else:  # lines 7-8 only: Euler steps, and a step to sigma_{i+1} = 0
             image = "image" if kind.last and self.fuses_image else None
             stages.append(Euler(raw="raw", hat="hat", x_next="x", denoised="denoised" if reference_callback else None,
                                 image=image, image_kind=self.image if image else None))
-            if then is not None:
-                stages.append(then)
+        if kind.correct:  # lines 9-11
+            stages.append(Denoise(x=at_next, at="next", out="raw_next"))
+            stages.append(Heun(raw="raw_next", hat="hat", x_next="next", d="d",
+                               x="x" if self.hand_out or kind.last else None,
+                               denoised="denoised" if reference_callback else None, then=then))
+        elif then is not None:
+            stages.append(then)
         if reference_callback:  # the reference's callback sees the sample after the step
             stages.append(HandOut(x="x", denoised="denoised"))
         return tuple(stages)
@@ -218,7 +239,7 @@ class Schedule:
                     exposed.add(s.x)
                 elif isinstance(s, HandOut):
                     exposed.update((s.x, s.denoised))
-        return {"hat", "next", "d", "input", "input_next"} - exposed
+        return {"hat", "next", "d", "input", "input_next", "scratch"} - exposed
 
 
 # -- where the named tensors live -------------------------------------------------------------------------
@@ -275,8 +296,9 @@ class Buffers:
 
 class ChurnValues(NamedTuple):
     """What a churn reads: the step (its 0-d tensors, for the torch backend), ``coef`` and ``s_noise`` as
-    floats, or ``coef`` a device tensor ``[c, S_noise]`` (graphs, ``s_noise`` None), and the noise (a
-    tensor of unscaled draws, or fast-noise keys)."""
+    floats, or ``coef`` a device tensor ``[c, S_noise]`` (graphs, ``s_noise`` None), and the noise: a
+    ``kve_fast.noise.Draw`` (eager: every churn stage draws it, also where it adds none), or the static buffer
+    of a graph (a tensor of unscaled draws, or fast-noise keys)."""
 
     step: object
     coef: object
@@ -293,12 +315,12 @@ class LevelValues(NamedTuple):
 
 
 class HostFeed:
-    """Step ``i`` of ``plan``'s values for an eager run: the plan's floats, the noise drawn by ``draw()`` when a
-    churn asks for it (one draw per churn, in the stages' order), the model's noise levels as the convention
-    makes them."""
+    """A step's values for an eager run: the plan's floats, one churn's noise from ``source`` (a
+    ``kve_fast.noise.Draw``, drawn when the churn runs, with the sample it churns), the model's noise levels
+    as the convention makes them."""
 
-    def __init__(self, convention: Convention, plan, s_noise: float, draw, s_in=None, extra=None):
-        self.convention, self.plan, self.s_noise, self.draw = convention, plan, s_noise, draw
+    def __init__(self, convention: Convention, plan, s_noise: float, source, s_in=None, extra=None):
+        self.convention, self.plan, self.s_noise, self.source = convention, plan, s_noise, source
         self.s_in, self.extra = s_in, extra
         self.step = self.at_hat = self.at_next = None
 
@@ -310,7 +332,7 @@ class HostFeed:
 
     def churn(self, of: str) -> ChurnValues:
         step = self.step if of == "own" else self.plan[self.step.index + 1]
-        return ChurnValues(step, step.noise_coef, self.s_noise, self.draw())
+        return ChurnValues(step, step.noise_coef, self.s_noise, Draw(self.source))
 
     def model_level(self, at: str) -> torch.Tensor:
         return self.convention.noise_level(self.step, at, self.s_in)
@@ -321,11 +343,24 @@ class HostFeed:
 
 class StepContext:
     """What the stages of one run work with: the step backend, the named tensors (``env``, kept from step to
-    step), where they are written (``buffers``), the model (``denoise``) and the host work of ``HandOut``."""
+    step), where they are written (``buffers``), the model (``denoise``) and the host work of ``HandOut``.
 
-    def __init__(self, backend, buffers: Buffers, denoise, hand_out=None):
+    ``fallback``: where the backend cannot read a model output (``backend.reads``: a float64 denoiser on the
+    fused float32 kernels), ``fallback(raw)`` returns the backend that goes on instead (the torch ops: the
+    original's own, so the bits stay its bits), or raises."""
+
+    def __init__(self, backend, buffers: Buffers, denoise, hand_out=None, fallback=None):
         self.backend, self.buffers, self.denoise, self.hand_out = backend, buffers, denoise, hand_out
+        self.fallback = fallback
         self.env: dict[str, torch.Tensor] = {}
+
+    def cannot_read(self, raw: torch.Tensor):
+        """Switch to ``fallback(raw)``'s backend for the rest of the run; returns ``(backend, targets)``."""
+        if self.fallback is None:
+            raise TypeError(f"the model returned {raw.dtype}, which the {self.backend.name} backend does not read")
+        self.backend = self.fallback(raw)
+        self.buffers = Buffers(None)
+        return self.backend, self.buffers.targets
 
 
 def run(stages, ctx: StepContext, feed) -> None:
@@ -334,7 +369,9 @@ def run(stages, ctx: StepContext, feed) -> None:
     for s in stages:
         kind = type(s)
         if kind is Denoise:
-            env[s.out] = ctx.denoise(env[s.x], feed.model_level(s.at), feed.extra)
+            raw = env[s.out] = ctx.denoise(env[s.x], feed.model_level(s.at), feed.extra)
+            if be.reads is not None and raw.dtype not in be.reads:  # a float64 denoiser, say: the torch ops go on
+                be, targets = ctx.cannot_read(raw)
             continue
         if kind is HandOut:
             ctx.hand_out(s, feed)
@@ -345,6 +382,8 @@ def run(stages, ctx: StepContext, feed) -> None:
         elif kind is Euler:
             written = be.euler(env[s.raw], env[s.hat], feed.at_hat, x_next=out[0], d=out[1], model_input=out[2],
                                denoised=out[3], image=None if s.image is None else (s.image_kind, out[4]))
+        elif kind is Advance:
+            written = (be.advance(env[s.hat], env[s.d], feed.at_hat, x_next=out[0]),)
         elif kind is Heun:
             then = None if s.then is None else (feed.churn(s.then.of), s.then.noise, out[2], out[3])
             written = be.heun(env[s.raw], env[s.hat], env[s.x_next], env[s.d], feed.at_next, x=out[0],

@@ -16,7 +16,7 @@ import torch
 
 from ..convention import REFERENCE
 from ..images import to_image
-from ..noise import StepKeys
+from ..noise import Draw, StepKeys
 from ..plan import _f32, churn_coefficient, level_at
 from ..schedule import NEW
 
@@ -184,6 +184,9 @@ class FusedStep:
 
     name = "fused"
     launch = None  # the module with _launch_churn / _launch_euler / _launch_heun
+    # The model output dtypes the float32 kernels read as torch would promote them (a float64 output would
+    # make the original's state float64: ``kve_fast.schedule.StepContext.cannot_read``)
+    reads = (torch.float32, torch.bfloat16, torch.float16)
     # The dtypes the kernels write model inputs in and read model outputs in (others are cast around them)
     model_dtypes = (torch.float32,)
 
@@ -228,9 +231,11 @@ class FusedStep:
             raw = raw.float()
         return self.like(raw)
 
-    def _noise(self, noise):
+    def _noise(self, noise, like: torch.Tensor | None = None):
         """``(eps, seed)`` for the launchers: a noise tensor in the state's layout, or device-noise keys
-        (``StepKeys``, or the int64 key tensor of a graph)."""
+        (``StepKeys``, or the int64 key tensor of a graph); a ``Draw`` is drawn now, like ``like``."""
+        if isinstance(noise, Draw):
+            noise = noise.get(like)
         keys = noise.device if isinstance(noise, StepKeys) else noise if _is_keys(noise) else None
         if keys is None:
             return (None, int(noise)) if isinstance(noise, int) else (self.like(noise), None)
@@ -255,9 +260,9 @@ class FusedStep:
     def churn(self, x, values, *, noise: bool, hat, model_input):
         """Lines 5-6 (``kve_fast.schedule.Churn``); returns ``(hat, model_input)``."""
         x = self.like(x)
+        eps, seed = self._noise(values.noise, x)  # drawn also where it adds nothing, as the originals draw it
         if not noise:  # x_hat is x itself (k-diffusion's gamma = 0): a copy only into a buffer
             return (x if hat is NEW else hat.copy_(x)), None
-        eps, seed = self._noise(values.noise)
         hat = self._new(x, hat)
         model_input = self._new(x, model_input, self.model_dtype)
         self.launch._launch_churn(x, eps, seed, self._coef(values), hat=hat, model_input=model_input)
@@ -277,6 +282,13 @@ class FusedStep:
                                   true_div=self.true_div)
         return x_next, d, model_input, denoised, img
 
+    def advance(self, hat, d, values, *, x_next):
+        """Line 8 from a ``d`` computed earlier (``kve_fast.schedule.Advance``): ``hat + d * dt``, torch's two ops
+        (k-diffusion's expression; ``dt`` a float or the device slot of a graph)."""
+        dt = values.scalars[3] if isinstance(values.scalars, torch.Tensor) else values.scalars.dt
+        step = torch.mul(d, dt)
+        return torch.add(hat, step) if x_next is NEW else torch.add(hat, step, out=x_next)
+
     def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
         """Lines 9-11 (``kve_fast.schedule.Heun``), with ``then``: None or ``(ChurnValues, noise, hat target,
         model input target)`` of the next step's churn. Returns ``(x, denoised, hat_next, model_input_next)``."""
@@ -284,7 +296,8 @@ class FusedStep:
         fused = None
         if then is not None:
             values_next, noise, hat_next, input_next = then
-            eps, seed = self._noise(values_next.noise) if noise else (None, None)
+            eps, seed = self._noise(values_next.noise, hat)  # drawn also where it adds nothing
+            eps, seed = (eps, seed) if noise else (None, None)
             fused = NextChurn(eps, seed, self._coef(values_next) if noise else None, self._new(hat, hat_next),
                               self._new(hat, input_next, self.model_dtype), noise)
         self.launch._launch_heun(self._raw(raw), hat, x_next, d, self._level(values), x=x, denoised=denoised,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..images import to_image
-from ..noise import StepKeys, per_sample_randn
+from ..noise import Draw, StepKeys, per_sample_randn
 
 __all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep", "KTorchStep"]
 
@@ -70,14 +70,17 @@ class TorchStep:
 
     name = "torch"
     fuses_image = False
+    reads = None  # any dtype: the reference's ops promote as they do there
 
     @staticmethod
     def _eps(noise, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(noise, Draw):
+            noise = noise.get(like)
         if isinstance(noise, StepKeys):  # fast mode: sample b from its own device generator, keyed per sample
-            return per_sample_randn(noise.host, like.shape, like.device)
+            return per_sample_randn(noise.host, like.shape, like.device).to(like.dtype)
         if isinstance(noise, int):
             g = torch.Generator(like.device).manual_seed(noise)
-            return torch.randn(like.shape, generator=g, device=like.device)
+            return torch.randn(like.shape, generator=g, device=like.device).to(like.dtype)
         return noise
 
     def churn(self, x, values, *, noise: bool, hat, model_input):
@@ -95,6 +98,10 @@ class TorchStep:
         sample_next, derivative, pred = euler(model_output, sigma_hat, sigma_next, hat)
         return (sample_next, derivative, None if model_input is None else _to_model_input(sample_next), pred,
                 None if image is None else to_image(sample_next, image[0]))
+
+    def advance(self, hat, d, values, *, x_next):
+        """Line 8 from a ``d`` computed earlier: ``hat + (sigma_next - sigma_hat) * d``."""
+        return hat + (values.step.sigma_next - values.step.sigma_hat) * d
 
     def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
         """Lines 9-11, then (``then``: ``(ChurnValues, noise, hat, model input)``) the next step's churn;
@@ -124,6 +131,7 @@ class KTorchStep:
 
     name = "torch"
     fuses_image = False
+    reads = None
 
     def churn(self, x, values, *, noise: bool, hat, model_input):
         """``eps = randn_like(x) * s_noise``; ``x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5`` if gamma > 0."""
@@ -140,6 +148,11 @@ class KTorchStep:
         sigma_hat = step.sigma_hat_on_device()
         derivative = (hat - raw) / _append_dims(sigma_hat, hat.ndim)
         return hat + derivative * (step.sigma_next - sigma_hat), derivative, None, raw, None
+
+    def advance(self, hat, d, values, *, x_next):
+        """``x + d * dt`` after the callback, with ``dt = sigmas[i + 1] - sigma_hat``."""
+        step = values.step
+        return hat + d * (step.sigma_next - step.sigma_hat_on_device())
 
     def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
         """``d_2 = (x_2 - denoised_2) / sigmas[i + 1]``; ``x = x + (d + d_2) / 2 * dt``, then the next churn."""
