@@ -8,6 +8,7 @@ diffusers' own ``KarrasVePipeline``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,30 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
         if self._made is None and self.num_inference_steps is not None:
             self._made = self.make_schedule(self.num_inference_steps, self._schedule_device)
         return self._made
+
+    # -- configs diffusers' own class loads without a word -------------------------------------------------------
+
+    _EXTRAS = {"sigma_schedule": "diffusers", "rho": 7.0}  # kve_fast's settings, and their defaults
+    _EXTRAS_KEY = "_kve_fast"  # a private key: diffusers drops keys that start with "_" without a warning
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it, with kve_fast's own settings (``sigma_schedule``, ``rho``) left out
+        where they are the defaults and kept under ``_kve_fast`` otherwise, so that diffusers'
+        ``KarrasVeScheduler`` loads the file without warning about them (and ignores them, as it must)."""
+        config = json.loads(super().to_json_string())
+        extras = {k: config.pop(k) for k in self._EXTRAS if k in config}
+        extras = {k: v for k, v in extras.items() if v != self._EXTRAS[k]}
+        if extras:
+            config[self._EXTRAS_KEY] = extras
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' ``extract_init_dict``, with the settings ``to_json_string`` keeps under ``_kve_fast`` put back."""
+        extras = config_dict.get(cls._EXTRAS_KEY)
+        if isinstance(extras, dict):
+            config_dict = {**{k: v for k, v in extras.items() if k in cls._EXTRAS}, **config_dict}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Identity, for interchangeability with schedulers that scale the model input."""
