@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", default=None, metavar="FILE",
                    help="also write an image (format from the extension, as --out) of the first "
                         f"{TRAJECTORY_ROWS} samples after up to {TRAJECTORY_COLUMNS} of the steps, then the final image")
+    p.add_argument("--threads", type=_at_least(int, 1), default=None, metavar="N",
+                   help="CPU threads, fixed for the run (default: torch's, one per core, or OMP_NUM_THREADS); they "
+                        "sleep instead of spinning while they wait, so a busy neighbour does not slow them down "
+                        "(kve_fast/threads.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still)")
 
     g = sub.add_parser(
@@ -449,6 +453,7 @@ def sample_command(args) -> int:
     except ValueError as exc:
         raise CliError(f"--backend: {exc}") from None
     _check_cuda_graph(args, device)
+    threads = _pin_threads(args.threads, device)
 
     # 3. The model and the sampler settings.
     pipe = _load(args, device)
@@ -500,9 +505,41 @@ def sample_command(args) -> int:
                           **_SAVE_OPTIONS.get(trajectory_format, {}))
         where += f"; trajectory ({cols} columns: after steps {', '.join(str(i + 1) for i, _ in snapshots)}, final) in {trajectory}"
     if not args.quiet:
-        print(f"kve-fast: wrote {where} in {seconds:.1f} s on {device} "
+        on = f"{device}" + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "")
+        print(f"kve-fast: wrote {where} in {seconds:.1f} s on {on} "
               f"({args.steps} {args.solver} steps, noise={args.noise})")
     return 0
+
+
+_PINNED: list[int] = []  # the thread count _pin_threads replaced, put back when main() returns
+
+
+def _pin_threads(requested: int | None, device) -> int | None:
+    """--threads: on the CPU, the command's thread count, fixed for the whole run (so that the images never
+    depend on how busy the machine is: the count can change the last bits of some models); None elsewhere."""
+    if device.type != "cpu":
+        return None
+    import torch
+
+    from . import threads
+
+    count = requested or torch.get_num_threads()
+    _PINNED.append(torch.get_num_threads())
+    torch.set_num_threads(count)
+    threads.set_threads(count)
+    return count
+
+
+def _unpin_threads() -> None:
+    """Undo ``_pin_threads`` (main() may run inside a longer process: tests, scripts)."""
+    if _PINNED:
+        import torch
+
+        from . import threads
+
+        torch.set_num_threads(_PINNED[0])
+        threads.set_threads(None)
+        _PINNED.clear()
 
 
 def _generate_device(name: str, local_rank: int, torchrun: bool, world: int):
@@ -616,6 +653,9 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import passive_wait
+
+    passive_wait()  # OpenMP threads that sleep while they wait: must precede torch's import (kve_fast/threads.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     installed, previous = False, None
@@ -648,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         print("kve-fast: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
+        _unpin_threads()
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
