@@ -35,6 +35,9 @@ MAX_PIXELS = 89_478_485
 SAMPLE_FILE = "sample_{:04d}.png"  # --no-grid: the file of image k
 TRAJECTORY_COLUMNS = 8  # --trajectory: the sample after this many marked steps (then the final image)
 TRAJECTORY_ROWS = 8  # ... of the first this many images
+MODEL_HELP = ("bundled model name ('digits'), a local diffusers folder (a UNet2DModel or a saved pipeline), or a "
+              "Hugging Face Hub id ORG/NAME read from the local cache")
+MAX_STEPS = sys.maxsize  # the most steps a run can index (a larger --steps is refused before anything loads)
 
 
 class CliError(Exception):
@@ -45,15 +48,18 @@ class _Terminated(BaseException):
     """Raised by the SIGTERM handler, so that cleanups (temporary files) run before the exit."""
 
 
-def _at_least(kind, minimum):
-    """An argparse type: a finite ``kind`` (int or float) >= ``minimum``."""
+def _at_least(kind, minimum, maximum=None):
+    """An argparse type: a finite ``kind`` (int or float) >= ``minimum`` (and <= ``maximum``)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} >= {minimum}, "
+                                             f"got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
 
     return parse
@@ -78,6 +84,17 @@ def _device_name(text: str) -> str:
     return text if match.group(1) is None else f"cuda:{int(match.group(1))}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad value (``argument --steps: ...``) is one line, as every other user error is: the usage
+    block is for mistakes in the command's shape (an unknown option, a missing subcommand)."""
+
+    def error(self, message):
+        if message.startswith("argument -"):
+            option, _, why = message[len("argument "):].partition(": ")
+            self.exit(2, f"kve-fast: error: {option.split('/')[0]}: {why}\n")
+        super().error(message)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the None and False ones (whose help says what happens without the option)."""
 
@@ -88,7 +105,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _steps_option(p) -> None:
-    p.add_argument("--steps", type=_at_least(int, 2), default=50,
+    p.add_argument("--steps", type=_at_least(int, 2, MAX_STEPS), default=50,
                    help=f"sampling steps N (Heun: 2N - 1 model calls); the 'diffusers' schedule needs about "
                         f"{REFERENCE_SCHEDULE_MIN_STEPS}+")
 
@@ -145,11 +162,14 @@ def _check_cuda_graph(args, device) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kve-fast", description="Karras et al. (2022) VE sampler, fast and exact.")
+    parser = _Parser(prog="kve-fast", description="Karras et al. (2022) VE sampler, fast and exact.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sample", help="generate images", description="Generate images with Algorithm 2.",
                        formatter_class=_HelpFormatter)
-    p.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
+    p.add_argument("--model", default="digits", help=MODEL_HELP)
+    p.add_argument("--download", action="store_true",
+                   help="fetch a Hugging Face Hub --model that is not in the local cache (only its UNet and scheduler "
+                        "files); without it, nothing is downloaded")
     p.add_argument("--batch-size", type=_at_least(int, 1), default=64, help="number of images")
     _steps_option(p)
     p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator, 0 to 2**64 - 1")
@@ -280,13 +300,22 @@ def _check_outputs(args):
     return out, fmt, trajectory, trajectory_format
 
 
-def _check_model(name: str):
-    from .loading import check_model_folder
+def _model_error(exc: Exception) -> CliError:
+    return CliError(re.sub(r"`(pretrained_model_)?name_or_path`: ", "", f"--model: {exc}"))
+
+
+def _check_model(name: str, download: bool = False):
+    """The model's folder, checked (a Hub id resolved from the cache, or downloaded with --download), and a
+    warning where its scheduler config is another scheduler's."""
+    from .loading import check_model_folder, foreign_scheduler_message
 
     try:
-        return check_model_folder(name)
+        folder = check_model_folder(name, download)
     except ValueError as exc:
-        raise CliError(f"--model: {exc}".replace("`name_or_path`: ", "")) from None
+        raise _model_error(exc) from None
+    if folder.foreign_scheduler is not None:
+        print(f"kve-fast: warning: {foreign_scheduler_message(folder)}", file=sys.stderr)
+    return folder
 
 
 def _grid_size(n: int, ncols: int, height: int, width: int, scale: int, pad: int = 2) -> tuple[int, int]:
@@ -395,16 +424,21 @@ def _scaled(image, scale: int):
 
 
 def _load(args, device):
+    import warnings
+
     from diffusers.utils import logging as diffusers_logging
 
-    from .loading import load_pipeline
+    from .loading import ForeignSchedulerWarning
+    from .pipeline import KarrasVePipeline
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # a mismatch is our one-line error, not also diffusers' warning
     try:
-        return load_pipeline(args.model, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ForeignSchedulerWarning)  # _check_model said it already
+            return KarrasVePipeline.from_pretrained(args.model, device=device)
     except ValueError as exc:
-        raise CliError(f"--model: {exc}".replace("`name_or_path`: ", "")) from None
+        raise _model_error(exc) from None
     except OSError as exc:
         raise CliError(f"--model: could not load {args.model!r}: {str(exc).strip()}") from None
     finally:
@@ -437,7 +471,7 @@ def sample_command(args) -> int:
     out, out_format, trajectory, trajectory_format = _check_outputs(args)
     if args.s_min is not None and args.s_max is not None and args.s_min > args.s_max:
         raise CliError(f"--s-min: {args.s_min} is larger than --s-max {args.s_max} (`s_min` must not exceed `s_max`)")
-    folder = _check_model(args.model)
+    folder = _check_model(args.model, args.download)
     scale = _check_sizes(args, folder.image_shape, out_format, trajectory_format)
 
     # 2. The device and the backend (torch).
