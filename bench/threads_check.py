@@ -115,6 +115,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--conditions", nargs="+", choices=("quiet", "busy"), default=["quiet", "busy"])
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = p.parse_args()
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -130,7 +131,7 @@ def main() -> int:
               "runs": []}
     with tempfile.TemporaryDirectory() as out_dir:
         for rep in range(args.reps):
-            for condition in ("quiet", "busy"):
+            for condition in args.conditions:
                 neighbour = None
                 if condition == "busy":
                     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -146,7 +147,7 @@ def main() -> int:
                         neighbour.kill()
                         neighbour.wait()
     table = {}
-    for condition in ("quiet", "busy"):
+    for condition in args.conditions:
         for name in args.configs:
             runs = [r for r in result["runs"] if r["condition"] == condition and r["config"] == name]
             table[f"{condition} / {name}"] = {"seconds": summary([r["seconds"] for r in runs]),
@@ -154,7 +155,7 @@ def main() -> int:
                                               "threads": sorted({r["threads"] for r in runs})}
     # the targets, as ratios of medians measured in this run
     ratios = {}
-    for condition in ("quiet", "busy"):
+    for condition in args.conditions:
         one = table.get(f"{condition} / cli 1 thread", {}).get("seconds", {}).get("median")
         for name in args.configs:
             med = table[f"{condition} / {name}"]["seconds"]["median"]
