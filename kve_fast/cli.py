@@ -21,6 +21,9 @@ import sys
 import threading
 import time
 
+from .commands import MODEL_HELP, CliError, check_model as _check_model, load_for_command
+from .commands import at_least as _at_least, device_name as _device_name, resolve_device as _device
+from .commands import pin_threads as _pin_threads, unpin_threads as _unpin_threads
 from .options import BACKENDS, NOISE_MODES, REFERENCE_SCHEDULE_MIN_STEPS, SCHEDULES, SOLVERS
 
 # Output file formats, from the file's extension (all through PIL).
@@ -35,34 +38,11 @@ MAX_PIXELS = 89_478_485
 SAMPLE_FILE = "sample_{:04d}.png"  # --no-grid: the file of image k
 TRAJECTORY_COLUMNS = 8  # --trajectory: the sample after this many marked steps (then the final image)
 TRAJECTORY_ROWS = 8  # ... of the first this many images
-MODEL_HELP = ("bundled model name ('digits'), a local diffusers folder (a UNet2DModel or a saved pipeline), or a "
-              "Hugging Face Hub id ORG/NAME read from the local cache")
 MAX_STEPS = sys.maxsize  # the most steps a run can index (a larger --steps is refused before anything loads)
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
 
 
 class _Terminated(BaseException):
     """Raised by the SIGTERM handler, so that cleanups (temporary files) run before the exit."""
-
-
-def _at_least(kind, minimum, maximum=None):
-    """An argparse type: a finite ``kind`` (int or float) >= ``minimum`` (and <= ``maximum``)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} >= {minimum}, "
-                                             f"got {text}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
-        return value
-
-    return parse
 
 
 def _seed(text: str) -> int:
@@ -74,14 +54,6 @@ def _seed(text: str) -> int:
     if not 0 <= value <= 2**64 - 1:
         raise argparse.ArgumentTypeError(f"must be from 0 to 2**64 - 1 = {2**64 - 1}, got {text}")
     return value
-
-
-def _device_name(text: str) -> str:
-    """An argparse type: 'auto', 'cpu', 'cuda' or 'cuda:N' (whether that GPU exists is checked later)."""
-    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (N a GPU index), got {text!r}")
-    return text if match.group(1) is None else f"cuda:{int(match.group(1))}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun: cuda:LOCAL_RANK) or 'cuda:N' (one process only)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still)")
 
-    from . import benchmark  # import-light: torch and diffusers load inside benchmark.run
+    from .benchmark import cli as bench  # import-light: torch and diffusers load inside bench.run
 
     b = sub.add_parser(
         "bench", help="time the reference and kve_fast (eager, CUDA-graphed) on your model",
@@ -221,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time diffusers' pipeline and kve_fast's runners on a model, next to the floor of 99 model "
                     "forwards (replayed from a CUDA graph where possible), and check that the outputs are "
                     "bit-identical. The same table as bench/graph_bench.py, for your own model and GPU.")
-    benchmark.add_arguments(b)
+    bench.add_arguments(b)
     return parser
 
 
@@ -300,24 +272,6 @@ def _check_outputs(args):
     return out, fmt, trajectory, trajectory_format
 
 
-def _model_error(exc: Exception) -> CliError:
-    return CliError(re.sub(r"`(pretrained_model_)?name_or_path`: ", "", f"--model: {exc}"))
-
-
-def _check_model(name: str, download: bool = False):
-    """The model's folder, checked (a Hub id resolved from the cache, or downloaded with --download), and a
-    warning where its scheduler config is another scheduler's."""
-    from .loading import check_model_folder, foreign_scheduler_message
-
-    try:
-        folder = check_model_folder(name, download)
-    except ValueError as exc:
-        raise _model_error(exc) from None
-    if folder.foreign_scheduler is not None:
-        print(f"kve-fast: warning: {foreign_scheduler_message(folder)}", file=sys.stderr)
-    return folder
-
-
 def _grid_size(n: int, ncols: int, height: int, width: int, scale: int, pad: int = 2) -> tuple[int, int]:
     """The (width, height) of ``make_grid`` for ``n`` images."""
     nrows = math.ceil(n / ncols)
@@ -385,22 +339,6 @@ def _check_sizes(args, shape, out_format, trajectory_format) -> int:
 
 # ---- torch from here on ----------------------------------------------------------------------------------
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CliError("--device: CUDA was asked for but no CUDA GPU is available")
-        count = torch.cuda.device_count()
-        index = int(name.partition(":")[2] or 0)
-        if index >= count:
-            raise CliError(f"--device: {name} asked for, but this machine has {count} CUDA GPU(s): "
-                           f"{', '.join(f'cuda:{i}' for i in range(count))}")
-    return torch.device(name)
-
-
 def make_grid(arrays, ncols: int, scale: int, pad: int = 2):
     """Images (BHWC uint8, numpy or torch) tiled into one PIL image, ``ncols`` per row, on white."""
     from PIL import Image
@@ -424,25 +362,8 @@ def _scaled(image, scale: int):
 
 
 def _load(args, device):
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-
-    from .loading import ForeignSchedulerWarning
-    from .pipeline import KarrasVePipeline
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # a mismatch is our one-line error, not also diffusers' warning
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ForeignSchedulerWarning)  # _check_model said it already
-            return KarrasVePipeline.from_pretrained(args.model, device=device)
-    except ValueError as exc:
-        raise _model_error(exc) from None
-    except OSError as exc:
-        raise CliError(f"--model: could not load {args.model!r}: {str(exc).strip()}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    """The pipeline of --model on ``device`` (``kve_fast.commands.load_for_command``)."""
+    return load_for_command(args.model, device)
 
 
 def _apply_scheduler_options(pipe, args) -> None:
@@ -543,37 +464,6 @@ def sample_command(args) -> int:
         print(f"kve-fast: wrote {where} in {seconds:.1f} s on {on} "
               f"({args.steps} {args.solver} steps, noise={args.noise})")
     return 0
-
-
-_PINNED: list[int] = []  # the thread count _pin_threads replaced, put back when main() returns
-
-
-def _pin_threads(requested: int | None, device) -> int | None:
-    """--threads: on the CPU, the command's thread count, fixed for the whole run (so that the images never
-    depend on how busy the machine is: the count can change the last bits of some models); None elsewhere."""
-    if device.type != "cpu":
-        return None
-    import torch
-
-    from . import threads
-
-    count = requested or torch.get_num_threads()
-    _PINNED.append(torch.get_num_threads())
-    torch.set_num_threads(count)
-    threads.set_threads(count)
-    return count
-
-
-def _unpin_threads() -> None:
-    """Undo ``_pin_threads`` (main() may run inside a longer process: tests, scripts)."""
-    if _PINNED:
-        import torch
-
-        from . import threads
-
-        torch.set_num_threads(_PINNED[0])
-        threads.set_threads(None)
-        _PINNED.clear()
 
 
 def _generate_device(name: str, local_rank: int, torchrun: bool, world: int):
@@ -701,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return generate_command(args)
         if args.command == "bench":
-            from .benchmark import run
+            from .benchmark.cli import run
 
             return run(args)
     except CliError as exc:
