@@ -460,7 +460,8 @@ def sample_command(args) -> int:
                           **_SAVE_OPTIONS.get(trajectory_format, {}))
         where += f"; trajectory ({cols} columns: after steps {', '.join(str(i + 1) for i, _ in snapshots)}, final) in {trajectory}"
     if not args.quiet:
-        on = f"{device}" + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "")
+        on = f"{device}" + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "") + (
+            f", {args.wait_policy}" if getattr(args, "wait_policy", None) and threads else "")
         print(f"kve-fast: wrote {where} in {seconds:.1f} s on {on} "
               f"({args.steps} {args.solver} steps, noise={args.noise})")
     return 0
@@ -577,11 +578,12 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .threads import passive_wait
-
-    passive_wait()  # OpenMP threads that sleep while they wait: must precede torch's import (kve_fast/threads.py)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .threads import wait_policy_for
+
+    # How OpenMP's threads wait (they sleep if a core is busy now): must precede torch's import (kve_fast/threads.py)
+    args.wait_policy = wait_policy_for(getattr(args, "device", "auto"))
     installed, previous = False, None
     if threading.current_thread() is threading.main_thread():  # signal handlers: the main thread only
         previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True

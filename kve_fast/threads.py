@@ -6,9 +6,10 @@ with that process, spinning on the others: a run that takes 3 s alone took 60 s 
 neighbour (bench/RESULTS.md, "CPU threads"). Two remedies, both here:
 
 - ``passive_wait()``: OpenMP threads that sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``). The
-  same threads and the same bits, nearly single-thread speed beside a busy neighbour. It only works
-  before torch is imported, so the ``kve-fast`` command uses it (every subcommand), and so can a script
-  that sets the variable itself; a Python session that already imported torch cannot.
+  same threads and the same bits, about single-thread speed beside a busy neighbour, but slower than spinning
+  on a quiet machine (waking threads at every operator costs). It only works before torch is imported, so the
+  ``kve-fast`` command decides at its start (``wait_policy_for``: passive only when a core is busy then), and so
+  can a script that sets the variable itself; a Python session that already imported torch cannot.
 - ``for_call(device)``: for the duration of one CPU call, only as many threads as there are idle cores:
 
     with kve_fast.threads.for_call(device):   # what the sampler's front doors do
@@ -46,8 +47,8 @@ import threading
 import time
 import warnings
 
-__all__ = ["for_call", "choose", "set_threads", "passive_wait", "idle_cores", "Choice", "ENV", "MEASURE_S", "REUSE_S",
-           "MARGIN"]
+__all__ = ["for_call", "choose", "set_threads", "passive_wait", "wait_policy_for", "idle_cores", "Choice", "ENV",
+           "MEASURE_S", "REUSE_S", "MARGIN"]
 
 ENV = "KVE_FAST_THREADS"  # "auto" (default), "off", or a positive integer
 MEASURE_S = 0.1  # how long /proc/stat is watched (10 clock ticks of 10 ms per core)
@@ -105,6 +106,28 @@ def passive_wait(environ=os.environ) -> bool:
         return False
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
+
+
+def wait_policy_for(device: str, environ=os.environ) -> str | None:
+    """What ``kve-fast`` does before it imports torch, for ``--device`` ``device``: on the CPU, if another process
+    keeps a core busy now (``idle_cores``), OpenMP's threads sleep while they wait (``passive_wait``); on a quiet
+    machine they keep OpenMP's spinning, which is faster there (sleeping threads take a while to wake at every
+    operator). Either way the same threads compute the same bits. Returns a short description of what it did
+    (None: nothing: not the CPU, the environment decides, or torch is already loaded)."""
+    if "torch" in sys.modules or environ.get("OMP_WAIT_POLICY") or environ.get("GOMP_SPINCOUNT"):
+        return None
+    if environ.get(ENV, "").strip().lower() == "off":
+        return None
+    if device.startswith("cuda") or (device == "auto" and os.path.exists("/dev/nvidiactl")):
+        return None  # a GPU run: its host threads hardly use OpenMP
+    found = idle_cores()
+    if found is None:
+        return None
+    idle, cores = found
+    if idle >= cores - MARGIN:
+        return None
+    passive_wait(environ)
+    return f"passive wait: {cores - idle:.1f} of {cores} cores busy at the start"
 
 
 def _env_setting() -> int | str | None:

@@ -172,7 +172,30 @@ def test_passive_wait_before_torch_only():
                    "print(passive_wait(), os.environ.get('OMP_WAIT_POLICY'))") == "False None"
 
 
-def test_the_command_sets_passive_wait_before_it_imports_torch():
-    code = ("import os, sys\nfrom kve_fast.cli import main\ntry:\n    main(['sample', '--steps', '1'])\n"
-            "except SystemExit:\n    pass\nprint(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
-    assert _python(code) == "PASSIVE False"
+@pytest.mark.parametrize("device, idle_value, env, expected", [
+    ("cpu", 1.0, {}, "PASSIVE"),  # a core busy: threads sleep while they wait
+    ("auto", 0.5, {}, "PASSIVE"),
+    ("cpu", 1.8, {}, None),  # quiet: OpenMP's spinning, faster there
+    ("cuda", 0.0, {}, None),  # a GPU run: left alone, nothing measured
+    ("cpu", 0.0, {"OMP_WAIT_POLICY": "active"}, "active"),  # the environment decides
+    ("cpu", 0.0, {"GOMP_SPINCOUNT": "10"}, None),
+    ("cpu", 0.0, {threads.ENV: "off"}, None),
+])
+def test_the_commands_wait_policy(monkeypatch, device, idle_value, env, expected):
+    calls = idle(monkeypatch, idle_value)
+    monkeypatch.delitem(sys.modules, "torch")  # as in the command, before torch loads (put back afterwards)
+    environ = dict(env)
+    said = threads.wait_policy_for(device, environ)
+    assert environ.get("OMP_WAIT_POLICY") == expected
+    assert (said is not None) == (expected == "PASSIVE")
+    assert said is None or said == f"passive wait: {2 - idle_value:.1f} of 2 cores busy at the start"
+    assert len(calls) == (1 if device in ("cpu", "auto") and not env else 0)
+    monkeypatch.undo()
+    assert threads.wait_policy_for("cpu", {}) is None  # torch already loaded: too late, nothing done
+
+
+def test_the_command_decides_before_it_imports_torch():
+    code = ("import os, sys\nfrom kve_fast import threads\nthreads.idle_cores = lambda seconds=0: (0.9, 2)\n"
+            "from kve_fast.cli import main\nprint(main(['sample', '--out', 'x.txt']), os.environ.get('OMP_WAIT_POLICY'), "
+            "'torch' in sys.modules)")
+    assert _python(code).splitlines()[-1] == "2 PASSIVE False"
