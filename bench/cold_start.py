@@ -57,6 +57,7 @@ marks.append(("first step (2 model calls)", calls[1]))
 marks.append(("remaining steps", calls[-1]))
 marks.append(("image written", end))
 print("MARKS" + json.dumps({"rc": rc, "marks": marks, "calls": len(calls), "wait_policy": policy}))
+getattr(cli, "exit_now", sys.exit)(rc)  # as the kve-fast script exits
 """
 
 

@@ -140,6 +140,24 @@ def test_user_errors_are_one_line_messages(model_dir, tmp_path, argv, needle, ca
     assert not (tmp_path / "x.png").exists()
 
 
+def test_the_script_exits_fast_with_everything_written(model_dir, tmp_path):
+    """python -m kve_fast (the kve-fast script's entry) skips the interpreter's teardown after sample: the image,
+    the summary on a pipe and the exit status must all still be there."""
+    out = tmp_path / "grid.png"
+    base = [sys.executable, "-m", "kve_fast", "sample", "--model", model_dir, "--steps", "2", "--batch-size", "2",
+            "--device", "cpu"]
+    env = {k: v for k, v in _this_kve_fast().items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered on a pipe
+    proc = subprocess.run(base + ["--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("kve-fast: wrote ") and proc.stdout.endswith(")\n")
+    assert Image.open(out).size == (2 * (8 * 4 + 2) + 2, 8 * 4 + 4)
+    assert not list(tmp_path.glob(".*.tmp"))
+    proc = subprocess.run(base + ["--out", str(tmp_path / "x.txt")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("kve-fast: error: --out") and proc.stdout == ""
+
+
 def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "kve_fast", "sample", "--help"], capture_output=True, text=True,
                           timeout=120)
