@@ -57,15 +57,18 @@ marks.append(("first step (2 model calls)", calls[1]))
 marks.append(("remaining steps", calls[-1]))
 marks.append(("image written", end))
 print("MARKS" + json.dumps({"rc": rc, "marks": marks, "calls": len(calls), "wait_policy": policy}))
-getattr(cli, "exit_now", sys.exit)(rc)  # as the kve-fast script exits
+if sys.argv[2] == "fast":
+    getattr(cli, "exit_now", sys.exit)(rc)  # as the kve-fast script exits
+sys.exit(rc)  # as `kve-fast` exited before 5a68a71
 """
 
 
-def run_once(argv: list[str], out_dir: str) -> dict:
+def run_once(argv: list[str], out_dir: str, exit_kind: str = "fast") -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
                                                             "GOMP_SPINCOUNT", "KVE_FAST_THREADS")}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), exit_kind], capture_output=True, text=True,
+                          env=env,
                           cwd=out_dir, timeout=900)
     exited = time.time()
     line = next((x for x in proc.stdout.splitlines() if x.startswith("MARKS")), None)
@@ -77,7 +80,7 @@ def run_once(argv: list[str], out_dir: str) -> dict:
         phases[name] = t - last
         last = t
     phases["process exit"] = exited - last
-    return {"phases_s": phases, "first_image_s": data["marks"][-1][1] - start, "total_s": exited - start,
+    return {"exit": exit_kind, "phases_s": phases, "first_image_s": data["marks"][-1][1] - start, "total_s": exited - start,
             "model_calls": data["calls"], "wait_policy": data["wait_policy"]}
 
 
@@ -89,6 +92,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
+    p.add_argument("--exits", nargs="+", choices=("fast", "normal"), default=["fast"],
+                   help="how the process ends: fast (kve_fast.cli.exit_now, as the kve-fast script does) and/or "
+                        "normal (sys.exit: the interpreter's teardown), in turn, in one run")
     p.add_argument("sample_args", nargs="*", help="after --: more `kve-fast sample` options")
     args = p.parse_args()
     argv = ["sample", "--device", "cpu", "--quiet", "--out", "grid.png"] + args.sample_args
@@ -104,18 +110,23 @@ def main() -> int:
                       "kve-fast": " ".join(["kve-fast"] + argv)}, "runs": []}
     with tempfile.TemporaryDirectory() as out_dir:
         for rep in range(args.reps):
-            rec = run_once(argv, out_dir)
-            result["runs"].append(rec)
-            print(f"run {rep}: first image {rec['first_image_s']:.2f} s, exit {rec['total_s']:.2f} s; "
-                  f"{rec['wait_policy'] or 'OpenMP default wait'}", flush=True)
+            for kind in args.exits:
+                rec = run_once(argv, out_dir, kind)
+                result["runs"].append(rec)
+                print(f"run {rep} ({kind} exit): first image {rec['first_image_s']:.2f} s, exit {rec['total_s']:.2f} "
+                      f"s; {rec['wait_policy'] or 'OpenMP default wait'}", flush=True)
     names = list(result["runs"][0]["phases_s"])
-    result["summary"] = {"phases_s": {n: summary([r["phases_s"][n] for r in result["runs"]]) for n in names},
-                         "first_image_s": summary([r["first_image_s"] for r in result["runs"]]),
-                         "total_s": summary([r["total_s"] for r in result["runs"]])}
-    print(f"{'phase':58s} {'min':>6s} {'median':>7s} {'max':>6s}  (s, {args.reps} runs)")
-    for n in names + ["first_image_s", "total_s"]:
-        s = result["summary"]["phases_s"].get(n) or result["summary"][n]
-        print(f"{n:58s} {s['min']:6.2f} {s['median']:7.2f} {s['max']:6.2f}")
+    result["summary"] = {}
+    for kind in args.exits:
+        runs = [r for r in result["runs"] if r["exit"] == kind]
+        result["summary"][kind] = {"phases_s": {n: summary([r["phases_s"][n] for r in runs]) for n in names},
+                                   "first_image_s": summary([r["first_image_s"] for r in runs]),
+                                   "total_s": summary([r["total_s"] for r in runs])}
+        print(f"{kind} exit: {'phase':46s} {'min':>6s} {'median':>7s} {'max':>6s}  (s, {len(runs)} runs)")
+        table = result["summary"][kind]
+        for n in names + ["first_image_s", "total_s"]:
+            s = table["phases_s"].get(n) or table[n]
+            print(f"{n:58s} {s['min']:6.2f} {s['median']:7.2f} {s['max']:6.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
