@@ -68,8 +68,7 @@ def run_once(argv: list[str], out_dir: str, exit_kind: str = "fast") -> dict:
                                                             "GOMP_SPINCOUNT", "KVE_FAST_THREADS")}
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), exit_kind], capture_output=True, text=True,
-                          env=env,
-                          cwd=out_dir, timeout=900)
+                          env=env, cwd=out_dir, timeout=900)
     exited = time.time()
     line = next((x for x in proc.stdout.splitlines() if x.startswith("MARKS")), None)
     if proc.returncode != 0 or line is None:
