@@ -44,6 +44,7 @@ from .plan import PlanHandle, Step, plan_steps, scheduler_plan, sigmas_plan
 from .precision import Precision, resolve
 from .schedule import Schedule
 from .spec import RunSpec, resolve_device
+from .threads import for_call
 
 __all__ = ["sample_karras_ve", "sample_karras_ve_sigmas", "plan_steps", "Step", "ModelOutputError", "OUTPUTS", "SOLVERS",
            "run", "Run"]
@@ -161,6 +162,7 @@ def run(r: Run) -> torch.Tensor:
     completed = False
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(for_call(device))  # CPU threads that do not collapse beside a busy process
             stack.enter_context(spec.precision.switches())
             if spec.fir == "triton":
                 from . import ncsnpp
