@@ -521,3 +521,19 @@ def test_the_fake_graph_is_switched_on_by_its_environment_variable(monkeypatch):
         assert all(isinstance(g, FakeGraph) for g in cap.graphs.values())
     finally:
         graphs.clear_graphs()
+
+
+def test_a_capture_is_reused_after_its_warm_up_built_fir_filters(fake_graphs, monkeypatch):
+    """A fast-mode (bf16 autocast) run of an NCSN++ UNet builds its device FIR filters for bf16 during the
+    warm-up: the capture must still be reused by the next call (mutation: the model's state snapshot taken
+    before the warm-up, which recaptured every call)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    unet = ncsnpp_unet(8).to(DEVICE)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.01), **SMALL)
+    run = lambda: _run(pipe, True, steps=2, batch=1, solver="euler", unet_dtype=torch.bfloat16)  # noqa: E731
+    first = run()
+    assert not torch.isnan(first).any()
+    (cap,) = graphs._CACHE.values()
+    assert_bitwise(first, _run(pipe, False, steps=2, batch=1, solver="euler", unet_dtype=torch.bfloat16), "eager")
+    assert_bitwise(run(), first, "the second graphed call")
+    assert list(graphs._CACHE.values()) == [cap], "the second call recaptured"
