@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import threading
 import time
 import warnings
@@ -216,6 +217,11 @@ def test_ncsnpp_patches_undone_by_the_user_are_captured_anew(fake_graphs):
     first = _same_as_eager(pipe, "made capturable by the user", steps=2)
     assert ncsnpp.restore(unet) > 0
     assert_bitwise(_same_as_eager(pipe, "restored by the user", steps=2), first)
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        assert ncsnpp.make_fast(unet) > 0  # the user's own fast mode: every call runs the Triton FIR
+        fast = _same_as_eager(pipe, "made fast by the user", steps=2, batch=1)
+        assert ncsnpp.restore_fast(unet) > 0
+        assert not torch.equal(_same_as_eager(pipe, "fast mode undone by the user", steps=2, batch=1), fast)
 
 
 @pytest.fixture
