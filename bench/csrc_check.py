@@ -42,7 +42,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -224,7 +223,7 @@ def kernels(sizes, device):
 @section
 def pipelines(quick: bool, device):
     import kve_fast
-    from conftest import GaussianPlusUNet, GaussianScore, inside_share, make_generator, ncsnpp_unet, \
+    from kve_fast.testing import GaussianPlusUNet, GaussianScore, inside_share, make_generator, ncsnpp_unet, \
         reference_test_unet, run_reference
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -378,7 +377,7 @@ from kve_fast.testing import NearFreeScore as StandIn  # noqa: E402  (a near-fre
 @section
 def per_step(size, batch, steps, device):
     import kve_fast
-    from conftest import reference_pipe
+    from kve_fast.testing import reference_pipe
 
     unet = StandIn(size).to(device)
     ref = reference_pipe(unet)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -125,7 +124,7 @@ def check_pipelines(quick: bool):
     """kve_fast's pipeline on CUDA (torch and Triton backends, eager and CUDA-graphed) against diffusers' real
     pipeline: np, pil and latent (recorded from diffusers' own scheduler calls), on models whose images stay
     inside (0, 1) (the Gaussian score plus a small UNet term), so equality is about values, not clamping."""
-    from conftest import GaussianPlusUNet, GaussianScore, inside_share, make_generator, ncsnpp_unet, \
+    from kve_fast.testing import GaussianPlusUNet, GaussianScore, inside_share, make_generator, ncsnpp_unet, \
         reference_test_unet, run_reference
 
     log("pipelines on CUDA vs diffusers")
@@ -236,7 +235,7 @@ from kve_fast.testing import NearFreeScore as StandIn  # noqa: E402  (a near-fre
 
 
 def per_step(configs, steps):
-    from conftest import reference_pipe
+    from kve_fast.testing import reference_pipe
 
     log("per-step cost, near-free model")
     for size, batch in configs:

@@ -58,7 +58,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+
 
 LOW_VARIANTS = ("bf16", "bf16 autocast", "fp16", "fp16 autocast")
 VARIANTS = ("fp32", "TF32") + LOW_VARIANTS + ("plain TF32", "plain bf16", "plain fp16")
@@ -95,7 +95,7 @@ def _graph_bench():
 
 def cases_for(tp, gpu: bool, quick: bool, names: list[str] | None, batch: int | None) -> dict:
     """name -> (Case, model builder) for this run, batches set for the device and mode."""
-    from conftest import UNET_TERM_SCALE, GaussianPlusUNet
+    from kve_fast.testing import UNET_TERM_SCALE, GaussianPlusUNet
 
     extra = {"digits-default": tp.Case("digits", (), 30, 16, 8)}
     builders = {name: (lambda model=case.model: tp.make_model(model)) for name, case in tp.CASES.items()}
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if not gpu:
-        # A CPU user's kve_fast: without Triton's interpreter (which conftest, imported below, would turn on),
+        # A CPU user's kve_fast: without Triton's interpreter (the tests' conftest turns it on),
         # so NCSN++ FIR blocks keep diffusers' ops instead of running kve_fast's FIR kernel interpreted (~0.5 s
         # a forward). Set TRITON_INTERPRET=1 yourself to measure that path on the CPU.
         os.environ.setdefault("TRITON_INTERPRET", "0")
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
         dlogging.set_verbosity_error()  # the "cast with to()" notice on every conversion
     except ImportError:
         pass
-    import test_precision as tp  # noqa: E402  (the float64 twin, the plain runs, the cases: shared with the tests)
+    import kve_fast.accuracy as tp  # the float64 twin, the plain runs, the cases: shared with the tests
 
     from kve_fast.benchmark import environment
 

@@ -1,4 +1,5 @@
-// The CUDA implementations of the kve_fast::churn / euler / heun operators: check, pack, and launch on
+// The CUDA implementations of the kve_fast::churn / euler / heun operators: check everything (ops.h: before any
+// data pointer is taken), pack, and launch on
 // the tensors' device (a device guard) and on torch's current stream there, so the launches are ordered
 // with torch's work and are captured by CUDA graphs.
 //
@@ -28,14 +29,9 @@ void check_launch(const char* op, int error) {
   TORCH_CHECK(error == 0, op, ": CUDA launch failed: ", cuda_error_string(error));
 }
 
-void check_cuda(const char* op, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cuda(), op, ": the CUDA kernel got a tensor on ", t.device());
-}
-
 void churn_cuda(const at::Tensor& x, const OptTensor& eps, const OptTensor& keys, int64_t per_sample, double s_noise,
                 double c, const OptTensor& scalars, const at::Tensor& hat, const OptTensor& xin) {
-  check_cuda("kve_fast::churn", x);
-  const ChurnArgs a = churn_args(x, eps, keys, per_sample, s_noise, c, scalars, hat, xin, true);
+  const ChurnArgs a = churn_args(x, eps, keys, per_sample, s_noise, c, scalars, hat, xin, c10::DeviceType::CUDA);
   const c10::DeviceGuard guard(x.device());
   check_launch("kve_fast::churn", launch_churn(a, current_stream(x.device())));
 }
@@ -43,9 +39,8 @@ void churn_cuda(const at::Tensor& x, const OptTensor& eps, const OptTensor& keys
 void euler_cuda(const at::Tensor& raw, const at::Tensor& hat, double half_sigma, double sigma, double inv_sigma,
                 double dt, const OptTensor& scalars, bool denoiser, bool true_div, const at::Tensor& prev,
                 const OptTensor& d, const OptTensor& xin, const OptTensor& pred, const OptTensor& image) {
-  check_cuda("kve_fast::euler", hat);
   const EulerArgs a = euler_args(raw, hat, half_sigma, sigma, inv_sigma, dt, scalars, denoiser, true_div, prev, d, xin,
-                                 pred, image, true);
+                                 pred, image, c10::DeviceType::CUDA);
   const c10::DeviceGuard guard(hat.device());
   check_launch("kve_fast::euler", launch_euler(a, current_stream(hat.device())));
 }
@@ -55,10 +50,9 @@ void heun_cuda(const at::Tensor& raw, const at::Tensor& hat, const at::Tensor& p
                bool true_div, const OptTensor& x, const OptTensor& pred, bool churn, bool apply, const OptTensor& eps,
                const OptTensor& keys, int64_t per_sample, double s_noise, double c, const OptTensor& churn_scalars,
                const OptTensor& hat_next, const OptTensor& xin) {
-  check_cuda("kve_fast::heun", hat);
   const HeunArgs a = heun_args(raw, hat, prev, d, half_sigma, sigma, inv_sigma, dt, scalars, denoiser, true_div, x,
                                pred, churn, apply, eps, keys, per_sample, s_noise, c, churn_scalars, hat_next, xin,
-                               true);
+                               c10::DeviceType::CUDA);
   const c10::DeviceGuard guard(hat.device());
   check_launch("kve_fast::heun", launch_heun(a, current_stream(hat.device())));
 }

@@ -20,12 +20,19 @@ _EXPORTS = {
     "sample_karras_ve": "sampler",
     "sample_karras_ve_sigmas": "sampler",
     "load_model": "loading",
-    "load_pipeline": "loading",
 }
-__all__ = list(_EXPORTS)
+__all__ = list(_EXPORTS) + ["load_pipeline"]
 
 
-_SUBMODULES = ("k_diffusion", "ncsnpp", "graphs")
+def load_pipeline(name_or_path="digits", device=None, *, download: bool = False, **scheduler_settings):
+    """A ``KarrasVePipeline`` for a bundled model name, a local folder or a Hugging Face Hub id (from the local
+    cache; ``download=True`` fetches it first): ``KarrasVePipeline.from_pretrained``, see ``load_model``."""
+    from .pipeline import KarrasVePipeline
+
+    return KarrasVePipeline.from_pretrained(name_or_path, device=device, download=download, **scheduler_settings)
+
+
+_SUBMODULES = ("k_diffusion", "ncsnpp", "graphs", "threads")
 _MOVED = {
     "sample_heun": "kve_fast.sample_heun was a score-convention sampler under k-diffusion's name; use "
                    "kve_fast.sample_karras_ve_sigmas(model, x, sigmas) (the reference pipeline's score models) or "

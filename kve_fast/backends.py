@@ -5,19 +5,12 @@ it does not pick ``"cuda"`` until measurements on a GPU say it should: bench/csr
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
+from ._warn import warn_once
 from .options import BACKENDS
 
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -62,16 +55,16 @@ def check_backend(name: str, device: torch.device) -> str:
         return "torch"
     ok, why = triton_available()
     if not ok:
-        _warn_once("auto-triton", f"kve_fast: Triton is unavailable ({why}); using the torch backend (same results, slower)")
+        warn_once("auto-triton", f"kve_fast: Triton is unavailable ({why}); using the torch backend (same results, slower)")
         return "torch"
     return "triton"
 
 
-def make_backend(name: str, device: torch.device, s_noise: float, want_pred: bool = False, shape=None,
-                 denoiser: bool = False, layout: torch.Tensor | None = None, model_dtype: torch.dtype = torch.float32):
+def make_backend(name: str, device: torch.device, convention, shape=None, layout: torch.Tensor | None = None,
+                 model_dtype: torch.dtype = torch.float32):
     """The step backend object for a resolved or unresolved ``name`` (``shape``: checked against its limits).
 
-    ``denoiser``: k-diffusion's convention (``kve_fast.k_diffusion``) instead of the reference pipeline's;
+    ``convention``: ``kve_fast.convention.REFERENCE`` or ``K_DIFFUSION`` (the kernels' arithmetic);
     ``layout``: a tensor whose dense layout the fused backends keep their state in (default contiguous);
     ``model_dtype``: the UNet's dtype, which the Triton kernels write its input in (``kve_fast.precision``).
     """
@@ -79,11 +72,11 @@ def make_backend(name: str, device: torch.device, s_noise: float, want_pred: boo
     if name == "cuda":
         from .ops.step_cuda import CudaStep
 
-        return CudaStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout, model_dtype=model_dtype)
+        return CudaStep(convention, device, shape, layout=layout, model_dtype=model_dtype)
     if name == "triton":
         from .ops.step_triton import TritonStep
 
-        return TritonStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout, model_dtype=model_dtype)
+        return TritonStep(convention, device, shape, layout=layout, model_dtype=model_dtype)
     from .ops.step_torch import KTorchStep, TorchStep
 
-    return (KTorchStep if denoiser else TorchStep)(s_noise, want_pred, shape)
+    return KTorchStep() if convention.denoiser else TorchStep()

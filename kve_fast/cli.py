@@ -21,6 +21,9 @@ import sys
 import threading
 import time
 
+from .commands import MODEL_HELP, CliError, check_model as _check_model, load_for_command
+from .commands import at_least as _at_least, device_name as _device_name, resolve_device as _device
+from .commands import pin_threads as _pin_threads, unpin_threads as _unpin_threads
 from .options import BACKENDS, NOISE_MODES, REFERENCE_SCHEDULE_MIN_STEPS, SCHEDULES, SOLVERS
 
 # Output file formats, from the file's extension (all through PIL).
@@ -35,28 +38,11 @@ MAX_PIXELS = 89_478_485
 SAMPLE_FILE = "sample_{:04d}.png"  # --no-grid: the file of image k
 TRAJECTORY_COLUMNS = 8  # --trajectory: the sample after this many marked steps (then the final image)
 TRAJECTORY_ROWS = 8  # ... of the first this many images
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
+MAX_STEPS = sys.maxsize  # the most steps a run can index (a larger --steps is refused before anything loads)
 
 
 class _Terminated(BaseException):
     """Raised by the SIGTERM handler, so that cleanups (temporary files) run before the exit."""
-
-
-def _at_least(kind, minimum):
-    """An argparse type: a finite ``kind`` (int or float) >= ``minimum``."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 def _seed(text: str) -> int:
@@ -75,12 +61,15 @@ def _workers(text: str):
     return text if text == "auto" else _at_least(int, 1)(text)
 
 
-def _device_name(text: str) -> str:
-    """An argparse type: 'auto', 'cpu', 'cuda' or 'cuda:N' (whether that GPU exists is checked later)."""
-    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (N a GPU index), got {text!r}")
-    return text if match.group(1) is None else f"cuda:{int(match.group(1))}"
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad value (``argument --steps: ...``) is one line, as every other user error is: the usage
+    block is for mistakes in the command's shape (an unknown option, a missing subcommand)."""
+
+    def error(self, message):
+        if message.startswith("argument -"):
+            option, _, why = message[len("argument "):].partition(": ")
+            self.exit(2, f"kve-fast: error: {option.split('/')[0]}: {why}\n")
+        super().error(message)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -93,7 +82,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _steps_option(p) -> None:
-    p.add_argument("--steps", type=_at_least(int, 2), default=50,
+    p.add_argument("--steps", type=_at_least(int, 2, MAX_STEPS), default=50,
                    help=f"sampling steps N (Heun: 2N - 1 model calls); the 'diffusers' schedule needs about "
                         f"{REFERENCE_SCHEDULE_MIN_STEPS}+")
 
@@ -150,11 +139,14 @@ def _check_cuda_graph(args, device) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kve-fast", description="Karras et al. (2022) VE sampler, fast and exact.")
+    parser = _Parser(prog="kve-fast", description="Karras et al. (2022) VE sampler, fast and exact.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sample", help="generate images", description="Generate images with Algorithm 2.",
                        formatter_class=_HelpFormatter)
-    p.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
+    p.add_argument("--model", default="digits", help=MODEL_HELP)
+    p.add_argument("--download", action="store_true",
+                   help="fetch a Hugging Face Hub --model that is not in the local cache (only its UNet and scheduler "
+                        "files); without it, nothing is downloaded")
     p.add_argument("--batch-size", type=_at_least(int, 1), default=64, help="number of images")
     _steps_option(p)
     p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator, 0 to 2**64 - 1")
@@ -171,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", default=None, metavar="FILE",
                    help="also write an image (format from the extension, as --out) of the first "
                         f"{TRAJECTORY_ROWS} samples after up to {TRAJECTORY_COLUMNS} of the steps, then the final image")
+    p.add_argument("--threads", type=_at_least(int, 1), default=None, metavar="N",
+                   help="CPU threads, fixed for the run (default: torch's, one per core, or OMP_NUM_THREADS); they "
+                        "sleep instead of spinning while they wait, so a busy neighbour does not slow them down "
+                        "(kve_fast/threads.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still)")
 
     g = sub.add_parser(
@@ -199,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun: cuda:LOCAL_RANK) or 'cuda:N' (one process only)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still)")
 
-    from . import benchmark  # import-light: torch and diffusers load inside benchmark.run
+    from .benchmark import cli as bench  # import-light: torch and diffusers load inside bench.run
 
     b = sub.add_parser(
         "bench", help="time the reference and kve_fast (eager, CUDA-graphed) on your model",
@@ -207,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time diffusers' pipeline and kve_fast's runners on a model, next to the floor of 99 model "
                     "forwards (replayed from a CUDA graph where possible), and check that the outputs are "
                     "bit-identical. The same table as bench/graph_bench.py, for your own model and GPU.")
-    benchmark.add_arguments(b)
+    bench.add_arguments(b)
     return parser
 
 
@@ -286,15 +282,6 @@ def _check_outputs(args):
     return out, fmt, trajectory, trajectory_format
 
 
-def _check_model(name: str):
-    from .loading import check_model_folder
-
-    try:
-        return check_model_folder(name)
-    except ValueError as exc:
-        raise CliError(f"--model: {exc}".replace("`name_or_path`: ", "")) from None
-
-
 def _grid_size(n: int, ncols: int, height: int, width: int, scale: int, pad: int = 2) -> tuple[int, int]:
     """The (width, height) of ``make_grid`` for ``n`` images."""
     nrows = math.ceil(n / ncols)
@@ -362,22 +349,6 @@ def _check_sizes(args, shape, out_format, trajectory_format) -> int:
 
 # ---- torch from here on ----------------------------------------------------------------------------------
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CliError("--device: CUDA was asked for but no CUDA GPU is available")
-        count = torch.cuda.device_count()
-        index = int(name.partition(":")[2] or 0)
-        if index >= count:
-            raise CliError(f"--device: {name} asked for, but this machine has {count} CUDA GPU(s): "
-                           f"{', '.join(f'cuda:{i}' for i in range(count))}")
-    return torch.device(name)
-
-
 def make_grid(arrays, ncols: int, scale: int, pad: int = 2):
     """Images (BHWC uint8, numpy or torch) tiled into one PIL image, ``ncols`` per row, on white."""
     from PIL import Image
@@ -401,20 +372,8 @@ def _scaled(image, scale: int):
 
 
 def _load(args, device):
-    from diffusers.utils import logging as diffusers_logging
-
-    from .loading import load_pipeline
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # a mismatch is our one-line error, not also diffusers' warning
-    try:
-        return load_pipeline(args.model, device)
-    except ValueError as exc:
-        raise CliError(f"--model: {exc}".replace("`name_or_path`: ", "")) from None
-    except OSError as exc:
-        raise CliError(f"--model: could not load {args.model!r}: {str(exc).strip()}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    """The pipeline of --model on ``device`` (``kve_fast.commands.load_for_command``)."""
+    return load_for_command(args.model, device)
 
 
 def _apply_scheduler_options(pipe, args) -> None:
@@ -443,7 +402,7 @@ def sample_command(args) -> int:
     out, out_format, trajectory, trajectory_format = _check_outputs(args)
     if args.s_min is not None and args.s_max is not None and args.s_min > args.s_max:
         raise CliError(f"--s-min: {args.s_min} is larger than --s-max {args.s_max} (`s_min` must not exceed `s_max`)")
-    folder = _check_model(args.model)
+    folder = _check_model(args.model, args.download)
     scale = _check_sizes(args, folder.image_shape, out_format, trajectory_format)
 
     # 2. The device and the backend (torch).
@@ -459,6 +418,7 @@ def sample_command(args) -> int:
     except ValueError as exc:
         raise CliError(f"--backend: {exc}") from None
     _check_cuda_graph(args, device)
+    threads = _pin_threads(args.threads, device)
 
     # 3. The model and the sampler settings.
     pipe = _load(args, device)
@@ -510,7 +470,9 @@ def sample_command(args) -> int:
                           **_SAVE_OPTIONS.get(trajectory_format, {}))
         where += f"; trajectory ({cols} columns: after steps {', '.join(str(i + 1) for i, _ in snapshots)}, final) in {trajectory}"
     if not args.quiet:
-        print(f"kve-fast: wrote {where} in {seconds:.1f} s on {device} "
+        on = f"{device}" + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "") + (
+            f", {args.wait_policy}" if getattr(args, "wait_policy", None) and threads else "")
+        print(f"kve-fast: wrote {where} in {seconds:.1f} s on {on} "
               f"({args.steps} {args.solver} steps, noise={args.noise})")
     return 0
 
@@ -631,9 +593,42 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+# Subcommands whose process, once main() returns, has nothing left to do but tear down torch and diffusers (about
+# 0.9 s of the interpreter's shutdown: bench/RESULTS.md, "Cold start"): entry() skips that teardown for them.
+FAST_EXIT = ("sample", "bench")
+_last_command: list[str] = []
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The ``kve-fast`` console script and ``python -m kve_fast``: ``main``, then the exit (``exit_now``)."""
+    exit_now(main(argv))
+
+
+def exit_now(code: int) -> None:
+    """Exit with ``code``. After ``sample`` or ``bench``, without the interpreter's teardown (``os._exit``): their
+    files are complete by then (written to a temporary name, fsync'd, renamed), and the streams and logging are
+    flushed here. Other commands (``generate``'s process group) exit normally."""
+    if _last_command and _last_command[-1] in FAST_EXIT:
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _last_command[:] = [args.command]
+    from .threads import wait_policy_for
+
+    # How OpenMP's threads wait (they sleep if a core is busy now): must precede torch's import (kve_fast/threads.py)
+    args.wait_policy = wait_policy_for(getattr(args, "device", "auto"))
     installed, previous = False, None
     if threading.current_thread() is threading.main_thread():  # signal handlers: the main thread only
         previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
@@ -643,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return generate_command(args)
         if args.command == "bench":
-            from .benchmark import run
+            from .benchmark.cli import run
 
             return run(args)
     except CliError as exc:
@@ -664,10 +659,11 @@ def main(argv: list[str] | None = None) -> int:
         print("kve-fast: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
+        _unpin_threads()
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

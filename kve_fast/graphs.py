@@ -1,76 +1,87 @@
-"""CUDA graphs around a whole step: both model calls and the fused kernels, replayed for every step.
+"""CUDA graphs around whole steps: the stage lists of ``kve_fast.schedule``, captured once, replayed every step.
 
 At small batches a UNet forward is launch-bound (the reference's tiny test UNet: 6.4 ms eagerly, 1.4 ms
-replayed from a graph, on an H200). The graph runner captures one step of Algorithm 2 per (model,
-shape, layout, device, noise mode, solver, callback or not, output, precision) and replays it for every
-step of every later call with those keys:
+replayed from a graph, on an H200). The graph runner captures the same stage lists the eager engine runs
+(``Schedule.prologue`` and ``Schedule.stages``, split at ``HandOut`` stages, where the host runs a callback)
+and replays them:
 
-- Per-step values live in device memory the graph reads: the kernels' scalars (``sigma_hat / 2``,
-  ``sigma_hat``, its float32 reciprocal, ``dt``, the churn coefficients, ``S_noise``) in one small
-  float32 buffer, and the model's noise-level input as a 0-d view of that buffer (holding the value
-  the reference computes, so the model's output is unchanged). One capture serves all steps and all
-  step counts. Before each replay the host writes the step's values into pinned memory and copies
-  them over without blocking.
-- Exact noise: the host draws the reference's stream ahead (``kve_fast.noise.ReferenceNoise``) and
-  each step's draw is copied into a static device buffer before the replay. Fast noise: the kernels
-  read each sample's Philox key from a static device buffer that receives the step's keys.
-- Warm-up and capture run on a side stream, with every RNG state saved and restored around them: they
-  never consume the user's randomness. One memory pool per device; at most ``MAX_CAPTURES`` captures
-  are kept (least recently used dropped first); ``clear_graphs()`` (and ``KarrasVePipeline.to``) frees
-  them. What a run hands out (the final sample or image, a callback's tensors) is a copy, never graph
-  memory; a sample a callback returns is copied into the static input buffer.
+- What changes from step to step or call to call lives in device memory the graphs read (``DeviceFeed``):
+  the step's scalars in one small float32 tensor of named slots (the churn's ``[c, S_noise]``, this
+  step's and the next step's, and the ``Level`` at sigma_hat and at sigma_{i+1}), the noise (a draw of the
+  reference's stream, or per-sample fast-noise keys) in a static buffer, and the model's noise-level
+  argument made inside the graph from those slots. The host writes them before each replay (pinned
+  staging, no blocking copy). One capture serves every step, every step count and every value of the
+  ``FED`` settings (``kve_fast.spec``: S_noise).
+- A capture is keyed by everything else (``CaptureKey``: the model, every setting of the run's
+  ``RunSpec`` that is not fed, and the global switches that pick kernels) and checked per call against
+  what it baked in of the model (``kve_fast.fingerprint.ModelState``: parameters' and buffers' storages,
+  shapes, strides, dtypes and devices, training flags, hooks, NCSN++ patches). Anything that changed
+  gives a new capture, and the old one is freed.
+- Captures are serialized (one at a time per process, ``capture_error_mode="thread_local"``, so other
+  threads' CUDA work goes on); each capture has its own memory pool, so replays of different captures
+  never share intermediates; warm-up and capture never touch an RNG (a model that draws random numbers
+  in its forward is refused before it draws). A capture is used by one run at a time: with
+  ``cuda_graph=True`` another thread's run waits for it, with ``"auto"`` it runs eagerly (same bits; one
+  warning). ``clear_graphs()`` (also ``KarrasVePipeline.to``) frees captures and their pools, also while
+  a run uses one (freed when it ends); at most ``MAX_CAPTURES`` are kept (least recently used dropped);
+  a capture never keeps its model alive: when the model is garbage-collected, its captures go too.
+- What a run hands out (the output, a callback's tensors) is a copy, never graph memory; a sample a
+  callback returns is copied into the graph's input buffer. Model inputs are graph memory: a model
+  (or a hook) that keeps a reference to its input sees it overwritten at the next replay.
+- The model gets its noise-level argument as a device tensor (a 0-d view, or k-diffusion's per-sample
+  ``sigma * s_in``), where an eager run of the reference's convention passes a 0-d CPU tensor: for
+  diffusers' UNets the same values (they move it to the device first); a model doing its own arithmetic
+  with it could round differently on CUDA (torch divides by a CPU scalar through its reciprocal): use
+  ``cuda_graph=False`` for such a model.
 - diffusers' NCSN++ Skip blocks build their FIR filters on the host inside forward, which forbids
   capture: ``kve_fast.ncsnpp.make_capturable`` fixes that per model instance, bit for bit.
-- k-diffusion's convention (``kve_fast.k_diffusion``): the denoiser's ``sigma * s_in`` is a per-sample
-  buffer filled inside the graph from the scalar buffer; ``torch.randn_like`` draws each step's noise
-  outside the graph (the global RNG moves as k-diffusion moves it) into the static noise buffer; steps
-  where gamma = 0 replay graphs without a churn; ``extra_args``' tensors are copied into static ones
-  each call (their other values are part of the key). Off by default there (``KDIFFUSION_DEFAULT_MODE``)
-  until a GPU run confirms the bits.
 
 ``cuda_graph="auto"`` captures where it can and otherwise runs eagerly with the same bits, after one
-warning naming the reason; ``True`` raises that reason instead; ``False`` (or the environment
-variable ``KVE_FAST_CUDA_GRAPH=0``) never captures. The default (``cuda_graph=None``) is
-``DEFAULT_MODE``, "auto": the graphed output was confirmed bit for bit against eager runs and diffusers'
-pipeline on an H100 (bench/RESULTS.md, 2026-11-26).
+warning naming the reason; ``True`` raises that reason instead; ``False`` (or the environment variable
+``KVE_FAST_CUDA_GRAPH=0``) never captures. The default (``cuda_graph=None``) is ``DEFAULT_MODE``, "auto"
+(the graphed output was confirmed bit for bit against eager runs and diffusers' pipeline on an H100,
+bench/RESULTS.md, 2026-11-26); in ``kve_fast.k_diffusion`` it is ``KDIFFUSION_DEFAULT_MODE``.
+
+``KVE_FAST_FAKE_GRAPHS=1`` runs all of this on the CPU with ``kve_fast.fake_graph.FakeGraph``, a stand-in
+that records what a capture runs and reads and fails where a real graph would read freed memory or
+stale kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
-from .engine import StepEngine
+from . import fake_graph
+from ._warn import warn_once
+from .fingerprint import ModelState
+from .schedule import Advance, Buffers, Churn, ChurnValues, Denoise, HandOut, Heun, LevelValues, StepContext, run
 
 ENV_VAR = "KVE_FAST_CUDA_GRAPH"
+FAKE_ENV_VAR = "KVE_FAST_FAKE_GRAPHS"
 MODES = ("auto", True, False)
 DEFAULT_MODE = "auto"  # what cuda_graph=None means (see the module docstring)
 # ... in kve_fast.k_diffusion: off until a GPU run confirms that convention's graphed output bit for bit
 KDIFFUSION_DEFAULT_MODE = False
 MAX_CAPTURES = 4
-# Scalar slots: [churn c, S_noise | sigma_hat/2, sigma_hat, 1/sigma_hat, dt | sigma_{i+1}/2, sigma_{i+1},
-#                1/sigma_{i+1}, dt | next churn c, S_noise]
-_CHURN, _EULER, _HEUN, _NEXT = slice(0, 2), slice(2, 6), slice(6, 10), slice(10, 12)
-_SLOTS = 12
-_RING = 4
+_RING = 4  # pinned staging rows for the step's scalars, used in turn
 
-_CACHE: OrderedDict = OrderedDict()
+_CACHE: OrderedDict = OrderedDict()  # CaptureKey -> Capture, least recently used first
+_LIVE: "weakref.WeakSet[Capture]" = weakref.WeakSet()  # every capture not yet freed (cached or in a run)
 _LOCK = threading.Lock()
-_POOLS: dict = {}
-_warned: set = set()
-# Tests only: run the graph path on the CPU with an eager stand-in for torch.cuda.CUDAGraph.
-_FAKE_GRAPHS = False
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in this process
+_FINALIZERS: dict = {}  # id(model) -> weakref.finalize dropping its captures
 
 
-def _warn_once(key, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+def fake() -> bool:
+    """Whether graphs run on ``FakeGraph`` (``KVE_FAST_FAKE_GRAPHS=1``), on the CPU."""
+    return os.environ.get(FAKE_ENV_VAR, "").strip() == "1"
 
 
 def check_cuda_graph(value):
@@ -87,23 +98,22 @@ def _env_off() -> bool:
     return value is not None and value.strip().lower() in ("0", "false", "off", "no")
 
 
-def decide(cuda_graph, device: torch.device, backend, noise: str) -> bool:
+def decide(cuda_graph, device: torch.device, backend_name: str) -> bool:
     """Whether this run is graphed. ``True`` with a reason it cannot be raises a ValueError naming it;
     ``"auto"`` warns once (on CUDA) and runs eagerly, with the same bits."""
     cuda_graph = check_cuda_graph(cuda_graph)
     if cuda_graph is False or _env_off():
         return False
-    on_device = device.type == "cuda" or _FAKE_GRAPHS
-    if not on_device:
+    if device.type != "cuda" and not fake():
         reason = f"the device is {device}, not CUDA"
-    elif getattr(backend, "name", None) not in ("triton", "cuda"):
+    elif backend_name not in ("triton", "cuda"):
         reason = "graphs run the fused kernels: use backend='triton' or 'cuda' (or 'auto' with Triton installed)"
     else:
         return True
     if cuda_graph is True:
         raise ValueError(f"`cuda_graph`=True but {reason}")
     if device.type == "cuda":
-        _warn_once(("decide", reason), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same results")
+        warn_once(("decide", reason), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same results")
     return False
 
 
@@ -123,134 +133,110 @@ def extra_signature(extra: dict) -> tuple | None:
     return tuple(items)
 
 
-# What a capture's key holds (``capture_for``), after the model's id; the precision or k-diffusion variant follows
-KEY_FIELDS = ("backend", "shape", "strides", "device", "noise", "solver", "hand_out", "image")
+# -- the key ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptureKey:
+    """What a capture is cached under: the model (by identity; the capture checks it is the same object),
+    every setting of the run that the captured work depends on (``RunSpec.key()``), and the global switches
+    that pick kernels (``kve_fast.fake_graph.switches``: TF32, cuDNN, deterministic algorithms, SDPA). What
+    the capture bakes in of the model itself is checked per call (``ModelState``)."""
+
+    model: int
+    spec: tuple
+    switches: tuple
+
+    @classmethod
+    def of(cls, model, spec) -> "CaptureKey":
+        return cls(id(model), spec.key(), fake_graph.switches())
+
+    def fields(self) -> dict:
+        """The key as names and values (``graph_info``)."""
+        return {"model": self.model, **{name: value for name, value in self.spec}, "switches": dict(self.switches)}
 
 
 def graph_info() -> dict:
-    """``{"captures": n, "keys": [...], "entries": [...]}``: the captures held now; ``entries`` names each key's
-    fields (``KEY_FIELDS`` and ``variant``)."""
+    """``{"captures": n, "entries": [...]}``: the captures held now, each entry the fields of its key
+    (``CaptureKey.fields``) and ``graphs``, how many stage lists it has captured."""
     with _LOCK:
-        keys = [k[1:] for k in _CACHE]
-    n = len(KEY_FIELDS)
-    entries = [dict(zip(KEY_FIELDS, k[:n]), variant=tuple(k[n:])) for k in keys]
-    return {"captures": len(keys), "keys": keys, "entries": entries}
+        caps = list(_CACHE.values())
+    return {"captures": len(caps), "entries": [{**c.key.fields(), "graphs": len(c.graphs)} for c in caps]}
 
 
 def clear_graphs(model=None) -> None:
-    """Free every capture (or only ``model``'s) and the memory pools they used."""
+    """Free every capture (or only ``model``'s) and the memory pools they use. A capture a run is using now
+    is freed when that run ends (it is not cached again)."""
     with _LOCK:
-        for key in [k for k in _CACHE if model is None or k[0] == id(model)]:
+        for key in [k for k in _CACHE if model is None or k.model == id(model)]:
             _CACHE.pop(key)
-        if model is None:
-            _POOLS.clear()
+        doomed = [c for c in list(_LIVE) if model is None or c.key.model == id(model)]
+        for cap in doomed:
+            cap.cleared = True
+    for cap in doomed:
+        cap.free_if_idle()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 
-class _EagerGraph:
-    """A stand-in for ``torch.cuda.CUDAGraph`` (tests on the CPU): replay calls the captured function
-    again and writes its results into the tensors the capture returned, as a replay writes into the
-    captured graph's memory."""
-
-    def __init__(self):
-        self._fn = self._out = None
-
-    def capture(self, fn):
-        self._fn = fn
-        self._out = fn()
-        return self._out
-
-    def replay(self):
-        for static, new in zip(self._out, self._fn()):
-            if static is not None:
-                static.copy_(new)
+def _forget_model(model_id: int) -> None:
+    """The model was garbage-collected: drop its captures (their graphs point at its freed memory)."""
+    with _LOCK:
+        _FINALIZERS.pop(model_id, None)
+        for key in [k for k in _CACHE if k.model == model_id]:
+            _CACHE.pop(key).cleared = True
+        for cap in list(_LIVE):
+            if cap.key.model == model_id:
+                cap.cleared = True
 
 
-def _capture(fn, device: torch.device):
-    """Warm ``fn`` up on a side stream and capture it; every RNG state is saved and put back."""
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
-        if _FAKE_GRAPHS or device.type != "cuda":
-            graph = _EagerGraph()
-            fn()  # warm-up, as on CUDA
-            return graph, graph.capture(fn)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        pool = _POOLS.get(device)
-        if pool is None:
-            pool = _POOLS[device] = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = fn()
-        return graph, outputs
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
+def _watch_model(model) -> None:
+    if id(model) not in _FINALIZERS:
+        try:
+            _FINALIZERS[id(model)] = weakref.finalize(model, _forget_model, id(model))
+        except TypeError:  # not weakly referenceable: its captures live until clear_graphs()
+            pass
 
 
-class _Capture:
-    """One capture: the backend whose buffers the graphs use, the static scalar and noise buffers, graphs."""
+# -- where a step's values live ------------------------------------------------------------------------------
 
-    def __init__(self, model, backend, shape, device, solver, hand_out, image, call_model, noise: str = "exact"):
-        self.model_ref = weakref.ref(model) if _weakrefable(model) else (lambda m=model: m)
-        self.backend, self.shape, self.device = backend, tuple(shape), device
-        self.heun_solver, self.hand_out, self.image_kind = solver == "heun", hand_out, image
-        self.call_model = call_model
+
+class DeviceFeed:
+    """A step's values where the graphs read them (see the module docstring); ``load`` and ``set_noise``
+    write them before a replay. Presents the same ``churn``/``level``/``model_level`` as ``HostFeed``."""
+
+    SLOTS = {"own": slice(0, 2), "next": slice(2, 4), "hat": slice(4, 8), "next_level": slice(8, 12)}
+    SIZE = 12
+
+    def __init__(self, convention, device: torch.device, noise: str, like: torch.Tensor):
+        self.convention, self.device = convention, device
         pin = device.type == "cuda"
-        self.scalars = torch.zeros(_SLOTS, dtype=torch.float32, device=device)
-        # pinned staging rows, used in turn: writing a step's scalars waits only for the copy _RING steps back
-        self.host = torch.zeros(_RING, _SLOTS, dtype=torch.float32, pin_memory=pin)
+        self.scalars = torch.zeros(self.SIZE, dtype=torch.float32, device=device)
+        self._host = torch.zeros(_RING, self.SIZE, dtype=torch.float32, pin_memory=pin)
         self._events: list = [None] * _RING
         self._row = 0
+        batch = like.shape[0]
         self.fast = noise == "fast"
-        # k-diffusion's convention: a denoiser called at x_hat with sigma * s_in (a per-sample tensor),
-        # true division, no churn where gamma = 0; ``extra`` holds static copies of its extra_args' tensors
-        self.denoiser = getattr(backend, "denoiser", False)
-        self.levels = torch.zeros(2, shape[0], dtype=torch.float32, device=device) if self.denoiser else None
+        # fast noise: one Philox key per sample (kve_fast.noise.StepKeys), read by the kernels; else a draw
+        self.noise = (torch.zeros(batch, dtype=torch.int64, device=device) if self.fast
+                      else torch.zeros_like(like, dtype=torch.float32))
+        self._levels = ({at: torch.zeros(batch, dtype=torch.float32, device=device) for at in ("hat", "next")}
+                        if convention.denoiser else None)
         self.extra: dict | None = None
-        self.eps = None if self.fast else self._zeros()
-        # fast noise: one Philox key per sample (kve_fast.noise.StepKeys), read by the kernels
-        self.keys = torch.zeros(shape[0], dtype=torch.int64, device=device) if self.fast else None
-        self.sample_in = self._zeros() if hand_out else None
-        self.graphs: dict = {}
-        self.outputs: dict = {}
-        self.busy = threading.Lock()
-        buffers = backend._buf(torch.empty(shape, dtype=torch.float32, device=device))
-        for b in buffers:
-            b.zero_()
-        self.buffers = buffers
-
-    def _zeros(self) -> torch.Tensor:
-        """A static buffer in the state's layout (the kernels index every tensor they touch linearly)."""
-        layout = getattr(self.backend, "_layout", None)
-        if layout is not None:
-            return torch.zeros_like(layout, dtype=torch.float32)
-        return torch.zeros(self.shape, dtype=torch.float32, device=self.device)
-
-    # -- what a graph reads -------------------------------------------------------------------------
 
     def load(self, step, nxt, s_noise: float) -> None:
-        """Write ``step``'s scalars (and the next step's churn) into the buffer the graphs read."""
+        """Write ``step``'s scalars (and the next step's churn) into the tensor the graphs read."""
         row = self._row
         if self._events[row] is not None:
             self._events[row].synchronize()  # that row's copy, _RING steps back, has long been read
-        h = self.host[row]
-        be = self.backend
-        h[0], h[1] = (step.churn or 0.0), s_noise  # k-diffusion's gamma = 0 steps: no churn (a graph without it)
-        h[2:6] = torch.tensor(be._euler_scalars(step), dtype=torch.float32)
-        if self.denoiser:
-            if not step.last:
-                h[6:10] = torch.tensor(be._heun_scalars(step), dtype=torch.float32)
-        elif step.heun is not None:
-            h[6:10] = torch.tensor(step.heun, dtype=torch.float32)
-        h[10], h[11] = ((nxt.churn or 0.0) if nxt is not None else 0.0), s_noise
+        h, s = self._host[row], self.SLOTS
+        h.zero_()
+        h[s["own"]] = torch.tensor((step.noise_coef or 0.0, s_noise))
+        if nxt is not None:
+            h[s["next"]] = torch.tensor((nxt.noise_coef or 0.0, s_noise))
+        h[s["hat"]] = torch.tensor(tuple(step.at_hat))
+        if step.at_next is not None:
+            h[s["next_level"]] = torch.tensor(tuple(step.at_next))
         self.scalars.copy_(h, non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -258,43 +244,13 @@ class _Capture:
             self._events[row] = event
         self._row = (row + 1) % _RING
 
-    def set_noise(self, noise) -> None:
-        """The next churn's noise into the static buffer the graph reads: a draw (exact) or the keys (fast)."""
-        if self.fast:
-            self.keys.copy_(noise.device, non_blocking=True)
-        else:
-            self.eps.copy_(noise, non_blocking=True)
-
-    def noise_args(self):
-        """``(eps, seed)`` as the launchers take them, pointing at the static buffers. Fast noise in a
-        non-contiguous layout (channels_last): drawn here, inside the graph, as the eager path draws it
-        (contiguous from the keys, then copied into the layout), so both give the same values."""
-        if not self.fast:
-            return self.eps, None
-        layout = getattr(self.backend, "_layout", None)
-        if layout is None or layout.is_contiguous():
-            return None, self.keys
-        if self.eps is None:
-            self.eps = self._zeros()
-            self._zero = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
-        drawn = self.backend.launch._launch_churn(self._zero, None, self.keys, 1.0, 1.0, store_xin=False)[0]
-        self.eps.copy_(drawn)  # 0 + 1 * (1 * z) = z, as FusedStep._noise
-        return self.eps, None
-
-    def half_sigma(self, which: str) -> torch.Tensor:
-        """The model's noise-level input: a 0-d view of the scalar buffer (sigma_hat / 2 or sigma_{i+1} / 2);
-        for a denoiser, ``sigma * s_in``: the per-sample buffer, filled inside the graph from the scalar
-        buffer (sigma_hat or sigma_{i+1}, the values k-diffusion's ``sigma * s_in`` holds)."""
-        if not self.denoiser:
-            return self.scalars[2] if which == "hat" else self.scalars[6]
-        row, slot = (0, 3) if which == "hat" else (1, 7)
-        level = self.levels[row]
-        level.copy_(self.scalars[slot].expand_as(level))
-        return level
+    def set_noise(self, drawn) -> None:
+        """One churn's noise into the static buffer: the draw (exact) or the step's keys (fast)."""
+        self.noise.copy_(drawn.device if self.fast else drawn, non_blocking=True)
 
     def set_extra(self, extra: dict) -> None:
-        """k-diffusion's ``extra_args``: its tensors into static copies the graphs' model calls read (the
-        other values are part of the capture's key)."""
+        """k-diffusion's ``extra_args``: its tensors into static copies the model calls read (its other
+        values are part of the key)."""
         if self.extra is None:
             self.extra = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
         else:
@@ -302,130 +258,110 @@ class _Capture:
                 if isinstance(v, torch.Tensor):
                     self.extra[k].copy_(v)
 
-    def _model(self, x, which: str):
-        if self.denoiser:
-            return self.call_model(x, self.half_sigma(which), extra=self.extra)
-        return self.call_model(x, self.half_sigma(which))
+    def churn(self, of: str) -> ChurnValues:
+        return ChurnValues(None, self.scalars[self.SLOTS[of]], None, self.noise)
 
-    # -- the captured functions ---------------------------------------------------------------------
+    @property
+    def at_hat(self) -> LevelValues:
+        return LevelValues(None, self.scalars[self.SLOTS["hat"]])
 
-    def _fused_step(self, correct: bool, last: bool, apply_next: bool = True):
-        """No callback: x_hat and the model input arrive in buffers 0 and 1 (written by the previous
-        replay's fused churn, or by the first step's eager churn). ``apply_next``: the next step churns
-        (False only for k-diffusion's gamma = 0 steps)."""
-        if self.denoiser:
-            return self._denoiser_fused_step(correct, last, apply_next)
-        b, s, be = self.buffers, self.scalars, self.backend
-        _launch_churn, _launch_euler, _launch_heun = be.launch._launch_churn, be.launch._launch_euler, \
-            be.launch._launch_heun
-        image = self.image_kind if last and be.fuses_image else None  # else the engine converts the sample
+    @property
+    def at_next(self) -> LevelValues:
+        return LevelValues(None, self.scalars[self.SLOTS["next_level"]])
 
-        def fn():
-            raw = self.call_model(b[1], self.half_sigma("hat"))
-            if last:
-                prev, _, _, _, img = _launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, image,
-                                                   out=None)
-                return prev, img
-            if not correct:  # Euler solver: x_{i+1} into buffer 2, then the next step's churn into 0 and 1
-                _launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, None, out=(b[2], b[3], b[4]))
-                _launch_churn(b[2], *self.noise_args(), s[_NEXT], s[_NEXT], out=(b[0], b[1]))
-                return ()
-            _launch_euler(be._raw(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
-            raw2 = self.call_model(b[4], self.half_sigma("next"))
-            _launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], False, False,
-                         (*self.noise_args(), s[_NEXT], s[_NEXT]), out=(b[0], b[1]))
-            return ()
+    def model_level(self, at: str) -> torch.Tensor:
+        scalars = self.scalars[self.SLOTS["hat" if at == "hat" else "next_level"]]
+        return self.convention.graph_noise_level(scalars, None if self._levels is None else self._levels[at])
 
-        return fn
 
-    def _denoiser_fused_step(self, correct: bool, last: bool, apply_next: bool):
-        """k-diffusion's convention without a callback: x_hat (also the model's input) in buffer 0."""
-        b, s, be = self.buffers, self.scalars, self.backend
-        launch = be.launch
+def segments(stages) -> list:
+    """``stages`` split at ``HandOut`` stages: tuples of stages a graph captures, and the ``HandOut``s between."""
+    out, current = [], []
+    for s in stages:
+        if isinstance(s, HandOut):
+            if current:
+                out.append(tuple(current))
+            out.append(s)
+            current = []
+        else:
+            current.append(s)
+    if current:
+        out.append(tuple(current))
+    return out
 
-        def fn():
-            raw = self._model(b[0], "hat")
-            if last:
-                return (launch._launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, None, out=None,
-                                             denoiser=True)[0],)
-            if not correct:  # Euler solver: x_{i+1} into buffer 2, then the next x_hat into buffer 0
-                launch._launch_euler(be._raw(raw), b[0], s[_EULER], False, False, False, None,
-                                     out=(b[2], b[3], b[4]), denoiser=True)
-                if apply_next:
-                    launch._launch_churn(b[2], *self.noise_args(), s[_NEXT], s[_NEXT], out=(b[0], None),
-                                         store_xin=False)
-                else:
-                    b[0].copy_(b[2])
-                return ()
-            launch._launch_euler(be._raw(raw), b[0], s[_EULER], False, True, False, None, out=(b[2], b[3], b[4]),
-                                 denoiser=True)
-            raw2 = self._model(b[2], "next")
-            nxt = (*self.noise_args(), s[_NEXT], s[_NEXT]) if apply_next else (None, None, s[_NEXT], None)
-            launch._launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], False, False, nxt, out=(b[0], None),
-                                denoiser=True)
-            return ()
 
-        return fn
+def _churns(segment) -> bool:
+    return any(isinstance(s, Churn) or (isinstance(s, Heun) and s.then is not None) for s in segment)
 
-    def _denoiser_handout_step(self, correct: bool, apply: bool):
-        """k-diffusion's convention with a callback: the sample in through ``sample_in``; x, x_hat and the
-        first model call's D go out (k-diffusion's callback sees x_hat and D; the engine calls it after
-        the replay, with copies)."""
-        b, s, be = self.buffers, self.scalars, self.backend
-        launch = be.launch
 
-        def fn():
-            if apply:
-                launch._launch_churn(self.sample_in, *self.noise_args(), s[_CHURN], s[_CHURN], out=(b[0], None),
-                                     store_xin=False)
-            else:
-                b[0].copy_(self.sample_in)
-            raw = be._raw(self._model(b[0], "hat"))
-            if not correct:
-                prev = launch._launch_euler(raw, b[0], s[_EULER], False, False, False, None, denoiser=True)[0]
-                return prev, raw, b[0]
-            launch._launch_euler(raw, b[0], s[_EULER], False, True, False, None, out=(b[2], b[3], b[4]),
-                                 denoiser=True)
-            raw2 = self._model(b[2], "next")
-            x = launch._launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], True, False, None, denoiser=True)[0]
-            return x, raw, b[0]
+def _reads(segment) -> set:
+    """The named tensors the stages of ``segment`` read."""
+    names = set()
+    for s in segment:
+        if isinstance(s, (Churn, Denoise)):
+            names.add(s.x)
+        elif isinstance(s, Advance):
+            names.update((s.hat, s.d))
+        else:
+            names.update((s.raw, s.hat) + ((s.x_next, s.d) if isinstance(s, Heun) else ()))
+    return names
 
-        return fn
 
-    def _handout_step(self, correct: bool, apply: bool = True):
-        """With a callback: the sample comes in through ``sample_in``; x and D go out as graph memory
-        that the engine copies."""
-        if self.denoiser:
-            return self._denoiser_handout_step(correct, apply)
-        b, s, be = self.buffers, self.scalars, self.backend
-        _launch_churn, _launch_euler, _launch_heun = be.launch._launch_churn, be.launch._launch_euler, \
-            be.launch._launch_heun
+# -- captures ------------------------------------------------------------------------------------------------
 
-        def fn():
-            _launch_churn(self.sample_in, *self.noise_args(), s[_CHURN], s[_CHURN], out=(b[0], b[1]))
-            raw = self.call_model(b[1], self.half_sigma("hat"))
-            if not correct:
-                prev, _, _, pred, _ = _launch_euler(be._raw(raw), b[0], s[_EULER], False, False, True, None)
-                return prev, pred
-            _launch_euler(be._raw(raw), b[0], s[_EULER], True, True, False, None, out=(b[2], b[3], b[4]))
-            raw2 = self.call_model(b[4], self.half_sigma("next"))
-            x, pred, _, _ = _launch_heun(be._raw(raw2), b[0], b[2], b[3], s[_HEUN], True, True, None)
-            return x, pred
 
-        return fn
+class Capture:
+    """One capture: the static buffers (named as the stages name them) and feed its graphs read, and the
+    graphs, one per stage list. Holds no reference to the model."""
 
-    def graph(self, kind: tuple):
-        """The graph for ``kind`` = (correct, last, apply), captured at first use (before any real state is
-        in the buffers: the caller captures every kind a run needs before its first step). ``apply``: the
-        churn this graph runs (the step's own with a callback, else the next step's) adds noise; always
-        True in the reference's convention, False for k-diffusion's gamma = 0 steps."""
-        g = self.graphs.get(kind)
+    def __init__(self, key: CaptureKey, spec, model, backend, like: torch.Tensor, model_dtype: torch.dtype):
+        self.key, self.spec, self.backend = key, spec, backend
+        self.model_ref = weakref.ref(model) if _weakrefable(model) else (lambda m=model: m)
+        self.state = ModelState(model)
+        self.buffers = Buffers(like, model_dtype, reuse=None, image_kind=spec.image)
+        self.feed = DeviceFeed(spec.convention, spec.device, spec.noise, like)
+        self.env: dict = {}
+        self.graphs: dict = {}
+        self.busy = threading.Lock()
+        self.cleared = False
+        self.pool = torch.cuda.graph_pool_handle() if spec.device.type == "cuda" and not fake() else None
+
+    def graph(self, stages, ctx: StepContext, live_out: set):
+        """The graph of ``stages``, captured at first use (before any real state is in the buffers: the
+        run captures every stage list it needs before its first step). Tensors it produces that later
+        stage lists read (``live_out``) are copied into static buffers inside the graph."""
+        g = self.graphs.get(stages)
         if g is None:
-            correct, last, apply = kind
-            fn = self._handout_step(correct, apply) if self.hand_out else self._fused_step(correct, last, apply)
-            g, out = _capture(fn, self.device)
-            self.graphs[kind], self.outputs[kind] = g, out
+            keep = sorted(live_out)
+
+            def fn():
+                run(stages, ctx, self.feed)
+                for name in keep:  # a model output read after a HandOut: into a buffer of its own
+                    value = self.env[name]
+                    static = self.buffers.tensors.get(name)
+                    if static is None:
+                        static = self.buffers.tensors[name] = torch.zeros_like(value)
+                    if static is not value:
+                        static.copy_(value)
+                        self.env[name] = static
+                return None
+
+            g = self.graphs[stages] = _capture(fn, self.spec.device, self.pool)
         return g
+
+    def free_if_idle(self) -> None:
+        """Free the graphs and buffers now if no run uses this capture (else ``release`` does)."""
+        if self.busy.acquire(blocking=False):
+            try:
+                self._free()
+            finally:
+                self.busy.release()
+
+    def _free(self) -> None:
+        self.graphs.clear()
+        self.env.clear()
+        self.buffers.tensors.clear()
+        self.pool = None
 
 
 def _weakrefable(obj) -> bool:
@@ -436,147 +372,159 @@ def _weakrefable(obj) -> bool:
     return True
 
 
-def _kind(plan, i: int, heun: bool, hand_out: bool, denoiser: bool) -> tuple:
-    """The (correct, last, apply) kind of graph step ``i`` of ``plan`` replays (see ``_Capture.graph``)."""
-    last = i == len(plan) - 1
-    apply = True
-    if denoiser:  # k-diffusion churns only where gamma > 0
-        apply = plan[i].churn is not None if hand_out else (last or plan[i + 1].churn is not None)
-    return heun and not last, last and not hand_out, apply
+def _capture(fn, device: torch.device, pool):
+    """Warm ``fn`` up (twice, on a side stream) and capture it; a graph cannot take random draws or host
+    syncs, and those are refused before they run (``fake_graph.watch``), so no RNG moves."""
+    with _CAPTURE_LOCK:
+        if fake() or device.type != "cuda":
+            with fake_graph.watch():
+                fn()
+                fn()
+            graph = fake_graph.FakeGraph()
+            graph.capture(fn)
+            return graph
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), fake_graph.watch():
+            fn()
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            fn()
+        return graph
 
 
-def _kinds(plan, heun: bool, hand_out: bool, denoiser: bool = False) -> set:
-    """The kinds of graph a run of ``plan`` replays (every step's, for k-diffusion's convention, whose
-    gamma changes along the run; the reference's steps differ only at the end)."""
-    n = len(plan)
-    steps = range(n) if denoiser or n <= 2 else (0, n - 2, n - 1)
-    return {_kind(plan, i, heun, hand_out, denoiser) for i in steps}
-
-
-def capture_for(model, backend, shape, device, noise: str, solver: str, hand_out: bool, image, call_model,
-                variant: tuple = ()):
-    """The cached capture for these keys (a new one if there is none), or None if it is busy in another
-    thread (that run then goes eagerly). ``variant``: more of what the captured kernels depend on (the
-    precision: the UNet's dtype, autocast, TF32)."""
-    layout = getattr(backend, "_layout", None)  # k-diffusion keeps x's layout: the graphs index buffers linearly
-    strides = None if layout is None else tuple(layout.stride())
-    key = (id(model), backend.name, tuple(shape), strides, str(device), noise, solver, hand_out, image) + tuple(variant)
+def checkout(model, spec, backend, like: torch.Tensor, model_dtype: torch.dtype, wait: bool):
+    """The capture for this model and run (cached, or new), reserved for this run; None if another run
+    uses it and ``wait`` is False."""
+    key = CaptureKey.of(model, spec)
+    stale = None
     with _LOCK:
         cap = _CACHE.get(key)
-        if cap is not None and cap.model_ref() is not model:
-            _CACHE.pop(key)
+        if cap is not None and (cap.model_ref() is not model or cap.state.difference(model) is not None):
+            stale = _CACHE.pop(key)  # what it baked in changed: a new capture, and the old one freed
+            stale.cleared = True
             cap = None
         if cap is not None:
             _CACHE.move_to_end(key)
+    if stale is not None:
+        stale.free_if_idle()
     if cap is None:
-        cap = _Capture(model, backend, shape, device, solver, hand_out, image, call_model, noise)
-        cap.key = key
-    else:
-        cap.call_model = call_model
-    return cap if cap.busy.acquire(blocking=False) else None
+        _watch_model(model)
+        cap = Capture(key, spec, model, backend, like, model_dtype)
+        with _LOCK:
+            _LIVE.add(cap)
+    if not cap.busy.acquire(blocking=wait):
+        return None
+    if cap.cleared:  # freed while this run waited for it
+        cap.busy.release()
+        return checkout(model, spec, backend, like, model_dtype, wait)
+    return cap
 
 
-def release(cap: _Capture) -> None:
-    """Release ``cap`` after a failed run without caching it (a cached one stays cached)."""
-    cap.busy.release()
-
-
-def keep(cap: _Capture) -> None:
-    """Cache ``cap`` after a completed run (least recently used dropped beyond ``MAX_CAPTURES``) and release it."""
+def release(cap: Capture, completed: bool) -> None:
+    """End a run's use of ``cap``: cache it after a completed run (unless it was cleared meanwhile;
+    the least recently used beyond ``MAX_CAPTURES`` are freed), else free it."""
+    evicted = []
     with _LOCK:
-        _CACHE[cap.key] = cap
-        _CACHE.move_to_end(cap.key)
-        while len(_CACHE) > MAX_CAPTURES:
-            _CACHE.popitem(last=False)
+        keep = completed and not cap.cleared
+        if keep:
+            _CACHE[cap.key] = cap
+            _CACHE.move_to_end(cap.key)
+            while len(_CACHE) > MAX_CAPTURES:
+                _, old = _CACHE.popitem(last=False)
+                old.cleared = True
+                evicted.append(old)
+        elif _CACHE.get(cap.key) is cap:
+            _CACHE.pop(cap.key)
+    if not keep:
+        cap._free()
     cap.busy.release()
+    for old in evicted:
+        old.free_if_idle()
 
 
-def graphed_engine(cuda_graph, model, backend, source, plan, shape, device, noise, solver, hand_out, image,
-                   s_noise, call_model, noise_level, variant: tuple = (), extra: dict | None = None):
-    """A ``GraphedEngine`` with its graphs captured, or None to run eagerly (the capture is busy in
-    another thread, or the model cannot be captured: ``"auto"`` warns once, ``True`` raises).
-    ``extra``: k-diffusion's ``extra_args`` (its tensors are copied into the capture's static ones; the
-    caller puts ``extra_signature(extra)`` into ``variant``)."""
-    from .ncsnpp import make_capturable, needs_patch
-
-    cap = capture_for(model, backend, shape, device, noise, solver, hand_out, image, call_model, variant)
-    if cap is None:
-        return None
-    try:
-        if cap.denoiser:
-            cap.set_extra(extra or {})
-        if isinstance(model, torch.nn.Module) and needs_patch(model):
-            make_capturable(model)  # host-built FIR filters -> device-cached, bit-identical
-        engine = GraphedEngine(cap, source, plan, solver, hand_out, image, s_noise, call_model, noise_level)
-        engine.prepare()
-    except Exception as exc:
-        release(cap)
-        clear_graphs(model)
-        reason = f"{type(exc).__name__}: {exc}".strip()
-        if cuda_graph is True:
-            raise ValueError(f"`cuda_graph`=True but the model cannot be captured in a CUDA graph ({reason})") from exc
-        _warn_once(("capture", type(model)), f"kve_fast: this model cannot be captured in a CUDA graph ({reason}); "
-                                            "running eagerly, same results")
-        return None
-    return engine
+# -- the engine ------------------------------------------------------------------------------------------------
 
 
-class GraphedEngine(StepEngine):
-    """``StepEngine`` whose steps are replays of captured graphs (same buffers, same kernels, same bits)."""
+class GraphEngine:
+    """``kve_fast.engine.Engine``'s interface, with every stage list replayed from the capture's graphs."""
 
-    def __init__(self, capture: _Capture, source, plan, solver: str, hand_out: bool, image, s_noise: float,
-                 call_model, noise_level):
-        super().__init__(capture.backend, source, plan, solver, hand_out, image, call_model, noise_level)
-        self.cap, self.s_noise = capture, s_noise
+    def __init__(self, cap: Capture, schedule, plan, denoise, source, s_noise: float, callback=None, extra=None):
+        self.cap, self.schedule, self.plan, self.source, self.s_noise = cap, schedule, plan, source, s_noise
+        self.callback = callback
+        self.ctx = StepContext(cap.backend, cap.buffers, denoise)
+        self.ctx.env = cap.env
+        if extra is not None:
+            cap.feed.set_extra(extra)
+
+    def _stage_lists(self) -> list:
+        plan, schedule = self.plan, self.schedule
+        n = len(plan)
+        # the reference's steps differ only at the end; k-diffusion's churn comes and goes with gamma
+        indices = range(n) if not schedule.convention.churn_every_step else sorted({0, max(n - 2, 0), n - 1})
+        lists = [schedule.prologue(plan)] if schedule.prologue(plan) else []
+        for i in indices:
+            stages = schedule.stages(schedule.kind(plan, plan[i]))
+            if stages not in lists:
+                lists.append(stages)
+        return lists
 
     def prepare(self) -> None:
-        """Capture every graph this run replays, before any real state is in the buffers (warm-up
+        """Capture every stage list this run replays, before any real state is in the buffers (warm-up
         computes with the first step's scalars, so it sees finite values)."""
-        self.cap.load(self.plan[0], self.plan[1] if len(self.plan) > 1 else None, self.s_noise)
-        for kind in sorted(_kinds(self.plan, self.heun_solver, self.hand_out, self.cap.denoiser)):
-            self.cap.graph(kind)
+        cap = self.cap
+        cap.feed.load(self.plan[0], self.plan[1] if len(self.plan) > 1 else None, self.s_noise)
+        if "x" not in cap.env:
+            cap.env["x"] = cap.buffers.target("x")
+        for stages in self._stage_lists():
+            parts = segments(stages)
+            for k, part in enumerate(parts):
+                if isinstance(part, HandOut):
+                    continue
+                later = parts[k + 1:]
+                read = set().union(*[_reads(p) for p in later if not isinstance(p, HandOut)])
+                read |= {n for p in later if isinstance(p, HandOut) for n in (p.x, p.denoised)}
+                outputs = {s.out for s in part if isinstance(s, Denoise)}  # the only names not in buffers
+                cap.graph(part, self.ctx, outputs & read)
 
-    def step(self, step, on_denoised=None) -> None:
-        cap, i = self.cap, step.index
-        nxt = self.plan[i + 1] if i + 1 < len(self.plan) else None
-        kind = _kind(self.plan, i, self.heun_solver, self.hand_out, cap.denoiser)
-        if self.hand_out:
-            cap.sample_in.copy_(self.sample)
-            cap.set_noise(self.source.step())
-            cap.load(step, None, self.s_noise)
-            cap.graph(kind).replay()
-            if cap.denoiser:  # k-diffusion's callback sees x_hat and D of the first model call
-                x, denoised, x_hat = cap.outputs[kind]
-                if on_denoised is not None:
-                    on_denoised(step, x_hat.clone(), denoised.clone())
-                self.sample, self.denoised = x.clone(), denoised.clone()
-                return
-            x, pred = cap.outputs[kind]
-            self.sample, self.denoised = x.clone(), pred.clone()
-            return
-        if self._fused is None:  # the first step: its churn runs eagerly into the graphs' buffers 0 and 1
-            self._first_churn(step)
-        self._fused = None
-        last = step.last
-        if not last:
-            cap.set_noise(self.source.step())  # the next step's churn noise
-        cap.load(step, nxt, self.s_noise)
-        cap.graph(kind).replay()
-        if last:
-            out = cap.outputs[kind]
-            self.sample = out[0].clone()
-            self.image = None if len(out) < 2 or out[1] is None else out[1].clone()
-        else:
-            self._fused = True
+    def start(self, x0: torch.Tensor) -> None:
+        self.cap.env["x"].copy_(x0)
+        prologue = self.schedule.prologue(self.plan)
+        if prologue:
+            self._replay(prologue, self.plan[0])
 
-    def _first_churn(self, step) -> None:
-        cap, b = self.cap, self.cap.buffers
-        be = cap.backend
-        eps, seed = be._noise(self.source.step())  # drawn also where k-diffusion's gamma is 0, as it does
-        sample = be._like(self.sample)
-        if not cap.denoiser:
-            be.launch._launch_churn(sample, eps, seed, be.s_noise, step.churn, out=(b[0], b[1]))
-        elif step.churn is None:
-            b[0].copy_(sample)
-        else:
-            be.launch._launch_churn(sample, eps, seed, be.s_noise, step.churn, out=(b[0], None), store_xin=False)
+    def step(self, step) -> None:
+        self._replay(self.schedule.stages(self.schedule.kind(self.plan, step)), step)
+
+    def _replay(self, stages, step) -> None:
+        cap = self.cap
+        fused = any(isinstance(s, Heun) and s.then is not None or isinstance(s, Churn) and s.of == "next"
+                    for s in stages)
+        cap.feed.load(step, self.plan[step.index + 1] if fused else None, self.s_noise)
+        for part in segments(stages):
+            if isinstance(part, HandOut):
+                self._hand_out(part, step)
+                continue
+            if _churns(part):
+                cap.feed.set_noise(self.source.step())
+            cap.graphs[part].replay()
+
+    def _hand_out(self, stage: HandOut, step) -> None:
+        env = self.cap.env
+        state = {stage.x: env[stage.x].clone(), stage.denoised: env[stage.denoised].clone()}
+        new = self.callback(stage, step, state)
+        if new is not None:
+            env[stage.x].copy_(new)
+
+    def sample(self) -> torch.Tensor:
+        return self.cap.env["x"]
+
+    def output(self) -> torch.Tensor:
+        env = self.cap.env
+        if self.schedule.image is None:
+            return env["x"].clone()
+        if self.schedule.fuses_image and "image" in env:
+            return env["image"].clone()
+        return self.cap.backend.to_image(env["x"], self.schedule.image)

@@ -24,14 +24,17 @@ from typing import Callable
 
 import torch
 
-from ._checks import check_real
-from .backends import make_backend
-from .engine import StepEngine
 from . import graphs
+from ._warn import warn_once
+from ._checks import check_real
+from .backends import check_backend, make_backend
+from .convention import K_DIFFUSION, raw_output
 from .noise import DeviceNoise, RandnLikeNoise
 from .options import NOISE_MODES
 from .plan import kdiffusion_plan
-from .sampler import ModelOutputError, _progress, _raw_output, _RngSnapshot, _warn_if_not_finite
+from .precision import Precision
+from .sampler import Run, run
+from .spec import RunSpec, resolve_device
 
 __all__ = ["sample_heun", "sample_euler", "get_sigmas_karras", "get_sigmas_exponential", "append_zero",
            "score_to_denoiser", "denoiser_to_score"]
@@ -68,7 +71,7 @@ def score_to_denoiser(score_model: Callable) -> Callable:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         s = sigma.reshape(-1, *([1] * (x.dim() - 1))) if sigma.dim() else sigma
         half = (sigma / 2) if sigma.dim() == 0 else sigma[0] / 2  # the model's noise level (one per batch)
-        score = _raw_output(score_model((x + 1) / 2, half, **kwargs))
+        score = raw_output(score_model((x + 1) / 2, half, **kwargs))
         return x + s * ((s / 2) * score)
 
     return denoiser
@@ -82,18 +85,60 @@ def denoiser_to_score(denoiser: Callable) -> Callable:
         sigma_y = torch.as_tensor(sigma_y, dtype=y.dtype, device=y.device)
         x, sigma = 2 * y - 1, 2 * sigma_y
         s_in = y.new_ones([y.shape[0]])
-        denoised = _raw_output(denoiser(x, sigma * s_in, **kwargs))
+        denoised = raw_output(denoiser(x, sigma * s_in, **kwargs))
         return (denoised - x) / (sigma * sigma_y)
 
     return score
+
+
+class KDiffusionCallback:
+    """k-diffusion's callback at the ``HandOut`` after the first model call of each step:
+    ``{'x': x_hat, 'i', 'sigma', 'sigma_hat', 'denoised'}``; what it returns is ignored, as there."""
+
+    stop = False
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __call__(self, stage, step, state):
+        self.callback({"x": state[stage.x], "i": step.index, "sigma": step.sigma,
+                       "sigma_hat": step.sigma_hat_on_device(), "denoised": state[stage.denoised]})
+        return None
+
+
+def _fusable(x: torch.Tensor, sigmas: torch.Tensor) -> str:
+    """Why the fused float32 kernels cannot give k-diffusion's bits for this call ('' if they can)."""
+    if x.dtype != torch.float32:
+        return f"`x` is {x.dtype} (the kernels keep a float32 state)"
+    if sigmas.dtype != torch.float32:
+        return f"`sigmas` are {sigmas.dtype} (the kernels take float32 noise levels)"
+    if sigmas.device != x.device:
+        return (f"`sigmas` are on {sigmas.device} and `x` on {x.device} (k-diffusion then divides by a "
+                "0-d tensor of another device)")
+    return ""
+
+
+def _fallback(backend: str):
+    """Where the fused kernels cannot read the model's output (a float64 denoiser makes k-diffusion's state
+    float64): with ``backend="auto"`` the torch ops go on (k-diffusion's own, its bits); else a ValueError."""
+    def fallback(raw):
+        why = (f"the model returned {raw.dtype}, which makes k-diffusion's state {raw.dtype}; the fused kernels "
+               "keep it float32")
+        if backend != "auto":
+            raise ValueError(f"`backend`={backend!r} cannot run this call: {why}; use backend='torch' or 'auto'")
+        warn_once(("k-diffusion", "dtype", str(raw.dtype)), f"kve_fast.k_diffusion: {why}: the torch ops run the rest "
+                                                            "of the call (k-diffusion's bits, slower)")
+        return make_backend("torch", raw.device, K_DIFFUSION)
+
+    return fallback
 
 
 def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, backend, noise,
             solver, cuda_graph=None) -> torch.Tensor:
     if not callable(model):
         raise TypeError(f"`model` must be callable (a denoiser), got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
-        raise TypeError(f"`x` must be a float32 torch.Tensor, got "
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"`x` must be a floating-point torch.Tensor, got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"`x` must be (batch, ...) with a batch of at least 1, got shape {tuple(x.shape)}")
@@ -104,77 +149,56 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
     check_real("s_noise", s_noise, minimum=0)
     if not isinstance(noise, str) or noise not in NOISE_MODES:
         raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
-    plan = kdiffusion_plan(sigmas.to(x.device) if isinstance(sigmas, torch.Tensor) else sigmas,
-                           s_churn, s_tmin, s_tmax)
+    check_backend(backend, x.device)
+    plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
+    if len(plan) == 0:
+        return x  # one noise level (SplitSigmas' last): no step, x as it is, as k-diffusion returns it
+    why = _fusable(x, sigmas)
+    name = backend
+    if why:
+        if backend in ("triton", "cuda"):
+            raise ValueError(f"`backend`={backend!r} cannot run this call: {why}; use backend='torch' or 'auto'")
+        name = "torch"
     x = x.detach()
-    layout = torch.empty_like(x)
-    steps = len(plan)
-    stepper = make_backend(backend, x.device, s_noise, want_pred=callback is not None, shape=x.shape, denoiser=True,
-                           layout=layout)
+    layout = torch.empty_like(x)  # the state keeps x's layout, as k-diffusion's tensors do
+    device = resolve_device(x.device)
+    stepper = make_backend(name, x.device, K_DIFFUSION, shape=x.shape, layout=layout)
     extra_args = {} if extra_args is None else extra_args
-    graphed = _decide_graphs(cuda_graph, x.device, stepper, noise, extra_args)
-    s_in = x.new_ones([x.shape[0]])
+    graphed = _decide_graphs(cuda_graph, x.device, stepper.name, extra_args)
+    spec = RunSpec(convention=K_DIFFUSION, backend=stepper.name, device=device, shape=tuple(x.shape),
+                   strides=tuple(layout.stride()), noise=noise, solver=solver, hand_out=callback is not None,
+                   image=None, precision=Precision(), fir="diffusers", extra=graphs.extra_signature(extra_args),
+                   s_noise=float(s_noise))
+    steps = len(plan)
 
-    def call_model(x_in, sigma_in, extra=None):
-        out = _raw_output(model(x_in, sigma_in, **(extra_args if extra is None else extra)))
-        if not isinstance(out, torch.Tensor) or out.shape != x_in.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x_in.shape)}, got {got}")
-        return out if out.dtype == x_in.dtype else out.to(x_in.dtype)
+    def source():
+        return RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, x.device, steps)
 
-    def _noise_level(step, which: str) -> torch.Tensor:
-        # k-diffusion calls the model at sigma_hat * s_in, then at sigmas[i + 1] * s_in
-        return (step.sigma_hat_on_device() if which == "hat" else step.sigma_next) * s_in
+    def progress(iterable):
+        from tqdm.auto import tqdm
 
-    snapshot = _RngSnapshot(None, x.device)
-    iterator = capture = None
-    try:
-        source = RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, x.device, steps)
-        engine = None
-        if graphed:
-            engine = graphs.graphed_engine(
-                cuda_graph, model, stepper, source, plan, x.shape, x.device, noise, solver, callback is not None, None,
-                s_noise, call_model, _noise_level, variant=("k-diffusion", graphs.extra_signature(extra_args)),
-                extra=extra_args)
-            capture = None if engine is None else engine.cap
-        if engine is None:
-            engine = StepEngine(stepper, source, plan, solver, hand_out=callback is not None, image=None,
-                                call_model=call_model, noise_level=_noise_level)
-        engine.start(x)
-        def on_denoised(step, x_hat, denoised):
-            # k-diffusion's callback: after the first model call, before the Euler step
-            callback({"x": x_hat, "i": step.index, "sigma": step.sigma, "sigma_hat": step.sigma_hat_on_device(),
-                      "denoised": denoised})
+        return tqdm(iterable, disable=disable)  # k-diffusion's trange(..., disable=disable)
 
-        iterator = _progress(not disable, plan)
-        for step in iterator:
-            engine.step(step, on_denoised if callback is not None else None)  # Algorithm 2, lines 4-11
-        result = engine.output()
-        _warn_if_not_finite(result)
-    except BaseException:
-        if capture is not None:
-            graphs.release(capture)
-        snapshot.restore()
-        raise
-    finally:
-        if hasattr(iterator, "close"):
-            iterator.close()
-    if capture is not None:
-        graphs.keep(capture)
-    return result
+    # k-diffusion's side effects win over kve_fast's own rule: a failed call (an interrupt raised from the
+    # callback, say) leaves the global RNG advanced by the draws it made, as k-diffusion leaves it
+    r = Run(model=model, spec=spec, plan=plan, backend=stepper, like=layout, source=source, initial=lambda _: x,
+            graphed=graphed, cuda_graph=cuda_graph, hand_out=None if callback is None else KDiffusionCallback(callback),
+            progress=progress, restore_rng=False, extra=extra_args, s_in=x.new_ones([x.shape[0]]),
+            fallback=_fallback(backend))
+    return run(r)
 
 
-def _decide_graphs(cuda_graph, device, stepper, noise: str, extra_args: dict) -> bool:
+def _decide_graphs(cuda_graph, device, backend_name: str, extra_args: dict) -> bool:
     """Whether this run replays CUDA graphs. ``None`` means ``graphs.KDIFFUSION_DEFAULT_MODE`` (off until
     a GPU run has confirmed this convention's graphed output bit for bit; ``"auto"``/True ask for them)."""
     mode = graphs.KDIFFUSION_DEFAULT_MODE if cuda_graph is None else graphs.check_cuda_graph(cuda_graph)
-    if not graphs.decide(mode, device, stepper, noise):
+    if not graphs.decide(mode, device, backend_name):
         return False
     if graphs.extra_signature(extra_args) is None:
         reason = "`extra_args` holds values other than tensors, numbers, strings and None"
         if mode is True:
             raise ValueError(f"`cuda_graph`=True but {reason}")
-        graphs._warn_once(("extra_args",), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same "
+        warn_once(("extra_args",), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same "
                                            "results")
         return False
     return True

@@ -39,7 +39,10 @@ still builds a host filter in its forward (what a graph runner asks before captu
 Other host work in an NCSN++ ``UNet2DModel.forward`` (diffusers 0.42.1) is not patched here; see
 ``GRAPH_CAPTURE_NOTES``.
 
-Fast mode (not bit-exact): ``make_fast(model)`` makes the same modules run their ``upfirdn2d`` as one
+Fast mode for one call (not bit-exact): ``with fast_fir():`` makes the modules ``make_capturable``
+patched run their ``upfirdn2d`` on the Triton kernel in this thread only (a context variable), leaving the
+model as it is: the sampler's fast modes use this, so an exact call on the same model in another thread
+keeps diffusers' bits. Fast mode for good: ``make_fast(model)`` makes the same modules run their ``upfirdn2d`` as one
 Triton launch (``kve_fast.ops.fir_triton``: a direct sum of products in float32 instead of diffusers'
 zero-stuffing, padding and ``F.conv2d``) with the same cached device filter, and ``restore_fast(model)``
 undoes it. Intended use: only in the sampler's fast mode / low precision, never in exact mode (float32
@@ -59,13 +62,19 @@ nothing and warns once: there is no torch re-implementation of the op here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import threading
 import types
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["make_capturable", "restore", "needs_patch", "make_fast", "restore_fast", "is_fast", "GRAPH_CAPTURE_NOTES"]
+from ._warn import warn_once
+
+__all__ = ["make_capturable", "restore", "needs_patch", "make_fast", "restore_fast", "is_fast", "fast_fir",
+           "GRAPH_CAPTURE_NOTES"]
 
 GRAPH_CAPTURE_NOTES = """\
 Host work left in diffusers 0.42.1's UNet2DModel.forward for NCSN++ configs (not patched here):
@@ -86,6 +95,9 @@ No .item(), .cpu() or branch on a tensor's value is reached by these configs.
 """
 
 _RECORD = "_kve_ncsnpp_patch"  # instance attribute of a patched module: what was replaced, and the cache
+_LOCK = threading.RLock()  # patching and restoring one model from several threads
+# fast mode for this thread's calls only (``fast_fir``): patched modules run the Triton kernel
+_FAST_HERE = contextvars.ContextVar("kve_fast_ncsnpp_fast_fir", default=False)
 _HELPERS = {"up": "_upsample_2d", "down": "_downsample_2d"}
 _LAMBDA_ATTRS = {"upsample": "upsample_2d", "downsample": "downsample_2d"}
 
@@ -125,7 +137,7 @@ class _Patch:
     """What ``make_capturable`` / ``make_fast`` replaced on one module, that module's filter cache, and
     which of the two asked for the patch (it is removed when neither does any more)."""
 
-    __slots__ = ("kind", "originals", "lambda_kernels", "filters", "capturable", "fast")
+    __slots__ = ("kind", "originals", "lambda_kernels", "filters", "capturable", "fast", "__weakref__")
 
     def __init__(self, kind: str, capturable: bool = True, fast: bool = False):
         self.kind = kind  # "up", "down" (FirUpsample2D / FirDownsample2D) or "resnet"
@@ -161,13 +173,37 @@ def _build(kernel, factor, gain, up, device, dtype) -> torch.Tensor:
 # Each mirrors diffusers 0.42.1's function line by line, except that the filter comes from the cache and
 # that in fast mode ``_upfirdn2d`` runs the Triton kernel instead of diffusers' ``upfirdn2d_native``.
 
-_FAST_WARNED: set = set()  # the reasons make_fast / a fast call has warned about (once each per process)
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in _FAST_WARNED:
-        _FAST_WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def _locked(fn):
+    """``fn`` under the module's lock: two threads patching one model never interleave."""
+    import functools
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with _LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+@contextlib.contextmanager
+def fast_fir(enabled: bool = True):
+    """Within the block, in this thread only (a context variable), every module ``make_capturable`` patched
+    runs its FIR resampling on the Triton kernel, as ``make_fast`` would make it, without changing the
+    model: a call in another thread on the same model keeps diffusers' ops and bits. Where Triton cannot
+    run, nothing changes (the patched helpers then run ``upfirdn2d_native``; see ``_upfirdn2d``)."""
+    if enabled:
+        fir, why = _fast_backend()
+        if fir is None:
+            warn_once(("ncsnpp", "unavailable"), f"kve_fast.ncsnpp.fast_fir: not applied ({why}); diffusers' upfirdn2d_native "
+                                      "keeps running")
+            enabled = False
+    token = _FAST_HERE.set(enabled)
+    try:
+        yield
+    finally:
+        _FAST_HERE.reset(token)
 
 
 def _fast_backend():
@@ -184,13 +220,13 @@ def _fast_backend():
 def _upfirdn2d(patch: _Patch, native, x, filt, up=1, down=1, pad=(0, 0)):
     """``native(x, filt, up, down, pad)`` (diffusers' ``upfirdn2d_native``), or in fast mode the Triton
     kernel when it takes these arguments."""
-    if patch.fast:
-        from .ops import fir_triton as fir  # imported by make_fast already
+    if patch.fast or _FAST_HERE.get():
+        from .ops import fir_triton as fir  # imported by make_fast / fast_fir already
 
         if fir.supports(x, filt, up, down, pad):
             return fir.upfirdn2d(x, filt, up=up, down=down, pad=pad)
         if x.dtype in fir.DTYPES and x.device.type != "cuda":
-            _warn_once(f"device {x.device.type}", f"kve_fast.ncsnpp fast mode: FIR inputs on {x.device.type} run "
+            warn_once(("ncsnpp", "device", x.device.type), f"kve_fast.ncsnpp fast mode: FIR inputs on {x.device.type} run "
                                                   "diffusers' upfirdn2d_native (Triton kernels run on CUDA)")
     return native(x, filt, up=up, down=down, pad=pad)
 
@@ -412,6 +448,7 @@ def _scan_checked(model, unrecognised_warning: str) -> list:
     return patchable
 
 
+@_locked
 def make_capturable(model: torch.nn.Module) -> int:
     """Patch every module of ``model`` that builds a FIR filter on the host in its forward, so that it
     takes a device-resident cached copy instead (bit-identical outputs); return how many modules were
@@ -452,6 +489,7 @@ def _remove(module: torch.nn.Module, patch: _Patch) -> None:
     del module.__dict__[_RECORD]
 
 
+@_locked
 def restore(model: torch.nn.Module) -> int:
     """Undo ``make_capturable`` on ``model``; return how many modules were restored. Modules that
     ``make_fast`` patched stay in fast mode (``restore_fast`` undoes that)."""
@@ -475,6 +513,7 @@ def needs_patch(model: torch.nn.Module) -> bool:
 
 # --- fast mode -------------------------------------------------------------------------------------
 
+@_locked
 def make_fast(model: torch.nn.Module) -> int:
     """Run the FIR resampling of ``model``'s NCSN++ blocks (``FirUpsample2D``, ``FirDownsample2D``, FIR
     ``ResnetBlock2D``) with the Triton kernel of ``kve_fast.ops.fir_triton`` instead of diffusers'
@@ -494,7 +533,7 @@ def make_fast(model: torch.nn.Module) -> int:
         return 0  # nothing to switch (no FIR blocks, or all fast already): no backend needed
     fir, why = _fast_backend()
     if fir is None:
-        _warn_once("unavailable", f"kve_fast.ncsnpp.make_fast: not applied ({why}); diffusers' upfirdn2d_native "
+        warn_once(("ncsnpp", "unavailable"), f"kve_fast.ncsnpp.make_fast: not applied ({why}); diffusers' upfirdn2d_native "
                                   "keeps running")
         return 0
     targets = _targets(model)
@@ -509,6 +548,7 @@ def make_fast(model: torch.nn.Module) -> int:
     return count
 
 
+@_locked
 def restore_fast(model: torch.nn.Module) -> int:
     """Undo ``make_fast`` on ``model`` (diffusers' ``upfirdn2d_native`` runs again, bit-identical to the
     unpatched model); return how many modules were switched back. Modules that ``make_capturable`` also

@@ -97,8 +97,9 @@ class ReferenceNoise:
             self._start()
         return x
 
-    def step(self) -> torch.Tensor:
-        """Unscaled churn noise for the next step (Algorithm 2, line 5: eps ~ N(0, I)), on ``device``."""
+    def step(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Unscaled churn noise for the next step (Algorithm 2, line 5: eps ~ N(0, I)), on ``device`` (``like``:
+        the sample it churns, unused: the reference draws float32 ``randn(shape)``)."""
         if self._thread is None:
             return draw_randn(self.shape, self.generator).to(self.device)
         item = self._queue.get()
@@ -240,7 +241,7 @@ class DeviceNoise:
     def initial(self) -> torch.Tensor:
         return per_sample_randn(self.keys[0], self.shape, self.device)
 
-    def step(self) -> StepKeys:
+    def step(self, like: torch.Tensor | None = None) -> StepKeys:
         if self._device_keys is None:  # one small copy per run
             self._device_keys = torch.from_numpy(self.keys).to(self.device)
         k = self._next
@@ -251,6 +252,21 @@ class DeviceNoise:
         pass
 
 
+class Draw:
+    """One churn's noise, drawn from ``source`` when first asked for (``get(like)``, with the sample it churns),
+    so that a stage that may not need it still draws it, in the order the stages run."""
+
+    __slots__ = ("source", "value")
+
+    def __init__(self, source):
+        self.source, self.value = source, None
+
+    def get(self, like: torch.Tensor | None = None):
+        if self.value is None:
+            self.value = self.source.step(like)
+        return self.value
+
+
 def make_noise(mode: str, shape, generator, device, steps: int):
     if mode == "exact":
         return ReferenceNoise(shape, generator, device, steps)
@@ -259,15 +275,17 @@ def make_noise(mode: str, shape, generator, device, steps: int):
 
 class RandnLikeNoise:
     """k-diffusion's stream: ``torch.randn_like(x)`` from the global RNG of x's device, every step (also
-    where gamma = 0), in x's layout, so the values are k-diffusion's element for element."""
+    where gamma = 0), like the sample it churns (``like``: its dtype, which k-diffusion's arithmetic can
+    promote along the run, and its layout; else ``template``), so the values are k-diffusion's element for
+    element."""
 
     mode = "exact"
 
     def __init__(self, template: torch.Tensor):
         self.template = template
 
-    def step(self) -> torch.Tensor:
-        return torch.randn_like(self.template)
+    def step(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.randn_like(self.template if like is None else like)
 
     def close(self) -> None:
         pass

@@ -81,16 +81,16 @@ def output_moments(steps, mu: np.ndarray, var: np.ndarray, init_sigma: float, s_
 
     for st in steps:
         sigma, sigma_hat = float(st.sigma), float(st.sigma_hat)
-        sigma_prev = float(st.sigma_prev)
+        sigma_next = float(st.sigma_next)
         v = v + (sigma_hat**2 - sigma**2) * s_noise**2  # line 6
         a, b = denoiser(sigma_hat)
         # d = (x - D(x)) / sigma_hat = p x + q ; x' = x + h d  (lines 7-8)
-        h = sigma_prev - sigma_hat
+        h = sigma_next - sigma_hat
         p, q = (1 - a) / sigma_hat, -b / sigma_hat
         A1, B1 = 1 + h * p, h * q
-        if solver == "heun" and sigma_prev != 0:
-            a2, b2 = denoiser(sigma_prev)
-            p2, q2 = (1 - a2) / sigma_prev, -b2 / sigma_prev
+        if solver == "heun" and sigma_next != 0:
+            a2, b2 = denoiser(sigma_next)
+            p2, q2 = (1 - a2) / sigma_next, -b2 / sigma_next
             # d' = p2 x' + q2 with x' = A1 x + B1 ; x_new = x + h (d + d') / 2  (lines 9-11)
             A = 1 + h * 0.5 * (p + p2 * A1)
             B = h * 0.5 * (q + p2 * B1 + q2)

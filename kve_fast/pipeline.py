@@ -62,15 +62,27 @@ class KarrasVePipeline(DiffusionPipeline):
         return cls(unet=unet, scheduler=_as_kve_scheduler(scheduler))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "KarrasVePipeline":
-        """Load a pipeline saved by ``save_pretrained`` (ours or diffusers'), a UNet folder, or a bundled
-        model's name, from local disk (see ``kve_fast.load_model``)."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, device=None, download: bool = False,
+                        **scheduler_settings) -> "KarrasVePipeline":
+        """Load a pipeline saved by ``save_pretrained`` (ours or diffusers'), a UNet folder, a bundled model's
+        name, or a Hugging Face Hub id (``ORG/NAME``) from the local cache, offline; ``download=True`` fetches a
+        Hub model that is not cached (see ``kve_fast.load_model``). ``device``: where the UNet goes.
+        ``scheduler_settings`` (``s_churn=40``, ``sigma_schedule="edm"``, ...) replace the folder's."""
+        import inspect
+
         from .loading import load_model
 
-        if kwargs:
-            raise TypeError(f"from_pretrained() got unexpected arguments: {sorted(kwargs)}")
+        allowed = set(inspect.signature(KarrasVeScheduler.__init__).parameters) - {"self"}
+        unknown = sorted(set(scheduler_settings) - allowed)
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected arguments: {unknown} (besides `device` and `download`, "
+                            f"it takes the scheduler's settings: {sorted(allowed)})")
+        if not isinstance(download, bool):
+            raise TypeError(f"`download` must be a bool, got {type(download).__name__}")
         try:
-            unet, scheduler = load_model(pretrained_model_name_or_path)
+            unet, scheduler = load_model(pretrained_model_name_or_path, device, download=download)
+            if scheduler_settings:
+                scheduler = KarrasVeScheduler.from_config(scheduler.config, **scheduler_settings)
         except ValueError as exc:
             raise ValueError(str(exc).replace("`name_or_path`", "`pretrained_model_name_or_path`")) from None
         return cls(unet=unet, scheduler=scheduler)
@@ -94,13 +106,27 @@ class KarrasVePipeline(DiffusionPipeline):
         return self._interrupt
 
     def _image_shape(self, batch_size: int) -> tuple[int, ...]:
+        """``(batch_size, channels, height, width)`` from ``unet.config``, each field checked and named."""
         config = getattr(self.unet, "config", None)
         size = getattr(config, "sample_size", None) if config is not None else None
         if size is None:
             raise ValueError("`unet` needs a `config.sample_size` (the image size) to generate images")
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
+
+        def positive_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if positive_int(size):
+            height, width = size, size
+        elif isinstance(size, (list, tuple)) and len(size) == 2 and all(map(positive_int, size)):
+            height, width = size
+        else:
+            raise ValueError(f"`unet.config.sample_size` must be a positive int or a (height, width) pair of them, "
+                             f"got {size!r}")
         channels = getattr(config, "in_channels", 3)
         out_channels = getattr(config, "out_channels", channels)
+        for name, value in (("in_channels", channels), ("out_channels", out_channels)):
+            if not positive_int(value):
+                raise ValueError(f"`unet.config.{name}` must be a positive int, got {value!r}")
         if out_channels != channels:
             raise ValueError(
                 f"`unet` maps {channels} channels to {out_channels}: a score model's output must match its input"
@@ -199,6 +225,9 @@ class KarrasVePipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         shape = self._image_shape(batch_size)
+        if output_type == "pil" and not 1 <= shape[1] <= 4:
+            raise ValueError(f"`output_type`='pil' needs images of 1 to 4 channels (L, LA, RGB, RGBA); the model's have "
+                             f"{shape[1]} (`unet.config.in_channels`): use 'np', 'pt' or 'latent'")
         scheduler = _as_kve_scheduler(self.scheduler)
 
         output = {"latent": "latent", "pil": "uint8"}.get(output_type, "float")

@@ -16,6 +16,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -49,16 +50,24 @@ def churn_coefficient(sigma, sigma_hat) -> float:
     return _f32((torch.as_tensor(sigma_hat) ** 2 - torch.as_tensor(sigma) ** 2) ** 0.5)
 
 
-def euler_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
-    """(sigma_hat / 2, sigma_hat, 1 / sigma_hat, sigma_prev - sigma_hat) as the reference rounds them."""
-    sigma_hat = torch.as_tensor(sigma_hat)
-    return _f32(sigma_hat / 2), _f32(sigma_hat), reciprocal(sigma_hat), _f32(sigma_prev - sigma_hat)
+class Level(NamedTuple):
+    """The scalars of one noise level a step's model is called at (sigma_hat, or sigma_{i+1}), as the fused
+    kernels take them: ``half`` (sigma / 2, the score model's noise-level argument), ``sigma``, ``inverse``
+    (1 / sigma in float32: what torch on CUDA multiplies by when it divides by a CPU scalar) and ``dt``
+    (sigma_{i+1} - sigma_hat), each a Python float holding a float32 value. k-diffusion's convention uses
+    ``sigma`` and ``dt`` only (its model takes sigma itself, and it divides truly): ``half`` and ``inverse``
+    are 0.0 there."""
+
+    half: float
+    sigma: float
+    inverse: float
+    dt: float
 
 
-def heun_scalars(sigma_hat, sigma_prev) -> tuple[float, float, float, float]:
-    """(sigma_prev / 2, sigma_prev, 1 / sigma_prev, sigma_prev - sigma_hat) as the reference rounds them."""
-    sigma_prev = torch.as_tensor(sigma_prev)
-    return _f32(sigma_prev / 2), _f32(sigma_prev), reciprocal(sigma_prev), _f32(sigma_prev - sigma_hat)
+def level_at(sigma, sigma_hat, sigma_next) -> Level:
+    """``Level`` of ``sigma`` (sigma_hat or sigma_{i+1}) as the reference rounds it: 0-d float32 tensor ops."""
+    sigma = torch.as_tensor(sigma)
+    return Level(_f32(sigma / 2), _f32(sigma), reciprocal(sigma), _f32(sigma_next - sigma_hat))
 
 
 def _scalar(value: float) -> torch.Tensor:
@@ -66,25 +75,28 @@ def _scalar(value: float) -> torch.Tensor:
 
 
 class Step:
-    """One step's scalars (Python floats holding float32 values; ``sigma_prev`` is 0 on the last step).
+    """One step of the reference's Algorithm 2: its noise levels and the constants the kernels take.
 
-    ``sigma``, ``sigma_hat``, ``sigma_prev``, ``half_sigma_hat`` and ``half_sigma_prev`` return new 0-d
-    float32 CPU tensors, as the reference holds them (``sigma_prev`` is the int 0 on the last step, as
-    in the reference). ``churn``, ``euler`` and ``heun`` are the constants of the fused kernels.
+    Data (Python floats holding float32 values): ``index``, ``timestep``, ``gamma``, ``last`` (sigma_{i+1}
+    is 0), ``noise_coef`` (sqrt(sigma_hat^2 - sigma^2), line 6), ``at_hat`` and ``at_next`` (``Level`` of
+    sigma_hat and of sigma_{i+1}; ``at_next`` is None on the last step). ``sigma``, ``sigma_hat`` and
+    ``sigma_next`` return new 0-d float32 CPU tensors, as the reference holds them (``sigma_next`` is the
+    int 0 on the last step, as the reference's ``sigma_prev``), so nothing a model or a callback receives
+    can change a later call.
     """
 
-    __slots__ = ("index", "timestep", "gamma", "last", "_sigma", "_sigma_hat", "_sigma_prev", "churn", "euler",
-                 "heun")
+    __slots__ = ("index", "timestep", "gamma", "last", "_sigma", "_sigma_hat", "_sigma_next", "noise_coef", "at_hat",
+                 "at_next")
 
-    def __init__(self, index: int, timestep: int, sigma: torch.Tensor, sigma_prev, s_churn, s_min, s_max, n: int):
+    def __init__(self, index: int, timestep: int, sigma: torch.Tensor, sigma_next, s_churn, s_min, s_max, n: int):
         sigma_hat, gamma = churn_sigma(sigma, n, s_churn, s_min, s_max)
         self.index, self.timestep, self.gamma = index, int(timestep), float(gamma)
-        self.last = isinstance(sigma_prev, int)
+        self.last = isinstance(sigma_next, int)
         self._sigma, self._sigma_hat = _f32(sigma), _f32(sigma_hat)
-        self._sigma_prev = 0.0 if self.last else _f32(sigma_prev)
-        self.churn = churn_coefficient(sigma, sigma_hat)
-        self.euler = euler_scalars(sigma_hat, sigma_prev)
-        self.heun = None if self.last else heun_scalars(sigma_hat, sigma_prev)
+        self._sigma_next = 0.0 if self.last else _f32(sigma_next)
+        self.noise_coef = churn_coefficient(sigma, sigma_hat)
+        self.at_hat = level_at(sigma_hat, sigma_hat, sigma_next)
+        self.at_next = None if self.last else level_at(sigma_next, sigma_hat, sigma_next)
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -95,36 +107,32 @@ class Step:
         return _scalar(self._sigma_hat)
 
     @property
-    def sigma_prev(self) -> torch.Tensor | int:
-        return 0 if self.last else _scalar(self._sigma_prev)
-
-    @property
-    def half_sigma_hat(self) -> torch.Tensor:
-        """The model's noise-level argument at sigma_hat (``sigma_hat / 2``, the reference's 0-d tensor)."""
-        return _scalar(self.euler[0])
-
-    @property
-    def half_sigma_prev(self) -> torch.Tensor | None:
-        return None if self.last else _scalar(self.heun[0])
+    def sigma_next(self) -> torch.Tensor | int:
+        return 0 if self.last else _scalar(self._sigma_next)
 
     def __repr__(self) -> str:
         return (f"Step(index={self.index}, sigma={self._sigma!r}, sigma_hat={self._sigma_hat!r}, "
-                f"sigma_prev={self._sigma_prev!r}, gamma={self.gamma!r})")
+                f"sigma_next={self._sigma_next!r}, gamma={self.gamma!r})")
 
 
 class _LazySteps(Sequence):
-    """Steps made on access by ``_make(i)``; the last one made is kept, since the loop asks for step i+1
-    twice (the fused churn of step i, then step i+1 itself). ``memo``: keep every step (cached plans)."""
+    """Steps made on access by ``_make(i)``; the last two made are kept, since the loop asks for steps i and
+    i+1 together (step i's stages fuse step i+1's churn). ``memo``: keep every step (cached plans)."""
 
     def __init__(self, n: int, memo: bool = False):
         self._n = n
         self._memo = [None] * n if memo else None
-        self._last = (None, None)
+        self._recent = ((None, None), (None, None))
 
     def __len__(self) -> int:
         return self._n
 
     def __getitem__(self, i):
+        (i0, s0), (i1, s1) = self._recent  # the loop's accesses: steps i and i+1, again and again
+        if i == i1 and i1 is not None:
+            return s1
+        if i == i0 and i0 is not None:
+            return s0
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(self._n))]
         if i < 0:
@@ -133,13 +141,13 @@ class _LazySteps(Sequence):
             raise IndexError(i)
         if self._memo is not None and self._memo[i] is not None:
             return self._memo[i]
-        last_i, last = self._last
-        if last_i == i:
-            return last
+        for made_i, made in self._recent:  # (a negative index, now made positive)
+            if made_i == i:
+                return made
         step = self._make(i)
         if self._memo is not None:
             self._memo[i] = step  # an atomic store: racing threads compute the same values
-        self._last = (i, step)
+        self._recent = (self._recent[1], (i, step))  # one tuple store: safe to read from another thread
         return step
 
     def __iter__(self):
@@ -161,8 +169,8 @@ class Plan(_LazySteps):
         self._sigma_at, self._churn = sigma_at, (s_churn, s_min, s_max)
 
     def _make(self, i: int) -> Step:
-        sigma_prev = self._sigma_at(i + 1) if i + 1 < self._n else 0
-        return Step(i, self._n - 1 - i, self._sigma_at(i), sigma_prev, *self._churn, self._n)
+        sigma_next = self._sigma_at(i + 1) if i + 1 < self._n else 0
+        return Step(i, self._n - 1 - i, self._sigma_at(i), sigma_next, *self._churn, self._n)
 
 
 # -- the plan cache ------------------------------------------------------------------------------------
@@ -276,7 +284,7 @@ def _float32_range_problem(high: float, low: float, churn: bool = True) -> str:
     """Why noise levels in [low, high] break the reference's float32 step arithmetic ('' if they do not).
 
     Every step computes sigma**2 and sigma_hat**2 (sigma_hat <= sqrt(2) sigma with churn), divides by
-    sigma_hat and sigma_prev, and calls the model at sigma / 2: all must be finite and non-zero.
+    sigma_hat and sigma_{i+1}, and calls the model at sigma / 2: all must be finite and non-zero.
     """
     top = torch.tensor(high, dtype=torch.float32)
     bottom = torch.tensor(low, dtype=torch.float32)
@@ -339,9 +347,12 @@ class KStep:
     another device it is computed there, for all steps at once (``device_churn``). The device tensors the
     model and the callback receive are computed on the device with k-diffusion's own expressions
     (``sigma_hat_on_device``).
+
+    Data as in ``Step``: ``index``, ``gamma``, ``last``, ``noise_coef`` (None where gamma = 0: no churn),
+    ``at_hat`` and ``at_next`` (``Level``s with ``sigma`` and ``dt``; None on the last step).
     """
 
-    __slots__ = ("index", "gamma", "last", "churn", "sigma_hat_f", "sigma_next_f", "dt", "_sigmas")
+    __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "_sigmas")
 
     def __init__(self, index: int, sigmas_cpu: torch.Tensor, sigmas, s_churn, s_tmin, s_tmax,
                  device_churn: torch.Tensor | None = None):
@@ -352,13 +363,14 @@ class KStep:
         self.index, self.gamma, self._sigmas = index, gamma, sigmas
         self.last = bool(sigma_next == 0)
         if gamma <= 0:
-            self.churn = None
+            self.noise_coef = None
         elif device_churn is not None:
-            self.churn = float(device_churn[index])
+            self.noise_coef = float(device_churn[index])
         else:
-            self.churn = _f32((sigma_hat**2 - sigma**2) ** 0.5)
-        self.sigma_hat_f, self.sigma_next_f = _f32(sigma_hat), _f32(sigma_next)
-        self.dt = _f32(sigma_next - sigma_hat)
+            self.noise_coef = _f32((sigma_hat**2 - sigma**2) ** 0.5)
+        dt = _f32(sigma_next - sigma_hat)
+        self.at_hat = Level(0.0, _f32(sigma_hat), 0.0, dt)
+        self.at_next = None if self.last else Level(0.0, _f32(sigma_next), 0.0, dt)
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -378,7 +390,7 @@ class KPlan(_LazySteps):
     """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access)."""
 
     def __init__(self, sigmas: torch.Tensor, sigmas_cpu: torch.Tensor, s_churn, s_tmin, s_tmax):
-        super().__init__(sigmas_cpu.numel() - 1)
+        super().__init__(max(sigmas_cpu.numel() - 1, 0))
         self.sigmas, self._cpu, self._churn = sigmas, sigmas_cpu, (s_churn, s_tmin, s_tmax)
         self._device_churn = device_churn(sigmas, s_churn) if sigmas.device.type != "cpu" else None
 
@@ -402,7 +414,15 @@ def device_churn(sigmas: torch.Tensor, s_churn: float) -> torch.Tensor | None:
 
 
 def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPlan:
-    """Check k-diffusion's arguments and plan its steps (``sigmas``: a 1-D float tensor, descending)."""
+    """Check k-diffusion's arguments and plan its steps.
+
+    ``sigmas`` is what k-diffusion's samplers take: a 1-D floating-point tensor of any dtype, in any order
+    (ComfyUI's FlipSigmas ascends, its SplitSigmas can leave one value), zeros anywhere; step i goes from
+    ``sigmas[i]`` to ``sigmas[i + 1]`` and has a Heun correction unless ``sigmas[i + 1]`` is 0. Refused: a
+    churned step (gamma > 0) whose ``sigma_hat ** 2``, which k-diffusion computes there, overflows the
+    sigmas' dtype (k-diffusion would go on with inf and NaN). Fewer than two values: no step (the callers
+    return x as it is, as k-diffusion does).
+    """
     check_real("s_churn", s_churn, minimum=0)
     for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
@@ -410,18 +430,18 @@ def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPl
     if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point():
         raise TypeError(f"`sigmas` must be a floating-point torch.Tensor (as k-diffusion's get_sigmas_* return), "
                         f"got {type(sigmas).__name__}")
-    if sigmas.dim() != 1 or sigmas.numel() < 2:
-        raise ValueError(f"`sigmas` must be 1-D with at least 2 values, got shape {tuple(sigmas.shape)}")
-    if sigmas.dtype != torch.float32:
-        raise TypeError(f"`sigmas` must be float32 (kve_fast's exact path is float32), got {sigmas.dtype}")
+    if sigmas.dim() != 1:
+        raise ValueError(f"`sigmas` must be 1-D, got shape {tuple(sigmas.shape)}")
     cpu = sigmas.detach().cpu()
-    if not bool(torch.isfinite(cpu).all()) or not bool((cpu[:-1] > 0).all()) or float(cpu[-1]) < 0:
-        raise ValueError("`sigmas` must be finite, positive, with a last value >= 0")
-    if not bool((cpu[1:] <= cpu[:-1]).all()):
-        raise ValueError("`sigmas` must be non-increasing")
-    if bool((cpu[:-1] == 0).any()):
-        raise ValueError("`sigmas` may be 0 only at the end")
-    why = _float32_range_problem(float(cpu[0]), float(cpu[:-1].min()), churn=s_churn > 0)
-    if why:
-        raise ValueError(f"`sigmas` {why}")
+    n = cpu.numel() - 1
+    if n >= 1 and s_churn > 0:
+        gamma = min(s_churn / n, 2**0.5 - 1)
+        sig = cpu[:-1]
+        churned = (sig >= s_tmin) & (sig <= s_tmax)
+        hat = sig * (gamma + 1)
+        overflow = churned & torch.isfinite(sig) & ~torch.isfinite(hat * hat)
+        if bool(overflow.any()):
+            k = int(overflow.nonzero()[0])
+            raise ValueError(f"`sigmas`[{k}] = {float(sig[k]):g} is churned (s_tmin <= sigma <= s_tmax) and its "
+                             f"sigma_hat ** 2 overflows {sigmas.dtype}")
     return KPlan(sigmas.detach(), cpu, s_churn, s_tmin, s_tmax)

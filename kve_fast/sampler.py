@@ -1,50 +1,56 @@
-"""The sampler loop: Algorithm 2 of Karras et al. (2022), one Heun step at a time.
+"""The sampler loop: Algorithm 2 of Karras et al. (2022), one step at a time, in either convention.
 
-The loop owns the order of things (noise draws, model calls, callbacks); the per-step scalars come
-from a lazy plan (``kve_fast.plan``), the arithmetic of each stage from a step backend
-(``kve_fast.ops``) and the randomness from a noise source (``kve_fast.noise``). With the torch backend
-and the reference noise stream, every tensor the loop produces is bit-identical to what diffusers'
-``KarrasVePipeline`` produces on the same device.
+``run`` is the one loop behind every entry point (``sample_karras_ve`` and ``sample_karras_ve_sigmas``
+here, ``kve_fast.pipeline.KarrasVePipeline``, ``kve_fast.k_diffusion``): next to k-diffusion's
+``sample_heun`` it reads::
 
-Every entry point checks all its arguments before the first random draw, runs without an autograd
-tape, and, if the run fails for any reason (a model or callback that raises, a bad callback return,
-KeyboardInterrupt, out of memory), puts the generators and the global RNGs back as they were and
-leaves no thread behind.
+    x = x_0                                  # line 1 (the front door drew and scaled it)
+    for step in plan:                        # line 2
+        engine.step(step)                    # lines 4-11: the step's stages (kve_fast.schedule)
+        if the callback asked to stop: break
+
+Everything that differs between the conventions is the ``Convention``'s (``kve_fast.convention``); the
+per-step scalars come from a lazy plan (``kve_fast.plan``), the arithmetic of each stage from a step
+backend (``kve_fast.ops``), the randomness from a noise source (``kve_fast.noise``), and the engine runs
+the stages eagerly (``kve_fast.engine``) or replays them from CUDA graphs (``kve_fast.graphs``). With the
+torch backend and the reference noise stream, every tensor the loop produces is bit-identical to what
+diffusers' ``KarrasVePipeline`` produces on the same device.
+
+Every entry point checks all its arguments before the first random draw and runs without an autograd
+tape; if a run fails for any reason (a model or callback that raises, a bad callback return,
+KeyboardInterrupt, out of memory), the reference's entry points put the generators and the global RNGs
+back as they were, and no thread is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from . import graphs
+from ._warn import warn_once
 from ._checks import check_generator, check_int, check_real
 from .backends import make_backend
-from .engine import StepEngine
-from .graphs import decide, graphed_engine, keep, release
+from .convention import REFERENCE, ModelOutputError, raw_output
+from .engine import Engine
 from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
 from .plan import PlanHandle, Step, plan_steps, scheduler_plan, sigmas_plan
-from .precision import UNET_DTYPES, Precision, resolve
+from .precision import Precision, resolve
+from .schedule import Schedule
+from .spec import RunSpec, resolve_device
+from .threads import for_call
 
-__all__ = ["sample_karras_ve", "sample_karras_ve_sigmas", "plan_steps", "Step", "ModelOutputError", "OUTPUTS", "SOLVERS"]
+__all__ = ["sample_karras_ve", "sample_karras_ve_sigmas", "plan_steps", "Step", "ModelOutputError", "OUTPUTS", "SOLVERS",
+           "run", "Run"]
 
 OUTPUTS = ("latent", "float", "uint8")
-
-
-class ModelOutputError(ValueError):
-    """The model returned something that is not a tensor shaped like its input."""
-
-
-def _raw_output(out):
-    """The model's output tensor: ``.sample`` of a diffusers output, the first item of a tuple, or itself."""
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0] if len(out) else out
-    return out
+_raw_output = raw_output  # (kept for code that imported it from here)
 
 
 class _RngSnapshot:
@@ -99,6 +105,246 @@ def _check_common(model, shape, generator, callback, noise, output, solver):
     return shape, generator
 
 
+def _fast_fir(model, device: torch.device, noise: str, precision: Precision) -> bool:
+    """Whether a run puts an NCSN++ UNet's FIR resampling on the Triton kernel (``kve_fast.ncsnpp.fast_fir``):
+    only in the modes that are not bit-exact anyway (fast noise, low precision, TF32), on CUDA (or in
+    Triton's interpreter)."""
+    if noise != "fast" and precision.exact:
+        return False
+    if not isinstance(model, torch.nn.Module):
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One run, as a front door set it up (every argument already checked).
+
+    ``spec``: the run's settings (``kve_fast.spec.RunSpec``); ``plan``: its steps; ``backend``: the step
+    backend made from the spec; ``like``: the state's layout template (None: contiguous); ``source``: makes
+    the noise source (``source()``); ``initial``: x_0 from the source (``initial(source)``), already scaled;
+    ``graphed``: replay the steps from CUDA graphs (``kve_fast.graphs.decide``), with ``cuda_graph`` the
+    mode asked for; ``hand_out``: the callback at each ``HandOut`` stage (``(stage, step, state) -> new x
+    or None``; an object with a ``stop`` attribute ends the run after the step); ``restore_rng``: put the
+    generators and global RNGs back if the run fails; ``extra``: k-diffusion's ``extra_args``; ``s_in``: its
+    ``s_in``; ``fallback``: the backend that goes on where the chosen one cannot read a model output (or a
+    function that raises; None: a TypeError).
+    """
+
+    model: Callable
+    spec: RunSpec
+    plan: object
+    backend: object
+    like: torch.Tensor | None
+    source: Callable
+    initial: Callable
+    graphed: bool = False
+    cuda_graph: object = None
+    hand_out: Callable | None = None
+    progress: object = False
+    generator: object = None
+    restore_rng: bool = True
+    extra: dict | None = None
+    s_in: torch.Tensor | None = None
+    fallback: Callable | None = None
+
+
+def run(r: Run) -> torch.Tensor:
+    """The loop of Algorithm 2 (see the module docstring). Returns the final sample or image."""
+    spec = r.spec
+    device, convention = spec.device, spec.convention
+    snapshot = _RngSnapshot(r.generator, device) if r.restore_rng else None
+    steps = r.plan.plan if isinstance(r.plan, PlanHandle) else r.plan
+    source = iterator = capture = None
+    completed = False
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(for_call(device))  # CPU threads that do not collapse beside a busy process
+            stack.enter_context(spec.precision.switches())
+            if spec.fir == "triton":
+                from . import ncsnpp
+
+                if ncsnpp.needs_patch(r.model):
+                    ncsnpp.make_capturable(r.model)  # bit-identical; the fast kernel needs the patched helpers
+                stack.enter_context(ncsnpp.fast_fir())
+            denoise = convention.caller(r.model, spec.precision, device, r.extra)
+            source = r.source()
+            schedule = Schedule(convention, spec.solver == "heun", spec.hand_out, spec.image,
+                                getattr(r.backend, "fuses_image", False))
+            engine = None
+            if r.graphed:
+                engine, capture = _graphed(r, schedule, steps, denoise, source)
+            if engine is None:
+                like = None
+                if getattr(r.backend, "layout", False) is not False:  # a fused backend: buffers in the layout
+                    like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=device)
+                engine = Engine(schedule, steps, r.backend, denoise, source, spec.s_noise, like,
+                                r.backend.model_dtype if like is not None else torch.float32, r.s_in, r.extra,
+                                r.hand_out, r.fallback)
+            engine.start(r.initial(source))  # line 1, and the first churn where it runs on its own
+            iterator = _progress(r.progress, steps)
+            for step in iterator:  # line 2
+                engine.step(step)  # lines 4-11
+                if getattr(r.hand_out, "stop", False):
+                    break
+            result = engine.output()
+            _warn_if_not_finite(engine.sample())
+            completed = True
+    except BaseException:
+        if source is not None:
+            source.close()
+        if snapshot is not None:
+            snapshot.restore()
+        raise
+    finally:
+        if source is not None:
+            source.close()
+        if hasattr(iterator, "close"):
+            iterator.close()
+        if capture is not None:
+            graphs.release(capture, completed)
+    if isinstance(r.plan, PlanHandle):
+        r.plan.commit()
+    return result
+
+
+def _graphed(r: Run, schedule, steps, denoise, source):
+    """``(GraphEngine with its graphs captured, capture)``, or ``(None, None)`` to run eagerly: the capture is
+    busy in another thread (``"auto"``), or the model cannot be captured (``"auto"`` warns once, ``True``
+    raises)."""
+    from . import ncsnpp
+    from .fake_graph import CaptureRefused
+
+    mode = graphs.check_cuda_graph(r.cuda_graph)
+    model, spec = r.model, r.spec
+    if isinstance(model, torch.nn.Module) and ncsnpp.needs_patch(model):
+        ncsnpp.make_capturable(model)  # host-built FIR filters -> device-cached, bit-identical
+    like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=spec.device)
+    cap = graphs.checkout(model, spec, r.backend, like, r.backend.model_dtype, wait=mode is True)
+    if cap is None:
+        warn_once(("busy",), "kve_fast: this model's CUDA-graph capture is in use by another thread; running "
+                                     "eagerly (same results; cuda_graph=True waits for it instead)")
+        return None, None
+    try:
+        engine = graphs.GraphEngine(cap, schedule, steps, denoise, source, spec.s_noise, r.hand_out, r.extra)
+        engine.prepare()
+        # what the capture baked in, as the warm-up left it (it may have built device FIR filters for a new
+        # dtype: a cache that only grows, which the graphs read)
+        cap.state = graphs.ModelState(model)
+    except (CaptureRefused, RuntimeError, ValueError, TypeError) as exc:
+        graphs.release(cap, completed=False)
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        if mode is True:
+            raise ValueError(f"`cuda_graph`=True but the model cannot be captured in a CUDA graph ({reason})") from exc
+        warn_once(("capture", type(model)), f"kve_fast: this model cannot be captured in a CUDA graph "
+                                                    f"({reason}); running eagerly, same results")
+        return None, None
+    return engine, cap
+
+
+def _progress(progress, steps):
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        return tqdm(steps)
+    if callable(progress):
+        return progress(steps)
+    return steps
+
+
+def _warn_if_not_finite(sample: torch.Tensor) -> None:
+    """One reduction at the end of the run (no per-step host sync): a warning naming NaN/inf."""
+    bad = int((~torch.isfinite(sample)).sum())
+    if bad:
+        nan = int(torch.isnan(sample).sum())
+        warnings.warn(
+            f"kve_fast: the final sample has {bad} non-finite values of {sample.numel()} ({nan} NaN, {bad - nan} "
+            "inf): the model returned NaN/inf, or the settings overflow float32; images show them as black "
+            "(pass a callback to inspect each step's sample)",
+            RuntimeWarning, stacklevel=4)
+
+
+# -- the reference's convention: kve_fast's own front doors ----------------------------------------------------
+
+
+class ReferenceCallback:
+    """The reference convention's callback at each step's ``HandOut``: ``callback(state)`` with the step's
+    names (``i``, ``timestep``, ``sigma``, ``sigma_hat``, ``sigma_prev``, ``sample``/``x``,
+    ``pred_original_sample``/``denoised``); it returns None or a dict whose ``"sample"`` (or ``"x"``)
+    replaces the sample and whose ``"stop": True`` ends the run."""
+
+    def __init__(self, callback: Callable):
+        self.callback, self.stop = callback, False
+
+    def __call__(self, stage, step, state):
+        sample, denoised = state[stage.x], state[stage.denoised]
+        out = self.callback({
+            "i": step.index, "timestep": torch.tensor(step.timestep), "sigma": step.sigma, "sigma_hat": step.sigma_hat,
+            "sigma_prev": step.sigma_next, "sample": sample, "pred_original_sample": denoised, "x": sample,
+            "denoised": denoised,
+        })
+        new, self.stop = _callback_update(out, sample)
+        return new
+
+
+def _callback_update(out, sample: torch.Tensor):
+    """Check what a callback returned; return ``(replacement sample or None, stop)``."""
+    if out is None:
+        return None, False
+    if not isinstance(out, dict):
+        raise TypeError(f"`callback` must return None or a dict, got {type(out).__name__}")
+    new = out.get("sample", out.get("x", sample))
+    if new is not sample:
+        if not isinstance(new, torch.Tensor):
+            raise TypeError(f"`callback` returned a `sample` that is a {type(new).__name__}, not a torch.Tensor")
+        if new.shape != sample.shape or new.dtype != sample.dtype or new.device != sample.device:
+            raise ValueError(
+                f"`callback` must return a `sample` of the same shape, dtype and device as the one it got "
+                f"({tuple(sample.shape)}, {sample.dtype}, {sample.device}), got "
+                f"({tuple(new.shape)}, {new.dtype}, {new.device})")
+        new = new.detach().contiguous()
+    else:
+        new = None
+    return new, bool(out.get("stop", False))
+
+
+def _check_channels_last(channels_last, shape, device) -> torch.Tensor | None:
+    """The layout template the fused backends keep their state in: None (contiguous) or channels_last."""
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"`channels_last` must be True or False, got {type(channels_last).__name__}")
+    if not channels_last:
+        return None
+    if len(shape) != 4:
+        raise ValueError(f"`channels_last`=True needs a (batch, channels, height, width) shape, got {shape}")
+    return torch.empty(shape, dtype=torch.float32, device=device, memory_format=torch.channels_last)
+
+
+def _strides(shape, like: torch.Tensor | None) -> tuple:
+    return tuple(like.stride()) if like is not None else tuple(torch.empty(shape, device="meta").stride())
+
+
+def reference_run(model, plan, shape, generator, device, noise, initial, backend_name, callback, progress, output,
+                  solver, cuda_graph, precision: Precision, layout, s_noise: float) -> Run:
+    """A ``Run`` in the reference's convention (the callers checked every argument)."""
+    device = resolve_device(device)
+    backend = make_backend(backend_name, device, REFERENCE, shape=shape, layout=layout,
+                           model_dtype=precision.input_dtype)
+    hand_out = None if callback is None else ReferenceCallback(callback)
+    image = None if output == "latent" else output
+    spec = RunSpec(convention=REFERENCE, backend=backend.name, device=device, shape=tuple(shape),
+                   strides=_strides(shape, layout), noise=noise, solver=solver, hand_out=hand_out is not None,
+                   image=image, precision=precision,
+                   fir="triton" if _fast_fir(model, device, noise, precision) else "diffusers", s_noise=float(s_noise))
+    steps = plan.plan if isinstance(plan, PlanHandle) else plan
+    return Run(model=model, spec=spec, plan=plan, backend=backend, like=layout,
+               source=lambda: make_noise(noise, shape, generator, device, len(steps)), initial=initial,
+               graphed=graphs.decide(cuda_graph, device, backend.name), cuda_graph=cuda_graph, hand_out=hand_out,
+               progress=progress, generator=generator)
+
+
 @torch.no_grad()
 def sample_karras_ve(
     model: Callable,
@@ -125,8 +371,8 @@ def sample_karras_ve(
     a list with one per sample. ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``; ``noise``:
     ``"exact"`` (the reference's stream) or ``"fast"`` (generated on the device). ``callback(state)``
     runs after each step with ``state`` holding ``i``, ``timestep``, ``sigma``, ``sigma_hat``,
-    ``sigma_prev``, ``sample`` (also as ``x``) and ``pred_original_sample`` (also as ``denoised``), all
-    new tensors; it returns None or a dict whose ``"sample"`` replaces the sample and whose
+    ``sigma_prev`` (sigma_{i+1}), ``sample`` (also as ``x``) and ``pred_original_sample`` (also as
+    ``denoised``), all new tensors; it returns None or a dict whose ``"sample"`` replaces the sample and whose
     ``"stop": True`` ends the run. ``progress`` is True for a tqdm bar, or a function wrapping the step
     iterable (a pipeline's ``progress_bar``). ``output``: ``"latent"`` (the sample, float32, [-1, 1]
     space), ``"float"`` (``(x / 2 + 0.5).clamp(0, 1)``, BCHW) or ``"uint8"`` (that image as PIL rounds
@@ -147,13 +393,12 @@ def sample_karras_ve(
     precision = resolve(model, unet_dtype, tf32, device)
     layout = _check_channels_last(channels_last, shape, device)
     plan = scheduler_plan(scheduler, num_inference_steps)
-    backend = make_backend(backend, device, scheduler.config.s_noise, want_pred=callback is not None, shape=shape,
-                           model_dtype=precision.input_dtype, layout=layout)
-    graphed = decide(cuda_graph, device, backend, noise)
+    init_sigma = scheduler.init_noise_sigma
     # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not by the first sigma).
-    return _run(model, plan, shape, generator, device, noise, lambda x0: x0 * scheduler.init_noise_sigma, backend,
-                callback, progress, output, solver, graph=(cuda_graph, scheduler.config.s_noise) if graphed else None,
-                precision=precision)
+    r = reference_run(model, plan, shape, generator, device, noise, lambda src: (src.initial() * init_sigma).contiguous(),
+                      backend, callback, progress, output, solver, cuda_graph, precision, layout,
+                      scheduler.config.s_noise)
+    return run(r)
 
 
 @torch.no_grad()
@@ -198,169 +443,8 @@ def sample_karras_ve_sigmas(
     check_real("s_noise", s_noise, minimum=0)
     shape, generator = _check_common(model, x.shape, generator, callback, noise, "latent", solver)
     precision = resolve(model, unet_dtype, tf32, x.device)
-    backend = make_backend(backend, x.device, s_noise, want_pred=callback is not None, shape=shape,
-                           model_dtype=precision.input_dtype)
-    graphed = decide(cuda_graph, x.device, backend, noise)
     x0 = x.detach()
-    return _run(model, PlanHandle(plan, None), shape, generator, x.device, noise, lambda _: x0.to(torch.float32),
-                backend, callback, not disable, "latent", solver, draw_initial=False,
-                graph=(cuda_graph, s_noise) if graphed else None, precision=precision)
-
-
-def _check_channels_last(channels_last, shape, device) -> torch.Tensor | None:
-    """The layout template the fused backends keep their state in: None (contiguous) or channels_last."""
-    if not isinstance(channels_last, bool):
-        raise TypeError(f"`channels_last` must be True or False, got {type(channels_last).__name__}")
-    if not channels_last:
-        return None
-    if len(shape) != 4:
-        raise ValueError(f"`channels_last`=True needs a (batch, channels, height, width) shape, got {shape}")
-    return torch.empty(shape, dtype=torch.float32, device=device, memory_format=torch.channels_last)
-
-
-def _progress(progress, steps):
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        return tqdm(steps)
-    if callable(progress):
-        return progress(steps)
-    return steps
-
-
-def _callback_update(out, sample: torch.Tensor):
-    """Check what a callback returned; return ``(replacement sample or None, stop)``."""
-    if out is None:
-        return None, False
-    if not isinstance(out, dict):
-        raise TypeError(f"`callback` must return None or a dict, got {type(out).__name__}")
-    new = out.get("sample", out.get("x", sample))
-    if new is not sample:
-        if not isinstance(new, torch.Tensor):
-            raise TypeError(f"`callback` returned a `sample` that is a {type(new).__name__}, not a torch.Tensor")
-        if new.shape != sample.shape or new.dtype != sample.dtype or new.device != sample.device:
-            raise ValueError(
-                f"`callback` must return a `sample` of the same shape, dtype and device as the one it got "
-                f"({tuple(sample.shape)}, {sample.dtype}, {sample.device}), got "
-                f"({tuple(new.shape)}, {new.dtype}, {new.device})")
-        new = new.detach()  # made contiguous by StepEngine.replace
-    else:
-        new = None
-    return new, bool(out.get("stop", False))
-
-
-def _warn_if_not_finite(sample: torch.Tensor) -> None:
-    """One reduction at the end of the run (no per-step host sync): a warning naming NaN/inf."""
-    bad = int((~torch.isfinite(sample)).sum())
-    if bad:
-        nan = int(torch.isnan(sample).sum())
-        warnings.warn(
-            f"kve_fast: the final sample has {bad} non-finite values of {sample.numel()} ({nan} NaN, {bad - nan} "
-            "inf): the model returned NaN/inf, or the settings overflow float32; images show them as black "
-            "(pass a callback to inspect each step's sample)",
-            RuntimeWarning, stacklevel=4)
-
-
-def _half_sigma(step, which: str) -> torch.Tensor:
-    """The reference's model noise-level argument: sigma / 2 as a 0-d float32 CPU tensor (a new one each call)."""
-    return step.half_sigma_hat if which == "hat" else step.half_sigma_prev
-
-
-def _fast_fir(model, device: torch.device, noise: str, precision: Precision) -> bool:
-    """Whether this run puts an NCSN++ UNet's FIR resampling on the Triton kernel (``kve_fast.ncsnpp.make_fast``):
-    only in the modes that are not bit-exact anyway (fast noise, low precision, TF32), on CUDA (or in
-    Triton's interpreter), for the duration of the run."""
-    if noise != "fast" and precision.exact:
-        return False
-    if not isinstance(model, torch.nn.Module):
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _run(model, plan: PlanHandle, shape, generator, device, noise, initial, backend, callback, progress, output,
-         solver, draw_initial: bool = True, graph=None, precision: Precision = Precision()) -> torch.Tensor:
-    """The loop of Algorithm 2; the callers checked every argument.
-
-    ``initial(x)`` makes x_0 from the source's unscaled initial noise (``draw_initial``) or ignores it.
-    ``graph``: ``(cuda_graph, s_noise)`` to replay captured steps (``kve_fast.graphs``), or None.
-    ``precision``: how the model is called (``kve_fast.precision``; float32 by default).
-    On any failure the generators and RNGs are put back (``_RngSnapshot``) and the noise thread is
-    stopped; the plan is cached only once the run has completed.
-    """
-    steps = plan.plan
-    forward = precision.call(model, device)
-
-    def call_model(x, half_sigma):
-        out = _raw_output(forward(x, half_sigma))
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x.shape)}, got {got}")
-        if out.dtype not in UNET_DTYPES:  # float64, say: float32 like the state (low-precision outputs are read as is)
-            out = out.to(torch.float32)
-        return out  # in the state's layout by the backend (a copy only where the layouts differ)
-
-    snapshot = _RngSnapshot(generator, device)
-    source = iterator = capture = None
-    image = None if output == "latent" else output
-    switches = precision.switches()
-    fir_patched = 0
-    try:
-        switches.__enter__()
-        if _fast_fir(model, device, noise, precision):
-            from . import ncsnpp
-
-            if ncsnpp.needs_patch(model):
-                # capturable first (bit-identical): then restore_fast only switches the patches back, and the
-                # device filters a CUDA graph captured in this call reads stay alive on the model
-                ncsnpp.make_capturable(model)
-            fir_patched = ncsnpp.make_fast(model)  # 0 for a model without FIR blocks (or already fast)
-        source = make_noise(noise, shape, generator, device, len(steps))
-        engine = None
-        if graph is not None:
-            engine = graphed_engine(graph[0], model, backend, source, steps, shape, device, noise, solver,
-                                    callback is not None, image, graph[1], call_model, _half_sigma,
-                                    variant=precision.key())
-            capture = None if engine is None else engine.cap
-        if engine is None:
-            engine = StepEngine(backend, source, steps, solver, hand_out=callback is not None, image=image,
-                                call_model=call_model, noise_level=_half_sigma)
-        # Line 1: x_0 ~ N(0, t_0^2 I).
-        engine.start(initial(source.initial() if draw_initial else None).contiguous())
-        iterator = _progress(progress, steps)
-        for step in iterator:
-            engine.step(step)  # lines 4-11 (kve_fast/engine.py)
-            if callback is not None:
-                sample = engine.sample
-                state = {
-                    "i": step.index, "timestep": torch.tensor(step.timestep), "sigma": step.sigma,
-                    "sigma_hat": step.sigma_hat, "sigma_prev": step.sigma_prev, "sample": sample,
-                    "pred_original_sample": engine.denoised, "x": sample, "denoised": engine.denoised,
-                }
-                new, stop = _callback_update(callback(state), sample)
-                if new is not None:
-                    engine.replace(new)
-                if stop:
-                    break
-        result = engine.output()
-        _warn_if_not_finite(engine.sample)
-    except BaseException:
-        if source is not None:
-            source.close()
-        if capture is not None:
-            release(capture)
-        snapshot.restore()
-        raise
-    finally:
-        if source is not None:
-            source.close()
-        if hasattr(iterator, "close"):
-            iterator.close()
-        if fir_patched:
-            from . import ncsnpp
-
-            ncsnpp.restore_fast(model)  # exact runs of this model keep diffusers' own ops and bits
-        switches.__exit__(None, None, None)
-    if capture is not None:
-        keep(capture)
-    plan.commit()
-    return result
+    r = reference_run(model, PlanHandle(plan, None), shape, generator, x.device, noise,
+                      lambda _: x0.to(torch.float32).contiguous(), backend, callback, not disable, "latent", solver,
+                      cuda_graph, precision, None, s_noise)
+    return run(r)

@@ -8,6 +8,7 @@ diffusers' own ``KarrasVePipeline``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,57 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
         check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule, rho)
         self.init_noise_sigma = sigma_max
         self.num_inference_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
-        self.schedule: torch.Tensor | None = None  # sigma(t_i), ascending, indexed by timesteps
+        self._schedule_device = None
+        self._made: tuple | None = None  # (timesteps, schedule), made on first read
+
+    @property
+    def timesteps(self) -> torch.Tensor | None:
+        """``[N - 1, ..., 0]`` after ``set_timesteps(N)`` (made on first read), else None."""
+        made = self._materialize()
+        return None if made is None else made[0]
+
+    @timesteps.setter
+    def timesteps(self, value) -> None:
+        self._made = (value, None if self._made is None else self._made[1])
+
+    @property
+    def schedule(self) -> torch.Tensor | None:
+        """sigma(t_i), ascending, indexed by ``timesteps`` (the reference's, bit for bit; made on first read)."""
+        made = self._materialize()
+        return None if made is None else made[1]
+
+    @schedule.setter
+    def schedule(self, value) -> None:
+        self._made = (None if self._made is None else self._made[0], value)
+
+    def _materialize(self):
+        if self._made is None and self.num_inference_steps is not None:
+            self._made = self.make_schedule(self.num_inference_steps, self._schedule_device)
+        return self._made
+
+    # -- configs diffusers' own class loads without a word -------------------------------------------------------
+
+    _EXTRAS = {"sigma_schedule": "diffusers", "rho": 7.0}  # kve_fast's settings, and their defaults
+    _EXTRAS_KEY = "_kve_fast"  # a private key: diffusers drops keys that start with "_" without a warning
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it, with kve_fast's own settings (``sigma_schedule``, ``rho``) left out
+        where they are the defaults and kept under ``_kve_fast`` otherwise, so that diffusers'
+        ``KarrasVeScheduler`` loads the file without warning about them (and ignores them, as it must)."""
+        config = json.loads(super().to_json_string())
+        extras = {k: config.pop(k) for k in self._EXTRAS if k in config}
+        extras = {k: v for k, v in extras.items() if v != self._EXTRAS[k]}
+        if extras:
+            config[self._EXTRAS_KEY] = extras
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' ``extract_init_dict``, with the settings ``to_json_string`` keeps under ``_kve_fast`` put back."""
+        extras = config_dict.get(cls._EXTRAS_KEY)
+        if isinstance(extras, dict):
+            config_dict = {**{k: v for k, v in extras.items() if k in cls._EXTRAS}, **config_dict}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Identity, for interchangeability with schedulers that scale the model input."""
@@ -78,11 +128,13 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
                              c.get("rho", 7.0), device)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """Set ``timesteps`` and the noise levels ``schedule`` (bitwise the reference's)."""
-        timesteps, schedule = self.make_schedule(num_inference_steps, device)
+        """Set ``timesteps`` and the noise levels ``schedule`` (bitwise the reference's). Both are made when
+        first read, so a call with a huge step count (which the sampler plans one step at a time) costs
+        nothing here."""
+        check_int("num_inference_steps", num_inference_steps, 2)
         self.num_inference_steps = num_inference_steps
-        self.timesteps = timesteps
-        self.schedule = schedule
+        self._schedule_device = device
+        self._made = None
 
     def churn_sigma(self, sigma, num_inference_steps: int | None = None):
         """Algorithm 2, lines 4-5: gamma_i and sigma_hat = sigma + gamma_i * sigma, as the reference rounds them."""

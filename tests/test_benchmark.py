@@ -1,4 +1,4 @@
-"""``kve-fast bench`` (kve_fast/benchmark.py) and bench/graph_bench.py on the CPU, with tiny sizes.
+"""``kve-fast bench`` (the kve_fast/benchmark package) and bench/graph_bench.py on the CPU, with tiny sizes.
 
 The GPU numbers come from running bench/graph_bench.py on a GPU (bench/run_gpu.sh); here: the table's rows
 and columns, the JSON, graphed rows reported unavailable on the CPU (and, through a stand-in runner, the
@@ -21,6 +21,7 @@ import torch
 
 import kve_fast
 from kve_fast import benchmark as kb
+from kve_fast.benchmark import rows as kb_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH_BENCH = ROOT / "bench" / "graph_bench.py"
@@ -38,15 +39,16 @@ def bench(argv, capsys):
     return rc, out, err
 
 
-def table_lines(out: str) -> list[list[str]]:
-    """The per-call table's rows, as cells."""
+def table_lines(out: str) -> list[dict[str, str]]:
+    """The per-call table's rows, as {column: cell}; the columns are ``COLUMNS`` less those empty in every row."""
     lines = out.split("### Per call", 1)[1].strip().splitlines()
-    assert lines[0] == "| " + " | ".join(kb.COLUMNS) + " |"
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert [c for c in kb.COLUMNS if c in header] == header and header[:2] == ["config", "row"]
     rows = []
     for line in lines[2:]:
         if not line.startswith("|"):
             break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
     return rows
 
 
@@ -69,15 +71,24 @@ def test_digits_table_json_and_unavailable_rows(tmp_path, capsys):
                           "--json", str(out_json)], capsys)
     assert rc == 0, err
     rows = table_lines(out)
-    assert [r[1] for r in rows] == list(kb.ROW_LABELS.values())
-    assert rows[0][0].startswith("digits b2 (8x8x1")
-    ref, eager_exact, eager_fast, graphed_exact, graphed_fast = rows
-    assert "unavailable" in ref[2] and "3 channels" in ref[2] and "has 1" in ref[2]
+    # only what can run here is in the table: no diffusers row (1 channel), no graphed rows (the CPU) ...
+    assert [r["row"] for r in rows] == ["kve_fast eager, exact noise", "kve_fast eager, fast noise"]
+    assert rows[0]["config"].startswith("digits b2 (8x8x1") and rows[1]["config"] == ""
+    eager_exact, eager_fast = rows
     for row in (eager_exact, eager_fast):
-        assert float(row[2]) > 0 and float(row[4]) > 0 and row[5].endswith(" s") and row[6] == "1"
-    assert eager_fast[7] == "n/a (own noise stream)"
-    for row in (graphed_exact, graphed_fast):
-        assert row[2].startswith("unavailable: graphs unavailable") and "CUDA" in row[2]
+        assert float(row["ms/call"]) > 0 and float(row["/ floor"]) > 0 and row["first image"].endswith(" s")
+        assert row["n"] == "1"
+    assert eager_fast["= diffusers"] == "n/a (own noise stream)"
+    per_call = out.split("### Per call", 1)[1].split("\n\n")[1]
+    assert "vs diffusers" not in per_call and "= eager" not in per_call  # ... and no columns empty in every row
+    assert "graphed" not in out.split("### Floors", 1)[1].split("### Per call")[0]  # nor in the floors
+    # ... but one line says why each left-out row is not there
+    (left,) = [line for line in out.splitlines() if line.startswith("Left out: ")]
+    assert "diffusers KarrasVePipeline: diffusers' KarrasVePipeline hard-codes 3 channels" in left and "has 1" in left
+    assert "kve_fast graphed, exact noise and kve_fast graphed, fast noise: CUDA graphs need a CUDA device" in left
+    # no CUDA notes on the CPU, and no targets for rows that could not run
+    for cuda_only in ("synchronize", "CUDA events", "TF32", "### Targets", "replayed from a CUDA graph"):
+        assert cuda_only not in out, cuda_only
     assert "### Floors" in out and "(3 x eager)" in out  # on the CPU the floor is 2N - 1 = 3 eager forwards
     data = json.loads(out_json.read_text())
     (config,) = data["configs"]
@@ -88,8 +99,9 @@ def test_digits_table_json_and_unavailable_rows(tmp_path, capsys):
     assert by_row["kve_fast eager, exact noise"]["repeats"] == 1
     assert by_row["kve_fast eager, exact noise"]["repeat_consistent"] is True
     assert by_row["kve_fast graphed, exact noise"]["status"] == "unavailable"
-    assert data["env"]["torch"] == torch.__version__ and data["env"]["date"]
-    assert "== digits b2" in err and "== digits b2" not in out  # progress on stderr, the table on stdout
+    assert data["env"]["torch"] == torch.__version__ and data["env"]["date"] and data["env"]["threads"] >= 1
+    assert "== digits b2" in err and "== digits b2" not in out  # progress on stderr, the table on stdout ...
+    assert "ms/call" not in err and eager_exact["ms/call"] not in err and "Left out" not in err  # ... results once
 
 
 def test_reference_row_bit_exact_on_cpu(rgb_model, tmp_path, capsys):
@@ -98,10 +110,11 @@ def test_reference_row_bit_exact_on_cpu(rgb_model, tmp_path, capsys):
                           "--backends", "eager", "--markdown", str(md), "--json", str(tmp_path / "b.json")], capsys)
     assert rc == 0, err
     rows = table_lines(out)
-    assert [r[1] for r in rows] == ["diffusers KarrasVePipeline", "kve_fast eager, exact noise"]
-    assert rows[0][3] == "1.00x"
-    assert rows[1][7] == "latent yes, np yes"
-    assert rows[1][3].endswith("x")
+    assert [r["row"] for r in rows] == ["diffusers KarrasVePipeline", "kve_fast eager, exact noise"]
+    assert rows[0]["vs diffusers"] == "1.00x"
+    assert rows[1]["= diffusers"] == "latent yes, np yes"
+    assert rows[1]["vs diffusers"].endswith("x")
+    assert "Left out" not in out
     assert md.read_text() == out
     row = json.loads((tmp_path / "b.json").read_text())["configs"][0]["rows"][1]
     assert row["equal_reference_latent"]["bitwise"] and row["equal_reference_np"]["equal"]
@@ -123,6 +136,61 @@ def test_bad_arguments(tmp_path, capsys):
         rc, out, err = bench(argv, capsys)
         assert rc == 2 and out == ""
         assert err.startswith("kve-fast: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_plot_draws_ms_per_call_and_the_floor_per_batch_size(tmp_path, capsys, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    real = plt.subplots
+
+    def spy(*args, **kwargs):  # keep the axes to read back what was drawn
+        fig, axes = real(*args, **kwargs)
+        drawn["axes"] = axes
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", spy)
+    png = tmp_path / "bench.png"
+    rc, out, err = bench(["--model", "digits", "--steps", "2", "--batch-size", "1", "2", "--repeats", "1", "--device",
+                          "cpu", "--noise", "exact", "--backends", "eager", "--plot", str(png),
+                          "--json", str(tmp_path / "b.json")], capsys)
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*.tmp"))
+    (ax,) = drawn["axes"][0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    configs = json.loads((tmp_path / "b.json").read_text())["configs"]
+    row = lines["kve_fast eager, exact noise"]
+    assert list(row.get_xdata()) == [1, 2]
+    assert list(row.get_ydata()) == [next(r["ms_per_call"] for r in c["rows"] if r["row"] == "kve_fast eager, exact noise")
+                                     for c in configs]
+    (floor,) = [line for label, line in lines.items() if label.startswith("floor")]
+    assert list(floor.get_ydata()) == [c["floor"]["floor_ms"] for c in configs] and "3 x one eager forward" in floor.get_label()
+    assert ax.get_xlabel() == "batch size" and "ms per call" in ax.get_ylabel()
+
+
+def test_plot_is_refused_before_any_work_without_matplotlib_or_with_a_bad_name(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    rc, out, err = bench(["--plot", str(tmp_path / "bench.txt")], capsys)
+    assert rc == 2 and err.startswith("kve-fast: error: --plot:") and ".png" in err and out == ""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(kb_rows, "bench_pipeline", lambda *a, **k: pytest.fail("measured despite the error"))
+    rc, out, err = bench(["--plot", str(tmp_path / "bench.png")], capsys)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "--plot needs matplotlib" in err and "pip install 'kve_fast[plot]'" in err
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_option_help_reads_right():
+    from kve_fast.cli import _HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="kve-fast bench", formatter_class=_HelpFormatter)
+    kb.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "--reference, --no-reference also time diffusers' own pipeline" in text and "(default: True)" in text
+    assert "--no-reference (default" not in text and "skip diffusers" not in text
+    assert parse(["--no-reference"]).reference is False and parse([]).reference is True
 
 
 def test_import_is_light():
@@ -168,8 +236,8 @@ def _graph_pipe(graphs: _StandInGraphs, fail_with: BaseException | None = None):
 
 def test_graphed_rows_bookkeeping(monkeypatch):
     graphs = _StandInGraphs()
-    monkeypatch.setattr(kb, "_graphs_module", lambda: graphs)
-    monkeypatch.setattr(kb, "graph_support", lambda pipe, device: (True, ""))
+    monkeypatch.setattr(kb_rows, "_graphs_module", lambda: graphs)
+    monkeypatch.setattr(kb_rows, "graph_support", lambda pipe, device: (True, ""))
     pipe = _graph_pipe(graphs)
     assert kb.supports_cuda_graph(pipe) and kb.supports_cuda_graph(type(pipe))
     rec = kb.bench_pipeline(pipe, name="digits b2", batch_size=2, steps=2, device=torch.device("cpu"),
@@ -331,11 +399,12 @@ def test_bench_pipeline_bf16_on_cpu():
     text = kb.format_markdown({"configs": [rec]})
     assert "**Low precision (bf16):**" in text and "float32 UNet" in text
     assert "(3 x eager; bf16)" in text
-    table = {r[1]: r for r in table_lines(text)}
-    assert table["kve_fast eager, exact noise, bf16 UNet"][7] == f"rel. RMS {rel['value']:.2e} (latent; bf16: not bitwise)"
-    assert table["kve_fast eager, fast noise, bf16 UNet"][7] == "n/a (own noise stream)"
+    table = {r["row"]: r for r in table_lines(text)}
+    assert table["kve_fast eager, exact noise, bf16 UNet"]["= diffusers"] == (
+        f"rel. RMS {rel['value']:.2e} (latent; bf16: not bitwise)")
+    assert table["kve_fast eager, fast noise, bf16 UNet"]["= diffusers"] == "n/a (own noise stream)"
     assert "### Targets (bf16, graphed, fast noise)" in text and "### Targets (graphed, exact noise)" not in text
-    assert json.loads(json.dumps(kb._jsonable(rec)))["rows"][1]["rel_rms_reference"]["value"] == rel["value"]
+    assert json.loads(kb.to_json(rec))["rows"][1]["rel_rms_reference"]["value"] == rel["value"]
 
 
 def test_bench_pipeline_default_has_no_precision_fields():
@@ -372,8 +441,8 @@ def test_bench_pipeline_precision_arguments():
 def test_bf16_graphed_rows_and_issue_targets(monkeypatch):
     """Graphed bf16 rows (through the stand-in runner): still compared bit for bit with eager ones; the targets."""
     graphs = _StandInGraphs()
-    monkeypatch.setattr(kb, "_graphs_module", lambda: graphs)
-    monkeypatch.setattr(kb, "graph_support", lambda pipe, device: (True, ""))
+    monkeypatch.setattr(kb_rows, "_graphs_module", lambda: graphs)
+    monkeypatch.setattr(kb_rows, "graph_support", lambda pipe, device: (True, ""))
     pipe = _graph_pipe(graphs)
     rec = kb.bench_pipeline(pipe, name="digits b2", batch_size=2, steps=2, device=torch.device("cpu"),
                             unet_dtype=torch.bfloat16, policy=kb.RepeatPolicy(fixed=1), log=lambda *a: None)
@@ -423,8 +492,8 @@ def test_bench_cli_unet_dtype(rgb_model, tmp_path, capsys):
                           "--backends", "eager", "--unet-dtype", "bf16", "--json", str(out_json)], capsys)
     assert rc == 0, err
     rows = table_lines(out)
-    assert [r[1] for r in rows] == ["diffusers KarrasVePipeline (fp32 UNet)", "kve_fast eager, exact noise, bf16 UNet"]
-    assert rows[1][7].startswith("rel. RMS ") and "bf16: not bitwise" in rows[1][7]
+    assert [r["row"] for r in rows] == ["diffusers KarrasVePipeline (fp32 UNet)", "kve_fast eager, exact noise, bf16 UNet"]
+    assert rows[1]["= diffusers"].startswith("rel. RMS ") and "bf16: not bitwise" in rows[1]["= diffusers"]
     assert "kve-fast bench:" in out and "(bf16)" in out.splitlines()[0]
     data = json.loads(out_json.read_text())
     assert data["settings"]["unet_dtype"] == "bf16" and data["configs"][0]["precision"]["label"] == "bf16"

@@ -76,17 +76,51 @@ def test_same_seed_same_png_and_progress_summary(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--steps", "1"], "--steps"),
     (["--steps", "many"], "--steps"),
+    (["--steps", "99999999999999999999"], "--steps: must be at most"),  # was an OverflowError after the model loaded
     (["--batch-size", "0"], "--batch-size"),
+    (["--seed", "-1"], "--seed"),
     (["--s-churn", "-1"], "--s-churn"),
     (["--s-noise", "nan"], "--s-noise"),
+    (["--threads", "0"], "--threads"),
     (["--backend", "opencl"], "--backend"),  # not a backend ("cuda" is one: tests/test_csrc.py)
 ])
-def test_bad_numbers_and_choices_are_usage_errors(argv, needle, capsys):
+def test_bad_values_are_one_line_errors_without_the_usage_block(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["sample", *argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err
+    assert err.startswith(f"kve-fast: error: {needle}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_mistakes_in_the_commands_shape_keep_the_usage_block(capsys):
+    for argv in (["sample", "--no-such-option"], ["sampel"], []):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: kve-fast") and "error:" in err
+
+
+def test_threads_are_fixed_for_the_run_and_put_back(model_dir, tmp_path, capsys):
+    before = torch.get_num_threads()
+    seen = []
+    original = kve_fast.KarrasVePipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.get_num_threads(), kve_fast.threads.choose("cpu").threads))
+        return original(self, *args, **kwargs)
+
+    kve_fast.KarrasVePipeline.__call__ = spy
+    try:
+        base = ["sample", "--model", model_dir, "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+        assert main(base + ["--out", str(tmp_path / "a.png"), "--threads", "3"]) == 0
+        assert "on cpu, 3 threads" in capsys.readouterr().out
+        assert main(base + ["--out", str(tmp_path / "b.png")]) == 0  # default: torch's count, fixed too
+        assert f"on cpu, {before} thread" in capsys.readouterr().out
+    finally:
+        kve_fast.KarrasVePipeline.__call__ = original
+    assert seen == [(3, 3), (before, before)]  # the sampler's own policy would keep it (set_threads)
+    assert torch.get_num_threads() == before and kve_fast.threads.choose("cpu").why != "set_threads / --threads"
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -104,6 +138,24 @@ def test_user_errors_are_one_line_messages(model_dir, tmp_path, argv, needle, ca
     err = capsys.readouterr().err
     assert err.startswith("kve-fast: error:") and needle in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_script_exits_fast_with_everything_written(model_dir, tmp_path):
+    """python -m kve_fast (the kve-fast script's entry) skips the interpreter's teardown after sample: the image,
+    the summary on a pipe and the exit status must all still be there."""
+    out = tmp_path / "grid.png"
+    base = [sys.executable, "-m", "kve_fast", "sample", "--model", model_dir, "--steps", "2", "--batch-size", "2",
+            "--device", "cpu"]
+    env = {k: v for k, v in _this_kve_fast().items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered on a pipe
+    proc = subprocess.run(base + ["--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("kve-fast: wrote ") and proc.stdout.endswith(")\n")
+    assert Image.open(out).size == (2 * (8 * 4 + 2) + 2, 8 * 4 + 4)
+    assert not list(tmp_path.glob(".*.tmp"))
+    proc = subprocess.run(base + ["--out", str(tmp_path / "x.txt")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("kve-fast: error: --out") and proc.stdout == ""
 
 
 def test_module_entry_point_runs():
@@ -418,9 +470,9 @@ def test_cuda_graph_option_and_bench_subcommand(model_dir, tmp_path, capsys):
     assert a.read_bytes() == b.read_bytes()
     assert main(base + ["--out", str(tmp_path / "c.png"), "--cuda-graph", "on"]) == 2
     assert "--cuda-graph" in capsys.readouterr().err
-    # kve-fast bench on the CPU: eager rows timed, graphed rows reported unavailable
+    # kve-fast bench on the CPU: eager rows timed, graphed rows left out with the reason
     assert main(["bench", "--model", model_dir, "--steps", "2", "--repeats", "1", "--device", "cpu",
                  "--no-reference", "--json", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
-    assert "kve_fast eager, exact noise" in out and "unavailable" in out
+    assert "kve_fast eager, exact noise" in out and "Left out: kve_fast graphed" in out
     assert (tmp_path / "bench.json").exists()

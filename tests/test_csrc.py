@@ -11,9 +11,13 @@ Without a GPU (the development and CI machines), what can be checked is checked:
 - the operators themselves, built for the CPU (the same element code as the kernels, ``step_math.h``,
   on the host): bit for bit against torch's ops (true division, as torch on the CPU), the CUDA
   arithmetic (multiply by the host's reciprocal) forced, the image rounding, the Philox noise against
-  Triton's stream, the whole pipeline against diffusers, and torch's operator checks (opcheck).
-With a GPU, the same operator tests also run on CUDA against torch's CUDA ops (bench/csrc_check.py
-checks the pipeline, bandwidth and cold start there).
+  Triton's stream, the whole pipeline against diffusers, and torch's operator checks (opcheck);
+- the argument checks (csrc/ops.h), all before a data pointer is taken: sizes checked without overflow,
+  outputs overlapping inputs or one another refused (the exact aliasing the kernels allow gives the same
+  bits), tensors for a stage the call does not run refused; nothing is written by a refused call.
+With a GPU, the same operator tests (the argument checks included) also run on CUDA tensors, through the
+CUDA implementation, against torch's CUDA ops (bench/csrc_check.py checks the pipeline, bandwidth and
+cold start there).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from conftest import (
 import kve_fast
 from kve_fast.ops import step_cuda, step_torch
 from kve_fast.sampler import plan_steps
+from kve_fast.ops.fused import NextChurn
 from kve_fast.plan import churn_coefficient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,16 +274,16 @@ def test_churn_matches_torch(ops, device, shape, which):
 def test_euler_matches_torch(ops, device, shape, which):
     step = _steps()[which]
     raw, hat = _rand(shape, 3, 0.2, device), _rand(shape, 4, 2.0, device)
-    prev, d, xin, pred, img = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_prev, want_pred=True,
+    prev, d, xin, pred, img = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_next, want_pred=True,
                                               image="float")
     r_prev, r_d, r_pred = step_torch.euler(step_torch.scale_model_output(raw, step.sigma_hat), step.sigma_hat,
-                                           step.sigma_prev, hat)
+                                           step.sigma_next, hat)
     assert_bitwise(prev, r_prev, "sample_prev")
     assert_bitwise(d, r_d, "derivative")
     assert_bitwise(pred, r_pred, "pred_original_sample")
     assert_bitwise(xin, step_torch.model_input(r_prev), "model input")
     assert_bitwise(img, step_torch.to_image(r_prev), "float image")
-    img8 = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_prev, image="uint8")[4]
+    img8 = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_next, image="uint8")[4]
     assert_bitwise(img8, step_torch.to_image(r_prev, "uint8"), "uint8 image")
 
 
@@ -291,10 +296,10 @@ def test_heun_matches_torch(ops, device, shape, fused):
     raw, hat = _rand(shape, 5, 0.2, device), _rand(shape, 6, 2.0, device)
     prev, d, eps = _rand(shape, 7, 2.0, device), _rand(shape, 8, 1.0, device), _rand(shape, 9, 1.0, device)
     churn = (eps, 1.007, nxt.sigma, nxt.sigma_hat, None) if fused else None
-    x, pred, hat_n, xin = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
+    x, pred, hat_n, xin = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_next, want_pred=True,
                                          next_churn=churn)
-    r_x, r_pred = step_torch.heun(step_torch.scale_model_output(raw, step.sigma_prev), step.sigma_hat,
-                                  step.sigma_prev, hat, prev, d)
+    r_x, r_pred = step_torch.heun(step_torch.scale_model_output(raw, step.sigma_next), step.sigma_hat,
+                                  step.sigma_next, hat, prev, d)
     assert_bitwise(x, r_x, "corrected sample")
     assert_bitwise(pred, r_pred, "pred_original_sample")
     if fused:
@@ -331,17 +336,16 @@ def _differs(a, b) -> float:
 
 @pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 33, 31)])
 @pytest.mark.parametrize("which", [0, 3, 7])
-def test_cuda_arithmetic_forced_on_the_cpu(ops, monkeypatch, shape, which):
-    """The CUDA branch (multiply by the host's float32 reciprocal) through the CPU operators, against torch's
-    formula for it, on inputs where it differs from true division (asserted)."""
-    monkeypatch.setattr(step_cuda, "_true_div", lambda t: False)
+def test_cuda_arithmetic_forced_on_the_cpu(ops, shape, which):
+    """The CUDA branch (multiply by the host's float32 reciprocal, ``true_div=False``) through the CPU operators,
+    against torch's formula for it, on inputs where it differs from true division (asserted)."""
     steps = _steps()
     step = steps[which]
     raw, hat = _rand(shape, 3, 1.0 / float(step.sigma_hat) ** 2), _rand(shape, 4, 2.0)
-    prev, d, xin, pred, _ = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_prev, want_pred=True)
+    prev, d, xin, pred, _ = step_cuda.euler(raw, hat, step.sigma_hat, step.sigma_next, want_pred=True, true_div=False)
     r_pred = hat + step.sigma_hat * step_torch.scale_model_output(raw, step.sigma_hat)
     r_d = (hat - r_pred) * _host_reciprocal(step.sigma_hat)
-    r_prev = hat + (step.sigma_prev - step.sigma_hat) * r_d
+    r_prev = hat + (step.sigma_next - step.sigma_hat) * r_d
     assert _differs(r_d, (hat - r_pred) / step.sigma_hat) > 0.01, "inputs must tell the two divisions apart"
     assert_bitwise(d, r_d, "derivative")
     assert_bitwise(prev, r_prev, "sample_prev")
@@ -350,12 +354,12 @@ def test_cuda_arithmetic_forced_on_the_cpu(ops, monkeypatch, shape, which):
         return
     step, nxt = steps[3], steps[4]
     raw, prev, d, eps = _rand(shape, 5, 0.2), _rand(shape, 7, 2.0), _rand(shape, 8), _rand(shape, 9)
-    x, pred, hat_n, _ = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
-                                       next_churn=(eps, 1.007, nxt.sigma, nxt.sigma_hat, None))
-    r_pred = prev + step.sigma_prev * step_torch.scale_model_output(raw, step.sigma_prev)
-    r_dc = (prev - r_pred) * _host_reciprocal(step.sigma_prev)
-    r_x = hat + (step.sigma_prev - step.sigma_hat) * (0.5 * d + 0.5 * r_dc)
-    assert _differs(r_dc, (prev - r_pred) / step.sigma_prev) > 0.01
+    x, pred, hat_n, _ = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_next, want_pred=True,
+                                       next_churn=(eps, 1.007, nxt.sigma, nxt.sigma_hat, None), true_div=False)
+    r_pred = prev + step.sigma_next * step_torch.scale_model_output(raw, step.sigma_next)
+    r_dc = (prev - r_pred) * _host_reciprocal(step.sigma_next)
+    r_x = hat + (step.sigma_next - step.sigma_hat) * (0.5 * d + 0.5 * r_dc)
+    assert _differs(r_dc, (prev - r_pred) / step.sigma_next) > 0.01
     assert_bitwise(x, r_x, "corrected sample")
     assert_bitwise(hat_n, step_torch.churn(r_x, 1.007 * eps, nxt.sigma, nxt.sigma_hat), "next sample_hat")
 
@@ -368,20 +372,22 @@ def test_denoiser_convention_matches_k_diffusion_arithmetic(ops, device):
     x, raw, raw2, eps = (_rand(shape, s, 1.0, device) for s in (1, 2, 3, 4))
     sigma_hat, sigma_next = torch.tensor(1.7, device=device), torch.tensor(0.9, device=device)
     dt = sigma_next - sigma_hat
-    prev, d, _, _, _ = step_cuda._launch_euler(raw, x, (0.0, float(sigma_hat), 0.0, float(dt)), False, True, False,
-                                               None, denoiser=True)
+    prev, d = torch.empty_like(x), torch.empty_like(x)
+    step_cuda._launch_euler(raw, x, (0.0, float(sigma_hat), 0.0, float(dt)), x_next=prev, d=d, denoiser=True,
+                            true_div=True)
     r_d = (x - raw) / sigma_hat
     assert_bitwise(d, r_d, "derivative")
     assert_bitwise(prev, x + r_d * dt, "x_prev")
     c = churn_coefficient(torch.tensor(0.5), torch.tensor(0.6))
     for apply in (True, False):
-        out = step_cuda._launch_heun(raw2, x, prev, d, (0.0, float(sigma_next), 0.0, float(dt)), True, False,
-                                     (eps, None, 1.007, c if apply else None), denoiser=True)
+        out, hat_next = torch.empty_like(x), torch.empty_like(x)
+        step_cuda._launch_heun(raw2, x, prev, d, (0.0, float(sigma_next), 0.0, float(dt)), x=out,
+                               then=NextChurn(eps, None, (c, 1.007) if apply else None, hat_next, None, apply),
+                               denoiser=True, true_div=True)
         r_x = x + (d + (prev - raw2) / sigma_next) / 2 * dt
-        assert_bitwise(out[0], r_x, "corrected sample")
+        assert_bitwise(out, r_x, "corrected sample")
         r_hat = r_x + (eps * 1.007) * c if apply else r_x
-        assert_bitwise(out[2], r_hat, "next x_hat")
-        assert out[3] is None, "a denoiser takes x_hat: no model input is written"
+        assert_bitwise(hat_next, r_hat, "next x_hat")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -391,43 +397,217 @@ def test_scalars_from_device_memory_are_the_same_bits(ops, device):
     step, nxt = steps[3], steps[4]
     x, raw, prev, d, eps = (_rand(shape, s, 1.0, device) for s in range(5))
     mem = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
-    a = step_cuda._launch_churn(x, eps, None, 1.007, nxt.churn)
-    b = step_cuda._launch_churn(x, eps, None, 0.0, mem([nxt.churn, 1.007]))
-    assert_bitwise(a[0], b[0])
-    assert_bitwise(a[1], b[1])
-    a = step_cuda._launch_euler(raw, x, step.euler, True, True, True, None)
-    b = step_cuda._launch_euler(raw, x, mem(step.euler), True, True, True, None)
+    new = lambda n: tuple(torch.empty_like(x) for _ in range(n))  # noqa: E731
+    a, b = new(2), new(2)
+    step_cuda._launch_churn(x, eps, None, (nxt.noise_coef, 1.007), hat=a[0], model_input=a[1])
+    step_cuda._launch_churn(x, eps, None, mem([nxt.noise_coef, 1.007]), hat=b[0], model_input=b[1])
     for u, v in zip(a, b):
-        if u is not None:
-            assert_bitwise(u, v)
-    a = step_cuda._launch_heun(raw, x, prev, d, step.heun, True, True, (eps, None, 1.007, nxt.churn))
-    b = step_cuda._launch_heun(raw, x, prev, d, mem(step.heun), True, True, (eps, None, 0.0, mem([nxt.churn, 1.007])))
+        assert_bitwise(u, v)
+    a, b = new(4), new(4)
+    for level, out in ((step.at_hat, a), (mem(step.at_hat), b)):
+        step_cuda._launch_euler(raw, x, level, x_next=out[0], d=out[1], model_input=out[2], denoised=out[3],
+                                denoiser=False, true_div=True)
+    for u, v in zip(a, b):
+        assert_bitwise(u, v)
+    a, b = new(4), new(4)
+    for level, coef, out in ((step.at_next, (nxt.noise_coef, 1.007), a),
+                             (mem(step.at_next), mem([nxt.noise_coef, 1.007]), b)):
+        step_cuda._launch_heun(raw, x, prev, d, level, x=out[0], denoised=out[1],
+                               then=NextChurn(eps, None, coef, out[2], out[3]), denoiser=False, true_div=True)
     for u, v in zip(a, b):
         assert_bitwise(u, v)
     with pytest.raises(ValueError, match="both"):
-        step_cuda._launch_heun(raw, x, prev, d, mem(step.heun), True, True, (eps, None, 1.007, nxt.churn))
+        step_cuda._launch_heun(raw, x, prev, d, mem(step.at_next), x=a[0],
+                               then=NextChurn(eps, None, (nxt.noise_coef, 1.007), a[2], a[3]), denoiser=False,
+                               true_div=True)
 
 
-def test_operators_check_their_arguments(ops):
-    x = torch.zeros(2, 3, 4, 4)
-    with pytest.raises(RuntimeError, match="kve_fast::churn: `eps` has shape"):
-        ops.churn(x, torch.zeros(2, 3, 4), None, 0, 1.0, 1.0, None, torch.empty_like(x), None)
-    with pytest.raises(RuntimeError, match="`hat` must be float32"):
-        ops.churn(x, x, None, 0, 1.0, 1.0, None, torch.empty_like(x, dtype=torch.float64), None)
-    with pytest.raises(RuntimeError, match="do not cover"):
-        ops.churn(x, None, torch.tensor([1, 2, 3]), 30, 1.0, 1.0, None, torch.empty_like(x), None)
-    with pytest.raises(RuntimeError, match="give `eps`"):
-        ops.churn(x, None, None, 0, 1.0, 1.0, None, torch.empty_like(x), None)
-    with pytest.raises(RuntimeError, match="strides"):
-        ops.euler(x, x, 0.5, 1.0, 1.0, -0.5, None, False, True, torch.empty_like(x).transpose(2, 3), None, None, None,
-                  None)
-    with pytest.raises(RuntimeError, match="uint8 `image` must be contiguous BHWC"):
-        ops.euler(x, x, 0.5, 1.0, 1.0, -0.5, None, False, True, torch.empty_like(x), None, None, None,
-                  torch.empty(2, 3, 4, 4, dtype=torch.uint8))
+# -- argument checks: every one before any data pointer is taken or a kernel launched (csrc/ops.h) ----------
+
+SHAPE = (2, 3, 4, 4)  # 96 elements
+
+
+def _args(op: str, device: str, **kw) -> dict:
+    """A valid call of ``op`` as keywords (euler and heun without optional outputs, heun without the fused
+    churn), with ``kw`` replacing arguments."""
+    t = lambda seed: _rand(SHAPE, seed, 1.0, device)  # noqa: E731
+    out = lambda: torch.empty(SHAPE, device=device)  # noqa: E731
+    stage = dict(half_sigma=0.5, sigma=1.0, inv_sigma=1.0, dt=-0.5, scalars=None, denoiser=False, true_div=True)
+    args = {
+        "churn": lambda: dict(x=t(0), eps=t(1), keys=None, per_sample=0, s_noise=1.007, c=0.5, scalars=None,
+                              hat=out(), xin=out()),
+        "euler": lambda: dict(raw=t(0), hat=t(1), **stage, prev=out(), d=None, xin=None, pred=None, image=None),
+        "heun": lambda: dict(raw=t(0), hat=t(1), prev=t(2), d=t(3), **stage, x=out(), pred=None, churn=False,
+                             apply=False, eps=None, keys=None, per_sample=0, s_noise=1.007, c=0.5,
+                             churn_scalars=None, hat_next=None, xin=None),
+    }[op]()
+    args.update(kw)
+    return args
+
+
+def _refused(ops, op: str, args: dict, match: str, exc=RuntimeError) -> None:
+    """``op`` refuses ``args`` with ``match``, having written nothing (every tensor argument keeps its bits)."""
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(exc, match=match):
+        getattr(ops, op)(**args)
+    for k, v in before.items():
+        assert_bitwise(args[k], v, f"`{k}` after the refused call")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_operators_check_their_arguments(ops, device):
+    """On a GPU these run through the CUDA implementation (ops_cuda.cpp), which checks with the same code."""
+    x = torch.zeros(SHAPE, device=device)
+    _refused(ops, "churn", _args("churn", device, eps=torch.zeros(2, 3, 4, device=device)),
+             "kve_fast::churn: `eps` has shape")
+    _refused(ops, "churn", _args("churn", device, hat=torch.empty_like(x, dtype=torch.float64)),
+             "`hat` must be float32")
+    _refused(ops, "churn", _args("churn", device, eps=None, keys=torch.tensor([1, 2, 3], device=device),
+                                 per_sample=30), "3 keys of 30 elements each do not cover the 96 elements")
+    _refused(ops, "churn", _args("churn", device, eps=None), "give `eps`")
+    _refused(ops, "euler", _args("euler", device, prev=torch.empty_like(x).transpose(2, 3)), "`prev` has strides")
+    _refused(ops, "euler", _args("euler", device, image=torch.empty(SHAPE, dtype=torch.uint8, device=device)),
+             "uint8 `image` must be contiguous BHWC")
+    _refused(ops, "heun", _args("heun", device, churn=True), "needs `hat_next`")
+    _refused(ops, "heun", _args("heun", device, scalars=torch.zeros(3, device=device)),
+             "`scalars` must be a contiguous tensor of 4 values")
+    if device == "cuda":  # the dispatcher picks the CUDA implementation: it checks each tensor's device
+        _refused(ops, "churn", _args("churn", device, eps=torch.zeros(SHAPE)), "`eps` is on cpu, expected cuda")
+        _refused(ops, "euler", _args("euler", device, hat=torch.zeros(SHAPE)),
+                 "the CUDA implementation got `hat` on cpu")
+        _refused(ops, "heun", _args("heun", device, scalars=torch.zeros(4)), "`scalars` is on cpu")
+        _refused(ops, "churn", _args("churn", device, eps=None, keys=torch.tensor([7])), "`keys` is on cpu")
     with pytest.raises(TypeError, match="sample"):
         step_cuda.churn(x.double(), x, 1.0, torch.tensor(1.0), torch.tensor(2.0))
     with pytest.raises(ValueError, match="seed"):
         step_cuda.churn(x, None, 1.0, torch.tensor(1.0), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["churn", "heun"])
+def test_keys_count_check_cannot_overflow(ops, device, op):
+    """4 keys of 2**62 + 24 elements: 4 * (2**62 + 24) wraps to 96 in int64, the tensor's size (accepted before)."""
+    keys = torch.tensor([1, 2, 3, 4], device=device)
+    kw = dict(eps=None, keys=keys, per_sample=2**62 + 24)
+    if op == "heun":
+        kw.update(churn=True, apply=True, hat_next=torch.empty(SHAPE, device=device))
+    _refused(ops, op, _args(op, device, **kw), "4 keys of 4611686018427387928 elements each do not cover the 96")
+
+
+def _overlap_cases(device):
+    """(name, op, arguments, match): outputs that overlap inputs or one another."""
+    buf = lambda n=200: _rand((n,), 5, 1.0, device)  # noqa: E731
+    view = lambda b, start: b[start : start + 96].view(SHAPE)  # noqa: E731
+    a, b, c, d, e, f = buf(), buf(), buf(), buf(), buf(), buf()
+    out = lambda: torch.empty(SHAPE, device=device)  # noqa: E731
+    return [
+        # the issue's case: x_prev one element past x_hat (wrong values on the CPU, a data race on a GPU)
+        ("euler prev partly on hat", "euler", _args("euler", device, hat=view(a, 0), prev=view(a, 1)),
+         "output `prev` partially overlaps input `hat`"),
+        ("euler pred partly on raw", "euler", _args("euler", device, raw=view(b, 4), pred=view(b, 0)),
+         "output `pred` partially overlaps input `raw`"),
+        ("churn hat partly on x", "churn", _args("churn", device, x=view(c, 0), hat=view(c, 8)),
+         "output `hat` partially overlaps input `x`"),
+        ("heun hat_next partly on prev", "heun",
+         _args("heun", device, prev=view(d, 0), churn=True, apply=True, eps=out(), hat_next=view(d, 3), xin=out()),
+         "output `hat_next` partially overlaps input `prev`"),
+        ("euler d is prev", "euler", _args("euler", device, prev=view(e, 0), d=view(e, 0)),
+         "outputs `prev` and `d` are the same memory"),
+        ("euler xin partly on prev", "euler", _args("euler", device, prev=view(e, 0), xin=view(e, 50)),
+         "outputs `prev` and `xin` overlap in memory"),
+        # heun writes x, then reads eps at the same element: even the same view would read x, not the noise
+        ("heun x is eps", "heun", _args("heun", device, x=view(f, 0), churn=True, apply=True, eps=view(f, 0),
+                                        hat_next=out(), xin=out()),
+         "output `x` overlaps `eps`"),
+        # read by every thread: scalars in an output, keys in an output
+        ("euler scalars in prev", "euler", _args("euler", device, prev=view(a, 100), scalars=a[100:104]),
+         "output `prev` overlaps `scalars`"),
+        ("churn keys in hat", "churn",
+         _args("churn", device, eps=None, keys=view(b, 100).reshape(-1).view(torch.int64)[:1], hat=view(b, 100)),
+         "output `hat` overlaps `keys`"),
+        # the uint8 image in the bytes of x_hat
+        ("euler uint8 image on hat", "euler",
+         _args("euler", device, hat=view(c, 100), image=view(c, 100).reshape(-1).view(torch.uint8)[:96].view(2, 4, 4, 3)),
+         "output `image` partially overlaps input `hat`"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_overlapping_inputs_or_each_other_are_refused(ops, device):
+    for name, op, args, match in _overlap_cases(device):
+        try:
+            _refused(ops, op, args, match)
+        except BaseException as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_aliasing_the_kernels_allow_gives_the_same_bits(ops, device):
+    """An output may be an input that its kernel reads at each element first (csrc/ops.h): heun's hat_next = hat
+    is how FusedStep reuses its buffers, euler's prev = hat is k-diffusion's Euler where gamma = 0."""
+    steps = _steps()
+    step, nxt = steps[3], steps[4]
+    raw, hat, prev, d, eps = (_rand(SHAPE, s, 1.0, device) for s in range(5))
+    ref = step_cuda.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_next, want_pred=True,
+                         next_churn=(eps, 1.007, nxt.sigma, nxt.sigma_hat, None))
+    hat_in_place = hat.clone()
+    x, pred, xin = torch.empty_like(hat), torch.empty_like(hat), torch.empty_like(hat)
+    step_cuda._launch_heun(raw, hat_in_place, prev, d, step.at_next, x=x, denoised=pred,
+                           then=NextChurn(eps, None, (nxt.noise_coef, 1.007), hat_in_place, xin), denoiser=False,
+                           true_div=True)
+    for got, want, what in zip((x, pred, hat_in_place, xin), ref, ("x", "pred", "hat_next = hat", "xin")):
+        assert_bitwise(got, want, what)
+    new = lambda: torch.empty_like(hat)  # noqa: E731
+    ref = (new(), new(), new(), new())
+    step_cuda._launch_euler(raw, hat, step.at_hat, x_next=ref[0], d=ref[1], model_input=ref[2], denoised=ref[3],
+                            denoiser=False, true_div=True)
+    h, r = hat.clone(), raw.clone()
+    got = (h, r, new(), new())
+    step_cuda._launch_euler(r, h, step.at_hat, x_next=h, d=r, model_input=got[2], denoised=got[3], denoiser=False,
+                            true_div=True)
+    for g, w, what in zip(got, ref, ("prev = hat", "d = raw", "xin", "pred")):
+        assert_bitwise(g, w, what)
+    ref = (new(), new())
+    step_cuda._launch_churn(hat, eps, None, (nxt.noise_coef, 1.007), hat=ref[0], model_input=ref[1])
+    h, e = hat.clone(), eps.clone()
+    step_cuda._launch_churn(h, e, None, (nxt.noise_coef, 1.007), hat=h, model_input=e)
+    assert_bitwise(h, ref[0], "churn hat = x")
+    assert_bitwise(e, ref[1], "churn xin = eps")
+
+
+def _unused_cases(device):
+    """(op, arguments, match): tensors (and per_sample, apply) for a stage the call does not run."""
+    out = lambda: torch.empty(SHAPE, device=device)  # noqa: E731
+    keys = torch.tensor([5], device=device)
+    cs = torch.tensor([0.5, 1.0], device=device)
+    no_churn = "`churn` is False"
+    no_noise = "`apply` is False"
+    fused = dict(churn=True, apply=False, hat_next=out(), xin=out())
+    return [
+        ("churn", _args("churn", device, keys=keys), "give `eps` .* or `keys` .*, not both"),
+        ("churn", _args("churn", device, per_sample=48), "`per_sample` counts the elements of one key"),
+        ("heun", _args("heun", device, hat_next=out()), f"`hat_next` is given but {no_churn}"),
+        ("heun", _args("heun", device, xin=out()), f"`xin` is given but {no_churn}"),
+        ("heun", _args("heun", device, eps=out()), f"`eps` is given but {no_churn}"),
+        ("heun", _args("heun", device, keys=keys), f"`keys` is given but {no_churn}"),
+        ("heun", _args("heun", device, churn_scalars=cs), f"`churn_scalars` is given but {no_churn}"),
+        ("heun", _args("heun", device, apply=True), f"`apply` is True but {no_churn}"),
+        ("heun", _args("heun", device, per_sample=48), f"`per_sample` is 48 but {no_churn}"),
+        ("heun", _args("heun", device, **fused, eps=out()), f"`eps` is given but {no_noise}"),
+        ("heun", _args("heun", device, **fused, keys=keys), f"`keys` is given but {no_noise}"),
+        ("heun", _args("heun", device, **fused, churn_scalars=cs), f"`churn_scalars` is given but {no_noise}"),
+        ("heun", _args("heun", device, **fused, per_sample=48), f"`per_sample` is 48 but {no_noise}"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensors_for_stages_not_run_are_refused(ops, device):
+    """What the kernel would ignore is refused; the launchers pass None there (test_*_matches_torch run them)."""
+    for op, args, match in _unused_cases(device):
+        try:
+            _refused(ops, op, args, match)
+        except BaseException as exc:
+            raise AssertionError(f"{op} with {match!r}: {exc}") from exc
 
 
 def test_operators_pass_torch_opcheck(ops):
@@ -462,7 +642,9 @@ def test_operators_pass_torch_opcheck(ops):
 def _noise(seed, shape=(4096,), device="cpu", module=None):
     zero = torch.zeros(shape, device=device)
     # sample = 0, c = 1, S_noise = 1: x_hat is the generated noise itself
-    return (module or step_cuda)._launch_churn(zero, None, seed, 1.0, 1.0, store_xin=False)[0]
+    hat = torch.empty_like(zero)
+    (module or step_cuda)._launch_churn(zero, None, seed, (1.0, 1.0), hat=hat)
+    return hat
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -512,9 +694,8 @@ def run_with(ops):
     from kve_fast import k_diffusion, sampler
     from kve_fast.ops.step_cuda import CudaStep
 
-    def make(name, device, s_noise, want_pred=False, shape=None, denoiser=False, layout=None,
-             model_dtype=torch.float32):
-        return CudaStep(s_noise, want_pred, shape, denoiser=denoiser, layout=layout, model_dtype=model_dtype)
+    def make(name, device, convention, shape=None, layout=None, model_dtype=torch.float32):
+        return CudaStep(convention, device, shape, layout=layout, model_dtype=model_dtype)
 
     def run(kind, fn):
         if kind == "torch" or CUDA:

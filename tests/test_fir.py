@@ -37,7 +37,7 @@ from diffusers.models.downsampling import FirDownsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import FirUpsample2D, upfirdn2d_native
 
-from kve_fast import ncsnpp
+from kve_fast import _warn, ncsnpp
 
 pytestmark = needs_triton
 
@@ -365,7 +365,7 @@ def test_make_fast_without_fir_blocks_is_a_no_op():
 def test_make_fast_not_applied_where_triton_cannot_run(unets, monkeypatch):
     """No CUDA and no interpreter: nothing patched, diffusers' op runs, one warning in all."""
     monkeypatch.setattr(fir_ops(), "can_run", lambda: False)
-    monkeypatch.setattr(ncsnpp, "_FAST_WARNED", set())
+    _warn.forget()
     model = copy.deepcopy(unets.ref)
     with pytest.warns(RuntimeWarning, match="make_fast: not applied") as record:
         assert ncsnpp.make_fast(model) == 0

@@ -90,6 +90,9 @@ CASES = [  # (sampler, model, batch, steps, churn settings)
     ("sample_heun", "unet", 2, 4, {"s_churn": 10.0}),
     ("sample_euler", "gaussian", 2, 5, {"s_churn": 40.0, "s_tmin": 0.1, "s_tmax": 5.0}),
     ("sample_euler", "unet", 1, 3, {}),
+    # gamma = S_churn / N below its cap on the churned steps (catches a gamma that forgets / N)
+    ("sample_heun", "gaussian", 2, 8, {"s_churn": 1.6, "s_tmin": 0.05, "s_tmax": 20.0, "s_noise": 1.004}),
+    ("sample_euler", "unet", 2, 6, {"s_churn": 0.9, "s_tmin": 0.05, "s_tmax": 30.0}),
 ]
 
 
@@ -169,14 +172,14 @@ def test_step_scalars_match_k_diffusion_expressions(churn):
         gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
         sigma_hat = sigmas[i] * (gamma + 1)
         step = plan[i]
-        assert step.gamma == gamma and step.sigma_hat_f == float(sigma_hat), i
-        assert step.dt == float(sigmas[i + 1] - sigma_hat), i
+        assert step.gamma == gamma and step.at_hat.sigma == float(sigma_hat), i
+        assert step.at_hat.dt == float(sigmas[i + 1] - sigma_hat), i
         if gamma > 0:
             churned += 1
             coefficient = float((sigma_hat**2 - sigmas[i] ** 2) ** 0.5)
-            assert step.churn == coefficient == float(vector[i]), i
+            assert step.noise_coef == coefficient == float(vector[i]), i
         else:
-            assert step.churn is None, i
+            assert step.noise_coef is None, i
     assert 0 < churned < len(sigmas) - 1 or s_tmax == float("inf")
 
 
@@ -206,8 +209,10 @@ def test_fast_noise_is_reproducible_and_not_the_exact_stream():
 
 @pytest.mark.parametrize("kwargs, error, name", [
     ({"sigmas": [1.0, 0.0]}, TypeError, "sigmas"),
-    ({"sigmas": torch.tensor([1.0, 2.0, 0.0])}, ValueError, "sigmas"),
-    ({"sigmas": torch.tensor([1.0, 0.0], dtype=torch.float64)}, TypeError, "sigmas"),
+    ({"sigmas": torch.tensor([[1.0, 0.0]])}, ValueError, "sigmas"),
+    # a churned step whose sigma_hat ** 2 overflows float32 (the square k-diffusion computes there)
+    ({"sigmas": torch.tensor([1e30, 1.0, 0.0]), "s_churn": 1.0}, ValueError, "sigmas"),
+    ({"backend": "triton", "sigmas": torch.tensor([1.0, 0.0], dtype=torch.float64)}, ValueError, "backend"),
     ({"extra_args": [1]}, TypeError, "extra_args"),
     ({"callback": 3}, TypeError, "callback"),
     ({"backend": "cuda"}, ValueError, "backend"),
@@ -222,7 +227,9 @@ def test_bad_arguments_fail_before_any_draw(kwargs, error, name):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_no_autograd_tape_and_rng_restored_on_failure():
+def test_no_autograd_tape_and_the_rng_after_a_failure_is_k_diffusions():
+    """For the drop-in, k-diffusion's side effects win over kve_fast's rule that a failed call puts the RNG back:
+    an interrupt leaves the global RNG where k-diffusion leaves it (advanced by the draws made)."""
     unet = UNetDenoiser()
     x = torch.randn(1, 3, 8, 8).requires_grad_(True)
     sigmas = kd.get_sigmas_karras(3, 0.1, 10.0)
@@ -236,7 +243,12 @@ def test_no_autograd_tape_and_rng_restored_on_failure():
             raise KeyboardInterrupt
         return x * 0
 
-    state = torch.get_rng_state()
-    with pytest.raises(KeyboardInterrupt):
-        kd.sample_heun(failing, torch.ones(1, 3, 8, 8), sigmas, disable=True)
-    assert torch.equal(torch.get_rng_state(), state)
+    after = {}
+    for name, sampler in (("real", real_sampling().sample_heun), ("ours", kd.sample_heun)):
+        calls.clear()
+        torch.manual_seed(5)
+        with pytest.raises(KeyboardInterrupt):
+            sampler(failing, torch.ones(1, 3, 8, 8), sigmas, disable=True)
+        after[name] = torch.get_rng_state()
+    assert torch.equal(after["ours"], after["real"])
+    assert not torch.equal(after["ours"], torch.manual_seed(5).get_state()), "the draws made must show"

@@ -161,23 +161,18 @@ def test_the_pipeline_takes_unet_dtype():
 
 
 @pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
-def test_graphed_low_precision_gives_the_eager_bits_and_its_own_capture(monkeypatch):
-    monkeypatch.setattr(graphs, "_FAKE_GRAPHS", not torch.cuda.is_available())
-    graphs.clear_graphs()
-    try:
-        unet = reference_test_unet(8)
-        pipe = kve_pipe(unet, **SCHEDULE)
-        run = lambda **kw: pipe(2, 3, torch.Generator().manual_seed(0), output_type="latent",  # noqa: E731
-                                backend="triton", **kw).images
-        eager = run(cuda_graph=False, unet_dtype=torch.bfloat16)
-        assert_bitwise(run(cuda_graph=True, unet_dtype=torch.bfloat16), eager, "graphed vs eager, autocast bf16")
-        run(cuda_graph=True)
-        assert graphs.graph_info()["captures"] == 2, "float32 and bf16 runs must not share a capture"
-        unet.to(torch.bfloat16)
-        native = run(cuda_graph=False)
-        assert_bitwise(run(cuda_graph=True), native, "graphed vs eager, bf16 UNet")
-    finally:
-        graphs.clear_graphs()
+def test_graphed_low_precision_gives_the_eager_bits_and_its_own_capture(fake_graphs):
+    unet = reference_test_unet(8)
+    pipe = kve_pipe(unet, **SCHEDULE)
+    run = lambda **kw: pipe(2, 3, torch.Generator().manual_seed(0), output_type="latent",  # noqa: E731
+                            backend="triton", **kw).images
+    eager = run(cuda_graph=False, unet_dtype=torch.bfloat16)
+    assert_bitwise(run(cuda_graph=True, unet_dtype=torch.bfloat16), eager, "graphed vs eager, autocast bf16")
+    run(cuda_graph=True)
+    assert graphs.graph_info()["captures"] == 2, "float32 and bf16 runs must not share a capture"
+    unet.to(torch.bfloat16)
+    native = run(cuda_graph=False)
+    assert_bitwise(run(cuda_graph=True), native, "graphed vs eager, bf16 UNet")
 
 
 def test_the_cli_runs_a_bf16_unet(tmp_path):

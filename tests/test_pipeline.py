@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    CUSTOM, SMALL_SIGMAS, SMALL_SIGMAS_NO_CHURN, FoldChannels, GaussianScore, OracleScore, RefPipeline, assert_bitwise,
+    BELOW_CAP, CUSTOM, SMALL_SIGMAS, SMALL_SIGMAS_NO_CHURN, FoldChannels, GaussianScore, OracleScore, RefPipeline, assert_bitwise,
     assert_mostly_inside, check_image_parity, kve_pipe, make_generator, reference_pipe, run_reference,
 )
 from PIL import Image
@@ -29,6 +29,7 @@ IMAGE_CASES = [
         ("list", 2, 5, SMALL_SIGMAS_NO_CHURN),
         ("global", 2, 14, CUSTOM),
         ("single", 2, 8, {"sigma_max": 1.5, "sigma_min": 0.02, "s_noise": 1.01, "s_min": 0.05, "s_max": 1.0}),
+        ("list", 2, 6, BELOW_CAP),  # gamma below its cap: catches a gamma that forgets / N
     ]
 ]
 
@@ -42,7 +43,7 @@ def test_images_match_diffusers(models, model, form, batch, steps, config):
 # UNets too: latents are not clamped, so saturation cannot hide anything here.
 @pytest.mark.parametrize("model, form, config", [
     ("test_unet", "single", {}), ("ncsnpp", "list", {}), ("gaussian", "global", {}),
-    ("ncsnpp", "global", CUSTOM), ("test_unet+gaussian", "list", SMALL_SIGMAS),
+    ("ncsnpp", "global", CUSTOM), ("test_unet+gaussian", "list", SMALL_SIGMAS), ("test_unet", "single", BELOW_CAP),
 ])
 def test_latent_output_matches_diffusers(models, model, form, config):
     unet = models(model)

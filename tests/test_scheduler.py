@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import RefScheduler, assert_bitwise
 
+import kve_fast
 from kve_fast import KarrasVeScheduler
 
 SETTINGS = [
@@ -115,3 +116,28 @@ def test_bad_num_inference_steps_leaves_scheduler_unchanged(n, error):
     assert scheduler.num_inference_steps == before[0]
     assert_bitwise(scheduler.timesteps, before[1])
     assert_bitwise(scheduler.schedule, before[2])
+
+
+@pytest.mark.parametrize("config", [{}, {"sigma_schedule": "edm", "rho": 5.0, "s_churn": 3.0}])
+def test_a_saved_config_loads_in_diffusers_class_without_a_warning(tmp_path, config):
+    """diffusers' KarrasVeScheduler warned that `sigma_schedule` and `rho` "are not expected and will be ignored"
+    (mutation: writing them as top-level keys); kve_fast reads them back (mutation: dropping them)."""
+    import io
+    import logging
+
+    from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler as Ref
+
+    kve_fast.KarrasVeScheduler(**config).save_pretrained(tmp_path)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        ref = Ref.from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "", stream.getvalue()
+    assert ref.config.s_churn == config.get("s_churn", 80)
+    back = kve_fast.KarrasVeScheduler.from_pretrained(tmp_path)
+    assert back.config.sigma_schedule == config.get("sigma_schedule", "diffusers")
+    assert back.config.rho == config.get("rho", 7.0)

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    CUSTOM, HAS_TRITON, SMALL_SIGMAS, SMALL_SIGMAS_NO_CHURN, GaussianScore, assert_bitwise, assert_mostly_inside,
+    BELOW_CAP, CUSTOM, HAS_TRITON, SMALL_SIGMAS, SMALL_SIGMAS_NO_CHURN, GaussianScore, assert_bitwise, assert_mostly_inside,
     check_image_parity, kve_pipe, make_generator, needs_triton, run_reference,
 )
 
 import kve_fast
+from kve_fast import _warn
 from kve_fast.backends import check_backend
 from kve_fast.noise import ReferenceNoise, draw_randn
 from kve_fast.ops import step_torch
@@ -56,19 +57,19 @@ def test_churn_matches_torch(shape, which):
 
 @needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("which", [0, 3, 7])  # 7 is the last step: sigma_prev = 0
+@pytest.mark.parametrize("which", [0, 3, 7])  # 7 is the last step: sigma_{i+1} = 0
 def test_euler_matches_torch(shape, which):
     step = _steps()[which]
     raw, hat = _rand(shape, 3, 0.2), _rand(shape, 4, 2.0)
-    prev, d, xin, pred, img = step_triton.euler(raw, hat, step.sigma_hat, step.sigma_prev, want_pred=True, image="float")
+    prev, d, xin, pred, img = step_triton.euler(raw, hat, step.sigma_hat, step.sigma_next, want_pred=True, image="float")
     mo = step_torch.scale_model_output(raw, step.sigma_hat)
-    r_prev, r_d, r_pred = step_torch.euler(mo, step.sigma_hat, step.sigma_prev, hat)
+    r_prev, r_d, r_pred = step_torch.euler(mo, step.sigma_hat, step.sigma_next, hat)
     assert_bitwise(prev, r_prev, "sample_prev")
     assert_bitwise(d, r_d, "derivative")
     assert_bitwise(pred, r_pred, "pred_original_sample")
     assert_bitwise(xin, step_torch.model_input(r_prev), "model input")
     assert_bitwise(img, step_torch.to_image(r_prev), "image")
-    _, _, _, _, img8 = step_triton.euler(raw, hat, step.sigma_hat, step.sigma_prev, image="uint8")
+    _, _, _, _, img8 = step_triton.euler(raw, hat, step.sigma_hat, step.sigma_next, image="uint8")
     assert_bitwise(img8, step_torch.to_image(r_prev, "uint8"), "uint8 image")
     ref_pil = (step_torch.to_image(r_prev).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     assert_bitwise(img8.cpu(), torch.from_numpy(ref_pil), "uint8 image vs numpy_to_pil's rounding")
@@ -100,10 +101,10 @@ def test_heun_matches_torch(shape, fused):
     raw, hat, prev, d = _rand(shape, 5, 0.2), _rand(shape, 6, 2.0), _rand(shape, 7, 2.0), _rand(shape, 8)
     eps = _rand(shape, 9)
     churn = (eps, 1.007, nxt.sigma, nxt.sigma_hat, None) if fused else None
-    x, pred, hat_n, xin = step_triton.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
+    x, pred, hat_n, xin = step_triton.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_next, want_pred=True,
                                             next_churn=churn)
-    mo = step_torch.scale_model_output(raw, step.sigma_prev)
-    r_x, r_pred = step_torch.heun(mo, step.sigma_hat, step.sigma_prev, hat, prev, d)
+    mo = step_torch.scale_model_output(raw, step.sigma_next)
+    r_x, r_pred = step_torch.heun(mo, step.sigma_hat, step.sigma_next, hat, prev, d)
     assert_bitwise(x, r_x, "corrected sample")
     assert_bitwise(pred, r_pred, "pred_original_sample")
     if fused:
@@ -112,16 +113,12 @@ def test_heun_matches_torch(shape, fused):
         assert_bitwise(xin, step_torch.model_input(r_hat), "next model input")
 
 
-# --- the CUDA arithmetic, forced under the interpreter ----------------------------------------------------
+# --- the CUDA arithmetic, asked for under the interpreter ---------------------------------------------------
 # On CUDA, torch divides a tensor by a 0-d CPU tensor by multiplying with the float32 reciprocal computed
-# on the host; the kernels do the same there (``_true_div`` False). That branch is checked here on the CPU,
-# against torch's formula for it, on inputs where it differs from true division (asserted, so a kernel
-# that kept dividing would fail).
-
-
-@pytest.fixture
-def cuda_arithmetic(monkeypatch):
-    monkeypatch.setattr(step_triton, "_true_div", lambda t: False)
+# on the host; the kernels do the same there (``true_div=False``, what ``REFERENCE.true_division`` picks for a
+# CUDA device: tests/test_convention.py). That branch is run here on the CPU by asking for it, against
+# torch's formula for it, on inputs where it differs from true division (asserted, so a kernel that kept
+# dividing would fail).
 
 
 def _host_reciprocal(sigma) -> torch.Tensor:
@@ -135,16 +132,17 @@ def _differs(a, b) -> float:
 
 @needs_triton
 @pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 33, 31)])
-@pytest.mark.parametrize("which", [0, 3, 7])  # 7: the last step, sigma_prev = 0
-def test_euler_kernel_cuda_arithmetic(cuda_arithmetic, shape, which):
+@pytest.mark.parametrize("which", [0, 3, 7])  # 7: the last step, sigma_{i+1} = 0
+def test_euler_kernel_cuda_arithmetic(shape, which):
     step = _steps()[which]
     # raw scaled so that sigma_hat * model_output ~ sample_hat: x_hat - D(x_hat) is not lost to rounding
     raw, hat = _rand(shape, 3, 1.0 / float(step.sigma_hat) ** 2), _rand(shape, 4, 2.0)
-    prev, d, xin, pred, img = step_triton.euler(raw, hat, step.sigma_hat, step.sigma_prev, want_pred=True, image="float")
+    prev, d, xin, pred, img = step_triton.euler(raw, hat, step.sigma_hat, step.sigma_next, want_pred=True, image="float",
+                                                true_div=False)
     # step_torch.euler with the division as CUDA does it
     r_pred = hat + step.sigma_hat * step_torch.scale_model_output(raw, step.sigma_hat)
     r_d = (hat - r_pred) * _host_reciprocal(step.sigma_hat).to(DEVICE)
-    r_prev = hat + (step.sigma_prev - step.sigma_hat) * r_d
+    r_prev = hat + (step.sigma_next - step.sigma_hat) * r_d
     true_d = (hat.cpu() - r_pred.cpu()) / step.sigma_hat
     assert _differs(r_d.cpu(), true_d) > 0.01, "inputs must tell multiply-by-reciprocal from division apart"
     assert_bitwise(d, r_d, "derivative")
@@ -153,27 +151,27 @@ def test_euler_kernel_cuda_arithmetic(cuda_arithmetic, shape, which):
     assert_bitwise(xin, step_torch.model_input(r_prev), "model input")
     assert_bitwise(img, step_torch.to_image(r_prev), "image")
     assert _differs(d.cpu(), true_d) > 0.01, "the derivative must not be the CPU's (true division)"
-    true_prev = hat.cpu() + (step.sigma_prev - step.sigma_hat) * true_d
+    true_prev = hat.cpu() + (step.sigma_next - step.sigma_hat) * true_d
     assert _differs(prev.cpu(), true_prev) > 0, "the outputs must show the arithmetic"
 
 
 @needs_triton
 @pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 33, 31)])
 @pytest.mark.parametrize("fused", [False, True])
-def test_heun_kernel_cuda_arithmetic(cuda_arithmetic, shape, fused):
+def test_heun_kernel_cuda_arithmetic(shape, fused):
     steps = _steps()
     step, nxt = steps[3], steps[4]
     raw, hat, prev, d = _rand(shape, 5, 0.2), _rand(shape, 6, 2.0), _rand(shape, 7, 2.0), _rand(shape, 8)
     eps = _rand(shape, 9)
     churn = (eps, 1.007, nxt.sigma, nxt.sigma_hat, None) if fused else None
-    x, pred, hat_n, xin = step_triton.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_prev, want_pred=True,
-                                            next_churn=churn)
+    x, pred, hat_n, xin = step_triton.heun(raw, hat, prev, d, step.sigma_hat, step.sigma_next, want_pred=True,
+                                            next_churn=churn, true_div=False)
     # step_torch.heun with the division as CUDA does it
-    r_pred = prev + step.sigma_prev * step_torch.scale_model_output(raw, step.sigma_prev)
-    r_dc = (prev - r_pred) * _host_reciprocal(step.sigma_prev).to(DEVICE)
-    r_x = hat + (step.sigma_prev - step.sigma_hat) * (0.5 * d + 0.5 * r_dc)
-    true_dc = (prev.cpu() - r_pred.cpu()) / step.sigma_prev
-    true_x = hat.cpu() + (step.sigma_prev - step.sigma_hat) * (0.5 * d.cpu() + 0.5 * true_dc)
+    r_pred = prev + step.sigma_next * step_torch.scale_model_output(raw, step.sigma_next)
+    r_dc = (prev - r_pred) * _host_reciprocal(step.sigma_next).to(DEVICE)
+    r_x = hat + (step.sigma_next - step.sigma_hat) * (0.5 * d + 0.5 * r_dc)
+    true_dc = (prev.cpu() - r_pred.cpu()) / step.sigma_next
+    true_x = hat.cpu() + (step.sigma_next - step.sigma_hat) * (0.5 * d.cpu() + 0.5 * true_dc)
     assert _differs(r_dc.cpu(), true_dc) > 0.01, "inputs must tell multiply-by-reciprocal from division apart"
     assert _differs(r_x.cpu(), true_x) > 0, "the corrected sample must show the arithmetic"
     assert_bitwise(pred, r_pred, "pred_original_sample")
@@ -198,11 +196,11 @@ def test_public_ops_check_their_inputs():
     with pytest.raises(ValueError, match="eps"):
         step_triton.churn(x, x[:1], 1.0, step.sigma, step.sigma_hat)
     with pytest.raises(ValueError, match="raw"):
-        step_triton.euler(x[:, :1], x, step.sigma_hat, step.sigma_prev)
+        step_triton.euler(x[:, :1], x, step.sigma_hat, step.sigma_next)
     with pytest.raises(ValueError, match="seed"):
         step_triton.churn(x, None, 1.0, step.sigma, step.sigma_hat)
     with pytest.raises(ValueError, match="image"):
-        step_triton.euler(x, x, step.sigma_hat, step.sigma_prev, image="jpeg")
+        step_triton.euler(x, x, step.sigma_hat, step.sigma_next, image="jpeg")
     # Non-contiguous inputs are made contiguous, never misread.
     xt = _rand((2, 4, 4, 3), 1).permute(0, 3, 1, 2)
     eps = _rand((2, 3, 4, 4), 2)
@@ -224,6 +222,7 @@ PIPE_CASES = [
     ("gaussian", "single", 1, 2, SMALL_SIGMAS_NO_CHURN),
     ("gaussian", "list", 3, 6, SMALL_SIGMAS),
     ("gaussian", "global", 2, 14, CUSTOM),
+    ("test_unet+gaussian", "list", 2, 6, BELOW_CAP),
 ]
 
 
@@ -359,7 +358,7 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         check_backend("triton", torch.device("cpu"))
     monkeypatch.setattr(backends, "triton_available", lambda: (False, "ImportError: no triton"))
-    monkeypatch.setattr(backends, "_warned", set())
+    _warn.forget()
     with pytest.warns(RuntimeWarning, match="Triton is unavailable"):
         assert check_backend("auto", torch.device("cuda")) == "torch"
     import warnings

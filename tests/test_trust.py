@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 import torch
-from conftest import CAN_RUN_TRITON, GaussianScore, assert_bitwise, kve_pipe, make_generator, reference_test_unet
+from conftest import CAN_RUN_TRITON, GaussianScore, RefScheduler, assert_bitwise, kve_pipe, make_generator, reference_test_unet
 
 import kve_fast
 from kve_fast import noise as noise_module
@@ -154,6 +154,8 @@ def test_a_failed_call_leaves_everything_as_it_was(kind, error, form, backend):
     model = _failing_model(kind) if not kind.startswith("callback") else _failing_model("fine")
     pipe = kve_pipe(model, s_churn=7.0)
     pipe.scheduler.set_timesteps(9)
+    ok = kve_pipe(GaussianScore(8), s_churn=7.0)
+    before_failure = ok(2, 5, make_generator(form, 5, 2), output_type="np", backend=backend).images
     gen = make_generator(form, 5, 2)
     before, cache = _rng_states(gen), plan_module.plan_cache_info()
     threads = set(threading.enumerate())
@@ -165,11 +167,9 @@ def test_a_failed_call_leaves_everything_as_it_was(kind, error, form, backend):
     assert plan_module.plan_cache_info() == cache
     assert pipe.scheduler.num_inference_steps == 9
     assert set(threading.enumerate()) <= threads
-    # and the next call is the same as on a fresh process: nothing was corrupted
-    ok = kve_pipe(GaussianScore(8))
-    a = ok(2, 5, make_generator(form, 5, 2), output_type="np", backend=backend).images
-    b = ok(2, 5, make_generator(form, 5, 2), output_type="np", backend=backend).images
-    assert_bitwise(a, b)
+    # and the next call is the same as the one made before the failure: nothing was corrupted (caches, plans)
+    after = ok(2, 5, make_generator(form, 5, 2), output_type="np", backend=backend).images
+    assert_bitwise(after, before_failure, "a call after the failure vs the same call before it")
 
 
 @pytest.mark.parametrize("where", ["progress", "model"])
@@ -277,6 +277,30 @@ def test_a_huge_step_count_starts_at_once(monkeypatch):
     # 2 for the scheduler's range check at construction, then sigma_i and sigma_{i+1} for each of the 2 steps
     assert len(calls) <= 6, f"{len(calls)} schedule values computed for 2 steps"
     assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB for a run stopped after 2 of 10**9 steps"
+
+
+def test_a_pipeline_call_with_a_huge_step_count_builds_no_schedule():
+    """pipe(num_inference_steps=10**7) used to build the whole schedule in set_timesteps after the call
+    (a list of 10**7 tensors: bad_alloc in 6 GB); the scheduler now makes it when it is read."""
+    pipe = kve_pipe(GaussianScore(8))
+
+    def stop(p, i, t, kw):
+        p._interrupt = True
+        return {}
+
+    tracemalloc.start()
+    try:
+        pipe(1, 10**7, torch.Generator().manual_seed(0), output_type="latent", callback_on_step_end=stop)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert pipe.scheduler.num_inference_steps == 10**7
+    pipe.scheduler.set_timesteps(5)
+    ref = RefScheduler()
+    ref.set_timesteps(5)
+    assert_bitwise(pipe.scheduler.schedule, ref.schedule, "the schedule, read after set_timesteps")
+    assert_bitwise(pipe.scheduler.timesteps, ref.timesteps, "the timesteps")
 
 
 def test_each_step_is_planned_once_on_the_fused_path(monkeypatch):

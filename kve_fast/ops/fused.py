@@ -1,23 +1,42 @@
 """The host side both fused GPU backends share: input checks, the public ops, the step backend class.
 
 The kernels live in ``step_triton.py`` (Triton) and ``csrc/`` (the CUDA C++ extension, ``step_cuda.py``);
-each module has launchers with the same contracts (``_launch_churn``, ``_launch_euler``,
-``_launch_heun``), and everything here takes the module to launch with. This module imports neither
-Triton nor the extension, so the CUDA backend works without Triton.
+each module has launchers with the same contracts (``_launch_churn``, ``_launch_euler``, ``_launch_heun``:
+inputs, then keyword outputs, each a tensor to write or None for "not wanted"), and everything here takes
+the module to launch with. This module imports neither Triton nor the extension, so the CUDA backend works
+without Triton.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
+from ..convention import REFERENCE
 from ..images import to_image
-from ..noise import StepKeys
-from ..plan import _f32, churn_coefficient, euler_scalars, heun_scalars
+from ..noise import Draw, StepKeys
+from ..plan import _f32, churn_coefficient, level_at
+from ..schedule import NEW
 
 MAX_ELEMENTS = 2**31 - 1024  # int32 offsets and Philox counters in both kernel sets
 _MAX_ELEMENTS = MAX_ELEMENTS
+
+
+class NextChurn(NamedTuple):
+    """The next step's lines 4-6, fused into a Heun launch: its noise (``eps``, or ``seed``: an int or
+    per-sample keys), ``coef`` (``(c, S_noise)`` floats, or a device tensor ``[c, S_noise]``), where it writes
+    x_hat (``hat``, which may be the Heun launch's own ``hat``: each element is read before the same program
+    writes it) and the score model's input (``model_input``, or None), and whether it adds noise at all
+    (``noise`` False: k-diffusion's gamma = 0, x_hat is the corrected sample itself)."""
+
+    eps: torch.Tensor | None
+    seed: object
+    coef: object
+    hat: torch.Tensor
+    model_input: torch.Tensor | None
+    noise: bool = True
 
 
 def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,7 +55,9 @@ def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torc
 
 
 # Public ops: check inputs (wrong dtype or device is an error; non-contiguous inputs are copied), compute
-# the reference's scalars on the host, launch with ``launch``'s launchers.
+# the reference's scalars on the host, launch with ``launch``'s launchers. ``true_div``: divide by sigma
+# truly, or multiply by its float32 reciprocal; None: as torch does with the reference's CPU scalars on
+# the tensors' device (``kve_fast.convention.REFERENCE.true_division``).
 
 
 def _check_seed(seed, sample: torch.Tensor):
@@ -58,6 +79,10 @@ def _check_seed(seed, sample: torch.Tensor):
     return seed
 
 
+def _true_div(true_div, t: torch.Tensor) -> bool:
+    return REFERENCE.true_division(t.device) if true_div is None else bool(true_div)
+
+
 def churn(sample, eps, s_noise, sigma, sigma_hat, seed: int | torch.Tensor | None = None, *, launch):
     """Lines 5-6. ``eps`` is unscaled noise, or None with ``seed`` for in-kernel Philox noise: an int (one
     key for the whole tensor) or a 1-D int64 device tensor of K per-sample keys (sample b, the b-th of K
@@ -69,14 +94,17 @@ def churn(sample, eps, s_noise, sigma, sigma_hat, seed: int | torch.Tensor | Non
     if eps is None:
         seed = _check_seed(seed, sample)
     eps = None if eps is None else _check("eps", eps, sample)
-    return launch._launch_churn(sample, eps, seed, _f32(s_noise), churn_coefficient(sigma, sigma_hat))
+    hat, xin = torch.empty_like(sample), torch.empty_like(sample)
+    launch._launch_churn(sample, eps, seed, (churn_coefficient(sigma, sigma_hat), _f32(s_noise)), hat=hat,
+                         model_input=xin)
+    return hat, xin
 
 
-def euler(raw, sample_hat, sigma_hat, sigma_prev, want_input=True, want_derivative=True,
-          want_pred=False, image: str | None = None, *, launch):
+def euler(raw, sample_hat, sigma_hat, sigma_next, want_input=True, want_derivative=True,
+          want_pred=False, image: str | None = None, *, true_div: bool | None = None, launch):
     """Lines 7-8 from the raw model output (scaled by sigma_hat / 2 here, as the reference does).
 
-    Returns ``(sample_prev, derivative, model_input, pred, image)`` with None for what was not asked.
+    Returns ``(sample_next, derivative, model_input, pred, image)`` with None for what was not asked.
     ``image``: None, ``"float"`` ((x / 2 + 0.5).clamp(0, 1), BCHW) or ``"uint8"`` (BHWC, rounded as PIL).
     """
     sample_hat = _check("sample_hat", sample_hat)
@@ -85,52 +113,49 @@ def euler(raw, sample_hat, sigma_hat, sigma_prev, want_input=True, want_derivati
         raise ValueError(f"`image` must be None, 'float' or 'uint8', got {image!r}")
     if image is not None and sample_hat.dim() != 4:
         raise ValueError("`image` output needs a BCHW `sample_hat`")
-    return launch._launch_euler(raw, sample_hat, euler_scalars(sigma_hat, sigma_prev), want_input, want_derivative,
-                         want_pred, image)
+    new = torch.empty_like
+    out = (new(sample_hat), new(sample_hat) if want_derivative else None, new(sample_hat) if want_input else None,
+           new(sample_hat) if want_pred else None, None if image is None else image_tensor(sample_hat, image))
+    launch._launch_euler(raw, sample_hat, level_at(sigma_hat, sigma_hat, sigma_next), x_next=out[0], d=out[1],
+                         model_input=out[2], denoised=out[3], image=out[4], image_kind=image, denoiser=False,
+                         true_div=_true_div(true_div, sample_hat))
+    return out
 
 
-def heun(raw, sample_hat, sample_prev, derivative, sigma_hat, sigma_prev, want_sample=True, want_pred=False,
-         next_churn: tuple | None = None, *, launch):
+def heun(raw, sample_hat, sample_next, derivative, sigma_hat, sigma_next, want_sample=True, want_pred=False,
+         next_churn: tuple | None = None, *, true_div: bool | None = None, launch):
     """Lines 9-11, optionally fused with the next step's churn.
 
-    ``next_churn`` is ``(eps, s_noise, sigma_next, sigma_hat_next, seed)`` (eps None for device noise;
-    ``seed`` as in ``churn``).
+    ``next_churn`` is ``(eps, s_noise, sigma_next_step, sigma_hat_next_step, seed)`` (eps None for device
+    noise; ``seed`` as in ``churn``).
     Returns ``(sample, pred, sample_hat_next, model_input_next)`` with None for what was not asked.
     """
     sample_hat = _check("sample_hat", sample_hat)
     raw = _check("raw", raw, sample_hat)
-    sample_prev = _check("sample_prev", sample_prev, sample_hat)
+    sample_next = _check("sample_next", sample_next, sample_hat)
     derivative = _check("derivative", derivative, sample_hat)
-    churn_next = None
+    then = None
     if next_churn is not None:
         eps, s_noise, sigma_n, sigma_hat_n, seed = next_churn
         if eps is None:
             seed = _check_seed(seed, sample_hat)
         eps = None if eps is None else _check("eps", eps, sample_hat)
-        churn_next = (eps, seed, _f32(s_noise), churn_coefficient(sigma_n, sigma_hat_n))
-    return launch._launch_heun(raw, sample_hat, sample_prev, derivative, heun_scalars(sigma_hat, sigma_prev),
-                        want_sample, want_pred, churn_next)
+        then = NextChurn(eps, seed, (churn_coefficient(sigma_n, sigma_hat_n), _f32(s_noise)),
+                         torch.empty_like(sample_hat), torch.empty_like(sample_hat))
+    x = torch.empty_like(sample_hat) if want_sample else None
+    pred = torch.empty_like(sample_hat) if want_pred else None
+    launch._launch_heun(raw, sample_hat, sample_next, derivative, level_at(sigma_next, sigma_hat, sigma_next), x=x,
+                        denoised=pred, then=then, denoiser=False, true_div=_true_div(true_div, sample_hat))
+    return x, pred, None if then is None else then.hat, None if then is None else then.model_input
 
 
+def image_tensor(like: torch.Tensor, kind: str) -> torch.Tensor:
+    """A new image tensor for ``like`` (BCHW): float32 BCHW for ``"float"``, uint8 BHWC for ``"uint8"``."""
+    if kind == "float":
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    b, channels, h, w = like.shape
+    return torch.empty((b, h, w, channels), dtype=torch.uint8, device=like.device)
 
-
-def euler_outputs(hat, want_input: bool, want_derivative: bool, want_pred: bool, image, out=None):
-    """The Euler launchers' outputs ``(prev, d, xin, pred, img)``: the ``out`` buffers ``(prev, d, xin)`` or
-    new tensors, None for what is not wanted; ``img`` BCHW float or BHWC uint8 for ``image``."""
-    if out is not None:
-        prev, d, xin = out
-        d, xin = (d if want_derivative else None), (xin if want_input else None)
-    else:
-        prev = torch.empty_like(hat)
-        d = torch.empty_like(hat) if want_derivative else None
-        xin = torch.empty_like(hat) if want_input else None
-    pred = torch.empty_like(hat) if want_pred else None
-    img = None
-    if image is not None:
-        b, channels, h, w = hat.shape
-        img = (torch.empty_like(hat) if image == "float"
-               else torch.empty((b, h, w, channels), dtype=torch.uint8, device=hat.device))
-    return prev, d, xin, pred, img
 
 def bind_ops(launch):
     """``(churn, euler, heun)``: the public ops above, launching with ``launch``'s kernels."""
@@ -141,31 +166,32 @@ def bind_ops(launch):
         bound.append(fn)
     return tuple(bound)
 
+
 class FusedStep:
     """A fused step backend: two launches per Heun step in steady state (``step_triton``'s docstring).
 
     Subclasses name the module whose launchers run the kernels (``launch``): ``TritonStep``
-    (``step_triton``) and ``CudaStep`` (``step_cuda``, the CUDA C++ extension).
+    (``step_triton``) and ``CudaStep`` (``step_cuda``, the CUDA C++ extension). The stages of
+    ``kve_fast.schedule`` call ``churn``, ``euler`` and ``heun`` with the step's values (floats, or device
+    tensors in a CUDA graph) and, for each output, a tensor to write, ``NEW`` or None.
 
-    ``denoiser=False``: the reference pipeline's convention (a score model called at ``(x + 1) / 2``,
-    scalars from ``kve_fast.plan.Step``, division as torch does it on the device). ``denoiser=True``:
-    k-diffusion's (a denoiser called at x_hat, scalars from ``kve_fast.plan.KStep``, true division).
-
-    Noise arrives from the sampler's noise source as a tensor (exact mode) or per-sample keys (fast mode,
-    ``kve_fast.noise.StepKeys``; an int seed keys the whole batch).
-    The state the loop never hands out (x_hat, the model inputs, x_prev, d) lives in five buffers owned
-    by this object and reused every step, so a step allocates nothing; what it hands out (the final
-    sample or image, and what a callback sees) is always a new tensor. All tensors a kernel touches
-    share one dense layout (``layout``, contiguous by default): the kernels index linearly.
+    ``convention`` (``kve_fast.convention``) fixes the kernels' arithmetic for the run: the score model's
+    or the denoiser's, and true division or the float32 reciprocal on ``device``. ``layout``: a tensor whose
+    dense layout every tensor the kernels touch shares (they index linearly), contiguous by default.
+    ``model_dtype``: the dtype the kernels write a score model's inputs in (``model_dtypes``), else float32.
+    The backend holds nothing of a call: a run's buffers are ``kve_fast.schedule.Buffers``.
     """
 
     name = "fused"
     launch = None  # the module with _launch_churn / _launch_euler / _launch_heun
+    # The model output dtypes the float32 kernels read as torch would promote them (a float64 output would
+    # make the original's state float64: ``kve_fast.schedule.StepContext.cannot_read``)
+    reads = (torch.float32, torch.bfloat16, torch.float16)
     # The dtypes the kernels write model inputs in and read model outputs in (others are cast around them)
     model_dtypes = (torch.float32,)
 
-    def __init__(self, s_noise: float, want_pred: bool = False, shape=None, denoiser: bool = False,
-                 layout: torch.Tensor | None = None, model_dtype: torch.dtype = torch.float32):
+    def __init__(self, convention, device: torch.device, shape=None, layout: torch.Tensor | None = None,
+                 model_dtype: torch.dtype = torch.float32):
         if shape is not None:
             numel = 1
             for dim in shape:
@@ -173,108 +199,117 @@ class FusedStep:
             if numel > _MAX_ELEMENTS:  # the kernels index with int32: refuse rather than misread
                 raise ValueError(f"`shape` {tuple(shape)} has {numel} elements; the {self.name} backend takes at most "
                                  f"{_MAX_ELEMENTS} (use backend='torch' or a smaller batch)")
-        self.s_noise = _f32(s_noise)
-        self.want_pred = want_pred
-        self.denoiser = denoiser
-        self._layout = layout
-        self._buffers = None
-        # the score model's input buffers are in the UNet's dtype where the kernels can write it
-        self.model_dtype = model_dtype if model_dtype in self.model_dtypes and not denoiser else torch.float32
-
-    def _like(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` in the state's layout (a copy only when its strides differ)."""
-        if self._layout is None:
-            return t.contiguous()
-        if t.stride() == self._layout.stride():
-            return t
-        return torch.empty_like(self._layout).copy_(t)
+        self.denoiser = convention.denoiser
+        self.true_div = convention.true_division(torch.device(device))
+        self.layout = layout
+        self.model_dtype = model_dtype if model_dtype in self.model_dtypes and not self.denoiser else torch.float32
 
     @property
     def fuses_image(self) -> bool:
         """Whether the final image can be written by the last Euler kernel: the kernels map BCHW to a BHWC
-        uint8 image by position, which holds for the contiguous layout only (else the engine converts the
-        final sample with torch's ops: the same values, one pass more at the end)."""
-        return self._layout is None or self._layout.is_contiguous()
+        uint8 image by position, which holds for the contiguous layout only (else the final sample is
+        converted with torch's ops: the same values, one pass more at the end)."""
+        return self.layout is None or self.layout.is_contiguous()
 
-    def _new(self, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.empty_like(like if self._layout is None else self._layout, dtype=dtype)
+    def like(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the state's layout (a copy only when its strides differ)."""
+        if self.layout is None:
+            return t.contiguous()
+        if t.stride() == self.layout.stride():
+            return t
+        return torch.empty_like(self.layout).copy_(t)
+
+    def _new(self, like: torch.Tensor, target, dtype: torch.dtype = torch.float32):
+        """``target``'s tensor: itself, a new one in the state's layout (``NEW``), or None."""
+        if target is not NEW:
+            return target
+        return torch.empty_like(like if self.layout is None else self.layout, dtype=dtype)
 
     def _raw(self, raw: torch.Tensor) -> torch.Tensor:
         """The model's output as the kernels read it: its own dtype where they can, else float32; the state's layout."""
         if raw.dtype not in self.model_dtypes:
             raw = raw.float()
-        return self._like(raw)
+        return self.like(raw)
 
-    def _buf(self, like: torch.Tensor):
-        b = self._buffers
-        if b is None or b[0].shape != like.shape or b[0].device != like.device:
-            if like.numel() > _MAX_ELEMENTS:
-                raise ValueError(f"`shape` {tuple(like.shape)} has {like.numel()} elements; the {self.name} backend "
-                                 f"takes at most {_MAX_ELEMENTS} (use backend='torch' or a smaller batch)")
-            dtypes = (torch.float32, self.model_dtype, torch.float32, torch.float32, self.model_dtype)
-            if self._layout is None:
-                b = [torch.empty(like.shape, dtype=dt, device=like.device) for dt in dtypes]
-            else:
-                b = [torch.empty_like(self._layout, dtype=dt) for dt in dtypes]
-            self._buffers = b
-        return b  # hat, xin (first model input), prev, d, xin2 (second model input)
+    def _noise(self, noise, like: torch.Tensor | None = None):
+        """``(eps, seed)`` for the launchers: a noise tensor in the state's layout, or device-noise keys
+        (``StepKeys``, or the int64 key tensor of a graph); a ``Draw`` is drawn now, like ``like``."""
+        if isinstance(noise, Draw):
+            noise = noise.get(like)
+        keys = noise.device if isinstance(noise, StepKeys) else noise if _is_keys(noise) else None
+        if keys is None:
+            return (None, int(noise)) if isinstance(noise, int) else (self.like(noise), None)
+        if self.layout is not None and not self.layout.is_contiguous():
+            # the kernels count positions in memory order: draw the noise contiguous (positions as in any
+            # other layout), then copy it into the state's layout
+            zero = torch.zeros(self.layout.shape, dtype=torch.float32, device=keys.device)
+            eps = torch.empty_like(zero)
+            self.launch._launch_churn(zero, None, keys, (1.0, 1.0), hat=eps)  # 0 + 1 * (1 * z) = z
+            return self.like(eps), None
+        return None, keys
 
-    def _noise(self, noise):
-        """``(eps, seed)`` for the launchers: a noise tensor in the state's layout, or device-noise keys."""
-        if isinstance(noise, StepKeys):
-            keys = noise.device
-            if self._layout is not None and not self._layout.is_contiguous():
-                # the kernels count positions in memory order: draw the noise contiguous (positions as in
-                # any other layout), then copy it into the state's layout
-                zero = torch.zeros(self._layout.shape, dtype=torch.float32, device=keys.device)
-                eps = self.launch._launch_churn(zero, None, keys, 1.0, 1.0, store_xin=False)[0]  # 0 + 1 * (1 * z) = z
-                return self._like(eps), None
-            return None, keys
-        return (None, int(noise)) if isinstance(noise, int) else (self._like(noise), None)
+    @staticmethod
+    def _coef(values):
+        """The churn's ``(c, S_noise)`` floats, or the device tensor ``[c, S_noise]`` of a graph."""
+        return values.coef if values.s_noise is None else (values.coef, values.s_noise)
 
-    def _euler_scalars(self, step):
-        return (0.0, step.sigma_hat_f, 0.0, step.dt) if self.denoiser else step.euler
+    @staticmethod
+    def _level(values):
+        return values.scalars if isinstance(values.scalars, torch.Tensor) else tuple(values.scalars)
 
-    def _heun_scalars(self, step):
-        return (0.0, step.sigma_next_f, 0.0, step.dt) if self.denoiser else step.heun
+    def churn(self, x, values, *, noise: bool, hat, model_input):
+        """Lines 5-6 (``kve_fast.schedule.Churn``); returns ``(hat, model_input)``."""
+        x = self.like(x)
+        eps, seed = self._noise(values.noise, x)  # drawn also where it adds nothing, as the originals draw it
+        if not noise:  # x_hat is x itself (k-diffusion's gamma = 0): a copy only into a buffer
+            return (x if hat is NEW else hat.copy_(x)), None
+        hat = self._new(x, hat)
+        model_input = self._new(x, model_input, self.model_dtype)
+        self.launch._launch_churn(x, eps, seed, self._coef(values), hat=hat, model_input=model_input)
+        return hat, model_input
 
-    def churn(self, sample, noise, step, keep: bool = False):
-        """Lines 5-6; returns ``(x_hat, model input)``. ``keep``: x_hat is handed out (a new tensor)."""
-        sample = self._like(sample)
-        if self.denoiser and step.churn is None:
-            return sample, sample  # k-diffusion leaves x as it is where gamma = 0 (the noise is still drawn)
-        eps, seed = self._noise(noise)
-        b = self._buf(sample)
-        out = None if not keep else (self._new(sample), None if self.denoiser else self._new(sample, self.model_dtype))
-        hat, xin = self.launch._launch_churn(sample, eps, seed, self.s_noise, step.churn,
-                                 out=out or (b[0], None if self.denoiser else b[1]), store_xin=not self.denoiser)
-        return hat, hat if self.denoiser else xin
+    def euler(self, raw, hat, values, *, x_next, d, model_input, denoised, image):
+        """Lines 7-8 (``kve_fast.schedule.Euler``); ``image``: None or ``(kind, target)``. Returns
+        ``(x_next, d, model_input, denoised, image)``."""
+        x_next, d = self._new(hat, x_next), self._new(hat, d)
+        model_input, denoised = self._new(hat, model_input, self.model_dtype), self._new(hat, denoised)
+        kind = img = None
+        if image is not None:
+            kind, img = image
+            img = image_tensor(hat, kind) if img is NEW else img
+        self.launch._launch_euler(self._raw(raw), hat, self._level(values), x_next=x_next, d=d, model_input=model_input,
+                                  denoised=denoised, image=img, image_kind=kind, denoiser=self.denoiser,
+                                  true_div=self.true_div)
+        return x_next, d, model_input, denoised, img
 
-    def euler(self, raw, sample_hat, step, want_input: bool, want_derivative: bool = True,
-              image: str | None = None, keep: bool = True):
-        """``keep``: x_prev is handed out (the final sample, or a callback's): a new tensor, not a buffer."""
-        b = self._buf(sample_hat)
-        out = None if keep else (b[2], b[3], b[4])
-        prev, d, xin, pred, img = self.launch._launch_euler(self._raw(raw), sample_hat, self._euler_scalars(step),
-                                                want_input and not self.denoiser, want_derivative, self.want_pred,
-                                                image, out=out, denoiser=self.denoiser)
-        if self.denoiser and want_input:
-            xin = prev  # a denoiser's second call takes x_prev itself
-        return prev, d, pred, xin, img
+    def advance(self, hat, d, values, *, x_next):
+        """Line 8 from a ``d`` computed earlier (``kve_fast.schedule.Advance``): ``hat + d * dt``, torch's two ops
+        (k-diffusion's expression; ``dt`` a float or the device slot of a graph)."""
+        dt = values.scalars[3] if isinstance(values.scalars, torch.Tensor) else values.scalars.dt
+        step = torch.mul(d, dt)
+        return torch.add(hat, step) if x_next is NEW else torch.add(hat, step, out=x_next)
 
-    def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, noise_next=None):
-        churn_next = None
-        if next_step is not None:
-            eps, seed = self._noise(noise_next)
-            churn_next = (eps, seed, self.s_noise, next_step.churn)
-        b = self._buf(sample_hat)
-        x, pred, hat, xin = self.launch._launch_heun(self._raw(raw), sample_hat, sample_prev, derivative,
-                                         self._heun_scalars(step), next_step is None, self.want_pred, churn_next,
-                                         out=(b[0], b[1]), denoiser=self.denoiser)
-        if next_step is None:
-            return x, pred, None
-        return x, pred, (hat, hat if self.denoiser else xin)
+    def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
+        """Lines 9-11 (``kve_fast.schedule.Heun``), with ``then``: None or ``(ChurnValues, noise, hat target,
+        model input target)`` of the next step's churn. Returns ``(x, denoised, hat_next, model_input_next)``."""
+        x, denoised = self._new(hat, x), self._new(hat, denoised)
+        fused = None
+        if then is not None:
+            values_next, noise, hat_next, input_next = then
+            eps, seed = self._noise(values_next.noise, hat)  # drawn also where it adds nothing
+            eps, seed = (eps, seed) if noise else (None, None)
+            fused = NextChurn(eps, seed, self._coef(values_next) if noise else None, self._new(hat, hat_next),
+                              self._new(hat, input_next, self.model_dtype), noise)
+        self.launch._launch_heun(self._raw(raw), hat, x_next, d, self._level(values), x=x, denoised=denoised,
+                                 then=fused, denoiser=self.denoiser, true_div=self.true_div)
+        if fused is None:
+            return x, denoised, None, None
+        return x, denoised, fused.hat, fused.model_input
 
     def to_image(self, sample, kind: str):
-        """The final image of a sample that a callback replaced (the fused Euler path did not run)."""
+        """The final image where the last Euler kernel did not write it."""
         return to_image(sample, kind)
+
+
+def _is_keys(noise) -> bool:
+    return isinstance(noise, torch.Tensor) and noise.dtype == torch.int64

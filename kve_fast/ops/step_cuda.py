@@ -166,11 +166,7 @@ def available(device: torch.device | None = None) -> tuple[bool, str]:
 
 # ----------------------------------------------------------------------------------------------------
 # Launchers: the same contracts as step_triton's (callers pass float32 tensors of one shape and dense
-# layout); None for "not wanted". They return what they wrote.
-
-
-def _true_div(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
+# layout; each output a tensor to write or None for "not wanted").
 
 
 def _scalar_args(scalars, count: int):
@@ -204,54 +200,39 @@ def _ops():
     return _OPS
 
 
-def _launch_churn(x, eps, seed, s_noise, c, out=None, store_xin: bool = True):
-    """``c`` a float (with ``s_noise``) or a device tensor ``[c, s_noise]``; ``seed`` (``eps`` None): an int or
-    per-sample keys. ``out``: ``(hat, xin)`` buffers. Returns ``(hat, xin or None)``."""
-    hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x) if store_xin else None)
-    xin = xin if store_xin else None
+def _launch_churn(x, eps, seed, coef, *, hat, model_input=None):
+    """``coef``: ``(c, S_noise)`` floats or a device tensor ``[c, S_noise]``; ``seed`` (``eps`` None): an int or
+    per-sample keys (as step_triton's)."""
     keys, per_sample = (None, 0) if eps is not None else _seed_args(seed, x.numel(), x.device)
-    (c_f, s_f), cs = _scalar_args(c, 2) if isinstance(c, torch.Tensor) else ((c, s_noise), None)
-    _ops().churn(x, eps, keys, per_sample, float(s_f), float(c_f), cs, hat, xin)
-    return hat, xin
+    (c, s_noise), cs = _scalar_args(coef, 2)
+    _ops().churn(x, eps, keys, per_sample, s_noise, c, cs, hat, model_input)
 
 
-def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, want_pred: bool, image, out=None,
-                  denoiser: bool = False):
-    """``scalars``: ``(sigma_hat / 2, sigma_hat, 1 / sigma_hat, dt)`` or a device tensor of them; ``out``:
-    ``(prev, d, xin)`` buffers. Returns ``(prev, d, xin, pred, image)``."""
-    prev, d, xin, pred, img = fused.euler_outputs(hat, want_input, want_derivative, want_pred, image, out)
-    values, mem = _scalar_args(scalars, 4)
-    _ops().euler(raw, hat, *values, mem, denoiser, denoiser or _true_div(hat), prev, d, xin, pred, img)
-    return prev, d, xin, pred, img
+def _launch_euler(raw, hat, level, *, x_next, d=None, model_input=None, denoised=None, image=None, image_kind=None,
+                  denoiser: bool, true_div: bool):
+    """``level``: ``(sigma / 2, sigma, 1 / sigma, dt)`` at sigma_hat, or a device tensor of them (as step_triton's);
+    ``image_kind`` follows from ``image``'s dtype in the op."""
+    values, mem = _scalar_args(level, 4)
+    _ops().euler(raw, hat, *values, mem, denoiser, true_div, x_next, d, model_input, denoised, image)
 
 
-def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool, churn_next, out=None,
-                 denoiser: bool = False):
-    """``churn_next``: None, or ``(eps or None, seed, s_noise, c)`` (``c`` None: the next x_hat is x itself;
-    a device tensor ``[c, s_noise]`` with device ``scalars``). ``out``: ``(hat_next, xin)`` buffers
-    (``hat_next`` may be ``hat``). Returns ``(x, pred, hat_next, xin)``."""
-    x = torch.empty_like(hat) if want_sample else None
-    pred = torch.empty_like(hat) if want_pred else None
-    hat_next = xin = keys = cs = eps = None
-    per_sample, s_noise, c = 0, 0.0, 0.0
-    apply = False
-    if churn_next is not None:
-        eps, seed, s_noise, c = churn_next
-        apply = c is not None
-        hat_next, xin = out if out is not None else (torch.empty_like(hat), torch.empty_like(hat))
-        xin = None if denoiser else xin
-        if apply and eps is None:
-            keys, per_sample = _seed_args(seed, hat.numel(), hat.device)
-        if isinstance(c, torch.Tensor):
-            cs, c, s_noise = c, 0.0, 0.0
-        if not apply:
-            eps, c, s_noise = None, 0.0, 0.0
-    values, mem = _scalar_args(scalars, 4)
-    if churn_next is not None and apply and (mem is None) != (cs is None):
-        raise ValueError("the step's scalars and the next churn's must both be floats or both device tensors")
-    _ops().heun(raw, hat, prev, d, *values, mem, denoiser, denoiser or _true_div(hat), x, pred, churn_next is not None,
-                apply, eps, keys, per_sample, float(s_noise), float(c if c is not None else 0.0), cs, hat_next, xin)
-    return x, pred, hat_next, xin
+def _launch_heun(raw, hat, x_next, d, level, *, x=None, denoised=None, then=None, denoiser: bool, true_div: bool):
+    """``then``: None or the next step's churn (``kve_fast.ops.fused.NextChurn``), as step_triton's."""
+    keys = cs = eps = hat_next = input_next = None
+    per_sample, s_noise, c, apply = 0, 0.0, 0.0, False
+    values, mem = _scalar_args(level, 4)
+    if then is not None:
+        eps, seed, coef, hat_next, input_next, apply = then
+        if apply:
+            if eps is None:
+                keys, per_sample = _seed_args(seed, hat.numel(), hat.device)
+            (c, s_noise), cs = _scalar_args(coef, 2)
+            if (mem is None) != (cs is None):
+                raise ValueError("the step's scalars and the next churn's must both be floats or both device tensors")
+        else:
+            eps = None
+    _ops().heun(raw, hat, x_next, d, *values, mem, denoiser, true_div, x, denoised, then is not None, apply, eps, keys,
+                per_sample, float(s_noise), float(c), cs, hat_next, input_next)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,7 +252,7 @@ class CudaStep(fused.FusedStep):
     name = "cuda"
     launch = _SELF
 
-    def __init__(self, s_noise: float, want_pred: bool = False, shape=None, denoiser: bool = False,
-                 layout: torch.Tensor | None = None, model_dtype: torch.dtype = torch.float32):
-        super().__init__(s_noise, want_pred, shape, denoiser, layout, model_dtype)  # float32 kernels: casts around the model
+    def __init__(self, convention, device: torch.device, shape=None, layout: torch.Tensor | None = None,
+                 model_dtype: torch.dtype = torch.float32):
+        super().__init__(convention, device, shape, layout, model_dtype)  # float32 kernels: casts around the model
         _ops()

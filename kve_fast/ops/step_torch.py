@@ -1,7 +1,7 @@
 """The reference step arithmetic in plain torch, op for op as diffusers' ``KarrasVeScheduler``.
 
 Every faster backend is checked against these functions. Scalars (``sigma``, ``sigma_hat``,
-``sigma_prev``) are 0-d float32 tensors on the CPU, exactly as the reference pipeline holds them:
+``sigma_next``) are 0-d float32 tensors on the CPU, exactly as the reference pipeline holds them:
 torch then divides by them truly on the CPU and multiplies by a host-computed float32 reciprocal on
 CUDA, which is what "bit-exact with the reference" means on each device. Never simplify the algebra
 here (``(x - pred) / s`` is not rewritten as ``-model_output``): the rounding must stay the reference's.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..images import to_image
-from ..noise import StepKeys, per_sample_randn
+from ..noise import Draw, StepKeys, per_sample_randn
 
 __all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep", "KTorchStep"]
 
@@ -27,35 +27,41 @@ def model_input(sample: torch.Tensor) -> torch.Tensor:
     return (sample + 1) / 2
 
 
+_to_model_input = model_input  # (the stages name their output `model_input`)
+
+
 def scale_model_output(raw: torch.Tensor, sigma) -> torch.Tensor:
     """Turn the model's [0, 1]-space score into the reference's ``model_output`` (paper eq. 213)."""
     return (sigma / 2) * raw
 
 
-def euler(model_output: torch.Tensor, sigma_hat, sigma_prev, sample_hat: torch.Tensor):
+def euler(model_output: torch.Tensor, sigma_hat, sigma_next, sample_hat: torch.Tensor):
     """Algorithm 2, lines 7-8: d = (x_hat - D(x_hat)) / t_hat; x_next = x_hat + (t_next - t_hat) d.
 
-    Returns ``(sample_prev, derivative, pred_original_sample)``.
+    Returns ``(sample_next, derivative, pred_original_sample)`` (diffusers' ``step``: ``sigma_next`` is
+    its ``sigma_prev``).
     """
     pred_original_sample = sample_hat + sigma_hat * model_output
     derivative = (sample_hat - pred_original_sample) / sigma_hat
-    sample_prev = sample_hat + (sigma_prev - sigma_hat) * derivative
-    return sample_prev, derivative, pred_original_sample
+    sample_next = sample_hat + (sigma_next - sigma_hat) * derivative
+    return sample_next, derivative, pred_original_sample
 
 
-def heun(model_output: torch.Tensor, sigma_hat, sigma_prev, sample_hat, sample_prev, derivative):
+def heun(model_output: torch.Tensor, sigma_hat, sigma_next, sample_hat, sample_next, derivative):
     """Algorithm 2, lines 9-11: the second-order correction with d' at t_next.
 
-    Returns ``(sample_prev, pred_original_sample)``.
+    Returns ``(sample, pred_original_sample)`` (diffusers' ``step_correct``).
     """
-    pred_original_sample = sample_prev + sigma_prev * model_output
-    derivative_corr = (sample_prev - pred_original_sample) / sigma_prev
-    sample_prev = sample_hat + (sigma_prev - sigma_hat) * (0.5 * derivative + 0.5 * derivative_corr)
-    return sample_prev, pred_original_sample
+    pred_original_sample = sample_next + sigma_next * model_output
+    derivative_corr = (sample_next - pred_original_sample) / sigma_next
+    sample = sample_hat + (sigma_next - sigma_hat) * (0.5 * derivative + 0.5 * derivative_corr)
+    return sample, pred_original_sample
 
 
 class TorchStep:
-    """The torch step backend: the reference's ops, one small kernel each, on any device.
+    """The torch step backend in the reference's convention: the reference's ops, one small kernel each, on
+    any device, with the step's 0-d float32 CPU tensors (``kve_fast.plan.Step``). Every output is a new
+    tensor; what a stage does not want (None) is not computed.
 
     Noise arrives as a tensor (the reference's stream) or, in fast mode, as per-sample keys
     (``kve_fast.noise.StepKeys``: sample b drawn here by a device generator seeded with its key; an int
@@ -63,45 +69,50 @@ class TorchStep:
     """
 
     name = "torch"
-
-    def __init__(self, s_noise: float, want_pred: bool = False, shape=None):
-        self.s_noise = s_noise
+    fuses_image = False
+    reads = None  # any dtype: the reference's ops promote as they do there
 
     @staticmethod
     def _eps(noise, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(noise, Draw):
+            noise = noise.get(like)
         if isinstance(noise, StepKeys):  # fast mode: sample b from its own device generator, keyed per sample
-            return per_sample_randn(noise.host, like.shape, like.device)
+            return per_sample_randn(noise.host, like.shape, like.device).to(like.dtype)
         if isinstance(noise, int):
             g = torch.Generator(like.device).manual_seed(noise)
-            return torch.randn(like.shape, generator=g, device=like.device)
+            return torch.randn(like.shape, generator=g, device=like.device).to(like.dtype)
         return noise
 
-    def churn(self, sample, noise, step, keep: bool = False):
-        """Lines 5-6 from unscaled noise; returns ``(sample_hat, model input)`` (always new tensors)."""
-        eps = self.s_noise * self._eps(noise, sample)
-        sample_hat = churn(sample, eps, step.sigma, step.sigma_hat)
-        return sample_hat, model_input(sample_hat)
+    def churn(self, x, values, *, noise: bool, hat, model_input):
+        """Lines 5-6: ``x + sqrt(sigma_hat^2 - sigma^2) * (S_noise * eps)``; returns ``(x_hat, model input)``."""
+        step = values.step
+        eps = values.s_noise * self._eps(values.noise, x)
+        x_hat = churn(x, eps, step.sigma, step.sigma_hat)
+        return x_hat, None if model_input is None else _to_model_input(x_hat)
 
-    def euler(self, raw, sample_hat, step, want_input: bool, want_derivative: bool = True,
-              image: str | None = None, keep: bool = True):
-        """Lines 7-8 from the raw model output.
-
-        Returns ``(sample_prev, derivative, denoised, model input, image)``.
-        """
-        sigma_hat = step.sigma_hat
+    def euler(self, raw, hat, values, *, x_next, d, model_input, denoised, image):
+        """Lines 7-8 from the raw model output; returns ``(x_next, d, model input, denoised, image)``."""
+        sigma_hat, sigma_next = values.step.sigma_hat, values.step.sigma_next  # (each access: a new 0-d tensor)
         # a low-precision UNet's output read exactly, in the (contiguous) state's layout
         model_output = scale_model_output(raw.float().contiguous(), sigma_hat)
-        sample_prev, derivative, pred = euler(model_output, sigma_hat, step.sigma_prev, sample_hat)
-        xin = model_input(sample_prev) if want_input else None
-        return sample_prev, derivative, pred, xin, None if image is None else to_image(sample_prev, image)
+        sample_next, derivative, pred = euler(model_output, sigma_hat, sigma_next, hat)
+        return (sample_next, derivative, None if model_input is None else _to_model_input(sample_next), pred,
+                None if image is None else to_image(sample_next, image[0]))
 
-    def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, eps_next=None):
-        """Lines 9-11, then (if ``next_step``) the next step's churn; returns ``(sample, denoised, churned)``."""
-        sigma_prev = step.sigma_prev
-        model_output = scale_model_output(raw.float().contiguous(), sigma_prev)
-        sample, pred = heun(model_output, step.sigma_hat, sigma_prev, sample_hat, sample_prev, derivative)
-        churned = None if next_step is None else self.churn(sample, eps_next, next_step)
-        return sample, pred, churned
+    def advance(self, hat, d, values, *, x_next):
+        """Line 8 from a ``d`` computed earlier: ``hat + (sigma_next - sigma_hat) * d``."""
+        return hat + (values.step.sigma_next - values.step.sigma_hat) * d
+
+    def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
+        """Lines 9-11, then (``then``: ``(ChurnValues, noise, hat, model input)``) the next step's churn;
+        returns ``(x, denoised, hat_next, model_input_next)``."""
+        sigma_hat, sigma_next = values.step.sigma_hat, values.step.sigma_next
+        model_output = scale_model_output(raw.float().contiguous(), sigma_next)
+        sample, pred = heun(model_output, sigma_hat, sigma_next, hat, x_next, d)
+        if then is None:
+            return sample, pred, None, None
+        values_next, noise, hat_next, input_next = then
+        return (sample, pred) + self.churn(sample, values_next, noise=noise, hat=hat_next, model_input=input_next)
 
     def to_image(self, sample, kind: str):
         return to_image(sample, kind)
@@ -119,34 +130,42 @@ class KTorchStep:
     """
 
     name = "torch"
-    denoiser = True
+    fuses_image = False
+    reads = None
 
-    def __init__(self, s_noise: float, want_pred: bool = False, shape=None):
-        self.s_noise = s_noise
-
-    def churn(self, sample, noise, step, keep: bool = False):
+    def churn(self, x, values, *, noise: bool, hat, model_input):
         """``eps = randn_like(x) * s_noise``; ``x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5`` if gamma > 0."""
-        eps = TorchStep._eps(noise, sample) * self.s_noise
-        if step.churn is None:
-            return sample, sample
+        step = values.step
+        eps = TorchStep._eps(values.noise, x) * values.s_noise
+        if not noise:
+            return x, None
         sigma, sigma_hat = step.sigma, step.sigma_hat_on_device()
-        x_hat = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
-        return x_hat, x_hat
+        return x + eps * (sigma_hat**2 - sigma**2) ** 0.5, None
 
-    def euler(self, raw, sample_hat, step, want_input: bool, want_derivative: bool = True,
-              image: str | None = None, keep: bool = True):
+    def euler(self, raw, hat, values, *, x_next, d, model_input, denoised, image):
         """``d = (x - denoised) / sigma_hat``; ``x = x + d * dt`` with ``dt = sigmas[i + 1] - sigma_hat``."""
+        step = values.step
         sigma_hat = step.sigma_hat_on_device()
-        d = (sample_hat - raw) / _append_dims(sigma_hat, sample_hat.ndim)
-        x_prev = sample_hat + d * (step.sigma_next - sigma_hat)
-        return x_prev, d, raw, x_prev if want_input else None, None
+        derivative = (hat - raw) / _append_dims(sigma_hat, hat.ndim)
+        return hat + derivative * (step.sigma_next - sigma_hat), derivative, None, raw, None
 
-    def heun(self, raw, sample_hat, sample_prev, derivative, step, next_step=None, noise_next=None):
+    def advance(self, hat, d, values, *, x_next):
+        """``x + d * dt`` after the callback, with ``dt = sigmas[i + 1] - sigma_hat``."""
+        step = values.step
+        return hat + d * (step.sigma_next - step.sigma_hat_on_device())
+
+    def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
         """``d_2 = (x_2 - denoised_2) / sigmas[i + 1]``; ``x = x + (d + d_2) / 2 * dt``, then the next churn."""
+        step = values.step
         sigma_next = step.sigma_next
         dt = sigma_next - step.sigma_hat_on_device()
-        d_2 = (sample_prev - raw) / _append_dims(sigma_next, sample_prev.ndim)
-        d_prime = (derivative + d_2) / 2
-        sample = sample_hat + d_prime * dt
-        churned = None if next_step is None else self.churn(sample, noise_next, next_step)
-        return sample, raw, churned
+        d_2 = (x_next - raw) / _append_dims(sigma_next, x_next.ndim)
+        d_prime = (d + d_2) / 2
+        sample = hat + d_prime * dt
+        if then is None:
+            return sample, raw, None, None
+        values_next, noise, hat_next, input_next = then
+        return (sample, raw) + self.churn(sample, values_next, noise=noise, hat=hat_next, model_input=input_next)
+
+    def to_image(self, sample, kind: str):
+        return to_image(sample, kind)

@@ -6,7 +6,7 @@ is ``euler`` + ``heun`` (one launch per step with ``solver="euler"``, or with a 
 the sample between steps: then ``churn`` runs on its own):
 
 - ``churn``: x_hat = x + c * (S_noise * eps), and the model input (x_hat + 1) / 2.
-- ``euler``: from the raw model output, the derivative, x_prev and the next model input, or on the
+- ``euler``: from the raw model output, the derivative, x_next and the next model input, or on the
   last step the final image (x / 2 + 0.5).clamp(0, 1) (float BCHW, or uint8 BHWC for PIL).
 - ``heun``: the second-order correction, fused with the next step's churn.
 
@@ -14,8 +14,10 @@ Bit-exactness: each kernel performs the reference's float32 operations in the re
 with scalars computed on the host exactly as the reference computes them. Kernels are launched with
 ``enable_fp_fusion=False`` (a contracted multiply-add rounds once, the reference rounds twice). The
 reference divides by a CPU scalar differently per device: on CUDA torch multiplies by the host's
-float32 reciprocal, on the CPU it divides; ``TRUE_DIV`` selects the CPU form (only reachable under
-``TRITON_INTERPRET=1``), and Triton's own fp32 ``/`` (approximate on GPUs) is never used.
+float32 reciprocal, on the CPU it divides; ``TRUE_DIV`` selects true division (k-diffusion's convention
+divides truly by device tensors everywhere; the reference's only on the CPU, under ``TRITON_INTERPRET=1``:
+``kve_fast.convention.Convention.true_division`` decides), as ``tl.div_rn``, and Triton's own fp32 ``/``
+(approximate on GPUs) is never used.
 
 Noise: ``eps`` comes from a tensor (the reference's stream, "exact" mode) or, with ``DEVICE_NOISE``,
 is generated in the kernel by Philox ("fast" mode): no noise tensor is written, read or copied. In
@@ -34,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..plan import churn_coefficient, euler_scalars, heun_scalars  # noqa: F401  (the scalars, for bench/)
+from .. import fake_graph
 from . import fused
 
 _BLOCK = 1024
@@ -197,7 +199,7 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
         # model_output = (sigma_hat / 2) * F ; D = x_hat + sigma_hat * model_output
         mo = half_sigma_hat * raw
         pred = hat + sigma_hat * mo
-    # d = (x_hat - D) / sigma_hat ; x_prev = x_hat + (sigma_prev - sigma_hat) * d
+    # d = (x_hat - D) / sigma_hat ; x_next = x_hat + (sigma_next - sigma_hat) * d
     d = _divide(hat - pred, sigma_hat, inv_sigma_hat, TRUE_DIV)
     prev = hat + dt * d
     tl.store(prev_ptr + offs, prev, mask=mask)
@@ -213,14 +215,15 @@ def _euler_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, xin_ptr, pred_ptr, img_ptr,
 
 @triton.jit(do_not_specialize=["seed"])
 def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, hat_next_ptr, xin_ptr, n,
-                 half_sigma_prev, sigma_prev, inv_sigma_prev, dt, seed, keys_ptr, per_sample, s_noise, c_next, sc_ptr,
+                 half_sigma_next, sigma_next, inv_sigma_next, dt, seed, keys_ptr, per_sample, s_noise, c_next, sc_ptr,
                  cs_ptr, SCAL_MEM: tl.constexpr, DENOISER: tl.constexpr, TRUE_DIV: tl.constexpr, STORE_X: tl.constexpr,
-                 STORE_PRED: tl.constexpr, CHURN: tl.constexpr, APPLY: tl.constexpr, DEVICE_NOISE: tl.constexpr,
-                 KEYED: tl.constexpr, BIG: tl.constexpr, NOISE4: tl.constexpr, BLOCK: tl.constexpr):
+                 STORE_PRED: tl.constexpr, CHURN: tl.constexpr, APPLY: tl.constexpr, STORE_XIN: tl.constexpr,
+                 DEVICE_NOISE: tl.constexpr, KEYED: tl.constexpr, BIG: tl.constexpr, NOISE4: tl.constexpr,
+                 BLOCK: tl.constexpr):
     if SCAL_MEM:
-        half_sigma_prev = tl.load(sc_ptr)
-        sigma_prev = tl.load(sc_ptr + 1)
-        inv_sigma_prev = tl.load(sc_ptr + 2)
+        half_sigma_next = tl.load(sc_ptr)
+        sigma_next = tl.load(sc_ptr + 1)
+        inv_sigma_next = tl.load(sc_ptr + 2)
         dt = tl.load(sc_ptr + 3)
         if CHURN and APPLY:
             c_next = tl.load(cs_ptr)
@@ -233,16 +236,16 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
     prev = tl.load(prev_ptr + offs, mask=mask)
     d = tl.load(d_ptr + offs, mask=mask)
     if DENOISER:
-        # D' is the denoiser's output ; d' = (x_prev - D') / sigma_prev ; x = x_hat + ((d + d') / 2) * dt
+        # D' is the denoiser's output ; d' = (x_next - D') / sigma_next ; x = x_hat + ((d + d') / 2) * dt
         pred = raw
-        dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+        dc = _divide(prev - pred, sigma_next, inv_sigma_next, TRUE_DIV)
         x = hat + ((d + dc) * 0.5) * dt
     else:
-        # model_output = (sigma_prev / 2) * F ; D' = x_prev + sigma_prev * model_output
-        mo = half_sigma_prev * raw
-        pred = prev + sigma_prev * mo
-        # d' = (x_prev - D') / sigma_prev ; x = x_hat + (sigma_prev - sigma_hat) * (d / 2 + d' / 2)
-        dc = _divide(prev - pred, sigma_prev, inv_sigma_prev, TRUE_DIV)
+        # model_output = (sigma_next / 2) * F ; D' = x_next + sigma_next * model_output
+        mo = half_sigma_next * raw
+        pred = prev + sigma_next * mo
+        # d' = (x_next - D') / sigma_next ; x = x_hat + (sigma_next - sigma_hat) * (d / 2 + d' / 2)
+        dc = _divide(prev - pred, sigma_next, inv_sigma_next, TRUE_DIV)
         x = hat + dt * (0.5 * d + 0.5 * dc)
     if STORE_X:
         tl.store(x_ptr + offs, x, mask=mask)
@@ -251,22 +254,23 @@ def _heun_kernel(raw_ptr, hat_ptr, prev_ptr, d_ptr, x_ptr, pred_ptr, eps_ptr, ha
     if CHURN:
         # the next step's lines 5-6
         _churn_store(x, eps_ptr, hat_next_ptr, xin_ptr, offs, mask, n, pid, seed, keys_ptr, per_sample, s_noise,
-                     c_next, APPLY, not DENOISER, DEVICE_NOISE, KEYED, BIG, NOISE4, BLOCK)
+                     c_next, APPLY, STORE_XIN, DEVICE_NOISE, KEYED, BIG, NOISE4, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Host side: the reference's scalars, input checks, launches.
+# Host side: launchers. No checks (callers pass float32 tensors of one shape and dense layout); each output
+# is a tensor to write or None ("not wanted"). Scalars are floats, or a device tensor the kernel reads them
+# from (a CUDA graph replays the launch for every step). ``true_div``: divide by sigma truly (the CPU's
+# torch, k-diffusion's device tensors), else multiply by its float32 reciprocal (torch on CUDA dividing by
+# the reference's CPU scalar): ``kve_fast.convention.Convention.true_division`` decides.
 
 
 def _grid(n: int):
     return (triton.cdiv(n, _BLOCK),)
 
 
-def _true_div(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
-# Launchers: no checks (callers pass contiguous float32 tensors of one shape); None for "not wanted".
+def _launch(kernel, n: int, *args, **meta) -> None:
+    fake_graph.launch(kernel, _grid(n), args, {**meta, "BLOCK": _BLOCK, **_LAUNCH})
 
 
 def _scalar_args(scalars, count: int):
@@ -289,76 +293,53 @@ def _seed_args(seed, n: int, dummy):
     return seed or 0, dummy, 1, False, False, NOISE4
 
 
-def _launch_churn(x, eps, seed, s_noise, c, out=None, store_xin: bool = True):
-    """``store_xin``: also write the score model's input (x_hat + 1) / 2 (a denoiser takes x_hat).
+def _launch_churn(x, eps, seed, coef, *, hat, model_input=None):
+    """Lines 5-6: ``hat`` = x + c (S_noise eps), and the score model's input (hat + 1) / 2 into ``model_input``.
 
-    ``c`` is a float (with ``s_noise``), or a device tensor ``[c, s_noise]`` the kernel reads (graphs).
-    ``seed`` (device noise, ``eps`` None): an int, or an int64 tensor of per-sample keys (``_seed_args``).
+    ``coef``: ``(c, S_noise)`` floats, or a device tensor ``[c, S_noise]``. ``eps`` None: device noise from
+    ``seed``, an int or an int64 tensor of per-sample keys (``_seed_args``).
     """
-    hat, xin = out if out is not None else (torch.empty_like(x), torch.empty_like(x) if store_xin else None)
     n = x.numel()
-    (s_noise, c), cs, mem = _scalar_args(c, 2) if isinstance(c, torch.Tensor) else ((s_noise, c), None, False)
+    (c, s_noise), cs, mem = _scalar_args(coef, 2)
     seed, keys, per_sample, keyed, big, noise4 = _seed_args(seed, n, x)
-    _churn_kernel[_grid(n)](x, x if eps is None else eps, hat, hat if xin is None else xin, n, seed, keys, per_sample,
-                            s_noise, c, x if cs is None else cs, SCAL_MEM=mem, STORE_XIN=store_xin,
-                            DEVICE_NOISE=eps is None, KEYED=keyed and eps is None, BIG=big, NOISE4=noise4,
-                            BLOCK=_BLOCK, **_LAUNCH)
-    return hat, (xin if store_xin else None)
+    _launch(_churn_kernel, n, x, x if eps is None else eps, hat, hat if model_input is None else model_input, n, seed,
+            keys, per_sample, s_noise, c, x if cs is None else cs, SCAL_MEM=mem, STORE_XIN=model_input is not None,
+            DEVICE_NOISE=eps is None, KEYED=keyed and eps is None, BIG=big, NOISE4=noise4)
 
 
-def _launch_euler(raw, hat, scalars, want_input: bool, want_derivative: bool, want_pred: bool, image, out=None,
-                  denoiser: bool = False):
-    """``out``: optional ``(prev, d, xin)`` buffers to write instead of new tensors. ``denoiser``: ``raw``
-    is D itself and the division is true division (k-diffusion divides by device tensors)."""
+def _launch_euler(raw, hat, level, *, x_next, d=None, model_input=None, denoised=None, image=None, image_kind=None,
+                  denoiser: bool, true_div: bool):
+    """Lines 7-8 at ``level`` (``Level`` floats or a device tensor of them); ``denoiser``: ``raw`` is D itself.
+    ``image``: the final image of kind ``image_kind`` (``"float"`` BCHW, ``"uint8"`` BHWC) from ``x_next``."""
     n = hat.numel()
-    prev, d, xin, pred, img = fused.euler_outputs(hat, want_input, want_derivative, want_pred, image, out)
     channels, hw = (hat.shape[1], hat.shape[2] * hat.shape[3]) if image is not None else (1, 1)
-    scalars, sc, mem = _scalar_args(scalars, 4)
-    _euler_kernel[_grid(n)](
-        raw, hat, prev, prev if d is None else d, prev if xin is None else xin, prev if pred is None else pred,
-        prev if img is None else img, n, hw, *scalars, hat if sc is None else sc, SCAL_MEM=mem,
-        DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_D=want_derivative, STORE_XIN=want_input,
-        STORE_PRED=want_pred, STORE_IMG=img is not None, C=channels, TO_UINT8=image == "uint8", BLOCK=_BLOCK,
-        **_LAUNCH,
-    )
-    return prev, d, xin, pred, img
+    scalars, sc, mem = _scalar_args(level, 4)
+    _launch(_euler_kernel, n, raw, hat, x_next, x_next if d is None else d,
+            x_next if model_input is None else model_input, x_next if denoised is None else denoised,
+            x_next if image is None else image, n, hw, *scalars, hat if sc is None else sc, SCAL_MEM=mem,
+            DENOISER=denoiser, TRUE_DIV=true_div, STORE_D=d is not None, STORE_XIN=model_input is not None,
+            STORE_PRED=denoised is not None, STORE_IMG=image is not None, C=channels, TO_UINT8=image_kind == "uint8")
 
 
-def _launch_heun(raw, hat, prev, d, scalars, want_sample: bool, want_pred: bool, churn_next, out=None,
-                 denoiser: bool = False):
-    """``churn_next``: None, or ``(eps or None, seed, s_noise, c)`` for the fused next-step churn (``c``
-    None: k-diffusion's gamma = 0, the next x_hat is x itself; ``seed``: as in ``_launch_churn``).
-
-    ``out``: optional ``(hat_next, xin)`` buffers for the churn outputs (``hat_next`` may be ``hat``:
-    each element is read before it is written, by the same program). ``denoiser``: as in ``_launch_euler``.
-    """
+def _launch_heun(raw, hat, x_next, d, level, *, x=None, denoised=None, then=None, denoiser: bool, true_div: bool):
+    """Lines 9-11 at ``level``: the corrected sample into ``x``, D' into ``denoised``, and ``then``
+    (``kve_fast.ops.fused.NextChurn``): the next step's churn of the corrected sample, fused."""
     n = hat.numel()
-    x = torch.empty_like(hat) if want_sample else None
-    pred = torch.empty_like(hat) if want_pred else None
-    hat_next = xin = None
-    eps, seed, s_noise, c = hat, 0, 0.0, 0.0
-    if churn_next is not None:
-        eps, seed, s_noise, c = churn_next
-        hat_next, xin = out if out is not None else (torch.empty_like(hat), torch.empty_like(hat))
-        xin = None if denoiser else xin
-    apply = c is not None
-    if not apply:  # the next x_hat is x itself: no noise, no coefficient
-        eps, s_noise, c = None, 0.0, None
-    scalars, sc, mem = _scalar_args(scalars, 4)
-    cs = c if isinstance(c, torch.Tensor) else None
-    if churn_next is not None and apply and mem != (cs is not None):
+    eps, seed, coef, hat_next, input_next, apply = (hat, 0, (0.0, 0.0), None, None, False) if then is None else then
+    scalars, sc, mem = _scalar_args(level, 4)
+    if not apply:  # the next x_hat is the corrected sample itself: no noise, no coefficient
+        eps, coef = None, (0.0, 0.0)
+    (c, s_noise), cs, cmem = _scalar_args(coef, 2)
+    if then is not None and apply and mem != cmem:
         raise ValueError("the step's scalars and the next churn's must both be floats or both device tensors")
-    device_noise = churn_next is not None and apply and eps is None
+    device_noise = then is not None and apply and eps is None
     seed, keys, per_sample, keyed, big, noise4 = _seed_args(seed, n, hat)
-    _heun_kernel[_grid(n)](
-        raw, hat, prev, d, hat if x is None else x, hat if pred is None else pred, hat if eps is None else eps,
-        hat if hat_next is None else hat_next, hat if xin is None else xin, n, *scalars, seed, keys, per_sample,
-        0.0 if cs is not None else s_noise, c if apply and cs is None else 0.0, hat if sc is None else sc,
-        hat if cs is None else cs, SCAL_MEM=mem, DENOISER=denoiser, TRUE_DIV=denoiser or _true_div(hat), STORE_X=want_sample,
-        STORE_PRED=want_pred, CHURN=churn_next is not None, APPLY=apply, DEVICE_NOISE=device_noise,
-        KEYED=keyed and device_noise, BIG=big, NOISE4=noise4, BLOCK=_BLOCK, **_LAUNCH,
-    )
-    return x, pred, hat_next, xin
+    _launch(_heun_kernel, n, raw, hat, x_next, d, hat if x is None else x, hat if denoised is None else denoised,
+            hat if eps is None else eps, hat if hat_next is None else hat_next, hat if input_next is None else input_next,
+            n, *scalars, seed, keys, per_sample, s_noise, c, hat if sc is None else sc, hat if cs is None else cs,
+            SCAL_MEM=mem, DENOISER=denoiser, TRUE_DIV=true_div, STORE_X=x is not None, STORE_PRED=denoised is not None,
+            CHURN=then is not None, APPLY=apply, STORE_XIN=input_next is not None, DEVICE_NOISE=device_noise,
+            KEYED=keyed and device_noise, BIG=big, NOISE4=noise4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,6 +350,7 @@ _SELF = sys.modules[__name__]
 
 # churn (lines 5-6), euler (7-8), heun (9-11, optionally fused with the next churn): see fused.py
 churn, euler, heun = fused.bind_ops(_SELF)
+
 
 class TritonStep(fused.FusedStep):
     """The Triton step backend (``fused.FusedStep`` with this module's kernels)."""

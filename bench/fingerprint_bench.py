@@ -1,0 +1,92 @@
+"""What the graph runner's per-call check costs: ``ModelState.difference`` (is the model as a capture baked
+it in?) and ``CaptureKey.of`` (the run's settings and the global switches), on a 62 M-parameter NCSN++.
+
+    python bench/fingerprint_bench.py [--repeats 200] [--json FILE]
+
+Runs on the CPU (the check reads Python objects and tensor metadata, never device memory). Reports
+microseconds per call, min / median / max over ``--repeats`` calls, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ncsnpp_like():
+    """The NCSN++-like UNet of ../shared/notes/gpu-baseline.md (61.9 M parameters), random weights."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=32, layers_per_block=4, block_out_channels=(128, 256, 256, 256), time_embedding_type="fourier",
+        norm_eps=1e-6, mid_block_scale_factor=math.sqrt(2), flip_sin_to_cos=True,
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D")).eval()
+
+
+def _time(fn, repeats: int) -> dict:
+    for _ in range(10):
+        fn()
+    us = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        us.append((time.perf_counter() - t) * 1e6)
+    return {"min": min(us), "median": statistics.median(us), "max": max(us), "n": repeats}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    from kve_fast import ncsnpp
+    from kve_fast.convention import REFERENCE
+    from kve_fast.fingerprint import ModelState
+    from kve_fast.graphs import CaptureKey
+    from kve_fast.precision import Precision
+    from kve_fast.spec import RunSpec
+
+    model = ncsnpp_like()
+    ncsnpp.make_capturable(model)  # as the graph runner leaves it
+    params = sum(t.numel() for t in model.parameters())
+    tensors = len(list(model.parameters())) + len(list(model.buffers()))
+    state = ModelState(model)
+    assert state.difference(model) is None
+    spec = RunSpec(REFERENCE, "triton", torch.device("cuda", 0), (64, 3, 32, 32), (3072, 1024, 32, 1), "exact",
+                   "heun", False, "uint8", Precision(), "diffusers", s_noise=1.007)
+    rows = {
+        "ModelState.difference (per call)": _time(lambda: state.difference(model), args.repeats),
+        "CaptureKey.of (per call)": _time(lambda: CaptureKey.of(model, spec), args.repeats),
+        "ModelState(model) (per capture)": _time(lambda: ModelState(model), max(args.repeats // 10, 5)),
+    }
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa
+    out = {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+           "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "command": " ".join([sys.executable] + sys.argv), "commit": git("rev-parse", "--short", "HEAD"),
+           "dirty": bool(git("status", "--porcelain")), "parameters": params, "modules": len(list(model.modules())),
+           "tensors": tensors, "rows": rows}
+    print(f"NCSN++-like UNet: {params / 1e6:.1f} M parameters, {out['modules']} modules, {tensors} tensors")
+    print("| check | us min / median / max |\n|---|---|")
+    for label, r in rows.items():
+        print(f"| {label} | {r['min']:.0f} / {r['median']:.0f} / {r['max']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

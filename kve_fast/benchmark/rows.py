@@ -1,0 +1,458 @@
+"""One configuration's rows: diffusers' pipeline and kve_fast eager and CUDA-graphed, exact and fast noise, each
+timed and compared bit for bit (``bench_pipeline``); the kernel warm-up before any timing (``jit_warmup``).
+
+Import-light: torch and diffusers load inside the functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+import warnings
+
+from ..options import NOISE_MODES
+from .floor import measure_floor
+from .timing import (GRAPH_ENV, RepeatPolicy, _first_line, _host, _latent_to_np, _median_ms, _needs_patch, _params,
+                     _settle, _sync, _timed, compare, inside_share, low_precision_copy, precision_label, relative_rms)
+
+__all__ = ["bench_pipeline", "jit_warmup", "graph_support", "supports_cuda_graph", "row_label", "KINDS", "ROW_LABELS"]
+
+FLOOR_TARGET = 1.05  # issue 8's target: graphed exact total <= 1.05 x the floor
+FIRST_IMAGE_TARGET_S = 3.0  # ... and the first image within 3 s (capture included)
+KINDS = ("eager", "graphed")
+
+ROW_LABELS = {
+    ("reference", "exact"): "diffusers KarrasVePipeline",
+    ("eager", "exact"): "kve_fast eager, exact noise",
+    ("eager", "fast"): "kve_fast eager, fast noise",
+    ("graphed", "exact"): "kve_fast graphed, exact noise",
+    ("graphed", "fast"): "kve_fast graphed, fast noise",
+}
+
+
+def _graphs_module():
+    """``kve_fast.graphs`` if this kve_fast has it, else None."""
+    try:
+        from .. import graphs
+    except Exception:  # absent, or half-written: graphed rows then say why when they run
+        return None
+    return graphs
+
+
+def supports_cuda_graph(pipe) -> bool:
+    """Whether ``pipe.__call__`` (a pipeline or its class) takes ``cuda_graph=`` (the graph runner's switch)."""
+    import inspect
+
+    try:
+        cls = pipe if isinstance(pipe, type) else type(pipe)
+        return "cuda_graph" in inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def graph_support(pipe, device) -> tuple[bool, str]:
+    """``(True, "")`` when graphed rows can be tried, else ``(False, why)``."""
+    if device.type != "cuda":
+        return False, f"graphs unavailable: CUDA graphs need a CUDA device (the device is {device})"
+    value = os.environ.get(GRAPH_ENV)
+    if value is not None and value.strip().lower() in ("0", "false", "off", "no"):
+        return False, f"graphs unavailable: {GRAPH_ENV}={value} in the environment"
+    if not supports_cuda_graph(pipe):
+        return False, "graphs unavailable: this kve_fast's pipeline has no cuda_graph option"
+    return True, ""
+
+
+def _clear_graphs(note: list | None = None) -> None:
+    graphs = _graphs_module()
+    if graphs is not None and hasattr(graphs, "clear_graphs"):
+        graphs.clear_graphs()
+    elif note is not None and not any("clear_graphs is missing" in n for n in note):
+        note.append("kve_fast.graphs.clear_graphs is missing: graphed first calls may reuse earlier captures")
+
+
+def _captures() -> int | None:
+    graphs = _graphs_module()
+    if graphs is None or not hasattr(graphs, "graph_info"):
+        return None
+    try:
+        return int(graphs.graph_info().get("captures"))
+    except Exception:
+        return None
+
+
+def _reference_pipeline(pipe):
+    """diffusers' own pipeline on the same UNet, with the scheduler settings of ``pipe``; or ``(None, why)``."""
+    config = getattr(pipe.unet, "config", None)
+    channels = getattr(config, "in_channels", 3)
+    size = getattr(config, "sample_size", None)
+    if channels != 3:
+        return None, (f"diffusers' KarrasVePipeline hard-codes 3 channels (batch, 3, size, size); this model has "
+                      f"{channels}")
+    if not isinstance(size, int):
+        return None, f"diffusers' KarrasVePipeline needs a square int sample_size; this model has {size!r}"
+    sched = dict(pipe.scheduler.config)
+    if sched.get("sigma_schedule", "diffusers") != "diffusers":
+        return None, (f"the model's scheduler uses sigma_schedule={sched['sigma_schedule']!r}; diffusers' scheduler "
+                      "has only its own ('diffusers')")
+    try:
+        from diffusers.pipelines.deprecated.stochastic_karras_ve import KarrasVePipeline as RefPipeline
+        from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler as RefScheduler
+    except ImportError as exc:
+        return None, f"diffusers' KarrasVePipeline does not import: {_first_line(exc)}"
+    keys = ("sigma_min", "sigma_max", "s_noise", "s_churn", "s_min", "s_max")
+    ref = RefPipeline(unet=pipe.unet, scheduler=RefScheduler(**{k: sched[k] for k in keys if k in sched}))
+    ref.set_progress_bar_config(disable=True)
+    return ref, ""
+
+
+class _LatentHook:
+    """Records the final sample of diffusers' loop (the last ``step``/``step_correct`` ``prev_sample``)
+    while active, by wrapping the scheduler instance's two methods; the timed calls run unwrapped."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.latent = scheduler, None
+
+    def __enter__(self):
+        sched = self.scheduler
+        step, correct = sched.step, sched.step_correct
+
+        def wrapped(fn):
+            def call(*args, **kwargs):
+                out = fn(*args, **kwargs)
+                self.latent = out.prev_sample
+                return out
+            return call
+
+        object.__setattr__(sched, "step", wrapped(step))
+        object.__setattr__(sched, "step_correct", wrapped(correct))
+        return self
+
+    def __exit__(self, *exc):
+        vars(self.scheduler).pop("step", None)
+        vars(self.scheduler).pop("step_correct", None)
+        return False
+
+
+def row_label(kind: str, noise: str, precision: str | None = None) -> str:
+    """``ROW_LABELS``' label; with a low ``precision`` label, which UNet the row runs: diffusers' row
+    "(fp32 UNet)", kve_fast's rows ", bf16 UNet" (or ", fp32 UNet + TF32")."""
+    base = ROW_LABELS[(kind, noise)]
+    if precision is None:
+        return base
+    if kind == "reference":
+        return f"{base} (fp32 UNet)"
+    dtype, _, tf32 = precision.partition(" + ")
+    return f"{base}, {dtype} UNet" + (f" + {tf32}" if tf32 else "")
+
+
+def _row_record(kind: str, noise: str, precision: str | None = None) -> dict:
+    rec = {"row": row_label(kind, noise, precision), "kind": kind, "noise": noise, "status": "pending", "why": None,
+           "ms_per_call": None, "times_ms": [], "repeats": 0, "first_call_s": None, "speedup": None,
+           "floor_ratio": None, "equal_reference_latent": None, "equal_reference_np": None, "equal_eager": None,
+           "repeat_consistent": None, "warnings": []}
+    if precision is not None and kind != "reference":
+        rec.update(precision=precision, rel_rms_reference=None)
+    return rec
+
+
+def _row_estimate(call_s: float, policy: RepeatPolicy) -> float:
+    """Seconds a row should take: its first call and the repeats ``policy`` gives such calls (+5 %)."""
+    return 1.05 * call_s * (1 + policy.repeats(call_s))
+
+
+def _time_row(rec: dict, call, sync, policy: RepeatPolicy, log, before_first=None):
+    """First call (timed as first image), then the policy's repeats; returns the first call's output (host)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if before_first is not None:
+            before_first()
+        first_s, out = _timed(call, sync)
+    for w in caught:
+        text = f"{w.category.__name__}: {w.message}"
+        if text not in rec["warnings"]:
+            rec["warnings"].append(text)
+            log(f"    warning: {text}")
+    first = _host(out)
+    del out
+    n = policy.repeats(first_s)
+    times, consistent = [], True
+    for _ in range(n):
+        dt, out = _timed(call, sync)
+        times.append(dt)
+        consistent = consistent and compare(_host(out), first)["equal"]
+        del out
+    rec.update(status="ok", first_call_s=first_s, times_ms=[t * 1e3 for t in times], repeats=n,
+               ms_per_call=_median_ms(times), repeat_consistent=consistent)
+    return first
+
+
+def bench_pipeline(pipe, *, name: str, batch_size: int, steps: int = 50, device=None, seed: int = 0,
+                   noises=NOISE_MODES, kinds=KINDS, reference: bool = True, step_backend: str = "auto",
+                   output_type: str = "latent", policy: RepeatPolicy | None = None, deadline: float | None = None,
+                   log=print, model_label: str | None = None, unet_dtype=None, tf32: bool = False) -> dict:
+    """Measure every row for one pipeline and batch size; return the configuration's record (see the module
+    docstring). ``deadline``: a ``time.monotonic()`` value after which rows are skipped with a note (and the
+    whole configuration, when its estimated cost does not fit the time left).
+
+    ``unet_dtype`` (None, ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``) and ``tf32``: how
+    kve_fast's rows run the UNet. Low precision: they run a converted copy of ``pipe.unet`` (which must
+    be float32; it is not modified) natively, with ``unet_dtype`` and ``tf32`` passed to the pipeline;
+    diffusers' row runs the float32 UNet with TF32 off; the floor is measured on the copy (see
+    ``measure_floor``); exact-noise rows get ``rel_rms_reference`` instead of bit comparisons with
+    diffusers. The copy is dropped (and the graph captures holding it cleared) before returning.
+    """
+    import torch
+
+    from ..precision import check_tf32, check_unet_dtype, model_dtype
+
+    unet_dtype, tf32 = check_unet_dtype(unet_dtype), check_tf32(tf32)
+    if unet_dtype == torch.float32:
+        unet_dtype = None
+    label = precision_label(unet_dtype, tf32)
+    common = dict(name=name, batch_size=batch_size, steps=steps, device=device, seed=seed, noises=noises,
+                  kinds=kinds, reference=reference, step_backend=step_backend, output_type=output_type,
+                  policy=policy, deadline=deadline, log=log, model_label=model_label)
+    if label is None:
+        return _bench_pipeline(pipe, pipe, **common)
+    own = model_dtype(pipe.unet)
+    if unet_dtype is not None and own != torch.float32:
+        raise ValueError(f"bench_pipeline: `unet_dtype`={unet_dtype} needs the float32 UNet (diffusers' row runs it; "
+                         f"kve_fast's rows run a converted copy), got a {own} one")
+    run_pipe = pipe
+    if unet_dtype is not None:
+        run_pipe = copy.copy(pipe)  # shares the scheduler; only its unet differs
+        run_pipe.__dict__["unet"] = low_precision_copy(pipe.unet, unet_dtype)
+    precision = {"label": label, "unet_dtype": str(unet_dtype or torch.float32).replace("torch.", ""), "tf32": tf32,
+                 "converted_copy": run_pipe is not pipe, "reference": "float32, TF32 off"}
+    try:
+        return _bench_pipeline(pipe, run_pipe, precision=precision, **common)
+    finally:
+        if run_pipe is not pipe:
+            _clear_graphs()  # captures of the copy hold it and its buffers
+            run_pipe.__dict__.pop("unet", None)
+            del run_pipe
+            import gc
+
+            gc.collect()
+            dev = torch.device(device) if device is not None else pipe.device
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _bench_pipeline(pipe, run_pipe, *, name: str, batch_size: int, steps: int, device, seed: int, noises, kinds,
+                    reference: bool, step_backend: str, output_type: str, policy: RepeatPolicy | None,
+                    deadline: float | None, log, model_label: str | None, precision: dict | None = None) -> dict:
+    """``bench_pipeline``'s rows: diffusers' on ``pipe`` (float32), kve_fast's on ``run_pipe`` (``pipe`` itself,
+    or a copy holding the low-precision UNet); ``precision``: None (float32, exact) or bench_pipeline's record."""
+    import torch
+
+    device = torch.device(device) if device is not None else pipe.device
+    policy = policy or RepeatPolicy()
+    sync = _sync(device)
+    t_config = time.monotonic()
+    unet = pipe.unet
+    low = precision is not None
+    label = precision["label"] if low else None
+    shape = pipe._image_shape(batch_size)
+    calls = 2 * steps - 1
+    rec = {"name": name, "model": model_label, "params": _params(unet), "shape": list(shape), "batch_size": batch_size,
+           "steps": steps, "model_calls": calls, "output_type": output_type, "step_backend": step_backend,
+           "seed": seed, "repeat_policy": policy.as_dict(), "status": "ok", "floor": None, "rows": [], "notes": [],
+           "inside_share": None}
+    if low:
+        rec["precision"] = dict(precision)
+    log(f"== {name}: image {'x'.join(map(str, shape[1:]))}, batch {batch_size}, {steps} steps ({calls} model calls), "
+        f"{(rec['params'] or 0) / 1e6:.1f} M parameters, {device}" + (f"; kve_fast rows in {label}" if low else ""))
+
+    if low:
+        dtype = getattr(torch, precision["unet_dtype"])
+        floor = measure_floor(run_pipe.unet, shape, device, calls, log, dtype=None if dtype == torch.float32 else dtype,
+                              fast_fir=True, tf32=precision["tf32"])
+    else:
+        floor = measure_floor(unet, shape, device, calls, log)
+    rec["floor"] = floor
+
+    rows = ([("reference", "exact")] if reference else []) + [(k, n) for k in KINDS if k in kinds
+                                                                for n in NOISE_MODES if n in noises]
+    records = {key: _row_record(*key, precision=label) for key in rows}
+    rec["rows"] = list(records.values())
+
+    shipped = _needs_patch(unet)  # NCSN++ as diffusers ships it: put back after the graph runner patched it
+    ref_pipe, ref_why = (None, "not asked for (--no-reference)") if not reference else _reference_pipeline(pipe)
+    graphs_ok, graphs_why = graph_support(run_pipe, device)
+    cuda_graph_kw = supports_cuda_graph(run_pipe)
+    precision_kw = {"unet_dtype": getattr(torch, precision["unet_dtype"]), "tf32": precision["tf32"]} if low else {}
+
+    # Skip the whole configuration if its rows (first call + the policy's repeats) cannot fit the time left.
+    # (Low precision: the floor is the low-precision model's, so diffusers' float32 row is underestimated.)
+    if deadline is not None:
+        eager_call_s = calls * floor["forward_eager_ms"] / 1e3
+        graph_call_s = floor["floor_ms"] / 1e3
+        est = sum(_row_estimate(graph_call_s if k == "graphed" else eager_call_s * (1.1 if k == "reference" else 1.0),
+                                policy) for k, _ in rows)
+        left = deadline - time.monotonic()
+        if est > left:
+            why = f"skipped: about {est:.0f} s needed, {max(left, 0):.0f} s left of the time budget (--budget-s)"
+            for r in rec["rows"]:
+                r.update(status="skipped", why=why)
+            rec.update(status="skipped", notes=[why], seconds=time.monotonic() - t_config)
+            log("    " + why)
+            return rec
+
+    def generator():
+        return torch.Generator().manual_seed(seed)
+
+    def ours(kind, noise, out_type=output_type):
+        kwargs = {"cuda_graph": kind == "graphed"} if cuda_graph_kw else {}
+        return lambda: run_pipe(batch_size, steps, generator(), output_type=out_type, backend=step_backend,
+                                noise=noise, **kwargs, **precision_kw).images
+
+    outputs: dict = {}
+    ref_latent = ref_np = None
+    for key in rows:
+        kind, noise = key
+        r = records[key]
+        if deadline is not None and time.monotonic() > deadline:
+            r.update(status="skipped", why="skipped: the time budget (--budget-s) ran out")
+            log(f"    {r['row']}: {r['why']}")
+            continue
+        try:
+            if kind == "reference":
+                if ref_pipe is None:
+                    r.update(status="unavailable", why=ref_why)  # left out of the report, with the reason
+                    continue
+                log(f"    {r['row']} ...")
+                hook = _LatentHook(ref_pipe.scheduler)
+                call = lambda: ref_pipe(batch_size, steps, generator(), output_type="np").images  # noqa: E731
+                state = {"first": True}
+
+                def ref_call():
+                    if state["first"]:
+                        state["first"] = False
+                        with hook:
+                            return call()
+                    return call()
+
+                ref_np = _time_row(r, ref_call, sync, policy, log)
+                ref_latent = _host(hook.latent) if hook.latent is not None else None
+                rec["inside_share"] = inside_share(ref_np)
+            else:
+                if kind == "graphed" and not graphs_ok:
+                    r.update(status="unavailable", why=graphs_why)
+                    continue
+
+                def fresh(r=r):  # graphed rows start from no captures, so the first call includes capturing
+                    _clear_graphs(rec["notes"])
+                    r["captures_before"] = _captures()
+
+                log(f"    {r['row']} ...")
+                try:
+                    out = _time_row(r, ours(kind, noise), sync, policy, log,
+                                    before_first=fresh if kind == "graphed" else None)
+                except (ValueError, TypeError, NotImplementedError) as exc:
+                    # The runner's documented refusal (cuda_graph=True and the run cannot be captured) is a
+                    # ValueError; anything else is a failure, reported as such.
+                    if kind != "graphed":
+                        raise
+                    r.update(status="unavailable", why=f"graphs unavailable: {_first_line(exc)}")
+                    _settle(device)
+                    continue
+                if kind == "graphed":
+                    r["captures_after"] = _captures()
+                    if r.get("captures_after") == 0:
+                        rec["notes"].append(f"{r['row']}: graph_info() reports no capture after the run: it may "
+                                            "have run eagerly")
+                outputs[key] = out
+                if rec["inside_share"] is None:
+                    rec["inside_share"] = inside_share(_latent_to_np(out) if output_type == "latent" else out)
+                if noise == "exact" and ref_np is not None and low:
+                    # Bits cannot match a float32 run: how far the final sample is from diffusers' instead.
+                    if output_type == "latent" and ref_latent is not None:
+                        r["rel_rms_reference"] = {"of": "latent", "value": relative_rms(out, ref_latent)}
+                    elif output_type != "latent":
+                        r["rel_rms_reference"] = {"of": "np", "value": relative_rms(out, ref_np)}
+                elif noise == "exact" and ref_np is not None:
+                    if output_type == "latent":
+                        if ref_latent is not None:
+                            r["equal_reference_latent"] = compare(out, ref_latent)
+                        # diffusers' own conversion, on the device diffusers ran it on
+                        r["equal_reference_np"] = compare(_latent_to_np(out.to(device)), ref_np)
+                    else:
+                        r["equal_reference_np"] = compare(out, ref_np)
+                if kind == "graphed" and ("eager", noise) in outputs:
+                    r["equal_eager"] = compare(out, outputs[("eager", noise)])
+        except Exception as exc:
+            _settle(device)
+            r.update(status="failed", why=_first_line(exc))
+            log(f"    {r['row']}: FAILED {r['why']}")
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+    if any(k == "graphed" for k, _ in rows) and graphs_ok:
+        _clear_graphs()
+        if shipped and not _needs_patch(unet):
+            from .. import ncsnpp
+
+            ncsnpp.restore(unet)
+            rec["notes"].append("the graph runner made the UNet capturable (kve_fast.ncsnpp); restored afterwards, "
+                                "so later configurations see the model as diffusers ships it")
+
+    ref_ms = records[("reference", "exact")]["ms_per_call"] if ("reference", "exact") in records else None
+    for r in rec["rows"]:
+        if r["ms_per_call"]:
+            r["floor_ratio"] = r["ms_per_call"] / floor["floor_ms"]
+            if ref_ms:
+                r["speedup"] = ref_ms / r["ms_per_call"]
+    rec["seconds"] = time.monotonic() - t_config
+    if any(r["status"] == "failed" for r in rec["rows"]):
+        rec["status"] = "partial"
+    return rec
+
+
+def jit_warmup(device, step_backend: str = "auto", log=print, unet_dtype=None, tf32: bool = False) -> float | None:
+    """Compile the step kernels (eager and graphed, both noises) on a throwaway tiny UNet, 2 steps, so that
+    first-call times are not Triton's one-time JIT; returns the seconds it took (None on the CPU).
+    ``unet_dtype``/``tf32``: warm up the variants low-precision rows run (the UNet converted to ``unet_dtype``;
+    the kernels write the model input in it)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    from diffusers import UNet2DModel
+
+    from ..pipeline import KarrasVePipeline
+    from ..scheduler import KarrasVeScheduler
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    unet = UNet2DModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=3, out_channels=3,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = unet.to(device).eval()
+    precision_kw = {}
+    if unet_dtype is not None and unet_dtype != torch.float32:
+        unet = low_precision_copy(unet, unet_dtype)
+        precision_kw["unet_dtype"] = unet_dtype
+    if tf32:
+        precision_kw["tf32"] = True
+    pipe = KarrasVePipeline(unet, KarrasVeScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    graphs_ok, _ = graph_support(pipe, device)
+    kinds = [False, True] if graphs_ok else [False]
+    for graphed in kinds:
+        for noise in NOISE_MODES:
+            kwargs = {"cuda_graph": graphed} if supports_cuda_graph(pipe) else {}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pipe(1, 2, torch.Generator().manual_seed(0), output_type="latent", backend=step_backend,
+                         noise=noise, **kwargs, **precision_kw)
+            except Exception as exc:
+                log(f"    warm-up ({'graphed' if graphed else 'eager'}, {noise}): {_first_line(exc)}")
+    if graphs_ok:
+        _clear_graphs()
+    torch.cuda.synchronize(device)
+    del pipe, unet
+    torch.cuda.empty_cache()
+    return time.perf_counter() - t0

@@ -1,0 +1,121 @@
+"""The two conventions the one sampler loop runs in: how the model is called, and how a step is rounded.
+
+A convention is chosen once, at the front door (``kve_fast.sampler`` and ``kve_fast.pipeline`` pick
+``REFERENCE``, ``kve_fast.k_diffusion`` picks ``K_DIFFUSION``), and everything that differs between the two
+is asked of it here, in one place:
+
+=====================  ==============================================  ==============================================
+                       ``REFERENCE`` (diffusers' KarrasVePipeline)      ``K_DIFFUSION`` (k-diffusion's sample_heun)
+=====================  ==============================================  ==============================================
+the model              a score model in [0, 1] image space:            a denoiser: ``model(x_hat, sigma * s_in,
+                       ``model((x_hat + 1) / 2, sigma / 2)``           **extra_args)`` returns D(x_hat; sigma)
+noise-level argument   ``sigma / 2``, a 0-d float32 CPU tensor         ``sigma * s_in``, a (batch,) tensor on the
+                                                                       sigmas' device
+the step's scalars     ``kve_fast.plan.Step``: 0-d float32 CPU         ``kve_fast.plan.KStep``: 0-d tensors on the
+                       tensors (the reference's ops)                   sigmas' device (k-diffusion's ops)
+division by sigma      true division on the CPU; on CUDA torch         true division (k-diffusion divides by device
+                       multiplies by the host's float32 reciprocal     tensors) on every device
+line 6 (the churn)     every step (it adds 0 * eps where gamma = 0)    only where gamma > 0 (x_hat is x otherwise)
+=====================  ==============================================  ==============================================
+
+Both draw one churn noise per step, also where gamma = 0, as their originals do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .precision import UNET_DTYPES, Precision
+
+__all__ = ["Convention", "REFERENCE", "K_DIFFUSION", "ModelOutputError", "raw_output"]
+
+
+class ModelOutputError(ValueError):
+    """The model returned something that is not a tensor shaped like its input."""
+
+
+def raw_output(out):
+    """The model's output tensor: ``.sample`` of a diffusers output, the first item of a tuple, or itself."""
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0] if len(out) else out
+    return out
+
+
+def _checked(out, x: torch.Tensor) -> torch.Tensor:
+    out = raw_output(out)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelOutputError(f"`model` must return a tensor shaped like its input {tuple(x.shape)}, got {got}")
+    return out
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One of the two conventions (see the module docstring); compare with ``is``."""
+
+    name: str
+    denoiser: bool  # the model returns D itself (k-diffusion), else a score in [0, 1] image space
+    churn_every_step: bool  # line 6 runs where gamma = 0 too (adding 0 * eps), as the reference does
+
+    def true_division(self, device: torch.device) -> bool:
+        """Whether the step's divisions by sigma are true divisions on ``device`` (else a multiplication by
+        the float32 reciprocal computed on the host: what torch on CUDA does with the reference's CPU 0-d
+        ``sigma_hat``; measured on an H200, ../shared/notes/gpu-baseline.md)."""
+        return self.denoiser or device.type != "cuda"
+
+    def churns(self, step) -> bool:
+        """Whether line 6 runs at ``step`` (else x_hat is x itself)."""
+        return self.churn_every_step or step.noise_coef is not None
+
+    # -- the model call -------------------------------------------------------------------------------
+
+    def caller(self, model, precision: Precision, device: torch.device, extra: dict | None = None):
+        """``denoise(x_in, level, extra=None)``: the model's raw output at ``x_in`` and noise-level argument
+        ``level``, checked (a tensor shaped like ``x_in``); ``extra`` replaces the call's ``extra_args``
+        (k-diffusion's, for static copies in graphs)."""
+        if self.denoiser:
+            kwargs = {} if extra is None else extra
+
+            def denoise(x, level, extra=None):
+                # as it is: k-diffusion's arithmetic promotes with the output's dtype (a float64 D makes x float64)
+                return _checked(model(x, level, **(kwargs if extra is None else extra)), x)
+
+            return denoise
+        forward = precision.call(model, device)
+
+        def score(x, level, extra=None):
+            out = _checked(forward(x, level), x)
+            # float64, say: float32 like the state (low-precision outputs are read as they are)
+            return out if out.dtype in UNET_DTYPES else out.to(torch.float32)
+
+        return score
+
+    def model_input_is_hat(self) -> bool:
+        """A denoiser takes x_hat itself; a score model takes ``(x_hat + 1) / 2`` (written by the churn)."""
+        return self.denoiser
+
+    def noise_level(self, step, at: str, s_in: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's noise-level argument at sigma_hat (``at="hat"``) or sigma_{i+1} (``"next"``), as the
+        original computes it: a new tensor on each call."""
+        if self.denoiser:
+            sigma = step.sigma_hat_on_device() if at == "hat" else step.sigma_next
+            return sigma * s_in
+        level = step.at_hat if at == "hat" else step.at_next
+        return torch.tensor(level.half, dtype=torch.float32)
+
+    def graph_noise_level(self, scalars: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """The same argument inside a CUDA graph, read from the device ``Level`` slots ``scalars``: a 0-d view
+        of ``half`` (the value the reference computes), or ``sigma`` broadcast into the per-sample buffer
+        ``out`` (an op of the graph)."""
+        if not self.denoiser:
+            return scalars[0]
+        out.copy_(scalars[1].expand_as(out))
+        return out
+
+
+REFERENCE = Convention("reference", denoiser=False, churn_every_step=True)
+K_DIFFUSION = Convention("k-diffusion", denoiser=True, churn_every_step=False)

@@ -1,0 +1,71 @@
+"""The pipeline refuses what it cannot finish before the first model call: images PIL cannot make, a config's
+``sample_size`` or channel counts that are not what they must be, each naming the field."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import kve_fast
+
+
+class CountingScore(torch.nn.Module):
+    """``-x`` as the score, counting its calls, with whatever config the test gives it."""
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = types.SimpleNamespace(**config)
+        self.calls = 0
+
+    def forward(self, x, sigma):
+        self.calls += 1
+        return -x
+
+
+def pipe_for(**config):
+    model = CountingScore(**config)
+    pipe = kve_fast.KarrasVePipeline(model, kve_fast.KarrasVeScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, model
+
+
+@pytest.mark.parametrize("channels", [5, 7])
+def test_pil_images_of_more_than_four_channels_are_refused_before_any_model_call(channels):
+    pipe, model = pipe_for(sample_size=4, in_channels=channels, out_channels=channels)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with pytest.raises(ValueError, match=r"`output_type`='pil'.*have %d \(`unet.config.in_channels`\)" % channels):
+        pipe(1, 3, g)
+    assert model.calls == 0 and torch.equal(g.get_state(), state)
+    assert pipe(1, 3, g, output_type="np").images.shape == (1, 4, 4, channels)  # the other outputs still work
+    assert model.calls == 5
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_pil_images_of_one_to_four_channels_work(channels):
+    pipe, _ = pipe_for(sample_size=4, in_channels=channels, out_channels=channels)
+    (image,) = pipe(1, 2, torch.Generator().manual_seed(0)).images
+    assert len(image.getbands()) == channels
+
+
+@pytest.mark.parametrize("field, value", [
+    ("sample_size", "8"), ("sample_size", (4,)), ("sample_size", 2.5), ("sample_size", True), ("sample_size", 0),
+    ("sample_size", (4, "4")), ("sample_size", (4, 4, 4)), ("in_channels", "3"), ("in_channels", 0),
+    ("out_channels", 2.0),
+])
+def test_bad_config_fields_are_named_before_any_model_call(field, value):
+    config = {"sample_size": 4, "in_channels": 3, "out_channels": 3, field: value}
+    if field == "in_channels":
+        config["out_channels"] = value
+    pipe, model = pipe_for(**config)
+    with pytest.raises(ValueError, match=rf"`unet\.config\.{field}`"):
+        pipe(1, 3, torch.Generator().manual_seed(0), output_type="np")
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize("size, shape", [(4, (4, 4)), ((2, 6), (2, 6)), ([6, 2], (6, 2))])
+def test_good_sample_sizes(size, shape):
+    pipe, _ = pipe_for(sample_size=size, in_channels=1, out_channels=1)
+    assert pipe(1, 2, torch.Generator().manual_seed(0), output_type="np").images.shape == (1, *shape, 1)
