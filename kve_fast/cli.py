@@ -178,14 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "a temporary name and renamed once DIR/manifest.jsonl lists it with its SHA-256; DIR/record.json "
                     "holds everything that can change the files' bytes, and a rerun must match it. Rerunning the same "
                     "command completes an interrupted set. Reference: docs/generate.md.")
-    g.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
+    g.add_argument("--model", default="digits", help=MODEL_HELP)
     g.add_argument("--seeds", required=True,
                    help="the seeds: 0-49999, or a list such as 0,5,10-19 (each 0 to 2**32 - 1)")
     g.add_argument("--outdir", required=True, help="the output folder (created if missing; its parent must exist)")
     g.add_argument("--workers", type=_workers, default="auto",
-                   help="CPU only: threads sampling batches side by side in each process, each with one CPU thread "
-                        "(the files do not depend on it); 'auto': the CPUs this process may use over the processes on "
-                        "this machine")
+                   help="CPU only (Linux): worker processes sampling batches side by side, each on one CPU thread "
+                        "(the files do not depend on how many; 1: sample in this process); 'auto': the CPUs this "
+                        "process may use over the processes torchrun starts on this machine (1 off Linux)")
     g.add_argument("--batch", type=_at_least(int, 1), default=64,
                    help="images per model batch on each process (every batch is padded to this size)")
     g.add_argument("--subdirs", action="store_true",
@@ -533,6 +533,9 @@ def generate_command(args) -> int:
     workers = None if args.workers == "auto" else args.workers
     if workers is not None and workers > 1 and device.type != "cpu":
         raise CliError(f"--workers: more than one worker is for the CPU; the device is {device}")
+    if workers is not None and workers > 1 and not gen.FORK_WORKERS:
+        raise CliError(f"--workers: worker processes are forked, on Linux only (this is {sys.platform}); use "
+                       "--workers 1, and torchrun for more processes")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     comm = gen.connect(device)

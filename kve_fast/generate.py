@@ -14,7 +14,7 @@ In short:
   renamed into place (write-ahead): every file under a seed's name that a killed run left is vouched for by a
   line with its hash. A PNG the manifest does not vouch for is refused, never adopted; a listed file whose bytes
   changed is made again.
-- On the CPU every process samples with one intra-op thread per worker (``--workers`` threads side by side, on
+- On the CPU every worker samples with one intra-op thread (``--workers`` worker processes side by side, on
   batches of their own), so the files are the same however the seeds are split over processes and workers.
 - Seeds are ranges, never a list; each process walks its share lazily, checking files as it goes.
 
@@ -51,6 +51,7 @@ SEED_LIMIT = 2**32  # torch's CPU generator keeps only the low 32 bits of a seed
 MAX_SEEDS = 10_000_000
 SUBDIR_SIZE = 1000
 THREADS_PER_WORKER = 1  # intra-op CPU threads of each worker: conv results depend on the thread count
+FORK_WORKERS = sys.platform.startswith("linux")  # CPU worker processes (forked: tested on Linux only)
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # how long a rank waits for the others at the end of a batch
 # What FID tools read as images (pytorch-fid's list; clean-fid and EDM read fewer): none may be foreign.
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -66,10 +67,6 @@ class GenerateError(Exception):
     def __init__(self, message: str, code: int = 1, printed: bool = False):
         super().__init__(message)
         self.code, self.printed = code, printed
-
-
-class _Stopped(Exception):
-    """Raised inside a worker's sampler loop when the job stops (an error elsewhere, SIGINT, SIGTERM)."""
 
 
 # ---- seeds -------------------------------------------------------------------------------------------------
@@ -657,17 +654,15 @@ def default_workers() -> int:
 
 class _Progress:
     """What this process has done, for the bar: image-steps sampled (an image is ``steps`` of them), seeds found
-    complete. Workers add under the lock; the main thread reads."""
+    complete."""
 
     def __init__(self, steps: int):
         self.steps = steps
-        self.lock = threading.Lock()
         self.image_steps = 0
         self.skipped = 0
 
     def add_steps(self, images: int) -> None:
-        with self.lock:
-            self.image_steps += images
+        self.image_steps += images
 
     @property
     def images(self) -> float:
@@ -680,7 +675,6 @@ class _Todo:
     def __init__(self, stream, listed: dict[int, str], outdir: str, subdirs: bool, batch: int, progress: _Progress):
         self.stream, self.listed, self.outdir, self.subdirs, self.batch = stream, listed, outdir, subdirs, batch
         self.progress = progress
-        self.lock = threading.Lock()
 
     def _complete(self, seed: int) -> bool:
         sha = self.listed.get(seed)
@@ -698,17 +692,15 @@ class _Todo:
 
     def next_batch(self) -> list[int]:
         """Up to ``batch`` seeds to sample (empty at the end)."""
-        with self.lock:
-            out = []
-            for seed in self.stream:
-                if self._complete(seed):
-                    with self.progress.lock:
-                        self.progress.skipped += 1
-                    continue
-                out.append(seed)
-                if len(out) == self.batch:
-                    break
-            return out
+        out = []
+        for seed in self.stream:
+            if self._complete(seed):
+                self.progress.skipped += 1
+                continue
+            out.append(seed)
+            if len(out) == self.batch:
+                break
+        return out
 
 
 def _padded(seeds: list[int], batch: int) -> list[int]:
@@ -716,121 +708,306 @@ def _padded(seeds: list[int], batch: int) -> list[int]:
     return [seeds[i % len(seeds)] for i in range(max(batch, len(seeds)))]
 
 
-class _Workers:
-    """Sample batches: ``count`` threads side by side (CPU), or one batch at a time in the calling thread (GPU).
+def _sample(pipe, seeds: list[int], batch: int, call: dict, subdirs: bool, on_step) -> list[tuple[int, str, bytes, str]]:
+    """``[(seed, file, png bytes, sha256)]`` of one batch, padded to ``batch``; ``on_step()`` after each sampler step."""
+    import torch
 
-    Each worker has its own pipeline (its own scheduler; workers after the first their own copy of the model, so
-    nothing a run patches is shared) and, on the CPU, ``THREADS_PER_WORKER`` intra-op threads. ``get()`` returns
-    the next finished batch ``[(seed, file, png bytes, sha256)]``, ``None`` at the end, or raises ``_Failed``.
-    """
+    def track(steps):  # the pipeline's progress hook: the sampler calls it with its steps
+        for step in steps:
+            yield step
+            on_step()
 
-    def __init__(self, pipe, todo: _Todo, progress: _Progress, count: int, threaded: bool, call: dict, subdirs: bool):
-        from .pipeline import KarrasVePipeline
+    pipe.progress_bar = track
+    padded = _padded(seeds, batch)
+    images = pipe(len(padded), call["steps"], [torch.Generator().manual_seed(s) for s in padded], output_type="pil",
+                  **{k: v for k, v in call.items() if k != "steps"}).images
+    out = []
+    for seed, image in zip(seeds, images):
+        data = _encode_png(image)
+        out.append((seed, seed_file(seed, subdirs), data, hashlib.sha256(data).hexdigest()))
+    return out
 
-        self.todo, self.progress, self.call, self.subdirs = todo, progress, call, subdirs
-        self.stop = threading.Event()
-        count = count if threaded else 1
-        self.pipes = []
-        for k in range(count):
-            unet = pipe.unet if k == 0 else copy.deepcopy(pipe.unet)
-            worker = KarrasVePipeline(unet=unet, scheduler=copy.deepcopy(pipe.scheduler))
-            worker.set_progress_bar_config(disable=True)
-            self.pipes.append(worker)
-        self.threads: list[threading.Thread] = []
-        self.queue: queue.Queue = queue.Queue(maxsize=2 * count)
-        self.running = count
-        if threaded:
-            for k in range(count):
-                thread = threading.Thread(target=self._work, args=(k,), name=f"kve_fast-generate-{k}", daemon=True)
-                self.threads.append(thread)
-                thread.start()
 
-    def _sample(self, k: int, seeds: list[int]) -> list[tuple[int, str, bytes, str]]:
-        import torch
+def _worker_pipe(pipe):
+    """A pipeline of its own (its own scheduler, its progress hook) around ``pipe``'s model."""
+    from .pipeline import KarrasVePipeline
 
-        pipe, progress, stop = self.pipes[k], self.progress, self.stop
+    worker = KarrasVePipeline(unet=pipe.unet, scheduler=copy.deepcopy(pipe.scheduler))
+    worker.set_progress_bar_config(disable=True)
+    return worker
 
-        def track(steps):  # the sampler's progress hook: one call per finished step
-            for step in steps:
-                if stop.is_set():
-                    raise _Stopped()
-                yield step
-                progress.add_steps(len(seeds))
 
-        pipe.progress_bar = track
-        padded = _padded(seeds, self.todo.batch)
-        images = pipe(len(padded), self.call["steps"], [torch.Generator().manual_seed(s) for s in padded],
-                      output_type="pil", **{k: v for k, v in self.call.items() if k != "steps"}).images
-        out = []
-        for seed, image in zip(seeds, images):
-            data = _encode_png(image)
-            out.append((seed, seed_file(seed, self.subdirs), data, hashlib.sha256(data).hexdigest()))
-        return out
+class _Inline:
+    """One batch at a time in this process (one worker; a GPU). ``get()``: the next batch's files, None at the end."""
 
-    def _one(self, k: int):
-        seeds = self.todo.next_batch()
-        return self._sample(k, seeds) if seeds else None
-
-    def _work(self, k: int) -> None:
-        # torch's intra-op thread count is the process's (set by generate_images): THREADS_PER_WORKER here too
-        try:
-            while not self.stop.is_set():
-                files = self._one(k)
-                if files is None:
-                    break
-                self._put(("files", files))
-        except _Stopped:
-            pass
-        except BaseException as exc:  # reported by the main thread
-            self._put(("error", _describe(exc)))
-        finally:
-            self._put(("done", k))
-
-    def _put(self, item) -> None:
-        while True:
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                if self.stop.is_set() and item[0] == "files":
-                    return
+    def __init__(self, pipe, todo: _Todo, progress: _Progress, call: dict, subdirs: bool, on_step):
+        self.pipe, self.todo, self.progress, self.call, self.subdirs = _worker_pipe(pipe), todo, progress, call, subdirs
+        self.on_step = on_step
+        self.count = 1
 
     def get(self, idle=None):
-        """The next finished batch, ``None`` when every worker is done; ``idle()`` runs while waiting."""
-        if not self.threads:  # one batch at a time, here
-            if self.running == 0:
+        try:
+            seeds = self.todo.next_batch()
+            if not seeds:
                 return None
+
+            def step():
+                self.progress.add_steps(len(seeds))
+                self.on_step()
+
+            return _sample(self.pipe, seeds, self.todo.batch, self.call, self.subdirs, step)
+        except Exception as exc:
+            raise _Failed(_describe(exc)) from None
+
+    def close(self) -> None:
+        pass
+
+
+# A worker process and the main process talk through two pipes (batches one way, progress and files the other):
+# length-prefixed pickles, between a process and the one it forked.
+def _send(f, message) -> None:
+    import pickle
+
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(len(data).to_bytes(8, "little") + data)
+    f.flush()
+
+
+def _receive(f):
+    """The next message, or None at the end of the stream."""
+    import pickle
+
+    head = f.read(8)
+    if len(head) < 8:
+        return None
+    size = int.from_bytes(head, "little")
+    data = f.read(size)
+    if len(data) < size:
+        return None
+    return pickle.loads(data)
+
+
+def _worker_loop(pipe, tasks, results, batch: int, call: dict, subdirs: bool) -> None:
+    """A worker process: batches from ``tasks``, files and progress to ``results``, on ``THREADS_PER_WORKER``
+    intra-op CPU threads. It ends at the end of ``tasks`` (the main process closed it, or died) or when a
+    message cannot be sent (the main process is gone)."""
+    pipe = _worker_pipe(pipe)
+    try:
+        while True:
+            seeds = _receive(tasks)
+            if seeds is None:
+                return
+            files = _sample(pipe, seeds, batch, call, subdirs, lambda: _send(results, ("steps", len(seeds))))
+            _send(results, ("files", files))
+    except OSError:  # BrokenPipeError: the main process is gone
+        return
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            _send(results, ("error", _describe(exc)))
+
+
+def _death_signal():
+    """Linux's ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` as a function of no arguments (None where there is none),
+    looked up before the fork (no ``dlopen`` in the child)."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
+def _die_with_parent(parent: int, death_signal) -> None:
+    """In a forked worker: SIGKILL when the thread that forked it ends (also when its process is killed with
+    SIGKILL), so that no worker outlives its job; and the end now if that already happened."""
+    if death_signal is not None:
+        death_signal()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _exit_status(pid: int):
+    """``pid``'s exit code (minus the signal that killed it) once it has ended, without reaping it (the pid stays
+    ours until ``waitpid``); None if it cannot be told."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except (ChildProcessError, OSError):
+        return None
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+class _Processes:
+    """``count`` worker processes (Linux, the CPU), forked once the model is loaded: each samples with one intra-op
+    thread on the model it inherited (copy-on-write; nothing is pickled but seeds and files); this process hands
+    out batches (two in flight per worker), reads their files and progress through pipes, and writes the files.
+
+    Processes, not threads: with threads the GIL, held by the model's Python code between kernels, serialised the
+    workers on a busy machine. Forked, not spawned: a spawned worker imports torch and diffusers again before its
+    first batch (docs/generate.md). ``close_in_child``: descriptors the workers must not keep (the manifest's lock).
+    A worker ignores SIGINT (Ctrl-C is the main process's to handle), ends on SIGTERM, at the end of its input, or
+    with the main process (``_die_with_parent``); ``close()`` ends and reaps every worker.
+    """
+
+    def __init__(self, pipe, todo: _Todo, progress: _Progress, count: int, call: dict, subdirs: bool,
+                 close_in_child=()):
+        import warnings
+
+        self.todo, self.progress, self.count = todo, progress, count
+        self.pids: list[int] = []
+        self.reaped: set[int] = set()
+        self.task_files: list = []  # this process's ends of each worker's pipes
+        self.results: list[int] = []
+        self.queue: queue.Queue = queue.Queue()
+        self.in_flight = [0] * count
+        self.exhausted = self.started = False
+        self.readers: list[threading.Thread] = []
+        parent, death_signal = os.getpid(), _death_signal()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            for k in range(count):
+                task_r, task_w = os.pipe()
+                result_r, result_w = os.pipe()
+                with warnings.catch_warnings():  # Python 3.12+ warns about fork in a process with threads (gloo,
+                    warnings.simplefilter("ignore", DeprecationWarning)  # torch); the child only runs _worker_loop
+                    pid = os.fork()
+                if pid == 0:  # the worker: never returns into the caller's stack
+                    code = 0
+                    try:
+                        import signal
+
+                        import torch
+
+                        signal.signal(signal.SIGINT, signal.SIG_IGN)
+                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                        _die_with_parent(parent, death_signal)
+                        for fd in [*close_in_child, task_w, result_r, *self.results,
+                                   *(f.fileno() for f in self.task_files)]:
+                            with contextlib.suppress(OSError):
+                                os.close(fd)
+                        torch.set_num_threads(THREADS_PER_WORKER)  # as the parent set it; DataLoader's pattern
+                        with os.fdopen(task_r, "rb") as tasks, os.fdopen(result_w, "wb") as results:
+                            _worker_loop(pipe, tasks, results, todo.batch, call, subdirs)
+                    except BaseException:
+                        code = 1
+                    finally:
+                        os._exit(code)
+                self.pids.append(pid)
+                os.close(task_r)
+                os.close(result_w)
+                self.task_files.append(os.fdopen(task_w, "wb"))
+                self.results.append(result_r)
+            for k in range(count):  # threads only once every worker is forked
+                reader = threading.Thread(target=self._read, args=(k,), name=f"kve_fast-generate-{k}", daemon=True)
+                reader.start()
+                self.readers.append(reader)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self, k: int) -> None:
+        """Puts worker ``k``'s messages on the queue, then ``("end", exit status)``."""
+        try:
+            with os.fdopen(self.results[k], "rb") as f:
+                while True:
+                    message = _receive(f)
+                    if message is None:
+                        break
+                    self.queue.put((k, message))
+        except Exception as exc:  # a stream closed under us, or a message that does not unpickle
+            self.queue.put((k, ("error", f"worker process {k}: {_describe(exc)}")))
+        self.queue.put((k, ("end", _exit_status(self.pids[k]))))
+
+    def _hand_out(self, k: int) -> None:
+        if self.exhausted:
+            return
+        try:
+            seeds = self.todo.next_batch()
+        except OSError as exc:
+            raise _Failed(_describe(exc)) from None
+        if not seeds:
+            self.exhausted = True
+            return
+        try:
+            _send(self.task_files[k], seeds)
+        except OSError:
+            raise _Failed(f"worker process {k} exited with batches to do") from None
+        self.in_flight[k] += 1
+
+    def get(self, idle=None):
+        """The next finished batch, None when all are done; ``idle()`` runs while waiting. ``_Failed`` for a
+        failure (a worker's error, a worker that died, a file that cannot be checked)."""
+        if not self.started:
+            self.started = True
+            for _ in range(2):
+                for k in range(self.count):
+                    self._hand_out(k)
+        while any(self.in_flight):
             try:
-                files = self._one(0)
-            except Exception as exc:
-                raise _Failed(_describe(exc)) from None
-            if files is None:
-                self.running = 0
-            return files
-        while self.running:
-            try:
-                kind, value = self.queue.get(timeout=0.2)
+                k, (kind, value) = self.queue.get(timeout=0.2)
             except queue.Empty:
                 if idle is not None:
                     idle()
                 continue
-            if kind == "files":
+            if kind == "steps":
+                self.progress.add_steps(value)
+                if idle is not None:
+                    idle()
+            elif kind == "files":
+                self.in_flight[k] -= 1
+                self._hand_out(k)
                 return value
-            if kind == "error":
-                self.stop.set()
+            elif kind == "error":
                 raise _Failed(value)
-            self.running -= 1
+            elif kind == "end" and self.in_flight[k]:
+                code = "" if value is None else f" (exit code {value})" if value >= 0 else f" (signal {-value})"
+                raise _Failed(f"worker process {k} exited{code} with batches to do")
         return None
 
     def close(self) -> None:
-        """Stop the workers (at their next step) and wait a little for them."""
-        self.stop.set()
+        """End the workers (SIGTERM; SIGKILL after 10 s) and reap them; the readers end with their pipes."""
+        import signal
+
+        for f in self.task_files:
+            with contextlib.suppress(OSError):
+                f.close()
+        for pid in self.pids:  # not reaped yet, so still ours (a zombie at worst): safe to signal
+            if pid not in self.reaped:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for thread in self.threads:
-            while thread.is_alive() and time.monotonic() < deadline:
-                with contextlib.suppress(queue.Empty):
-                    self.queue.get_nowait()  # so that no worker blocks on a full queue
-                thread.join(timeout=0.05)
+        for pid in self.pids:
+            while pid not in self.reaped:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG if time.monotonic() < deadline else 0)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    self.reaped.add(pid)
+                elif time.monotonic() >= deadline:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                else:
+                    time.sleep(0.01)
+        for reader in self.readers:
+            reader.join(timeout=10)
+
+
+def _workers_for(workers: int | None, cpu: bool) -> int:
+    """How many workers: 1 (in this process) on a GPU or where worker processes are not forked (not Linux); else
+    ``workers``, by default the CPUs this process may use over the processes on this machine."""
+    if not cpu:
+        return 1
+    if not FORK_WORKERS:
+        if workers is not None and workers > 1:
+            raise ValueError(f"`workers`: worker processes are forked, on Linux only (this is {sys.platform}); use 1 "
+                             "and torchrun for more processes")
+        return 1
+    return workers or default_workers()
 
 
 class _Failed(Exception):
@@ -841,11 +1018,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _threaded(device) -> bool:
-    """Workers on threads (the CPU), or one batch at a time in the main thread (a GPU: one stream, no copies)."""
-    return device.type == "cpu"
 
 
 def _progress_bar(total: int, disable: bool):
@@ -903,15 +1075,17 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     ``seeds``: a ``Seeds`` (``parse_seeds("0-49999")``), the same as text, or ints. This process samples its
     share of the seeds that lack a complete file (``comm``: the job's processes, one by default) and rank 0
     keeps the record and the manifest; see docs/generate.md. ``model``: ``{"name", "sha256"}`` for the record
-    (default: a hash of the model in memory). ``workers``: CPU only, threads sampling side by side (default: the
-    CPUs this process may use over the processes on this machine). Raises ``GenerateError`` when a rank fails,
-    on every rank, and ``ValueError``/``TypeError`` naming a bad argument before any work.
+    (default: a hash of the model in memory). ``workers``: CPU only, worker processes sampling side by side
+    (1: in this process; default: the CPUs this process may use over the processes on this machine). Raises
+    ``GenerateError`` when a rank fails, on every rank, and ``ValueError``/``TypeError`` naming a bad argument before
+    any work.
     ``status["written"]`` counts the images written so far by all ranks (for a report after an interrupt).
     """
     _check_args(pipe, outdir, steps, batch, subdirs, backend, noise, solver, workers, quiet, tf32, channels_last)
     seeds = _as_seeds(seeds)
     import torch
 
+    from . import threads
     from .backends import check_backend
 
     device = pipe.device
@@ -923,15 +1097,16 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     if channels not in (1, 3, 4):
         raise GenerateError(f"the model's images have {channels} channels; only 1 (grey), 3 (RGB) or 4 (RGBA) "
                             "make PNG files", code=2)
-    workers = (workers or default_workers()) if cpu else 1
+    workers = _workers_for(workers, cpu)
     comm = comm or _Single()
     status = {} if status is None else status
     status["written"] = 0
     rank, world = comm.rank, comm.world
     outdir = os.path.abspath(os.fspath(outdir))
-    threads_before = torch.get_num_threads()
-    if cpu:
+    threads_before, fixed_before = torch.get_num_threads(), threads._fixed
+    if cpu:  # torch's count, and kve_fast's per-call policy (which KVE_FAST_THREADS would otherwise set)
         torch.set_num_threads(THREADS_PER_WORKER)
+        threads.set_threads(THREADS_PER_WORKER)
     try:
         return _job(pipe, seeds, outdir, comm, status, quiet, workers, cpu, device,
                     dict(steps=steps, batch=batch, subdirs=subdirs, backend=backend, noise=noise, solver=solver,
@@ -939,6 +1114,7 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     finally:
         if cpu:
             torch.set_num_threads(threads_before)
+            threads.set_threads(fixed_before)
 
 
 def _setup(outdir: str, world: int, record: dict) -> tuple:
@@ -1052,24 +1228,24 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
         progress = _Progress(steps)
         todo = _Todo(seeds.share(rank, world), index, outdir, subdirs, batch, progress)
         call = {k: opts[k] for k in ("steps", "backend", "noise", "solver", "cuda_graph", "tf32", "channels_last")}
-        producer = _Workers(pipe, todo, progress, workers, threaded=_threaded(device), call=call, subdirs=subdirs)
-        bar = _progress_bar(len(seeds), disable=quiet or rank != 0)
         others = {"images": 0.0, "skipped": 0}
 
         def refresh():
-            if bar.disable:
+            if bar is None or bar.disable:
                 return
-            with progress.lock:
-                mine, skipped = progress.images, progress.skipped
-            total = len(seeds) - skipped - others["skipped"]
+            total = len(seeds) - progress.skipped - others["skipped"]
             if bar.total != total:
                 bar.total = total
-            n = int(mine + others["images"])
+            n = int(progress.images + others["images"])
             if n != bar.n:
                 bar.update(n - bar.n)
-            else:
-                bar.refresh()
 
+        if workers > 1:  # forked before the bar's thread starts, without the manifest's descriptor
+            producer = _Processes(pipe, todo, progress, workers, call, subdirs,
+                                  close_in_child=[manifest.fd] if manifest is not None else [])
+        else:
+            producer = _Inline(pipe, todo, progress, call, subdirs, on_step=refresh)
+        bar = _progress_bar(len(seeds), disable=quiet or rank != 0)
         write_error = None
         finished = False
         start = time.perf_counter()
@@ -1084,8 +1260,7 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
                         files = got
                 except _Failed as exc:
                     error = str(exc)
-            with progress.lock:
-                mine = (progress.images, progress.skipped)
+            mine = (progress.images, progress.skipped)
             if error is not None and rank != 0:  # rank 0 reports every failure below
                 print(f"kve-fast: error: rank {rank}: {error}", file=sys.stderr)
             round_ = comm.all_gather({"lines": [(s, rel, sha) for s, rel, _, sha in files], "error": error,

@@ -11,7 +11,7 @@ What is tested, and where it holds (docs/generate.md says only what is here):
   so a run killed with SIGKILL mid-file or mid-manifest-line, or stopped by SIGTERM, then rerun, completes the set
   with no duplicate, truncated or temporary file and one manifest line per seed that matches its file;
 - faults (disk full, permission, a failing rank) end in one line naming the file and the cause, and a rerun
-  completes the set; symlinks, FIFOs and folders where generate writes are refused, not replaced;
+  completes the set; symlinks, FIFOs, devices and folders where generate writes are refused, not replaced;
 - seeds are ranges: parsed and walked lazily, overlaps counted once, ASCII digits only;
 - the progress bar moves within a batch, in images, and rank 0's covers the whole job;
 - an image depends only on its seed: the sampler (noise and step arithmetic) gives the same image at any batch
@@ -31,9 +31,9 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 
@@ -218,7 +218,8 @@ def test_seeds_are_ranges_counted_once_in_ascii_digits():
 
 
 def test_generation_is_scheduled_lazily(tmp_path):
-    """A million seeds: the first batch lands with memory independent of the range (no list, no upfront check)."""
+    """0-9999999, the most seeds a run takes: the first batch lands with memory independent of the range (no list,
+    no upfront check; 25c8ced planned the whole range first: 97 s and 1.2 GB)."""
     calls = [0]
 
     class Stops(torch.nn.Module):  # the Gaussian score, failing at its 4th call (the second batch)
@@ -237,14 +238,14 @@ def test_generation_is_scheduled_lazily(tmp_path):
     tracemalloc.start()
     try:
         with pytest.raises(gen.GenerateError, match="stop here"):
-            gen.generate_images(pipe, gen.parse_seeds("0-999999"), str(tmp_path), steps=2, batch=4, backend="torch",
+            gen.generate_images(pipe, gen.parse_seeds("0-9999999"), str(tmp_path), steps=2, batch=4, backend="torch",
                                 workers=1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert sorted(os.listdir(tmp_path)) == sorted([gen.MANIFEST, gen.RECORD, "000000.png", "000001.png", "000002.png",
                                                    "000003.png"])
-    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB of Python memory for a million seeds"
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB of Python memory for ten million seeds"
 
 
 def test_argument_errors_need_neither_torch_nor_diffusers(tmp_path):
@@ -328,32 +329,130 @@ def test_one_process_workers_and_torchrun_write_the_same_files(tmp_path):
     assert records["plain"]["device"]["threads"] == gen.THREADS_PER_WORKER == 1
 
 
-def test_the_model_runs_on_one_cpu_thread_per_worker(tmp_path):
-    seen = []
+class OneThread(torch.nn.Module):
+    """The exact Gaussian score (8x8, 1 channel), refusing to run on more than one intra-op CPU thread;
+    ``die_in_workers``: a worker process (any but the one that made it) running it ends with ``os._exit(3)``."""
 
-    class Watch(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.score = GaussianScore(8, channels=1)
-            self.config = self.score.config
+    def __init__(self, die_in_workers: bool = False):
+        super().__init__()
+        self.score = GaussianScore(8, channels=1)
+        self.config = self.score.config
+        self.die_in_workers, self.main_pid = die_in_workers, os.getpid()
 
-        def forward(self, x, sigma):
-            seen.append((torch.get_num_threads(), threading.current_thread().name))
-            time.sleep(0.01)  # long enough that both workers take batches
-            return self.score(x, sigma)
+    def forward(self, x, sigma):
+        if torch.get_num_threads() != 1:
+            raise RuntimeError(f"the model runs on {torch.get_num_threads()} threads")
+        if self.die_in_workers and os.getpid() != self.main_pid:
+            os._exit(3)  # a worker process dies outright
+        return self.score(x, sigma)
 
-    pipe = kve_fast.KarrasVePipeline(Watch(), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "worker-processes"])
+def test_the_model_runs_on_one_cpu_thread_per_worker(tmp_path, workers):
+    pipe = kve_fast.KarrasVePipeline(OneThread(), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # the caller's
     try:
-        summary = gen.generate_images(pipe, range(8), str(tmp_path), steps=2, batch=2, backend="torch", workers=2)
+        summary = gen.generate_images(pipe, range(8), str(tmp_path), steps=2, batch=2, backend="torch",
+                                      workers=workers)
         assert torch.get_num_threads() == 2, "the caller's thread count is put back"
     finally:
         torch.set_num_threads(before)
-    assert summary.written == 8 and summary.workers == 2
-    assert {n for n, _ in seen} == {1}, "every model call on one intra-op thread"
-    assert len({name for _, name in seen}) == 2, "both workers sampled"
+    assert summary.written == 8 and summary.workers == workers
     assert _record(tmp_path)["device"] == gen.device_identity(torch.device("cpu"))
+
+
+def test_a_worker_process_that_dies_stops_the_job(tmp_path):
+    pipe = kve_fast.KarrasVePipeline(OneThread(die_in_workers=True), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+    with pytest.raises(gen.GenerateError, match=r"worker process \d exited \(exit code 3\)"):
+        gen.generate_images(pipe, range(8), str(tmp_path), steps=2, batch=2, backend="torch", workers=2)
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".png")] == []
+
+
+def test_worker_processes_take_a_model_that_does_not_pickle(tmp_path):
+    """Workers are forked once the model is loaded: nothing is pickled but batches and files."""
+    class Local(OneThread):  # a class defined here does not pickle
+        pass
+
+    pipe = kve_fast.KarrasVePipeline(Local(), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+    summary = gen.generate_images(pipe, range(4), str(tmp_path), steps=2, batch=2, backend="torch", workers=2)
+    assert summary.workers == 2 and summary.written == 4
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "worker-processes"])
+def test_kve_fast_threads_does_not_change_a_workers_threads(tmp_path, monkeypatch, workers):
+    """kve_fast's per-call thread policy (kve_fast/threads.py) would set KVE_FAST_THREADS's count inside every
+    sampler call: generate fixes it at one thread too, for the run (and puts the policy back)."""
+    from kve_fast import threads
+
+    monkeypatch.setenv(threads.ENV, "2")
+    pipe = kve_fast.KarrasVePipeline(OneThread(), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+    summary = gen.generate_images(pipe, range(4), str(tmp_path), steps=2, batch=2, backend="torch", workers=workers)
+    assert summary.written == 4 and summary.workers == workers
+    assert threads._fixed is None, "the policy is put back"
+
+
+def test_a_file_that_cannot_be_checked_ends_the_job_in_one_line(tmp_path, monkeypatch):
+    """Worker processes get their batches from the main process's walk of the seeds, which hashes listed files:
+    an error there (here: permission) is the job's one-line error, not an escaped internal exception."""
+    pipe = _gaussian_pipe()
+    gen.generate_images(pipe, range(4), str(tmp_path), steps=2, batch=2, backend="torch", workers=1)
+    path = str(tmp_path / gen.seed_file(0))
+
+    def unreadable(p):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
+
+    monkeypatch.setattr(gen, "_sha256_file", unreadable)
+    with pytest.raises(gen.GenerateError, match=f"^{path}: Permission denied; 0 images written"):
+        gen.generate_images(pipe, range(6), str(tmp_path), steps=2, batch=2, backend="torch", workers=2)
+
+
+KILLED_WITH_BUSY_WORKERS = """
+import os, signal, time
+import kve_fast.generate as g
+real = g._sample
+def _sample(*args, **kwargs):  # in the workers: a batch that takes a minute
+    time.sleep(60)
+    return real(*args, **kwargs)
+g._sample = _sample
+def get(self, idle=None):  # the main process: hand out a batch each, then die (SIGKILL) while they work
+    self.started = True
+    for k in range(self.count):
+        self._hand_out(k)
+    time.sleep(0.5)
+    with open({pids!r}, "w") as f:
+        f.write(" ".join(map(str, self.pids)))
+    os.kill(os.getpid(), signal.SIGKILL)
+g._Processes.get = get
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker processes: Linux")
+def test_no_worker_process_outlives_a_killed_job(tmp_path):
+    pids_file = tmp_path / "pids"
+    argv = ["generate", "--outdir", str(tmp_path / "out"), *ARGS, "--workers", "2"]
+    code = f"import sys\n{KILLED_WITH_BUSY_WORKERS.format(pids=str(pids_file))}\nfrom kve_fast.cli import main\nsys.exit(main({argv!r}))"
+    with open(tmp_path / "stderr", "w") as err:  # not a pipe: the run returns when the main process dies
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=err, timeout=240)
+    assert proc.returncode == -9, (tmp_path / "stderr").read_text()[-3000:]
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [p for p in pids if _alive(p)]
+    for pid in alive:  # the test's own leftovers
+        os.kill(pid, 9)
+    assert not alive, "worker processes still sampling after their job was killed"
 
 
 # --- many processes ---------------------------------------------------------------------------------------
@@ -719,7 +818,7 @@ def test_a_fault_ends_in_one_line_and_a_rerun_completes_the_set(tmp_path, refere
     _check_complete(outdir, SEED_LIST, reference)
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder", "subfolder symlink", "manifest symlink",
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "device", "folder", "subfolder symlink", "manifest symlink",
                                   "record symlink"])
 def test_what_is_not_a_regular_file_is_refused_not_replaced(tmp_path, capsys, kind):
     outdir = tmp_path / "out"
@@ -730,6 +829,11 @@ def test_what_is_not_a_regular_file_is_refused_not_replaced(tmp_path, capsys, ki
             "record symlink": outdir / gen.RECORD}.get(kind, outdir / "000000" / "000997.png")
     if kind == "fifo":
         os.mkfifo(path)
+    elif kind == "device":  # a character device (/dev/null's numbers); making one needs CAP_MKNOD
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        except (PermissionError, AttributeError) as exc:
+            pytest.skip(f"cannot make a device node here: {exc}")
     elif kind == "folder":
         os.makedirs(path)
     else:
@@ -737,7 +841,9 @@ def test_what_is_not_a_regular_file_is_refused_not_replaced(tmp_path, capsys, ki
     assert main(["generate", "--outdir", str(outdir), *ARGS]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "not" in err and len(_errors(err)) == 1, err
-    assert os.path.islink(path) or kind in ("fifo", "folder")
+    assert os.path.islink(path) or kind in ("fifo", "device", "folder")
+    if kind == "device":
+        assert stat.S_ISCHR(os.lstat(path).st_mode), "the device node is left as it was"
     assert target.read_bytes() == b"not ours"
     assert [n for n in os.listdir(outdir / "000000") if n.endswith(".png") and n != "000997.png"] == []
 
@@ -764,32 +870,32 @@ def test_an_atomic_write_never_replaces_what_is_not_a_regular_file(tmp_path):
 
 # --- progress -------------------------------------------------------------------------------------------------
 
-def test_progress_moves_per_image_within_a_batch(tmp_path, monkeypatch):
-    seen = []
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "worker-processes"])
+def test_progress_moves_per_image_within_a_batch(tmp_path, monkeypatch, workers):
+    seen = []  # (images on the bar, PNG files written so far)
+    pipe = _counting_gaussian_pipe()
 
     class Bar:
         disable = False
 
         def __init__(self, total, disable):
             self.total, self.n = total, 0
-            seen.append(("total", total))
 
         def update(self, k):
             self.n += k
-            seen.append(("n", self.n))
-
-        def refresh(self):
-            pass
+            seen.append((self.n, len([n for n in os.listdir(tmp_path) if n.endswith(".png")])))
 
         def close(self):
             pass
 
     monkeypatch.setattr(gen, "_progress_bar", Bar)
-    summary = gen.generate_images(_slow_gaussian_pipe(), range(6), str(tmp_path), steps=6, batch=6,
-                                  backend="torch", workers=1, quiet=False)
-    assert summary.written == 6
-    counts = [n for what, n in seen if what == "n"]
-    assert counts[-1] == 6 and all(0 < n < 6 for n in counts[:-1]) and len(counts) >= 3, seen
+    summary = gen.generate_images(pipe, range(6), str(tmp_path), steps=6, batch=6, backend="torch", workers=workers,
+                                  quiet=False)
+    assert summary.written == 6 and summary.workers == workers
+    if workers == 1:
+        assert pipe.unet.calls == 11  # one batch: 6 Heun steps, 11 model calls (here, in this process)
+    assert seen[-1][0] == 6 and len(seen) >= 3, seen
+    assert any(0 < n < 6 and files == 0 for n, files in seen), f"the bar moved only once the batch was done: {seen}"
 
 
 # --- an image depends only on its seed -----------------------------------------------------------------------
@@ -799,21 +905,22 @@ def _gaussian_pipe():
     return pipe if DEVICE == "cpu" else pipe.to(DEVICE)
 
 
-class _Slow(torch.nn.Module):
-    """The Gaussian score, 0.1 s a call: a batch long enough for the progress bar to show steps within it."""
+class _Counting(torch.nn.Module):
+    """The Gaussian score, counting its calls (when the progress bar moves, against the sampler's progress)."""
 
     def __init__(self):
         super().__init__()
         self.score = GaussianScore(8, channels=1)
         self.config = self.score.config
+        self.calls = 0
 
     def forward(self, x, sigma):
-        time.sleep(0.1)
+        self.calls += 1
         return self.score(x, sigma)
 
 
-def _slow_gaussian_pipe():
-    return kve_fast.KarrasVePipeline(_Slow(), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+def _counting_gaussian_pipe():
+    return kve_fast.KarrasVePipeline(_Counting(), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
 
 
 @pytest.mark.parametrize("noise", ["exact", "fast"])
@@ -832,13 +939,12 @@ def test_batch_size_does_not_change_the_files(tmp_path, noise):
     assert ((arrays > 0) & (arrays < 255)).mean() > 0.9, "mostly inside (0, 255): equality is about values"
 
 
-def test_batches_in_the_main_thread_write_the_files_of_workers(tmp_path, monkeypatch):
-    """The GPU path (one batch at a time in the calling thread), run on the CPU: the files of 2 worker threads."""
+def test_worker_processes_write_the_files_of_one_process(tmp_path):
+    """2 worker processes, and 1 worker in this process (also the GPU path): the same files and record."""
     pipe, seeds = _gaussian_pipe(), [4, 9, 1, 16, 25]
-    gen.generate_images(pipe, seeds, str(tmp_path / "workers"), steps=3, batch=2, backend="torch", workers=2)
-    monkeypatch.setattr(gen, "_threaded", lambda device: False)
-    summary = gen.generate_images(pipe, seeds, str(tmp_path / "inline"), steps=3, batch=2, backend="torch")
-    assert summary.written == 5
+    two = gen.generate_images(pipe, seeds, str(tmp_path / "workers"), steps=3, batch=2, backend="torch", workers=2)
+    one = gen.generate_images(pipe, seeds, str(tmp_path / "inline"), steps=3, batch=2, backend="torch", workers=1)
+    assert (two.workers, one.workers, two.written, one.written) == (2, 1, 5, 5)
     assert _files_of(tmp_path / "inline") == _files_of(tmp_path / "workers")
     assert _record(tmp_path / "inline") == _record(tmp_path / "workers")
 
