@@ -70,11 +70,17 @@ def level_at(sigma, sigma_hat, sigma_next) -> Level:
     return Level(_f32(sigma / 2), _f32(sigma), reciprocal(sigma), _f32(sigma_next - sigma_hat))
 
 
+class LevelValues(NamedTuple):
+    """What an Euler (``feed.at_hat``) or Heun (``feed.at_next``) stage reads: the step, and its ``Level`` as
+    floats or a device tensor of them."""
+
+    step: object
+    scalars: object
+
+
 def _values(step) -> tuple:
     """``(LevelValues at sigma_hat, LevelValues at sigma_{i+1})`` of ``step``: what its Euler and Heun stages read
     in an eager run (``kve_fast.schedule.HostFeed``), made once with the step."""
-    from .schedule import LevelValues
-
     return LevelValues(step, step.at_hat), LevelValues(step, step.at_next)
 
 

@@ -34,6 +34,7 @@ import torch
 
 from .convention import Convention
 from .noise import Draw
+from .plan import LevelValues  # (defined with the plan, which makes them once per step)
 
 
 # -- the stages ----------------------------------------------------------------------------------------
@@ -316,14 +317,6 @@ class ChurnValues(NamedTuple):
     coef: object
     s_noise: float | None
     noise: object
-
-
-class LevelValues(NamedTuple):
-    """What an Euler (``feed.at_hat``) or Heun (``feed.at_next``) stage reads: the step, and its ``Level`` as
-    floats or a device tensor of them."""
-
-    step: object
-    scalars: object
 
 
 class HostFeed:
