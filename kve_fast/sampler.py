@@ -231,6 +231,9 @@ def _graphed(r: Run, schedule, steps, denoise, source):
     try:
         engine = graphs.GraphEngine(cap, schedule, steps, denoise, source, spec.s_noise, r.hand_out, r.extra)
         engine.prepare()
+        # what the capture baked in, as the warm-up left it (it may have built device FIR filters for a new
+        # dtype: a cache that only grows, which the graphs read)
+        cap.state = graphs.ModelState(model)
     except (CaptureRefused, RuntimeError, ValueError, TypeError) as exc:
         graphs.release(cap, completed=False)
         reason = f"{type(exc).__name__}: {exc}".strip()

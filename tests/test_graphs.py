@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import threading
 import time
 import warnings
@@ -216,6 +217,11 @@ def test_ncsnpp_patches_undone_by_the_user_are_captured_anew(fake_graphs):
     first = _same_as_eager(pipe, "made capturable by the user", steps=2)
     assert ncsnpp.restore(unet) > 0
     assert_bitwise(_same_as_eager(pipe, "restored by the user", steps=2), first)
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        assert ncsnpp.make_fast(unet) > 0  # the user's own fast mode: every call runs the Triton FIR
+        fast = _same_as_eager(pipe, "made fast by the user", steps=2, batch=1)
+        assert ncsnpp.restore_fast(unet) > 0
+        assert not torch.equal(_same_as_eager(pipe, "fast mode undone by the user", steps=2, batch=1), fast)
 
 
 @pytest.fixture
@@ -521,3 +527,19 @@ def test_the_fake_graph_is_switched_on_by_its_environment_variable(monkeypatch):
         assert all(isinstance(g, FakeGraph) for g in cap.graphs.values())
     finally:
         graphs.clear_graphs()
+
+
+def test_a_capture_is_reused_after_its_warm_up_built_fir_filters(fake_graphs, monkeypatch):
+    """A fast-mode (bf16 autocast) run of an NCSN++ UNet builds its device FIR filters for bf16 during the
+    warm-up: the capture must still be reused by the next call (mutation: the model's state snapshot taken
+    before the warm-up, which recaptured every call)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    unet = ncsnpp_unet(8).to(DEVICE)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.01), **SMALL)
+    run = lambda: _run(pipe, True, steps=2, batch=1, solver="euler", unet_dtype=torch.bfloat16)  # noqa: E731
+    first = run()
+    assert not torch.isnan(first).any()
+    (cap,) = graphs._CACHE.values()
+    assert_bitwise(first, _run(pipe, False, steps=2, batch=1, solver="euler", unet_dtype=torch.bfloat16), "eager")
+    assert_bitwise(run(), first, "the second graphed call")
+    assert list(graphs._CACHE.values()) == [cap], "the second call recaptured"

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import fake_graph
+
 __all__ = ["upfirdn2d", "can_run", "supports", "out_size", "terms", "DTYPES"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -244,8 +246,10 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
         raise ValueError(f"upfirdn2d: {programs} programs, more than one launch takes")
     wide = max(_span(x), out.numel(), n_rows + br, n_cols + bc, h * w * up * up) > _INT32
     shift = up * terms(max(pad[0], 0), up)
-    _upfirdn2d_kernel[(programs,)](
-        x, kernel, out, c, h, w, oh, ow, *x.stride(), *out.stride(), *kernel.stride(), n_rows, n_cols, tiles_c,
-        UP=up, DOWN=down, P0=pad[0], SHIFT=shift, KH=kh, KW=kw, CL=cl, WIDE=wide, BR=br, BC=bc, num_warps=4,
-    )
+    # (through fake_graph.launch: a CPU stand-in for a CUDA graph records the launch, as a real graph does)
+    fake_graph.launch(_upfirdn2d_kernel, (programs,),
+                      (x, kernel, out, c, h, w, oh, ow, *x.stride(), *out.stride(), *kernel.stride(), n_rows, n_cols,
+                       tiles_c),
+                      dict(UP=up, DOWN=down, P0=pad[0], SHIFT=shift, KH=kh, KW=kw, CL=cl, WIDE=wide, BR=br, BC=bc,
+                           num_warps=4))
     return out
