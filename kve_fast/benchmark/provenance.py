@@ -254,6 +254,9 @@ class Outcome:
         """One line: PASS / FAIL / INCOMPLETE, and what failed or was skipped."""
         bad, broke, skipped = self.failed_checks(), self.failed_stages(), self.skipped()
         parts = [f"{len(self.checks) - len(bad)} of {len(self.checks)} checks passed"]
+        if self.stages:
+            ok = sum(s["status"] == "ok" for s in self.stages)
+            parts[0] += f", {ok} of {len(self.stages)} stages ok"
         if bad:
             parts.append("FAILED checks: " + "; ".join(c["check"] + (f" ({c['detail']})" if c["detail"] else "")
                                                     for c in bad[:12]) + (" ..." if len(bad) > 12 else ""))
@@ -364,9 +367,3 @@ class ScriptRun:
         self.log(f"{self.name}: {self.outcome.summary()}")
         return self.outcome.exit_code()
 
-
-if __name__ == "__main__":  # python -m kve_fast.benchmark.provenance --stamp: write .whl/tree_stamp.json
-    if sys.argv[1:] != ["--stamp"]:
-        sys.exit("usage: python -m kve_fast.benchmark.provenance --stamp")
-    st = write_stamp()
-    print(f"wrote {STAMP}: commit {st['commit']}, dirty {st['dirty']}, {len(st['files'])} files")
