@@ -96,13 +96,13 @@ def speed_stages(dry: bool):
     return [
         Stage("graph_bench", [PY, _b("graph_bench.py"), "--unet-dtype", "fp32", "bf16", "--configs", "ncsnpp-b64",
                               "celebahq256-b8", "--no-eager", "--config-steps", "ncsnpp-b64=20",
-                              "celebahq256-b8=10", "--budget-s", "{budget}", "--out", "{out}"], 120, 170,
+                              "celebahq256-b8=10", "--budget-s", "{budget}", "--out", "{out}"], 140, 175,
               what="issue 20's targets: CelebA-HQ-256 b8 fp32; NCSN++ 62M b64 bf16 >= 4.5x diffusers fp32 and "
                    "<= 1.05x its bf16 floor; CelebA-HQ-256 b8 bf16 >= 2x; each with its accuracy gate"),
         Stage("cold_start", [PY, _b("cold_start.py"), "--device", "cuda", "--reps", "3", "--triton-cache", "warm",
-                             "--out", "{out}/cold_start.json"], 50, 70,
+                             "--out", "{out}/cold_start.json"], 40, 55,
               what="first image cold: a fresh process, import to image, with the breakdown (n = 3)"),
-        Stage("fir_bench", [PY, _b("fir_bench.py"), "--out", "{out}"], 30, 60,
+        Stage("fir_bench", [PY, _b("fir_bench.py"), "--out", "{out}"], 25, 40,
               what="the FIR kernel vs diffusers' FIR ops, per op and per forward"),
     ]
 
