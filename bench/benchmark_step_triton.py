@@ -62,7 +62,7 @@ def test_churn(benchmark, n, noise):
 def test_euler(benchmark, n):
     raw, hat, *_ = _tensors(n)
     st = STEPS[3]
-    _run(benchmark, lambda: step_triton.euler(raw, hat, st.sigma_hat, st.sigma_prev), n, 20)
+    _run(benchmark, lambda: step_triton.euler(raw, hat, st.sigma_hat, st.sigma_next), n, 20)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -71,7 +71,7 @@ def test_heun_churn(benchmark, n, noise):
     raw, hat, prev, d, eps = _tensors(n)
     st, nx = STEPS[3], STEPS[4]
     churn = (eps if noise == "host" else None, 1.007, nx.sigma, nx.sigma_hat, 7)
-    _run(benchmark, lambda: step_triton.heun(raw, hat, prev, d, st.sigma_hat, st.sigma_prev, want_sample=False,
+    _run(benchmark, lambda: step_triton.heun(raw, hat, prev, d, st.sigma_hat, st.sigma_next, want_sample=False,
                                              next_churn=churn), n, 28 if noise == "host" else 24)
 
 
@@ -84,15 +84,15 @@ def test_whole_step(benchmark, n, backend):
     if backend == "torch":
         def step():
             mo = step_torch.scale_model_output(raw, st.sigma_hat)
-            prev, d, _ = step_torch.euler(mo, st.sigma_hat, st.sigma_prev, hat)
+            prev, d, _ = step_torch.euler(mo, st.sigma_hat, st.sigma_next, hat)
             step_torch.model_input(prev)
-            mo2 = step_torch.scale_model_output(raw2, st.sigma_prev)
-            x, _ = step_torch.heun(mo2, st.sigma_hat, st.sigma_prev, hat, prev, d)
+            mo2 = step_torch.scale_model_output(raw2, st.sigma_next)
+            x, _ = step_torch.heun(mo2, st.sigma_hat, st.sigma_next, hat, prev, d)
             h = step_torch.churn(x, 1.007 * eps, nx.sigma, nx.sigma_hat)
             step_torch.model_input(h)
     else:
         def step():
-            prev, d, _, _, _ = step_triton.euler(raw, hat, st.sigma_hat, st.sigma_prev)
-            step_triton.heun(raw2, hat, prev, d, st.sigma_hat, st.sigma_prev, want_sample=False,
+            prev, d, _, _, _ = step_triton.euler(raw, hat, st.sigma_hat, st.sigma_next)
+            step_triton.heun(raw2, hat, prev, d, st.sigma_hat, st.sigma_next, want_sample=False,
                              next_churn=(eps, 1.007, nx.sigma, nx.sigma_hat, None))
     _run(benchmark, step, n, 48)

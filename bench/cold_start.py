@@ -2,6 +2,7 @@
 
     python bench/cold_start.py                      # 5 runs of `kve-fast sample --device cpu` (bundled digits)
     python bench/cold_start.py --reps 5 --out bench/results/DATE-cpu-cold_start.json -- --batch-size 16
+    python bench/cold_start.py --device cuda --reps 3 --triton-cache empty warm --out $OUT/cold_start.json
 
 Each run starts a fresh Python process that runs the command (``kve_fast.cli.main``) with its phases marked:
 the interpreter up, ``import kve_fast.cli`` (what ``--help`` costs), the OpenMP wait policy (``main()`` looks at
@@ -11,6 +12,17 @@ and kve_fast's sampler), loading the model (``load_for_command``: the folder's c
 model call, the first step (its two model calls), the remaining steps, and writing the image. The imports are
 made in that order before the command runs (the command would make the same ones, interleaved with its
 checks), so each is charged once. Times are from the parent's clock just before it starts the process.
+
+On CUDA (``--device cuda``: `kve-fast sample --device cuda`, CUDA graphs on as by default) the model's forward
+hook sees the Python forwards only: the warm-up and capture of the graphs, not their replays. The phases after
+loading are then: the first model call (the CUDA context's first kernels, Triton's compilation of the step
+kernels, the first warm-up forward), the later model calls run in Python (warm-up and capture), and the rest up to
+the image (the replays of every step). ``--triton-cache``: ``empty`` gives each run a new, empty Triton cache (a
+first run on a machine: the kernels compile), ``warm`` one cache shared by the runs and filled before the first
+timed one (the kernels load from disk), ``inherit`` the environment's (default); with several, they alternate
+within each repetition. The record (``--out``) holds the provenance of kve_fast.benchmark.provenance (commit,
+dirty flag, card, driver, versions, command) and min / median / max of each phase; a failed run is recorded and
+makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -18,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -53,9 +64,13 @@ cli.load_for_command = load
 rc = cli.main(json.loads(sys.argv[1]))
 end = time.time()
 marks.append(("first model call", calls[0]))
-marks.append(("first step (2 model calls)", calls[1]))
-marks.append(("remaining steps", calls[-1]))
-marks.append(("image written", end))
+if sys.argv[3] == "graphed":  # the hook sees the Python forwards: warm-up and capture, not the replays
+    marks.append(("later model calls run in Python (graph warm-up and capture)", calls[-1]))
+    marks.append(("replays of every step, the image written", end))
+else:
+    marks.append(("first step (2 model calls)", calls[1]))
+    marks.append(("remaining steps", calls[-1]))
+    marks.append(("image written", end))
 print("MARKS" + json.dumps({"rc": rc, "marks": marks, "calls": len(calls), "wait_policy": policy}))
 if sys.argv[2] == "fast":
     getattr(cli, "exit_now", sys.exit)(rc)  # as the kve-fast script exits
@@ -63,11 +78,16 @@ sys.exit(rc)  # as `kve-fast` exited before 5a68a71
 """
 
 
-def run_once(argv: list[str], out_dir: str, exit_kind: str = "fast") -> dict:
+def run_once(argv: list[str], out_dir: str, exit_kind: str = "fast", graphed: bool = False,
+             triton_cache: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
                                                             "GOMP_SPINCOUNT", "KVE_FAST_THREADS")}
+    if triton_cache is not None:
+        env["TRITON_CACHE_DIR"] = triton_cache
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), exit_kind], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), exit_kind,
+                           "graphed" if graphed else "eager"], capture_output=True, text=True,
                           env=env, cwd=out_dir, timeout=900)
     exited = time.time()
     line = next((x for x in proc.stdout.splitlines() if x.startswith("MARKS")), None)
@@ -91,44 +111,75 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
+    p.add_argument("--device", default="cpu", help="the device `kve-fast sample` runs on (cpu, cuda, cuda:N)")
     p.add_argument("--exits", nargs="+", choices=("fast", "normal"), default=["fast"],
                    help="how the process ends: fast (kve_fast.cli.exit_now, as the kve-fast script does) and/or "
                         "normal (sys.exit: the interpreter's teardown), in turn, in one run")
+    p.add_argument("--triton-cache", nargs="+", choices=("inherit", "empty", "warm"), default=["inherit"],
+                   help="the Triton kernel cache of each run (see the top); several alternate")
     p.add_argument("sample_args", nargs="*", help="after --: more `kve-fast sample` options")
     args = p.parse_args()
-    argv = ["sample", "--device", "cpu", "--quiet", "--out", "grid.png"] + args.sample_args
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    import torch
+    argv = ["sample", "--device", args.device, "--quiet", "--out", "grid.png"] + args.sample_args
+    graphed = args.device.startswith("cuda")
+    sys.path.insert(0, str(ROOT))
+    from kve_fast.benchmark import Outcome, missing, provenance, time_stats
 
-    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
-                      "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-                      "python": platform.python_version(), "commit": git.stdout.strip(), "tree_clean": not dirty,
-                      "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                      "kve-fast": " ".join(["kve-fast"] + argv)}, "runs": []}
+    prov = provenance(args.device, [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    result = {"env": {"date": prov["date_utc"], "host": prov["host"], "cores": len(os.sched_getaffinity(0)),
+                      "torch": prov["torch"], "python": prov["python"], "commit": prov["commit"],
+                      "tree_clean": None if prov["dirty"] is None else not prov["dirty"], "command": prov["command"],
+                      "kve-fast": " ".join(["kve-fast"] + argv)},
+              "provenance": prov, "runs": [], "failures": []}
+    outcome = Outcome()
+    gaps = missing(prov)
+    outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
+    kinds = [(e, c) for e in args.exits for c in args.triton_cache]
     with tempfile.TemporaryDirectory() as out_dir:
+        warm_dir = os.path.join(out_dir, "triton-warm")
+        if "warm" in args.triton_cache:  # filled before the first timed run
+            try:
+                run_once(argv, out_dir, "fast", graphed, warm_dir)
+            except Exception as exc:  # noqa: BLE001 - recorded; the timed runs say more
+                result["failures"].append(f"filling the warm Triton cache: {exc}"[:2000])
         for rep in range(args.reps):
-            for kind in args.exits:
-                rec = run_once(argv, out_dir, kind)
+            for kind, cache in kinds:
+                where = {"inherit": None, "warm": warm_dir,
+                         "empty": os.path.join(out_dir, f"triton-empty-{rep}-{kind}")}[cache]
+                try:
+                    rec = run_once(argv, out_dir, kind, graphed, where)
+                except Exception as exc:  # noqa: BLE001 - a failed run is a finding; the others still run
+                    result["failures"].append(f"run {rep} ({kind} exit, {cache} Triton cache): {exc}"[:2000])
+                    print(f"run {rep} ({kind} exit, {cache} cache): FAILED {str(exc)[:500]}", flush=True)
+                    continue
+                rec["triton_cache"] = cache
                 result["runs"].append(rec)
-                print(f"run {rep} ({kind} exit): first image {rec['first_image_s']:.2f} s, exit {rec['total_s']:.2f} "
-                      f"s; {rec['wait_policy'] or 'OpenMP default wait'}", flush=True)
-    names = list(result["runs"][0]["phases_s"])
+                print(f"run {rep} ({kind} exit, {cache} Triton cache): first image {rec['first_image_s']:.2f} s, exit "
+                      f"{rec['total_s']:.2f} s; {rec['wait_policy'] or 'OpenMP default wait'}", flush=True)
     result["summary"] = {}
-    for kind in args.exits:
-        runs = [r for r in result["runs"] if r["exit"] == kind]
-        result["summary"][kind] = {"phases_s": {n: summary([r["phases_s"][n] for r in runs]) for n in names},
-                                   "first_image_s": summary([r["first_image_s"] for r in runs]),
-                                   "total_s": summary([r["total_s"] for r in runs])}
-        print(f"{kind} exit: {'phase':46s} {'min':>6s} {'median':>7s} {'max':>6s}  (s, {len(runs)} runs)")
-        table = result["summary"][kind]
+    for kind, cache in kinds:
+        runs = [r for r in result["runs"] if r["exit"] == kind and r["triton_cache"] == cache]
+        if not runs:
+            continue
+        names = list(runs[0]["phases_s"])
+        key = kind if len(args.triton_cache) == 1 and cache == "inherit" else f"{kind}, {cache} Triton cache"
+        result["summary"][key] = {"phases_s": {n: summary([r["phases_s"][n] for r in runs]) for n in names},
+                                  "first_image_s": summary([r["first_image_s"] for r in runs]),
+                                  "total_s": summary([r["total_s"] for r in runs]),
+                                  "first_image": time_stats([r["first_image_s"] for r in runs])}
+        print(f"{key}: {'phase':46s} {'min':>6s} {'median':>7s} {'max':>6s}  (s, {len(runs)} runs)")
+        table = result["summary"][key]
         for n in names + ["first_image_s", "total_s"]:
             s = table["phases_s"].get(n) or table[n]
             print(f"{n:58s} {s['min']:6.2f} {s['median']:7.2f} {s['max']:6.2f}")
+    for f in result["failures"]:
+        outcome.check("a cold run", False, f[:300])
+    outcome.check(f"{len(result['runs'])} cold runs", bool(result["runs"]))
+    result["outcome"] = outcome.as_dict()
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
+    print(f"cold_start: {outcome.summary()}")
+    return outcome.exit_code()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GPU check of the CUDA C++ extension backend (csrc/, ``backend="cuda"``), in one run (about 4-6 minutes).
 
-    python bench/csrc_check.py [--out DIR] [--quick] [--no-setup-build]
+    python bench/csrc_check.py [--out DIR] [--quick] [--no-setup-build] [--parts build,kernels,pipelines,...]
     python bench/csrc_check.py --cpu-smoke      # no GPU: the script's own logic, on the CPU operators
 
 0. Build: ``python setup.py build_ext --inplace`` (the install-time build: sm_80 + sm_90 + PTX, ninja),
@@ -24,7 +24,9 @@
 
 Every section runs in its own try/except (a failure is recorded, the rest still runs). Results go to
 --out (default: $OUT, else bench/out): csrc_check.json after every section, csrc_check.md at the end; the
-markdown is also printed last. Exit status 1 if any exactness check failed or a section failed.
+markdown is printed, then the summary line (PASS / FAIL: which checks or sections / INCOMPLETE) last. Exit status 1
+if any exactness check failed or a section failed. The JSON's ``provenance``: commit, dirty flag, card, driver,
+versions, command (kve_fast.benchmark.provenance).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,46 @@ def _randn(shape, g, scale, device):
     return torch.randn(shape, generator=g, device=device) * scale
 
 
+def _true_div(device) -> bool:
+    from kve_fast.convention import REFERENCE
+
+    return REFERENCE.true_division(torch.device(device))
+
+
+def churn_op(m, x, eps, seed, coef, store_xin=True):
+    """``m``'s churn launcher with new outputs: ``(hat, model_input)``."""
+    hat, xin = torch.empty_like(x), (torch.empty_like(x) if store_xin else None)
+    m._launch_churn(x, eps, seed, coef, hat=hat, model_input=xin)
+    return hat, xin
+
+
+def euler_op(m, raw, hat, level, image=None, denoiser=False, true_div=None):
+    """``m``'s Euler launcher with new outputs: ``(x_next, d, model_input, denoised, image)``."""
+    from kve_fast.ops.fused import image_tensor
+
+    out = [torch.empty_like(hat) for _ in range(4)]
+    img = None if image is None else image_tensor(hat, image)
+    m._launch_euler(raw, hat, level, x_next=out[0], d=out[1], model_input=out[2], denoised=out[3], image=img,
+                    image_kind=image, denoiser=denoiser, true_div=_true_div(hat.device) if true_div is None else true_div)
+    return (*out, img)
+
+
+def heun_op(m, raw, hat, nxt, d, level, then=None, hat_next=None, denoiser=False, true_div=None):
+    """``m``'s Heun launcher with new outputs; ``then``: None or ``(eps, seed, coef)`` of the next churn (its x_hat
+    into ``hat_next``, a new tensor by default). Returns ``(x, denoised, hat_next, model_input_next)``."""
+    from kve_fast.ops.fused import NextChurn
+
+    x, pred = torch.empty_like(hat), torch.empty_like(hat)
+    fused = None
+    if then is not None:
+        eps, seed, coef = then
+        fused = NextChurn(eps, seed, coef, torch.empty_like(hat) if hat_next is None else hat_next,
+                          torch.empty_like(hat))
+    m._launch_heun(raw, hat, nxt, d, level, x=x, denoised=pred, then=fused, denoiser=denoiser,
+                   true_div=_true_div(hat.device) if true_div is None else true_div)
+    return x, pred, None if fused is None else fused.hat, None if fused is None else fused.model_input
+
+
 @section
 def kernels(sizes, device):
     import kve_fast
@@ -153,43 +194,40 @@ def kernels(sizes, device):
             x, eps, raw, hat, prev, d = view(3), view(1), view(0.2), view(2), view(2), view(1)
             for which in (0, 3, 6):
                 s = steps[which]
-                h, xin = sc._launch_churn(x, eps, None, 1.007, s.churn)
+                h, xin = churn_op(sc, x, eps, None, (s.noise_coef, 1.007))
                 rh = st.churn(x, 1.007 * eps, s.sigma, s.sigma_hat)
                 record(f"churn step {which} {tag}", n, mismatches(h, rh) + mismatches(xin, st.model_input(rh)))
             for which in (3, 7):
                 s = steps[which]
-                p, dd, xin, pred, img = sc._launch_euler(raw, hat, s.euler, True, True, True, "float")
-                rp, rd, rpred = st.euler(st.scale_model_output(raw, s.sigma_hat), s.sigma_hat, s.sigma_prev, hat)
+                p, dd, xin, pred, img = euler_op(sc, raw, hat, s.at_hat, "float")
+                rp, rd, rpred = st.euler(st.scale_model_output(raw, s.sigma_hat), s.sigma_hat, s.sigma_next, hat)
                 bad = (mismatches(p, rp) + mismatches(dd, rd) + mismatches(pred, rpred)
                        + mismatches(xin, st.model_input(rp)) + mismatches(img, st.to_image(rp)))
                 record(f"euler step {which} {tag}", n, bad)
-                img8 = sc._launch_euler(raw, hat, s.euler, False, False, False, "uint8")[4]
-                ref8 = (st.to_image(rp).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-                record(f"euler uint8 image step {which} {tag}", n, mismatches(img8.cpu(), torch.from_numpy(ref8)))
+                img8 = euler_op(sc, raw, hat, s.at_hat, "uint8")[4]
+                record(f"euler uint8 image step {which} {tag}", n, mismatches(img8, st.to_image(rp, "uint8")))
             s, nx = steps[3], steps[4]
-            x2, pred, hn, xin = sc._launch_heun(raw, hat, prev, d, s.heun, True, True, (eps, None, 1.007, nx.churn))
-            rx, rpred = st.heun(st.scale_model_output(raw, s.sigma_prev), s.sigma_hat, s.sigma_prev, hat, prev, d)
+            coef = (nx.noise_coef, 1.007)
+            x2, pred, hn, xin = heun_op(sc, raw, hat, prev, d, s.at_next, then=(eps, None, coef))
+            rx, rpred = st.heun(st.scale_model_output(raw, s.sigma_next), s.sigma_hat, s.sigma_next, hat, prev, d)
             rh = st.churn(rx, 1.007 * eps, nx.sigma, nx.sigma_hat)
             record(f"heun+churn {tag}", n, mismatches(x2, rx) + mismatches(pred, rpred) + mismatches(hn, rh)
                    + mismatches(xin, st.model_input(rh)))
             # in place: the next x_hat written over x_hat (as the backend's buffers are used)
             hat_copy = hat.clone()
-            sc._launch_heun(raw, hat_copy, prev, d, s.heun, False, False, (eps, None, 1.007, nx.churn),
-                            out=(hat_copy, torch.empty_like(hat)))
+            heun_op(sc, raw, hat_copy, prev, d, s.at_next, then=(eps, None, coef), hat_next=hat_copy)
             record(f"heun+churn in place {tag}", n, mismatches(hat_copy, rh))
             # scalars from device memory (the CUDA-graph mode)
             mem = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
-            a = sc._launch_heun(raw, hat, prev, d, mem(s.heun), True, False, (eps, None, 0.0, mem([nx.churn, 1.007])))
+            a = heun_op(sc, raw, hat, prev, d, mem(tuple(s.at_next)), then=(eps, None, mem([nx.noise_coef, 1.007])))
             record(f"heun+churn scalars in device memory {tag}", n, mismatches(a[0], rx) + mismatches(a[2], rh))
             # k-diffusion's convention: true division by device tensors
             sh, sn = torch.tensor(1.7, device=device), torch.tensor(0.9, device=device)
             dt = sn - sh
-            p, dd = sc._launch_euler(raw, hat, (0.0, float(sh), 0.0, float(dt)), False, True, False, None,
-                                     denoiser=True)[:2]
+            p, dd = euler_op(sc, raw, hat, (0.0, float(sh), 0.0, float(dt)), denoiser=True, true_div=True)[:2]
             rd = (hat - raw) / sh
-            x3 = sc._launch_heun(raw, hat, prev, d, (0.0, float(sn), 0.0, float(dt)), True, False, None,
-                                 denoiser=True)[0]
-            rx3 = hat + (d + (prev - raw) / sn) / 2 * dt
+            x3 = heun_op(sc, raw, hat, prev, d, (0.0, float(sn), 0.0, float(dt)), denoiser=True, true_div=True)[0]
+            rx3 = hat + ((d + (prev - raw) / sn) * 0.5) * dt
             record(f"k-diffusion euler/heun {tag}", n, mismatches(dd, rd) + mismatches(p, hat + rd * dt)
                    + mismatches(x3, rx3))
         # Philox: reproducible, and against the Triton kernels' stream (per_sample divisible by 4: one
@@ -198,8 +236,8 @@ def kernels(sizes, device):
             zero = torch.zeros((4, per_sample), device=device)
             tag = f"4 x {per_sample}"
             keys = torch.tensor([3, 2**62 + 1, 17, 99], device=device)
-            a = sc._launch_churn(zero, None, keys, 1.0, 1.0, store_xin=False)[0]
-            b = sc._launch_churn(zero, None, keys, 1.0, 1.0, store_xin=False)[0]
+            a = churn_op(sc, zero, None, keys, (1.0, 1.0), store_xin=False)[0]
+            b = churn_op(sc, zero, None, keys, (1.0, 1.0), store_xin=False)[0]
             record(f"device noise reproducible {tag}", zero.numel(), mismatches(a, b))
             e = a.double()
             RESULTS["notes"].append(f"cuda device noise {tag}: mean {e.mean().item():.4f}, var {e.var().item():.4f}")
@@ -208,7 +246,7 @@ def kernels(sizes, device):
             except ImportError as exc:
                 RESULTS["notes"].append(f"no Triton to compare the noise with: {exc}")
                 continue
-            t = step_triton._launch_churn(zero, None, keys, 1.0, 1.0, store_xin=False)[0]
+            t = churn_op(step_triton, zero, None, keys, (1.0, 1.0), store_xin=False)[0]
             diff = (a - t).abs()
             note = (f"cuda vs triton device noise {tag}: max |diff| {diff.max().item():.3g}, "
                     f"{(diff == 0).double().mean().item():.1%} bit-identical")
@@ -320,25 +358,27 @@ def _copy_bandwidth(device) -> float:
 def _kernel_bandwidth(n: int, copy_bw: float, device):
     import kve_fast
     from kve_fast.ops import step_cuda, step_triton
+    from kve_fast.ops.fused import NextChurn
     from kve_fast.sampler import plan_steps
 
     steps = plan_steps(kve_fast.KarrasVeScheduler(), 8)
     st, nx = steps[3], steps[4]
-    c, es, hs = nx.churn, st.euler, st.heun
+    coef = (nx.noise_coef, 1.007)
     graph_ms, call_ms_of = _timers(device)
     g = torch.Generator(device=device).manual_seed(n)
     raw, hat, prev, d, eps = (torch.randn(n, generator=g, device=device) for _ in range(5))
     o1, o2, o3 = (torch.empty_like(hat) for _ in range(3))
     keys = torch.arange(1, 17, device=device, dtype=torch.int64)  # 16 per-sample keys (a batch of 16)
+    kw = dict(denoiser=False, true_div=_true_div(device))
     for label, m in (("triton", step_triton), ("cuda", step_cuda)):
         kernels = {  # name: (launch, bytes per element it must move)
-            "churn, host noise": (lambda m=m: m._launch_churn(prev, eps, None, 1.007, c, out=(o1, o2)), 16),
-            "churn, device noise": (lambda m=m: m._launch_churn(prev, None, keys, 1.007, c, out=(o1, o2)), 12),
-            "euler": (lambda m=m: m._launch_euler(raw, hat, es, True, True, False, None, out=(o1, o2, o3)), 20),
-            "heun + churn, host noise": (lambda m=m: m._launch_heun(raw, hat, prev, d, hs, False, False,
-                                                                     (eps, None, 1.007, c), out=(o1, o2)), 28),
-            "heun + churn, device noise": (lambda m=m: m._launch_heun(raw, hat, prev, d, hs, False, False,
-                                                                       (None, keys, 1.007, c), out=(o1, o2)), 24),
+            "churn, host noise": (lambda m=m: m._launch_churn(prev, eps, None, coef, hat=o1, model_input=o2), 16),
+            "churn, device noise": (lambda m=m: m._launch_churn(prev, None, keys, coef, hat=o1, model_input=o2), 12),
+            "euler": (lambda m=m: m._launch_euler(raw, hat, st.at_hat, x_next=o1, d=o2, model_input=o3, **kw), 20),
+            "heun + churn, host noise": (lambda m=m: m._launch_heun(
+                raw, hat, prev, d, st.at_next, then=NextChurn(eps, None, coef, o1, o2), **kw), 28),
+            "heun + churn, device noise": (lambda m=m: m._launch_heun(
+                raw, hat, prev, d, st.at_next, then=NextChurn(None, keys, coef, o1, o2), **kw), 24),
         }
         for name, (fn, bpe) in kernels.items():
             fn()
@@ -391,22 +431,26 @@ def per_step(size, batch, steps, device):
                 batch, steps, gen(), output_type="np", backend=b, noise=nz, cuda_graph=False))
         runs[f"{backend} fast, latent"] = (lambda b=backend: ours(batch, steps, gen(), output_type="latent",
                                                                   backend=b, noise="fast", cuda_graph=False))
-    times = {}
+    from kve_fast.benchmark import required_repeats, time_stats
+
+    stats = {}
     for name, fn in runs.items():
         fn()
         sync(device)
         ts = []
-        for _ in range(3):
+        while len(ts) < required_repeats(sorted(ts)[len(ts) // 2] if ts else 0.0):  # issue 20's rule
             t0 = time.perf_counter()
             fn()
             sync(device)
             ts.append(time.perf_counter() - t0)
-        times[name] = sorted(ts)[1] / steps * 1e3
-    base = times["reference (diffusers)"]
-    for name, ms in times.items():
+        stats[name] = time_stats(ts)
+    base = stats["reference (diffusers)"]["median_ms"]
+    for name, st in stats.items():
+        ms = st["median_ms"] / steps
         RESULTS["per_step"].append({"image": size, "batch": batch, "steps": steps, "run": name, "ms_per_step": ms,
-                                    "speedup_vs_reference": base / ms})
-        log(f"  {size}x{size} b{batch} {name:24s} {ms:8.3f} ms/step  x{base / ms:6.1f}")
+                                    "min_ms_per_step": st["min_ms"] / steps, "max_ms_per_step": st["max_ms"] / steps,
+                                    "n": st["n"], "speedup_vs_reference": base / st["median_ms"]})
+        log(f"  {size}x{size} b{batch} {name:24s} {ms:8.3f} ms/step (n={st['n']})  x{base / st['median_ms']:6.1f}")
 
 
 # -- 5. cold start --------------------------------------------------------------------------------------
@@ -473,8 +517,10 @@ def cold_start(device):
 
 def markdown() -> str:
     env = RESULTS["env"]
-    lines = [f"## CUDA extension backend — {env['gpu']}, {env['date']}", "",
-             f"torch {env['torch']}, triton {env.get('triton')}, Python {env['python']}; command: `{env['command']}`", ""]
+    lines = [f"## CUDA extension backend — {env['gpu']} (driver {env.get('driver')}), {env['date']}", "",
+             f"torch {env['torch']}, triton {env.get('triton')}, Python {env['python']}; kve_fast {env.get('commit')} "
+             f"({'DIRTY tree' if env.get('dirty') else 'clean tree' if env.get('dirty') is False else 'tree unknown'}); "
+             f"command: `{env['command']}`", ""]
     b = RESULTS["build"]
     if b:
         lines += [f"Build: setup.py build_ext {'ok' if b.get('setup_build_ok') else 'not run or failed'}"
@@ -517,6 +563,9 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
+PARTS = ("build", "kernels", "pipelines", "bandwidth", "per_step", "cold_start")
+
+
 def main():
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -525,10 +574,17 @@ def main():
     ap.add_argument("--no-setup-build", action="store_true", help="skip `setup.py build_ext --inplace`")
     ap.add_argument("--build-timeout", type=int, default=240)
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the script's logic on the CPU operators")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ARGS = ap.parse_args()
+    parts = [p.strip() for p in ARGS.parts.split(",") if p.strip()]
+    if set(parts) - set(PARTS):
+        ap.error(f"unknown --parts {sorted(set(parts) - set(PARTS))}")
     device = "cpu" if ARGS.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("csrc_check.py needs a CUDA GPU (or --cpu-smoke)")
+    from kve_fast import benchmark as kb
+
+    RESULTS["provenance"] = kb.provenance(device)  # first: the tree before this run builds anything
     if ARGS.cpu_smoke:  # let backend="cuda" run CudaStep on the CPU operators (true division, as torch on the CPU)
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's kernels in its interpreter
         from kve_fast import backends
@@ -536,34 +592,49 @@ def main():
         original = backends.check_backend
         backends.check_backend = lambda name, dev: "cuda" if name == "cuda" else original(name, dev)
     t0 = time.time()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    RESULTS["env"] = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)",
-                      "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-                      "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-                      "command": " ".join(["python"] + sys.argv)}
+    prov = RESULTS["provenance"]
+    RESULTS["env"] = {"gpu": prov["card"] or "CPU (smoke)", "driver": prov["driver"], "torch": prov["torch"],
+                      "cuda": prov["cuda"], "triton": prov["triton"], "python": prov["python"],
+                      "date": prov["date_utc"], "command": prov["command"], "commit": prov["commit"],
+                      "dirty": prov["dirty"]}
     log(RESULTS["env"])
-    build(not ARGS.no_setup_build and not ARGS.cpu_smoke)
-    kernels([1003, 2**20 + 7] if (ARGS.quick or ARGS.cpu_smoke) else [1003, 2**20 + 7, 8 * 2**20 + 3], device)
-    pipelines(ARGS.quick or ARGS.cpu_smoke, device)
+    if "build" in parts:
+        build(not ARGS.no_setup_build and not ARGS.cpu_smoke)
+    if "kernels" in parts:
+        kernels([1003, 2**20 + 7] if (ARGS.quick or ARGS.cpu_smoke) else [1003, 2**20 + 7, 8 * 2**20 + 3], device)
+    if "pipelines" in parts:
+        pipelines(ARGS.quick or ARGS.cpu_smoke, device)
     if device == "cuda":
-        bandwidth([8 * 2**20, 16 * 2**20] if ARGS.quick else [2**20, 8 * 2**20, 16 * 2**20, 48 * 2**20], device)
-        per_step(256, 16, 10 if ARGS.quick else 30, device)
+        if "bandwidth" in parts:
+            bandwidth([8 * 2**20, 16 * 2**20] if ARGS.quick else [2**20, 8 * 2**20, 16 * 2**20, 48 * 2**20], device)
+        if "per_step" in parts:
+            per_step(256, 16, 10 if ARGS.quick else 30, device)
     else:  # the code paths only: tiny sizes, no meaningful times
-        bandwidth([4096], device)
-        per_step(8, 2, 3, device)
-    cold_start(device)
+        if "bandwidth" in parts:
+            bandwidth([4096], device)
+        if "per_step" in parts:
+            per_step(8, 2, 3, device)
+    if "cold_start" in parts:
+        cold_start(device)
     RESULTS["total_s"] = time.time() - t0
+    outcome = kb.Outcome()
+    gaps = kb.missing(prov)
+    outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
+    for r in RESULTS["exact"]:
+        outcome.check(r["check"], r["mismatches"] == 0,
+                      f"{r['mismatches']} of {r['elements']} differ" if r["mismatches"] else "")
+    for f in RESULTS["failures"]:
+        outcome.stage(f["section"], "failed", f["error"][:300])
+    for r in RESULTS["cold_start"]:
+        if "error" in r:
+            outcome.stage(f"cold start: {r['variant']}", "failed", r["error"][-300:])
+    RESULTS["outcome"] = outcome.as_dict()
     save()
     md = markdown()
     (Path(ARGS.out) / "csrc_check.md").write_text(md + "\n")
     log("\n==== summary ====\n" + md + f"\n\ntotal {RESULTS['total_s']:.0f} s")
-    bad = [r for r in RESULTS["exact"] if r["mismatches"] != 0]
-    sys.exit(1 if bad or RESULTS["failures"] else 0)
+    log(f"csrc_check: {outcome.summary()}")
+    sys.exit(outcome.exit_code())
 
 
 if __name__ == "__main__":

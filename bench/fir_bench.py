@@ -144,7 +144,10 @@ def time_ms(fn, device, repeats: int, warmup: int = 2) -> dict:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "min_ms": min(times), "n": repeats}
+    from kve_fast.benchmark import required_repeats
+
+    return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": repeats,
+            "repeat_rule_met": repeats >= required_repeats(statistics.median(times) / 1e3)}
 
 
 # ---- the op ----------------------------------------------------------------------------------------------
@@ -320,12 +323,25 @@ def main(argv=None) -> int:
                 f"({rec['speedup']:.2f}x), max |diff| {rec['max_abs_diff']:.2e} of max |out| {rec['max_abs']:.2e}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    outcome = kb.Outcome()
+    gaps = kb.missing(result["env"])
+    outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
+    for r in result["ops"]:
+        outcome.check(f"{r['dtype']} {r['layout']} {tuple(r['shape'])} up {r['up']} down {r['down']}: within the bound",
+                      r["within_bound"] and r["same_shape"], f"{r['bound_used']:.2f} of the bound used")
+    timed = [r[k] for r in result["ops"] for k in ("native", "triton")] + [r[k] for r in result["forward"]
+                                                                           for k in ("native", "fast")]
+    short = [t for t in timed if not t["repeat_rule_met"]]
+    if short and not args.smoke:
+        outcome.check("timings repeated per issue 20's rule", False, f"{len(short)} timings with too few calls")
+    result["outcome"] = outcome.as_dict()
     result["seconds"] = time.monotonic() - t0
     paths = write(result, args.out, "fir_bench_smoke" if args.smoke else "fir_bench")
     log("")
     log(markdown(result))
     log(f"\nwrote {', '.join(paths)} ({result['seconds']:.0f} s)")
-    return 0 if all(r["within_bound"] and r["same_shape"] for r in result["ops"]) else 1
+    log(f"fir_bench: {outcome.summary()}")
+    return outcome.exit_code()
 
 
 if __name__ == "__main__":

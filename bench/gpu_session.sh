@@ -20,6 +20,8 @@
 # all (10 minutes at most); the next session's two calls, back to back on the warm machine:
 #   STAGES="kd tests gb gc" bash bench/gpu_session.sh      (issues 8 and 9; about 8 minutes)
 #   STAGES="gb16 pc fir" bash bench/gpu_session.sh         (issue 12; about 6 minutes)
+# Superseded by bench/device_correctness.sh and bench/device_speed.sh (issue 20: provenance, budgets, one JSON).
+# Exit status: 1 if any stage exited non-zero, timed out or crashed (the last line lists them), else 0.
 # Usage (device tool): run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Needs in .whl/ (git-ignored): diffusers 0.42.1, k-diffusion 0.1.1.post1, torchsde 0.2.6, trampoline
 # 0.1.2 (the download command is in bench/RESULTS.md). Results in $OUT (at most 8 files come back):
@@ -33,6 +35,7 @@ GB_ARGS=${GB_ARGS:---configs celebahq256-b8 --no-eager}
 GB16_ARGS=${GB16_ARGS:---unet-dtype bf16 --configs ncsnpp-b64 celebahq256-b8 --no-eager}
 STAGES=" ${STAGES:-gc kd tests gb pc fir csrc} "
 mkdir -p "$OUT"
+FAILED=$(mktemp)  # one line per failed stage: the stages run inside `{ ...; } | tee`, a subshell
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 t() { echo $(( $(date +%s) - START )); }
@@ -48,10 +51,12 @@ stage() {
   timeout -k 5 "$s" "$@"
   rc=$?
   echo "==== [$(t) s] $name: exit ${rc}$( (( rc == 124 || rc == 137 )) && echo ' (TIMED OUT)')"
+  (( rc != 0 )) && echo "$name: exit $rc" >>"$FAILED"
+  return 0
 }
 {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
+    || { echo "wheel install failed"; echo "wheel install" >>"$FAILED"; exit 1; }
   export PYTHONPATH=/tmp/site
   kd=~/.cache/kve_fast/k-diffusion-0.1.1.post1  # where tests/test_k_diffusion.py looks before downloading
   mkdir -p "$kd" && python3 -m zipfile -e .whl/k_diffusion-*.whl "$kd"
@@ -123,3 +128,8 @@ if len(files) > 8:
 EOF
 find "$OUT" -mindepth 1 -type d -empty -delete
 ls -la "$OUT"
+if [ -s "$FAILED" ]; then
+  echo "gpu_session.sh: FAIL: $(paste -sd ';' "$FAILED")"
+  exit 1
+fi
+echo "gpu_session.sh: PASS: every stage exited 0"

@@ -97,17 +97,28 @@ def celebahq256_unet(device="cpu", seed=0):
                  up_block_types=("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D") + ("SkipUpBlock2D",) * 4)
 
 
+def ncsnpp16_unet(device="cpu", seed=0):
+    """A small NCSN++ (kve_fast.testing.ncsnpp_unet at 16x16: FIR Skip blocks, fourier embedding), for CPU dry
+    runs of the FIR paths (fast FIR rows, their floors and accuracy checks)."""
+    from kve_fast.testing import ncsnpp_unet as small
+
+    with torch.device(device):
+        return small(16)
+
+
 # name: (builder, parameter count, image size)
 MODELS = {
     "tiny": (tiny_unet, 1_002_883, 32),
     "ncsnpp": (ncsnpp_unet, 61_894_924, 32),
     "celebahq256": (celebahq256_unet, 65_574_549, 256),
+    "ncsnpp16": (ncsnpp16_unet, None, 16),
 }
 # name: (model, batch size), in the issue's order
 CONFIGS = {
     "tiny-b1": ("tiny", 1), "tiny-b64": ("tiny", 64),
     "ncsnpp-b1": ("ncsnpp", 1), "ncsnpp-b64": ("ncsnpp", 64),
     "celebahq256-b1": ("celebahq256", 1), "celebahq256-b8": ("celebahq256", 8),
+    "ncsnpp16-b2": ("ncsnpp16", 2),  # CPU dry runs only
 }
 QUICK = ("tiny-b1", "tiny-b64", "ncsnpp-b1", "celebahq256-b1")
 # Repeats: as many timed calls as fit in row_seconds at the first call's duration, within [min, max].
@@ -116,15 +127,28 @@ QUICK = ("tiny-b1", "tiny-b64", "ncsnpp-b1", "celebahq256-b1")
 POLICY = {"full": dict(row_seconds=5.0, min_repeats=1, max_repeats=5),
           "quick": dict(row_seconds=2.0, min_repeats=1, max_repeats=3)}
 BUDGET_S = {"full": 480.0, "quick": 170.0}
-# Issue 12 (bf16): the graphed fast-noise row against diffusers' float32 pipeline and the bf16 floor.
+# Issues 12 and 20 (bf16): the graphed fast-noise row against diffusers' float32 pipeline and the bf16 floor.
 ISSUE12_TARGETS = {"ncsnpp-b64": {"speedup": 4.5, "floor_ratio": 1.05}, "celebahq256-b8": {"speedup": 2.0}}
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-def output_suffix(unet_dtype: str = "fp32", tf32: bool = False) -> str:
-    """The output files' stem suffix: "" for fp32 (graph_bench.*), "_bf16", "_fp16", "_tf32", "_bf16_tf32"."""
-    parts = ([unet_dtype] if unet_dtype != "fp32" else []) + (["tf32"] if tf32 else [])
+def output_suffix(unet_dtype="fp32", tf32: bool = False) -> str:
+    """The output files' stem suffix: "" for fp32 (graph_bench.*), "_bf16", "_fp16", "_tf32", "_bf16_tf32", and for
+    several dtypes in one run each of them ("_fp32_bf16")."""
+    dtypes = [unet_dtype] if isinstance(unet_dtype, str) else list(unet_dtype)
+    parts = ([] if dtypes == ["fp32"] else dtypes) + (["tf32"] if tf32 else [])
     return "".join("_" + p for p in parts)
+
+
+def _config_steps(items) -> dict:
+    out = {}
+    for item in items or ():
+        name, _, steps = item.partition("=")
+        if name not in CONFIGS or not steps.isdigit() or int(steps) < 2:
+            raise SystemExit(f"graph_bench.py: --config-steps takes NAME=STEPS (NAME one of {sorted(CONFIGS)}, "
+                             f"STEPS >= 2), got {item!r}")
+        out[name] = int(steps)
+    return out
 
 
 def log(*parts):
@@ -149,9 +173,15 @@ def parse_args(argv=None):
     ap.add_argument("--no-fast", dest="fast", action="store_false", help="skip the fast-noise rows")
     ap.add_argument("--no-eager", dest="eager", action="store_false",
                     help="skip kve_fast's eager rows (the targets are the graphed rows; saves time on big models)")
-    ap.add_argument("--unet-dtype", choices=DTYPES, default="fp32",
-                    help="the dtype kve_fast's rows run the UNet in (a converted copy; diffusers' row stays fp32); "
-                         "bf16/fp16: relative RMS against diffusers instead of bits, floor in the same dtype")
+    ap.add_argument("--unet-dtype", choices=DTYPES, nargs="+", default=["fp32"],
+                    help="the dtype(s) kve_fast's rows run the UNet in (a converted copy; diffusers' row stays fp32 "
+                         "and is timed once per configuration, so every ratio is to the same median); bf16/fp16: an "
+                         "accuracy check against the float32 reference instead of bits, floor in the same dtype")
+    ap.add_argument("--config-steps", nargs="+", default=None, metavar="NAME=STEPS",
+                    help="another step count for some configurations (ratios are per call of the same step count; "
+                         "the floor is 2N - 1 forwards), e.g. celebahq256-b8=10 to fit a lease")
+    ap.add_argument("--step-backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
+                    help="kve_fast's step kernels (CPU dry runs: triton, in Triton's interpreter)")
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions in kve_fast's rows and the floor")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "out"), help="output folder")
     args = ap.parse_args(argv)
@@ -162,10 +192,38 @@ def parse_args(argv=None):
     return args
 
 
+def target_results(configs: list[dict], targets: dict) -> list[dict]:
+    """Each target (``{config: {"speedup": x, "floor_ratio": y}}``, on the graphed fast-noise row of that
+    configuration's low-precision record) with what was measured and whether it was met (None: not measured)."""
+    out = []
+    for name, want in targets.items():
+        rows = [(c, r) for c in configs if c.get("name") == name and c.get("precision")
+                for r in c.get("rows", []) if r["kind"] == "graphed" and r["noise"] == "fast"]
+        if not rows:
+            out.append({"config": name, "target": want, "met": None, "why": "not measured in this run"})
+            continue
+        c, r = rows[0]
+        rec = {"config": name, "precision": c["precision"]["label"], "row": r["row"], "target": want,
+               "speedup": r.get("speedup"), "floor_ratio": r.get("floor_ratio"), "floor": r.get("floor"),
+               "steps": c.get("steps"), "accuracy_ok": (r.get("accuracy") or {}).get("ok")}
+        checks = []
+        if "speedup" in want:
+            checks.append(r.get("speedup") is not None and r["speedup"] >= want["speedup"])
+        if "floor_ratio" in want:
+            checks.append(r.get("floor_ratio") is not None and r["floor_ratio"] <= want["floor_ratio"])
+        measured = r["status"] == "ok" and all(r.get(k) is not None for k in want)
+        rec["met"] = (all(checks) and rec["accuracy_ok"] is True) if measured else None
+        if not measured:
+            rec["why"] = f"row {r['status']}" + (f": {r['why']}" if r.get("why") else "")
+        out.append(rec)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
-    names = args.configs or (list(QUICK) if args.quick else list(CONFIGS))
+    names = args.configs or (list(QUICK) if args.quick else [n for n in CONFIGS if n != "ncsnpp16-b2"])
+    config_steps = _config_steps(args.config_steps)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("graph_bench.py: --device cuda but no CUDA GPU is available (use --device cpu for a smoke test)",
@@ -173,73 +231,98 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    outcome = kb.Outcome()
+    env = kb.environment(device)  # first: the tree's state before this run writes anything
 
     import kve_fast
     from diffusers.utils import logging as diffusers_logging
     from kve_fast.precision import parse_dtype
 
-    unet_dtype = parse_dtype(args.unet_dtype)
-    unet_dtype = None if unet_dtype == torch.float32 else unet_dtype
-    label = kb.precision_label(unet_dtype, args.tf32)
+    dtypes = list(dict.fromkeys(args.unet_dtype))
+    unet_dtypes = {d: (None if parse_dtype(d) == torch.float32 else parse_dtype(d)) for d in dtypes}
+    labels = {d: kb.precision_label(unet_dtypes[d], args.tf32) for d in dtypes}
+    shown = [labels[d] or "fp32" for d in dtypes]
 
     diffusers_logging.set_verbosity_error()
     t0 = time.monotonic()
     budget = args.budget_s if args.budget_s is not None else BUDGET_S[mode]
     deadline = t0 + budget
     policy = kb.RepeatPolicy(fixed=args.repeats, **POLICY[mode])
-    title = "graph_bench" + (f" ({label})" if label else "")
-    stem = ("graph_bench_quick" if args.quick else "graph_bench") + output_suffix(args.unet_dtype, args.tf32)
+    title = "graph_bench" + ("" if shown == ["fp32"] else f" ({' and '.join(shown)})")
+    stem = ("graph_bench_quick" if args.quick else "graph_bench") + output_suffix(dtypes, args.tf32)
     result = {
-        "env": kb.environment(device), "settings": {
-            "mode": mode, "configs": names, "steps": args.steps, "seed": args.seed, "output_type": args.output_type,
-            "reference": args.reference, "fast": args.fast, "budget_s": budget, "repeat_policy": policy.as_dict()},
+        "env": env, "settings": {
+            "mode": mode, "configs": names, "steps": args.steps, "config_steps": config_steps, "seed": args.seed,
+            "output_type": args.output_type, "reference": args.reference, "fast": args.fast, "eager": args.eager,
+            "step_backend": args.step_backend, "budget_s": budget, "repeat_policy": policy.as_dict()},
         "configs": [], "notes": [],
     }
-    if label is not None:
-        result["settings"].update(unet_dtype=args.unet_dtype, tf32=args.tf32)
-        if unet_dtype == torch.bfloat16:
-            result["targets"], result["targets_source"] = ISSUE12_TARGETS, "issue 12"
-    log(result["env"])
+    if shown != ["fp32"]:
+        result["settings"].update(unet_dtype=dtypes if len(dtypes) > 1 else dtypes[0], tf32=args.tf32)
+        if "bf16" in dtypes and not args.tf32:
+            result["targets"], result["targets_source"] = ISSUE12_TARGETS, "issues 12 and 20"
+    missing = kb.missing(env)
+    outcome.check("provenance", not missing, "missing: " + ", ".join(missing) if missing else "")
+    log({k: env[k] for k in ("card", "driver", "commit", "dirty", "torch", "triton", "diffusers", "command")})
     ok, why = kb.graph_support(kve_fast.KarrasVePipeline, device)
     if not ok:
         result["notes"].append(why)
         log(why)
-    try:
-        warm = kb.jit_warmup(device, log=log, unet_dtype=unet_dtype, tf32=args.tf32)
-        if warm is not None:
-            result["notes"].append(f"kernel warm-up before any timing (Triton JIT of the step kernels, eager and "
-                                   f"graphed, on a throwaway tiny UNet): {warm:.1f} s")
-    except Exception as exc:
-        result["notes"].append(f"kernel warm-up failed: {kb._first_line(exc)}")
-        traceback.print_exc()
+    for d in dtypes:
+        try:
+            warm = kb.jit_warmup(device, args.step_backend, log=log, unet_dtype=unet_dtypes[d], tf32=args.tf32)
+            if warm is not None:
+                result["notes"].append(f"kernel warm-up before any timing ({labels[d] or 'fp32'}; Triton JIT of the step "
+                                       f"kernels, eager and graphed, on a throwaway tiny UNet): {warm:.1f} s")
+        except Exception as exc:
+            result["notes"].append(f"kernel warm-up failed: {kb._first_line(exc)}")
+            traceback.print_exc()
+
+    def save(final: bool):
+        result["seconds"] = time.monotonic() - t0
+        result["complete"] = final
+        return kb.write_outputs(result, args.out, stem, chart=final, title=title)
 
     for name in names:
         model_name, batch = CONFIGS[name]
+        steps = config_steps.get(name, args.steps)
         left = deadline - time.monotonic()
         if left <= 0:
-            result["configs"].append({"name": name, "status": "skipped", "rows": [],
-                                      "notes": [f"skipped: the time budget ({budget:.0f} s, --budget-s) ran out"]})
+            why = f"skipped: the time budget ({budget:.0f} s, --budget-s) ran out"
+            result["configs"].append({"name": name, "status": "skipped", "rows": [], "notes": [why]})
             log(f"== {name}: skipped (time budget)")
             continue
         unet = pipe = None
+        shared = kb.SharedReference(name)
         try:
             build, params, _ = MODELS[model_name]
             unet = build("cpu", args.seed).to(device)
             pipe = kve_fast.KarrasVePipeline(unet, kve_fast.KarrasVeScheduler())
             pipe.set_progress_bar_config(disable=True)
-            rec = kb.bench_pipeline(
-                pipe, name=name, batch_size=batch, steps=args.steps, device=device, seed=args.seed,
-                noises=("exact", "fast") if args.fast else ("exact",), reference=args.reference,
-                kinds=kb.KINDS if args.eager else ("graphed",),
-                output_type=args.output_type, policy=policy, deadline=deadline, log=log, model_label=model_name,
-                unet_dtype=unet_dtype, tf32=args.tf32)
+            for d in dtypes:
+                try:
+                    rec = kb.bench_pipeline(
+                        pipe, name=name, batch_size=batch, steps=steps, device=device, seed=args.seed,
+                        noises=("exact", "fast") if args.fast else ("exact",), reference=args.reference,
+                        kinds=kb.KINDS if args.eager else ("graphed",), step_backend=args.step_backend,
+                        output_type=args.output_type, policy=policy, deadline=deadline, log=log,
+                        model_label=model_name, unet_dtype=unet_dtypes[d], tf32=args.tf32, shared=shared)
+                except Exception as exc:
+                    traceback.print_exc()
+                    rec = {"name": name, "model": model_name, "batch_size": batch, "status": "failed",
+                           "precision": {"label": labels[d]} if labels[d] else None,
+                           "error": kb._first_line(exc), "rows": [], "notes": [f"failed: {kb._first_line(exc)}"]}
+                    log(f"== {name} ({labels[d] or 'fp32'}): FAILED {rec['error']}")
+                result["configs"].append(rec)
+                save(False)
         except Exception as exc:
             traceback.print_exc()
             rec = {"name": name, "model": model_name, "batch_size": batch, "status": "failed",
                    "error": kb._first_line(exc), "rows": [], "notes": [f"failed: {kb._first_line(exc)}"]}
             log(f"== {name}: FAILED {rec['error']}")
+            result["configs"].append(rec)
         finally:
-            del pipe, unet
+            del pipe, unet, shared
             try:
                 graphs = kb._graphs_module()
                 if graphs is not None and hasattr(graphs, "clear_graphs"):
@@ -249,21 +332,46 @@ def main(argv=None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        result["configs"].append(rec)
-        result["seconds"] = time.monotonic() - t0
-        paths = kb.write_outputs(result, args.out, stem, chart=False, title=title)
-    result["seconds"] = time.monotonic() - t0
-    paths = kb.write_outputs(result, args.out, stem, title=title)
+    if result.get("targets"):
+        result["target_results"] = target_results(result["configs"], result["targets"])
+    for t in result.get("target_results", []):  # a target missed fails the run; one asked for, not measured, a skip
+        if t["config"] not in names:
+            continue
+        label = f"target {t['config']} {t.get('precision', '')} {t['target']}"
+        if t["met"] is None:
+            outcome.stage(label, "skipped", f"not measured: {t.get('why')}")
+        else:
+            outcome.check(label, t["met"], f"speedup {t['speedup']:.2f}x, {t['floor_ratio']:.3f} x floor, accuracy "
+                                           f"ok: {t['accuracy_ok']}")
+    for bad in kb.exactness_failures(result["configs"]):
+        outcome.check(bad.split(": ", 1)[0], False, bad.split(": ", 1)[-1])
+    checked = sum(1 for c in result["configs"] for r in c.get("rows", []) if r.get("status") == "ok")
+    outcome.check(f"{checked} rows measured and checked", True)
+    for c in result["configs"]:
+        label = c["name"] + (f" ({c['precision']['label']})" if c.get("precision") else "")
+        if c.get("status") == "failed":
+            outcome.stage(label, "failed", c.get("error", ""))
+        for r in c.get("rows", []):
+            if r["status"] == "failed":
+                outcome.stage(f"{label} / {r['row']}", "failed", r.get("why") or "")
+            elif r["status"] == "skipped":
+                outcome.stage(f"{label} / {r['row']}", "skipped", r.get("why") or "")
+        if c.get("status") == "skipped" and not c.get("rows"):
+            outcome.stage(label, "skipped", "; ".join(c.get("notes", [])))
+    result["outcome"] = outcome.as_dict()
+    paths = save(True)
     log(f"\nwrote {', '.join(v for k, v in paths.items() if k != 'chart_note')}"
         + (f" ({paths['chart_note']})" if "chart_note" in paths else ""))
-    bad = kb.exactness_failures(result["configs"])
-    failed = [c["name"] for c in result["configs"] if c.get("status") in ("failed", "partial")]
-    log(f"total {result['seconds']:.0f} s of a {budget:.0f} s budget; "
-        f"exactness: {'all checks passed' if not bad else 'FAILED: ' + '; '.join(bad)}"
-        + (f"; failed configurations: {', '.join(failed)}" if failed else ""))
     log("")
     log(kb.format_markdown(result, title))
-    return 1 if bad or failed else 0
+    for t in result.get("target_results", []):
+        log(f"target {t['config']} {t.get('precision', '')}: {t['target']} -> "
+            + ("not measured" if t["met"] is None else "met" if t["met"] else "NOT met")
+            + (f" (speedup {t['speedup']:.2f}x, {t['floor_ratio']:.3f} x floor, accuracy ok: {t['accuracy_ok']})"
+               if t["met"] is not None else f" ({t.get('why')})"))
+    log(f"total {result['seconds']:.0f} s of a {budget:.0f} s budget")
+    log(f"graph_bench: {outcome.summary()}")
+    return outcome.exit_code()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ wrapping. Each configuration runs in a fresh interpreter per tree (``python -S``
 ``sys.path``, so the tree's ``kve_fast`` is imported, not the installed one), alternating baseline and HEAD
 ``--repeats`` times; each run times ``--calls`` calls after a warm-up call and keeps the fastest. Reported:
 ms per step, min / median / max over the repeats, and the ratio of the medians (HEAD / baseline).
+``--clock cpu`` (the default) times with the process's CPU time (``time.process_time``), which other
+processes on a shared machine do not inflate as they inflate the wall clock (one intra-op thread, a near-free
+model: on an idle machine the two agree); ``--clock wall`` uses ``time.perf_counter``. The load average at the
+start and end is recorded.
 The baseline tree is checked out with ``git worktree`` into a temporary folder and removed afterwards.
 """
 
@@ -42,6 +46,7 @@ torch.set_num_threads(1)
 import kve_fast
 from kve_fast.testing import NearFreeScore
 kind, steps, calls = KIND, STEPS, CALLS
+CLOCK = time.process_time if CLOCKNAME == "cpu" else time.perf_counter
 model = NearFreeScore(8)
 if kind.startswith("pipe"):
     pipe = kve_fast.KarrasVePipeline(model, kve_fast.KarrasVeScheduler())
@@ -63,7 +68,7 @@ else:
 run()
 best = float("inf")
 for _ in range(calls):
-    t = time.perf_counter(); run(); best = min(best, time.perf_counter() - t)
+    t = CLOCK(); run(); best = min(best, CLOCK() - t)
 print(json.dumps({"ms_per_step": best * 1e3 / steps}))
 """
 
@@ -72,10 +77,10 @@ def _git(*args, cwd=ROOT) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _one(tree: str, kind: str, steps: int, calls: int) -> float:
+def _one(tree: str, kind: str, steps: int, calls: int, clock: str) -> float:
     site = sysconfig.get_paths()["purelib"]
     code = (SNIPPET.replace("TREE", repr(tree)).replace("SITE", repr(site)).replace("KIND", repr(kind))
-            .replace("STEPS", str(steps)).replace("CALLS", str(calls)))
+            .replace("STEPS", str(steps)).replace("CALLS", str(calls)).replace("CLOCKNAME", repr(clock)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env)
@@ -94,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--calls", type=int, default=5, help="timed calls per run (the fastest is kept)")
     p.add_argument("--repeats", type=int, default=7, help="runs per tree and configuration, alternating")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="cpu: the process's CPU time (robust on a shared machine); wall: perf_counter")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     head = _git("rev-parse", "--short", "HEAD")
@@ -104,13 +111,14 @@ def main(argv=None) -> int:
     _git("worktree", "add", "--detach", base_tree, base_rev)
     results = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "date": time.strftime("%Y-%m-%d"), "command": " ".join([sys.executable] + sys.argv),
-               "head": head, "dirty": dirty, "baseline": base_rev, "steps": args.steps, "configs": {}}
+               "head": head, "dirty": dirty, "baseline": base_rev, "steps": args.steps, "clock": args.clock,
+               "loadavg_start": os.getloadavg(), "configs": {}}
     try:
         for label, kind in CONFIGS.items():
             runs = {"baseline": [], "head": []}
             for _ in range(args.repeats):
-                runs["baseline"].append(_one(base_tree, kind, args.steps, args.calls))
-                runs["head"].append(_one(ROOT, kind, args.steps, args.calls))
+                runs["baseline"].append(_one(base_tree, kind, args.steps, args.calls, args.clock))
+                runs["head"].append(_one(ROOT, kind, args.steps, args.calls, args.clock))
             rec = {tree: _stats(v) for tree, v in runs.items()}
             rec["ratio_of_medians"] = rec["head"]["median"] / rec["baseline"]["median"]
             results["configs"][label] = rec
@@ -119,6 +127,7 @@ def main(argv=None) -> int:
     finally:
         _git("worktree", "remove", "--force", base_tree)
         shutil.rmtree(tmp, ignore_errors=True)
+    results["loadavg_end"] = os.getloadavg()
     lines = [f"| configuration | {base_rev} ms/step (min / median / max) | {head} ms/step (min / median / max) | "
              "ratio of medians |", "|---|---|---|---|"]
     for label, rec in results["configs"].items():

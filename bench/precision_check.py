@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="folder for precision_check.json/.md (default: $OUT, else bench/out)")
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: all for the mode)")
     ap.add_argument("--batch", type=int, default=None, help="images per case (fp16 too; default: by device and mode)")
+    ap.add_argument("--no-quality", dest="quality", action="store_false",
+                    help="skip the quality section (the Gaussian oracle's W2 and the digits judge on this device)")
     return ap.parse_args(argv)
 
 
@@ -223,6 +225,108 @@ def run_case(tp, name: str, case, build, device, failures: list) -> dict:
     return rec
 
 
+# Quality where it is known (tests/test_precision.py's settings; constants repeated here, since bench scripts do not
+# import tests/): the Gaussian oracle's empirical W2 from 16384 samples at 40 steps (float32 within 5 % of the exact
+# value: the statistic is stable to ~2 %), and the digits judge's scores of 256 digits (the paper's schedule, 20
+# steps); each non-exact mode within 10 % of float32's.
+ORACLE_N, ORACLE_STEPS, ORACLE_STABLE = 16384, 40, 0.05
+JUDGE_N, JUDGE_STEPS = 256, 20
+QUALITY_RTOL = 0.10
+# ... except the FD of fast noise, which judges other digits than float32's run: the Frechet distance of 256 digits
+# moves +-17 % from seed to seed (tests/test_precision.py), so 35 % (about 2x that) is its bound.
+FD_RTOL_OTHER_DIGITS = 0.35
+
+
+def quality(device, quick: bool, failures: list) -> dict:
+    """The non-exact modes on this device (fast noise, bf16 native and autocast, TF32; NCSN++-free models) judged
+    by the Gaussian oracle's W2 and the digits judge, each against float32's score (see the constants)."""
+    import torch
+
+    import kve_fast
+    import kve_fast.accuracy as tp
+    from kve_fast.oracle import GaussianScore, output_moments, w2_diagonal
+    from kve_fast.sampler import plan_steps
+
+    out = {"oracle": {}, "digits": {}, "bounds": {"oracle_stable": ORACLE_STABLE, "rtol": QUALITY_RTOL}}
+    backend = "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    n = ORACLE_N if not quick or device.type == "cuda" else 2048
+    model = tp.ParamGaussian(GaussianScore.random(channels=1, size=8)).to(device)
+    scheduler = kve_fast.KarrasVeScheduler()
+    mu, var = model.x_moments()
+    m, v = output_moments(plan_steps(scheduler, ORACLE_STEPS), mu, var, scheduler.init_noise_sigma,
+                          scheduler.config.s_noise)
+    exact = w2_diagonal(m, v, mu, var)
+    out["oracle"]["exact_w2"] = exact
+    out["oracle"]["n"] = n
+
+    def w2(mdl, **kwargs):
+        x = kve_fast.sample_karras_ve(mdl, scheduler, (n, 1, 8, 8), ORACLE_STEPS, torch.Generator().manual_seed(0),
+                                      device=device, **kwargs)
+        xs = x.double().cpu().reshape(n, *mu.shape).numpy()
+        return w2_diagonal(xs.mean(0), xs.var(0), mu, var)
+
+    runs = {"fp32": (model, {"backend": "torch"}), "fast noise": (model, {"backend": backend, "noise": "fast"}),
+            "bf16": (tp.converted(model, torch.bfloat16), {"backend": backend}),
+            "bf16, fast noise": (tp.converted(model, torch.bfloat16), {"backend": backend, "noise": "fast"}),
+            "TF32": (model, {"backend": backend, "tf32": True})}
+    for name, (mdl, kw) in runs.items():
+        try:
+            out["oracle"][name] = w2(mdl, **kw)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"oracle {name}: {type(exc).__name__}: {exc}")
+    fp32 = out["oracle"].get("fp32")
+    n_ok = n >= ORACLE_N  # the bound's statistics hold at ORACLE_N samples (a CPU dry run draws fewer)
+    if fp32 is not None and n_ok and not abs(fp32 - exact) <= ORACLE_STABLE * exact:
+        failures.append(f"oracle: float32 W2 {fp32:.4f} vs exact {exact:.4f}: not stable")
+    for name in runs:
+        w = out["oracle"].get(name)
+        if name != "fp32" and w is not None and fp32 is not None and n_ok and not abs(w - fp32) <= QUALITY_RTOL * fp32:
+            failures.append(f"oracle {name}: W2 {w:.4f} vs float32 {fp32:.4f} (> {QUALITY_RTOL:.0%} apart)")
+    log("  oracle W2 (exact {:.4f}, n={}): ".format(exact, n)
+        + ", ".join(f"{k} {out['oracle'][k]:.4f}" for k in runs if k in out["oracle"]))
+
+    try:
+        from kve_fast.models import quality as q
+    except Exception as exc:  # noqa: BLE001 - sklearn missing, say
+        failures.append(f"digits judge: {type(exc).__name__}: {exc}")
+        return out
+    judge = q.fit_judge(0)
+    unet = kve_fast.load_model("digits")[0].to(device)
+    count = JUDGE_N if not quick or device.type == "cuda" else 32
+
+    def judged(mdl, **kw):
+        pipe = kve_fast.KarrasVePipeline(mdl, kve_fast.KarrasVeScheduler(sigma_schedule="edm"))
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(count, JUDGE_STEPS, torch.Generator().manual_seed(0), output_type="pt", **kw).images
+        res = q.evaluate_images(images, judge)
+        return {k: res[k] for k in ("confidence", "accepted", "fd", "classes_covered")}
+
+    digits = {"fp32": (unet, {"backend": "torch"}), "fast noise": (unet, {"backend": backend, "noise": "fast"}),
+              "bf16": (tp.converted(unet, torch.bfloat16), {"backend": backend}),
+              "bf16 autocast": (unet, {"backend": backend, "unet_dtype": torch.bfloat16}),
+              "TF32": (unet, {"backend": backend, "tf32": True})}
+    for name, (mdl, kw) in digits.items():
+        try:
+            out["digits"][name] = judged(mdl, **kw)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"digits {name}: {type(exc).__name__}: {exc}")
+    base = out["digits"].get("fp32")
+    for name, res in out["digits"].items():
+        if name == "fp32" or base is None or count < JUDGE_N:
+            continue
+        for key in ("confidence", "accepted", "fd"):
+            # fast noise draws other digits: its FD moves with which digits were drawn (+-17 % seed to seed)
+            rtol = FD_RTOL_OTHER_DIGITS if key == "fd" and "fast" in name else QUALITY_RTOL
+            if not abs(res[key] - base[key]) <= rtol * base[key]:
+                failures.append(f"digits {name}: {key} {res[key]:.4f} vs float32 {base[key]:.4f} (> {rtol:.0%} apart)")
+    log("  digits judge (n={}): ".format(count) + "; ".join(
+        f"{k}: conf {r['confidence']:.3f}, accepted {r['accepted']:.3f}, FD {r['fd']:.3f}"
+        for k, r in out["digits"].items()))
+    if count < JUDGE_N or not n_ok:
+        out["note"] = "a CPU dry run: fewer samples, so the bounds are not applied"
+    return out
+
+
 def rule_rows(tp, name: str, rec: dict, failures: list) -> list[dict]:
     rows = []
     v = rec["variants"]
@@ -265,6 +369,16 @@ def markdown(result: dict) -> str:
     for r in result["rule"]:
         lines.append(f"| {r['case']} | {r['variant']} | {r['yardstick']} | {r['ratio_mean']:.2f} | "
                      f"{r['ratio_max']:.2f} | {r['verdict']} |")
+    qual = result.get("quality")
+    if qual:
+        o = qual["oracle"]
+        lines += ["", f"Quality: the Gaussian oracle's W2 (exact {o['exact_w2']:.4f}, {o['n']} samples): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in o.items() if k not in ("exact_w2", "n"))
+                  + "; the digits judge: " + "; ".join(f"{k}: confidence {r['confidence']:.3f}, accepted "
+                                                       f"{r['accepted']:.3f}, FD {r['fd']:.3f}"
+                                                       for k, r in qual["digits"].items())
+                  + f" (each within {QUALITY_RTOL:.0%} of float32's" + (f"; {qual['note']}" if qual.get("note") else "")
+                  + ")"]
     twins = [f"{n}: {rec.get('loop32_vs_kve_fp32_max_abs', float('nan')):.2g}" for n, rec in result["cases"].items()]
     lines += ["", "Float32 loop vs kve_fast float32, max |diff| (0 = same bits): " + ", ".join(twins)]
     if result["failures"]:
@@ -323,6 +437,22 @@ def main(argv=None) -> int:
         result["rule"] += rule_rows(tp, name, rec, failures)
         if gpu:
             torch.cuda.empty_cache()
+    if args.quality:
+        try:
+            result["quality"] = quality(device, args.quick, failures)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"quality: {type(exc).__name__}: {exc}")
+            log(traceback.format_exc())
+    from kve_fast.benchmark import Outcome, missing
+
+    outcome = Outcome()
+    gaps = missing(result["env"])
+    outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
+    for r in result["rule"]:
+        outcome.check(f"{r['case']} {r['variant']} within {tp.YARDSTICK_FACTOR:g}x {r['yardstick']}", r["ok"])
+    for f in failures:
+        outcome.check(f, False)
+    result["outcome"] = outcome.as_dict()
     result["seconds"] = time.time() - t_start
     md = markdown(result)
     out = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
@@ -334,7 +464,8 @@ def main(argv=None) -> int:
     except OSError as exc:
         log(f"could not write results to {out}: {exc}")
     log("\n" + md)
-    return 1 if failures else 0
+    log(f"precision_check: {outcome.summary()}")
+    return outcome.exit_code()
 
 
 if __name__ == "__main__":

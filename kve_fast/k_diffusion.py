@@ -175,6 +175,8 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
         return RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, x.device, steps)
 
     def progress(iterable):
+        if disable is True:  # (tqdm(disable=True) shows nothing either)
+            return iterable
         from tqdm.auto import tqdm
 
         return tqdm(iterable, disable=disable)  # k-diffusion's trange(..., disable=disable)

@@ -70,6 +70,20 @@ def level_at(sigma, sigma_hat, sigma_next) -> Level:
     return Level(_f32(sigma / 2), _f32(sigma), reciprocal(sigma), _f32(sigma_next - sigma_hat))
 
 
+class LevelValues(NamedTuple):
+    """What an Euler (``feed.at_hat``) or Heun (``feed.at_next``) stage reads: the step, and its ``Level`` as
+    floats or a device tensor of them."""
+
+    step: object
+    scalars: object
+
+
+def _values(step) -> tuple:
+    """``(LevelValues at sigma_hat, LevelValues at sigma_{i+1})`` of ``step``: what its Euler and Heun stages read
+    in an eager run (``kve_fast.schedule.HostFeed``), made once with the step."""
+    return LevelValues(step, step.at_hat), LevelValues(step, step.at_next)
+
+
 def _scalar(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
@@ -86,7 +100,7 @@ class Step:
     """
 
     __slots__ = ("index", "timestep", "gamma", "last", "_sigma", "_sigma_hat", "_sigma_next", "noise_coef", "at_hat",
-                 "at_next")
+                 "at_next", "values")
 
     def __init__(self, index: int, timestep: int, sigma: torch.Tensor, sigma_next, s_churn, s_min, s_max, n: int):
         sigma_hat, gamma = churn_sigma(sigma, n, s_churn, s_min, s_max)
@@ -97,6 +111,7 @@ class Step:
         self.noise_coef = churn_coefficient(sigma, sigma_hat)
         self.at_hat = level_at(sigma_hat, sigma_hat, sigma_next)
         self.at_next = None if self.last else level_at(sigma_next, sigma_hat, sigma_next)
+        self.values = _values(self)
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -117,10 +132,11 @@ class Step:
 
 class _LazySteps(Sequence):
     """Steps made on access by ``_make(i)``; the last two made are kept, since the loop asks for steps i and
-    i+1 together (step i's stages fuse step i+1's churn). ``memo``: keep every step (cached plans)."""
+    i+1 together (step i's stages fuse step i+1's churn). ``memo``: keep every step (cached plans). ``n``:
+    the number of steps."""
 
     def __init__(self, n: int, memo: bool = False):
-        self._n = n
+        self._n = self.n = n
         self._memo = [None] * n if memo else None
         self._recent = ((None, None), (None, None))
 
@@ -352,7 +368,7 @@ class KStep:
     ``at_hat`` and ``at_next`` (``Level``s with ``sigma`` and ``dt``; None on the last step).
     """
 
-    __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "_sigmas")
+    __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "values", "_sigmas")
 
     def __init__(self, index: int, sigmas_cpu: torch.Tensor, sigmas, s_churn, s_tmin, s_tmax,
                  device_churn: torch.Tensor | None = None):
@@ -371,6 +387,7 @@ class KStep:
         dt = _f32(sigma_next - sigma_hat)
         self.at_hat = Level(0.0, _f32(sigma_hat), 0.0, dt)
         self.at_next = None if self.last else Level(0.0, _f32(sigma_next), 0.0, dt)
+        self.values = _values(self)
 
     @property
     def sigma(self) -> torch.Tensor:

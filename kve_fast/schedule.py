@@ -34,6 +34,7 @@ import torch
 
 from .convention import Convention
 from .noise import Draw
+from .plan import LevelValues  # (defined with the plan, which makes them once per step)
 
 
 # -- the stages ----------------------------------------------------------------------------------------
@@ -166,6 +167,18 @@ class Schedule:
             return StepKind(correct, last, True, not last)
         churns = self.convention.churns
         return StepKind(correct, last, churns(step), not last and churns(plan[i + 1]))
+
+    def step_stages(self, plan, step) -> tuple:
+        """``stages(kind(plan, step))``, in fewer calls (the eager loop asks once per step)."""
+        i = step.index
+        last = i == plan.n - 1 if hasattr(plan, "n") else i == len(plan) - 1
+        if self.convention.churn_every_step:
+            key = (self.heun and not step.last, last, True, not last)
+        else:  # Convention.churns, inline
+            key = (self.heun and not step.last, last, step.noise_coef is not None,
+                   not last and plan[i + 1].noise_coef is not None)
+        stages = self._stages.get(key)  # (a StepKind is a tuple: the same key as stages())
+        return stages if stages is not None else self.stages(StepKind(*key))
 
     def _input(self, hat: str, name: str) -> tuple[str, str | None]:
         """(what the model is called at, the named model input a stage writes for it) for the sample ``hat``."""
@@ -306,14 +319,6 @@ class ChurnValues(NamedTuple):
     noise: object
 
 
-class LevelValues(NamedTuple):
-    """What an Euler (``feed.at_hat``) or Heun (``feed.at_next``) stage reads: the step, and its ``Level`` as
-    floats or a device tensor of them."""
-
-    step: object
-    scalars: object
-
-
 class HostFeed:
     """A step's values for an eager run: the plan's floats, one churn's noise from ``source`` (a
     ``kve_fast.noise.Draw``, drawn when the churn runs, with the sample it churns), the model's noise levels
@@ -327,7 +332,7 @@ class HostFeed:
     def at(self, step) -> "HostFeed":
         """This feed, now for ``step`` (one object serves a whole run)."""
         self.step = step
-        self.at_hat, self.at_next = LevelValues(step, step.at_hat), LevelValues(step, step.at_next)
+        self.at_hat, self.at_next = step.values  # (LevelValues made once with the step)
         return self
 
     def churn(self, of: str) -> ChurnValues:
@@ -335,7 +340,10 @@ class HostFeed:
         return ChurnValues(step, step.noise_coef, self.s_noise, Draw(self.source))
 
     def model_level(self, at: str) -> torch.Tensor:
-        return self.convention.noise_level(self.step, at, self.s_in)
+        if self.convention.denoiser:  # (Convention.noise_level, inline: it runs twice a step)
+            step = self.step
+            return (step.sigma_hat_on_device() if at == "hat" else step.sigma_next) * self.s_in
+        return torch.tensor((self.step.at_hat if at == "hat" else self.step.at_next).half, dtype=torch.float32)
 
 
 # -- running the stages -----------------------------------------------------------------------------------
@@ -353,30 +361,36 @@ class StepContext:
         self.backend, self.buffers, self.denoise, self.hand_out = backend, buffers, denoise, hand_out
         self.fallback = fallback
         self.env: dict[str, torch.Tensor] = {}
+        self.programs: dict = {}  # id(stage list) -> its stages with their targets (``run``)
+        self.keep: list = []  # the stage lists those ids belong to
 
     def cannot_read(self, raw: torch.Tensor):
-        """Switch to ``fallback(raw)``'s backend for the rest of the run; returns ``(backend, targets)``."""
+        """Switch to ``fallback(raw)``'s backend for the rest of the run; returns it."""
         if self.fallback is None:
             raise TypeError(f"the model returned {raw.dtype}, which the {self.backend.name} backend does not read")
         self.backend = self.fallback(raw)
         self.buffers = Buffers(None)
-        return self.backend, self.buffers.targets
+        self.programs.clear()
+        return self.backend
 
 
 def run(stages, ctx: StepContext, feed) -> None:
     """Run ``stages`` with the step values of ``feed`` (a ``HostFeed``, or a graph's device feed)."""
-    env, be, targets = ctx.env, ctx.backend, ctx.buffers.targets
-    for s in stages:
-        kind = type(s)
+    env, be = ctx.env, ctx.backend
+    program = ctx.programs.get(id(stages))  # (stage lists are cached by the schedule: their ids are stable)
+    if program is None:
+        program = ctx.programs[id(stages)] = [(type(s), s) + ctx.buffers.targets(s) for s in stages]
+        ctx.keep.append(stages)
+    for k, (kind, s, names, out) in enumerate(program):
         if kind is Denoise:
             raw = env[s.out] = ctx.denoise(env[s.x], feed.model_level(s.at), feed.extra)
             if be.reads is not None and raw.dtype not in be.reads:  # a float64 denoiser, say: the torch ops go on
-                be, targets = ctx.cannot_read(raw)
+                ctx.cannot_read(raw)
+                return run(stages[k + 1:], ctx, feed)
             continue
         if kind is HandOut:
             ctx.hand_out(s, feed)
             continue
-        names, out = targets(s)
         if kind is Churn:
             written = be.churn(env[s.x], feed.churn(s.of), noise=s.noise, hat=out[0], model_input=out[1])
         elif kind is Euler:

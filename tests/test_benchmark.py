@@ -77,7 +77,7 @@ def test_digits_table_json_and_unavailable_rows(tmp_path, capsys):
     eager_exact, eager_fast = rows
     for row in (eager_exact, eager_fast):
         assert float(row["ms/call"]) > 0 and float(row["/ floor"]) > 0 and row["first image"].endswith(" s")
-        assert row["n"] == "1"
+        assert row["n"] == "1 (rule not met)"  # --repeats 1: under issue 20's rule, and the table says so
     assert eager_fast["= diffusers"] == "n/a (own noise stream)"
     per_call = out.split("### Per call", 1)[1].split("\n\n")[1]
     assert "vs diffusers" not in per_call and "= eager" not in per_call  # ... and no columns empty in every row
@@ -277,7 +277,8 @@ def test_budget_skips_a_configuration():
 
 def test_repeat_policy_and_verdicts():
     policy = kb.RepeatPolicy(row_seconds=5, min_repeats=1, max_repeats=5)
-    assert [policy.repeats(s) for s in (0.1, 1.2, 2.6, 20.0)] == [5, 4, 1, 1]
+    # issue 20's rule: at least 5 timed calls where a call takes under 2 s, else at least 3, whatever fits
+    assert [policy.repeats(s) for s in (0.1, 1.2, 2.6, 20.0)] == [5, 5, 3, 3]
     assert kb.RepeatPolicy(fixed=3).repeats(100.0) == 3
     eq = {"equal": True, "mismatches": 0, "elements": 4, "bitwise": True}
     row = dict(kb._row_record("graphed", "exact"), status="ok", ms_per_call=103.0, first_call_s=0.5, repeats=5,
@@ -316,7 +317,7 @@ def test_graph_bench_models(graph_bench):
     gb = graph_bench
     assert set(gb.QUICK) <= set(gb.CONFIGS) and {m for m, _ in gb.CONFIGS.values()} == set(gb.MODELS)
     assert [(m, b) for m, b in gb.CONFIGS.values()] == [("tiny", 1), ("tiny", 64), ("ncsnpp", 1), ("ncsnpp", 64),
-                                                         ("celebahq256", 1), ("celebahq256", 8)]
+                                                         ("celebahq256", 1), ("celebahq256", 8), ("ncsnpp16", 2)]
     tiny = gb.tiny_unet()
     assert sum(p.numel() for p in tiny.parameters()) == gb.MODELS["tiny"][1]
     assert tiny.config.sample_size == 32 and tiny.config.in_channels == 3
@@ -347,7 +348,9 @@ def test_graph_bench_runs_on_cpu(tmp_path):
     assert rows["kve_fast graphed, exact noise"]["status"] == "unavailable"
     assert data["settings"]["configs"] == ["tiny-b1"] and data["env"]["command"]
     assert (tmp_path / "graph_bench.md").read_text().count("tiny-b1 (32x32x3, 1.0 M)") == 2
-    assert "### Per call" in res.stdout.split("total ")[-1]  # the table is printed last
+    # the table, then the total, then the verdict, last
+    assert res.stdout.index("### Per call") < res.stdout.rindex("\ntotal ")
+    assert res.stdout.rstrip().splitlines()[-1].startswith("graph_bench: PASS")
 
 
 # ---- low precision (issue 12): bf16 rows against diffusers' float32 ------------------------------------------
@@ -398,7 +401,7 @@ def test_bench_pipeline_bf16_on_cpu():
 
     text = kb.format_markdown({"configs": [rec]})
     assert "**Low precision (bf16):**" in text and "float32 UNet" in text
-    assert "(3 x eager; bf16)" in text
+    assert "| bf16 | " in text and "(3 x eager)" in text  # the floor's forward is the row's: bf16
     table = {r["row"]: r for r in table_lines(text)}
     assert table["kve_fast eager, exact noise, bf16 UNet"]["= diffusers"] == (
         f"rel. RMS {rel['value']:.2e} (latent; bf16: not bitwise)")
@@ -412,8 +415,11 @@ def test_bench_pipeline_default_has_no_precision_fields():
     for dtype in (None, torch.float32):
         rec = kb.bench_pipeline(pipe, name="rgb b1", batch_size=1, steps=2, device=torch.device("cpu"), unet_dtype=dtype,
                                 noises=("exact",), kinds=("eager",), policy=kb.RepeatPolicy(fixed=1), log=lambda *a: None)
-        assert "precision" not in rec and set(rec["floor"]) == {"calls", "forward_eager_ms", "forward_eager_n",
-                                                                 "floor_ms", "floor_kind", "floor_note"}
+        assert "precision" not in rec and set(rec["floor"]) == {
+            "calls", "forward_eager_ms", "forward_eager_n", "forward_eager_min_ms", "forward_eager_max_ms", "floor_ms",
+            "floor_kind", "floor_note", "dtype", "fir", "layout", "tf32"}  # the forward the floor timed, as its row's
+        assert {k: rec["floor"][k] for k in ("dtype", "fir", "layout", "tf32")} == {
+            "dtype": "float32", "fir": None, "layout": "contiguous", "tf32": False}
         assert [r["row"] for r in rec["rows"]] == ["diffusers KarrasVePipeline", "kve_fast eager, exact noise"]
         assert "rel_rms_reference" not in rec["rows"][1] and rec["rows"][1]["equal_reference_latent"]["bitwise"]
         assert "Low precision" not in kb.format_markdown({"configs": [rec]})
@@ -510,7 +516,7 @@ def test_graph_bench_bf16_runs_on_cpu(tmp_path, graph_bench):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert not (tmp_path / "graph_bench.json").exists()  # the fp32 results are not overwritten
     data = json.loads((tmp_path / "graph_bench_bf16.json").read_text())
-    assert data["settings"]["unet_dtype"] == "bf16" and data["targets_source"] == "issue 12"
+    assert data["settings"]["unet_dtype"] == "bf16" and data["targets_source"] == "issues 12 and 20"
     (config,) = data["configs"]
     rows = {r["row"]: r for r in config["rows"]}
     assert rows["diffusers KarrasVePipeline (fp32 UNet)"]["status"] == "ok"
@@ -519,4 +525,4 @@ def test_graph_bench_bf16_runs_on_cpu(tmp_path, graph_bench):
     assert config["floor"]["label"] == "bf16"
     md = (tmp_path / "graph_bench_bf16.md").read_text()
     assert md.startswith("## graph_bench (bf16)") and "**Low precision (bf16):**" in md
-    assert "### Targets (bf16, graphed, fast noise; issue 12 for ncsnpp-b64, celebahq256-b8)" in md
+    assert "### Targets (bf16, graphed, fast noise; issues 12 and 20 for ncsnpp-b64, celebahq256-b8)" in md

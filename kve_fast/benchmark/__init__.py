@@ -44,8 +44,10 @@ from .floor import measure_floor
 from .plot import write_chart, write_plot
 from .report import (COLUMNS, exactness_failures, floors_table, format_markdown, left_out_lines, precision_verdicts,
                      table_rows, to_json, verdicts, write_outputs, write_text)
-from .rows import (FIRST_IMAGE_TARGET_S, FLOOR_TARGET, KINDS, ROW_LABELS, _graphs_module, _row_record, bench_pipeline,
-                   graph_support, jit_warmup, row_label, supports_cuda_graph)
+from .provenance import Outcome, ScriptRun, git_state, missing, provenance, required_repeats, time_stats
+from .rows import (FAST_FIR_FP32_BOUND, FIRST_IMAGE_TARGET_S, FLOOR_TARGET, KINDS, ROW_LABELS, SharedReference,
+                   _graphs_module, _row_record, bench_pipeline, graph_support, jit_warmup, row_label,
+                   supports_cuda_graph)
 from .timing import (GRAPH_ENV, RepeatPolicy, _first_line, compare, environment, inside_share, low_precision_copy,
                      precision_label, relative_rms)
 
@@ -54,5 +56,6 @@ __all__ = ["add_arguments", "run", "bench_pipeline", "measure_floor", "format_ma
            "precision_label", "relative_rms", "compare", "exactness_failures", "verdicts", "precision_verdicts",
            "write_plot", "write_chart", "left_out_lines", "to_json", "write_text", "table_rows", "floors_table",
            "row_label", "supports_cuda_graph", "inside_share", "low_precision_copy", "KINDS", "GRAPH_ENV",
-           "FLOOR_TARGET", "FIRST_IMAGE_TARGET_S"]
+           "FLOOR_TARGET", "FIRST_IMAGE_TARGET_S", "SharedReference", "FAST_FIR_FP32_BOUND", "provenance",
+           "git_state", "missing", "required_repeats", "time_stats", "Outcome", "ScriptRun"]
 # _first_line, _graphs_module and _row_record: for bench/graph_bench.py and the tests, as before the split

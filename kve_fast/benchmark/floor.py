@@ -8,9 +8,18 @@ from __future__ import annotations
 import contextlib
 import statistics
 
-from .timing import _first_line, _median_ms, _needs_patch, _sync, _timed, _fast_fir_runs, compare, precision_label
+from .timing import _fast_fir_runs, _first_line, _median_ms, _sync, _timed, compare, precision_label
 
 __all__ = ["measure_floor"]
+
+
+def has_fir(model) -> bool:
+    """Whether ``model`` has NCSN++ FIR blocks (patched by ``kve_fast.ncsnpp`` or not)."""
+    import torch
+
+    from .. import ncsnpp
+
+    return isinstance(model, torch.nn.Module) and (ncsnpp.needs_patch(model) or bool(ncsnpp._records(model)))
 
 
 def measure_floor(unet, shape, device, calls: int, log=print, seconds: float = 1.0, dtype=None,
@@ -18,48 +27,58 @@ def measure_floor(unet, shape, device, calls: int, log=print, seconds: float = 1
     """``calls`` x one model forward: captured in a ``torch.cuda.CUDAGraph`` (device timestep) and replayed,
     median of CUDA-event timings; also the eager forward (0-d CPU timestep, as the sampler passes it).
 
-    NCSN++ models are made capturable with ``kve_fast.ncsnpp.make_capturable`` for the capture only
-    (bit-identical) and restored afterwards, so the reference runs the model as diffusers ships it.
-    Where no graph can be captured (the CPU, a failed capture) the floor is ``calls`` x the eager forward.
+    The forward is the one the rows it is the floor of run (issue 20: a floor in another precision, FIR kernel
+    or layout than its row measures something else):
 
-    The floor in another precision (what low-precision rows are measured against): ``dtype``, the dtype
-    of the model's input (a bf16/fp16 model's own; None: float32); ``fast_fir``, the model's NCSN++ FIR
-    blocks on the Triton kernel (``kve_fast.ncsnpp.make_fast``, where the sampler's fast modes use it:
-    CUDA or Triton's interpreter) for the measurement, ``restore_fast`` afterwards; ``tf32``, TF32
-    matmuls and convolutions on for the measurement (put back afterwards).
+    - ``dtype``: the dtype of the model's input (a bf16/fp16 model's own; None: float32), as the sampler's
+      kernels write it;
+    - ``fast_fir``: the NCSN++ FIR blocks on the Triton kernel exactly as the sampler's fast modes run them
+      (``kve_fast.ncsnpp.make_capturable``, then ``with ncsnpp.fast_fir():`` around the eager forwards, the
+      warm-up and the capture), where the sampler would (CUDA, or Triton's interpreter); else diffusers' ops;
+    - ``tf32``: TF32 matmuls and convolutions on for the measurement (put back afterwards);
+    - the layout is the sampler's state's, contiguous (the bench rows are contiguous).
+
+    NCSN++ models are made capturable with ``kve_fast.ncsnpp.make_capturable`` for the measurement
+    (bit-identical) and restored afterwards, so the reference runs the model as diffusers ships it. Where no
+    graph can be captured (the CPU, a failed capture) the floor is ``calls`` x the eager forward.
     """
     import torch
 
     from ..precision import Precision
 
     label = None
-    res: dict = {"calls": calls}
+    res: dict = {"calls": calls, "layout": "contiguous",
+                 "dtype": str(dtype if dtype is not None else torch.float32).replace("torch.", ""), "tf32": tf32}
     if dtype is not None or fast_fir or tf32:
         label = precision_label(dtype, tf32) or "fp32"
-        res.update(dtype=str(dtype if dtype is not None else torch.float32).replace("torch.", ""), tf32=tf32)
+    fir_ctx = contextlib.nullcontext()
+    fir = None
     patched = 0
-    if fast_fir and isinstance(unet, torch.nn.Module):
+    if has_fir(unet):
         from .. import ncsnpp
 
-        has_fir = _needs_patch(unet) or ncsnpp.is_fast(unet)
-        if has_fir and _fast_fir_runs(device):
-            patched = ncsnpp.make_fast(unet)
-        fir = (None if not has_fir else "FIR on Triton" if ncsnpp.is_fast(unet)
-               else "FIR on diffusers' ops" + ("" if _fast_fir_runs(device) else f" (as the sampler's on {device})"))
-        res["fir"] = fir
-        if fir:
-            label = f"{label}, {fir}"
+        fir = "diffusers' ops"
+        if fast_fir:
+            if _fast_fir_runs(device):
+                if ncsnpp.needs_patch(unet):
+                    patched = ncsnpp.make_capturable(unet)  # what the sampler does before fast_fir()
+                fir_ctx = ncsnpp.fast_fir()
+                fir = "Triton"
+            else:
+                fir = f"diffusers' ops (as the sampler's fast modes on {device})"
+        label = f"{label or 'fp32'}, FIR on {fir}"
+    res["fir"] = fir
     if label is not None:
         res["label"] = label
     switches = Precision(tf32=tf32).switches() if tf32 else contextlib.nullcontext()
     try:
-        with switches:
+        with switches, fir_ctx:
             res.update(_measure_floor(unet, shape, device, calls, log, seconds, dtype))
     finally:
         if patched:
             from .. import ncsnpp
 
-            ncsnpp.restore_fast(unet)
+            ncsnpp.restore(unet)
     if label is not None:
         res["floor_note"] = res["floor_note"].replace("floor = ", f"floor ({label}) = ", 1)
     return res
@@ -79,9 +98,10 @@ def _measure_floor(unet, shape, device, calls: int, log, seconds: float, dtype) 
         for _ in range(2):
             unet(x, t_host)
         est, _ = _timed(lambda: unet(x, t_host), sync)
-        n = max(3, min(20, int(seconds / max(est, 1e-6))))
+        n = max(5, min(20, int(seconds / max(est, 1e-6))))
         times = [_timed(lambda: unet(x, t_host), sync)[0] for _ in range(n)]
     res["forward_eager_ms"], res["forward_eager_n"] = _median_ms(times), n
+    res["forward_eager_min_ms"], res["forward_eager_max_ms"] = min(times) * 1e3, max(times) * 1e3
     eager_floor = calls * res["forward_eager_ms"]
     if device.type != "cuda":
         res.update(floor_ms=eager_floor, floor_kind="eager",
@@ -147,7 +167,8 @@ def _graphed_forward(unet, x, device, seconds: float) -> dict:
             torch.cuda.synchronize(device)
             times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
         return {"forward_graphed_ms": statistics.median(times), "forward_graphed_n": n,
-                "forward_graphed_min_ms": min(times), "graph_equals_eager": same, "ncsnpp_patched": patched}
+                "forward_graphed_min_ms": min(times), "forward_graphed_max_ms": max(times), "graph_equals_eager": same,
+                "ncsnpp_patched": patched}
     finally:
         del graph, out
         if patched:

@@ -14,7 +14,8 @@ from .rows import FIRST_IMAGE_TARGET_S, FLOOR_TARGET, row_label
 __all__ = ["format_markdown", "write_outputs", "write_text", "to_json", "table_rows", "left_out_lines", "floors_table",
            "verdicts", "precision_verdicts", "exactness_failures", "COLUMNS"]
 
-COLUMNS = ("config", "row", "ms/call", "vs diffusers", "/ floor", "first image", "n", "= diffusers", "= eager")
+COLUMNS = ("config", "row", "ms/call", "min-max ms", "vs diffusers", "/ floor", "first image", "n", "= diffusers",
+           "= eager", "accuracy (bound)")
 
 
 
@@ -53,6 +54,12 @@ def _eq_reference(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _fmt_accuracy(a) -> str:
+    if not a:
+        return ""
+    return (f"{_fmt_rel(a['value'])} (<= {a['bound']:.2e}{'' if a['ok'] else ': OUT OF BOUND'})")
+
+
 def _config_label(c: dict) -> str:
     shape = c.get("shape")
     dims = f"{shape[2]}x{shape[3]}x{shape[1]}" if shape and len(shape) == 4 else ""
@@ -67,24 +74,27 @@ def table_rows(configs: list[dict], left_out: bool = False) -> list[list[str]]:
     for c in configs:
         label = _config_label(c)
         if not c.get("rows"):
-            out.append([label, c.get("status", "?"), (c.get("error") or "; ".join(c.get("notes", [])))[:200],
-                        "", "", "", "", "", ""])
+            out.append([label, c.get("status", "?"), (c.get("error") or "; ".join(c.get("notes", [])))[:200]]
+                       + [""] * (len(COLUMNS) - 3))
             continue
         first = label
         for r in c["rows"]:
             if r["status"] == "unavailable" and not left_out:
                 continue
             if r["status"] != "ok":
-                out.append([first, r["row"], f"{r['status']}: {r['why']}", "", "", "", "", "", ""])
+                out.append([first, r["row"], f"{r['status']}: {r['why']}"] + [""] * (len(COLUMNS) - 3))
                 first = ""
                 continue
             tail = "" if r["repeat_consistent"] else " (repeats differ!)"
+            spread = (f"{r['min_ms']:.1f}-{r['max_ms']:.1f}" if r.get("min_ms") is not None else "")
+            n = str(r["repeats"]) + ("" if r.get("repeat_rule_met", True) is not False else " (rule not met)")
             out.append([
-                first, r["row"], f"{r['ms_per_call']:.1f}",
+                first, r["row"], f"{r['ms_per_call']:.1f}", spread,
                 f"{r['speedup']:.2f}x" if r["speedup"] else "",
                 f"{r['floor_ratio']:.3f}" if r["floor_ratio"] else "",
-                f"{r['first_call_s']:.2f} s", str(r["repeats"]),
+                f"{r['first_call_s']:.2f} s", n,
                 _eq_reference(r), (_fmt_eq(r["equal_eager"]) if r["equal_eager"] is not None else "") + tail,
+                _fmt_accuracy(r.get("accuracy")),
             ])
             first = ""
     return out
@@ -122,24 +132,29 @@ def _md_table(header, rows) -> str:
 
 
 def floors_table(configs: list[dict]) -> str:
+    """One line per floor measured (a configuration has one per forward its rows run: dtype, FIR kernel)."""
     rows = []
     for c in configs:
-        f = c.get("floor")
-        if not f:
-            continue
-        graphed = f.get("forward_graphed_ms")
-        rows.append([
-            _config_label(c), f"{f['forward_eager_ms']:.3f} (n={f['forward_eager_n']})",
-            f"{graphed:.3f} (n={f['forward_graphed_n']})" if graphed is not None else f.get("capture_error", "-"),
-            ("yes" if f.get("graph_equals_eager") else "NO") if "graph_equals_eager" in f else "",
-            f"{f['floor_ms']:.1f} ({f['calls']} x {f['floor_kind']}" + (f"; {f['label']}" if f.get("label") else "")
-            + ")",
-            f"{c['inside_share']:.1%}" if c.get("inside_share") is not None else "",
-        ])
-    header = ("config", "one forward, eager ms", "one forward, graphed ms", "graph = eager", "floor ms",
+        floors = c.get("floors") or ({"": c["floor"]} if c.get("floor") else {})
+        for key, f in floors.items():
+            graphed = f.get("forward_graphed_ms")
+            rows.append([
+                _config_label(c), key or f.get("label") or "fp32",
+                f"{f['forward_eager_ms']:.3f} (n={f['forward_eager_n']})",
+                f"{graphed:.3f} (n={f['forward_graphed_n']})" if graphed is not None else f.get("capture_error", "-"),
+                ("yes" if f.get("graph_equals_eager") else "NO") if "graph_equals_eager" in f else "",
+                f"{f['floor_ms']:.1f} ({f['calls']} x {f['floor_kind']})",
+                f"{c['inside_share']:.1%}" if c.get("inside_share") is not None else "",
+            ])
+    header = ("config", "forward", "one forward, eager ms", "one forward, graphed ms", "graph = eager", "floor ms",
               "pixels inside (0,1)")
     keep = [k for k in range(len(header)) if any(row[k] not in ("", "-") for row in rows)]  # none graphed on the CPU
     return _md_table([header[k] for k in keep], [[row[k] for k in keep] for row in rows]) if rows else ""
+
+
+def _row_floor(c: dict, r: dict) -> dict:
+    """The floor a row ran against (its forward), or the configuration's first."""
+    return (c.get("floors") or {}).get(r.get("floor")) or c.get("floor") or {}
 
 
 def verdicts(configs: list[dict]) -> list[str]:
@@ -160,7 +175,7 @@ def verdicts(configs: list[dict]) -> list[str]:
             once = r["first_call_s"] - r["ms_per_call"] / 1e3
             eqs = [x for x in (r.get("equal_reference_latent"), r.get("equal_reference_np"), r.get("equal_eager")) if x]
             exact = all(x["equal"] for x in eqs) if eqs else None
-            floor_kind = (c.get("floor") or {}).get("floor_kind")
+            floor_kind = _row_floor(c, r).get("floor_kind")
             lines.append(
                 f"- {c['name']}: {r['floor_ratio']:.3f} x floor{' (EAGER floor)' if floor_kind != 'graphed' else ''} "
                 f"(target <= {FLOOR_TARGET}: {'met' if floor_ok else 'NOT met'}); first image {r['first_call_s']:.2f} s, "
@@ -183,15 +198,15 @@ def precision_verdicts(configs: list[dict], targets: dict | None = None) -> list
             continue
         named = (targets or {}).get(c["name"])
         target = named if named is not None else {"floor_ratio": FLOOR_TARGET}
-        floor = c.get("floor") or {}
-        floor_name = f"the floor ({floor.get('label') or p['label']}" + (
-            ", EAGER" if floor.get("floor_kind") not in (None, "graphed") else "") + ")"
         graphed = [r for r in c.get("rows", []) if r["kind"] == "graphed"]
         if not graphed:
             lines.append(f"- {c['name']}: no graphed rows measured" + (f" ({c['status']})" if c.get("status") != "ok"
                                                                        else ""))
         for r in graphed:
             aimed = r["noise"] == "fast"
+            floor = _row_floor(c, r)
+            floor_name = f"the floor ({r.get('floor') or floor.get('label') or p['label']}" + (
+                ", EAGER" if floor.get("floor_kind") not in (None, "graphed") else "") + ")"
             if r["status"] != "ok":
                 lines.append(f"- {c['name']}, {r['row']}: {r['status']} ({r['why']})"
                              + ("; targets NOT met (not measured)" if aimed and named else ""))
@@ -216,6 +231,8 @@ def precision_verdicts(configs: list[dict], targets: dict | None = None) -> list
             if r.get("rel_rms_reference"):
                 rel = r["rel_rms_reference"]
                 parts.append(f"rel. RMS vs diffusers' fp32 {rel['of']} {_fmt_rel(rel['value'])}")
+            if r.get("accuracy"):
+                parts.append(f"accuracy {_fmt_accuracy(r['accuracy'])}")
             if r.get("equal_eager") is not None:
                 parts.append(f"graphed = eager: {_fmt_eq(r['equal_eager'])}")
             lines.append(f"- {c['name']}, {r['row']}: " + "; ".join(parts) + ("" if aimed else " (for information)"))
@@ -244,7 +261,10 @@ def _precision_paragraph(configs: list[dict]) -> str:
 def format_markdown(result: dict, title: str = "kve_fast benchmark") -> str:
     env = result.get("env", {})
     cuda = str(env.get("device", "")).startswith("cuda")
-    head = (f"## {title}\n\n{env.get('gpu') or env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+    card = env.get('gpu') or env.get('device')
+    if env.get("driver"):
+        card += f" (driver {env['driver']})"
+    head = (f"## {title}\n\n{card}, torch {env.get('torch')}, triton {env.get('triton')}, "
             f"diffusers {env.get('diffusers')}, Python {env.get('python')}, {env.get('date')}"
             + (f"; TF32 {'on' if env.get('tf32_matmul') or env.get('tf32_cudnn') else 'off'}" if cuda else "")
             + (f"; {env['threads']} CPU threads" if env.get("threads") else "")
@@ -328,7 +348,8 @@ def write_outputs(result: dict, out_dir: str, stem: str, chart: bool = True, tit
 
 
 def exactness_failures(configs: list[dict]) -> list[str]:
-    """Every exactness check that failed (exact rows against diffusers, graphed against eager, repeats)."""
+    """Every check that failed: exact rows against diffusers, graphed against eager, repeats that differ, a
+    non-exact row out of its accuracy bound (or without its check), a floor whose graph differs from eager."""
     bad = []
     for c in configs:
         for r in c.get("rows", []):
@@ -337,7 +358,15 @@ def exactness_failures(configs: list[dict]) -> list[str]:
                     bad.append(f"{c['name']} / {r['row']}: {key}")
             if r.get("repeat_consistent") is False:
                 bad.append(f"{c['name']} / {r['row']}: repeated calls differ")
-        f = c.get("floor") or {}
-        if f.get("graph_equals_eager") is False:
-            bad.append(f"{c['name']}: the floor's graphed forward differs from the eager forward")
+            a = r.get("accuracy")
+            if a is not None and not a.get("ok"):
+                bad.append(f"{c['name']} / {r['row']}: accuracy {a.get('value')} out of its bound {a.get('bound')}")
+            non_exact = r.get("kind") != "reference" and (r.get("noise") == "fast" or r.get("precision"))
+            if non_exact and r.get("status") == "ok" and a is None:
+                bad.append(f"{c['name']} / {r['row']}: no accuracy check")
+        floors = c.get("floors") or ({"": c["floor"]} if c.get("floor") else {})
+        for key, f in floors.items():
+            if f.get("graph_equals_eager") is False:
+                bad.append(f"{c['name']}: the floor's graphed forward differs from the eager forward"
+                           + (f" ({key})" if key else ""))
     return bad

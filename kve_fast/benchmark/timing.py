@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import platform
 import statistics
-import sys
 import time
 
 __all__ = ["RepeatPolicy", "compare", "inside_share", "relative_rms", "precision_label", "low_precision_copy",
@@ -22,22 +20,26 @@ GRAPH_ENV = "KVE_FAST_CUDA_GRAPH"
 class RepeatPolicy:
     """How many timed calls follow the first (untimed-for-the-median) call of a row.
 
-    ``fixed``: exactly that many. Otherwise as many as fit in ``row_seconds`` at the first call's
-    duration, between ``min_repeats`` and ``max_repeats``.
+    ``fixed``: exactly that many (a user's ``--repeats``; the row then says whether issue 20's rule was met).
+    Otherwise as many as fit in ``row_seconds`` at the first call's duration, between ``min_repeats`` and
+    ``max_repeats``, and never fewer than the rule: 5 where a call takes under 2 s, 3 otherwise
+    (``kve_fast.benchmark.provenance.required_repeats``; ``_time_row`` checks it again on the median).
     """
 
     def __init__(self, row_seconds: float = 5.0, min_repeats: int = 1, max_repeats: int = 5, fixed: int | None = None):
         self.row_seconds, self.min_repeats, self.max_repeats, self.fixed = row_seconds, min_repeats, max_repeats, fixed
 
     def repeats(self, first_call_s: float) -> int:
+        from .provenance import required_repeats
+
         if self.fixed is not None:
             return self.fixed
         n = int(self.row_seconds // max(first_call_s, 1e-6))
-        return max(self.min_repeats, min(self.max_repeats, n))
+        return max(required_repeats(first_call_s), self.min_repeats, min(self.max_repeats, n))
 
     def as_dict(self) -> dict:
         return {"row_seconds": self.row_seconds, "min_repeats": self.min_repeats, "max_repeats": self.max_repeats,
-                "fixed": self.fixed}
+                "fixed": self.fixed, "rule": "at least 5 timed calls where a call takes under 2 s, else at least 3"}
 
 
 def _sync(device):
@@ -173,38 +175,19 @@ def _params(model) -> int | None:
 
 
 def environment(device, command: list[str] | None = None) -> dict:
-    """Card, versions, date and command, for the record."""
-    import importlib.metadata as md
-    import subprocess
-
+    """Card, driver, versions, commit and dirty flag, date and command, for the record
+    (``kve_fast.benchmark.provenance.provenance``), with the names the report reads."""
     import torch
 
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
+    from .provenance import provenance
 
-    env = {
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": version("triton"),
-        "diffusers": version("diffusers"), "numpy": version("numpy"), "python": platform.python_version(),
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
-        "command": " ".join(command if command is not None else sys.argv),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "KVE_FAST_CUDA_GRAPH": os.environ.get(GRAPH_ENV),
-    }
-    try:
-        from .. import __version__
-
-        env["kve_fast"] = __version__
-        here = os.path.dirname(os.path.abspath(__file__))
-        env["git"] = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        env.setdefault("git", None)
+    env = provenance(device, argv=command)
+    env.update(
+        gpu=env["card"], date=env["date_utc"],
+        git=None if env["commit"] is None else env["commit"][:7] + {True: " (DIRTY tree)", False: " (clean tree)",
+                                                                    None: " (tree state unknown)"}[env["dirty"]],
+        tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+        KVE_FAST_CUDA_GRAPH=os.environ.get(GRAPH_ENV))
     return env
 
 
