@@ -362,10 +362,26 @@ def test_the_model_runs_on_one_cpu_thread_per_worker(tmp_path, workers):
     assert _record(tmp_path)["device"] == gen.device_identity(torch.device("cpu"))
 
 
+class _Hung(Exception):
+    pass
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGALRM"), reason="needs SIGALRM")
 def test_a_worker_process_that_dies_stops_the_job(tmp_path):
+    import signal
+
+    def hung(signum, frame):  # a job that waits for a dead worker's batches forever fails here instead
+        raise _Hung("generate_images still waiting 60 s after its worker processes died")
+
     pipe = kve_fast.KarrasVePipeline(OneThread(die_in_workers=True), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
-    with pytest.raises(gen.GenerateError, match=r"worker process \d exited \(exit code 3\)"):
-        gen.generate_images(pipe, range(8), str(tmp_path), steps=2, batch=2, backend="torch", workers=2)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with pytest.raises(gen.GenerateError, match=r"worker process \d exited \(exit code 3\)"):
+            gen.generate_images(pipe, range(8), str(tmp_path), steps=2, batch=2, backend="torch", workers=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert [n for n in os.listdir(tmp_path) if n.endswith(".png")] == []
 
 
