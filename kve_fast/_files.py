@@ -4,7 +4,10 @@ Each file is written to a temporary name in its destination folder and renamed o
 (``os.replace``, atomic on one file system) only once it is complete. If anything goes wrong first, an
 exception, a ``KeyboardInterrupt`` or a ``SystemExit`` raised by a SIGTERM handler, the temporary file
 is removed and whatever was at the destination is left as it was. (A SIGKILL or a power cut can leave a
-hidden ``.NAME.*.tmp`` file behind, never a truncated ``NAME``.)
+hidden ``.NAME.*.tmp`` file behind, never a truncated ``NAME``.) With ``regular_only=True`` a destination that is
+not a regular file (a symlink, a folder, a device, a FIFO) is refused, not replaced.
+
+``write_file_atomic`` writes its bytes with ``write_all`` (one place where a test can make the disk fill up).
 
 Import-light: no torch, numpy or PIL at module level.
 """
@@ -12,11 +15,49 @@ Import-light: no torch, numpy or PIL at module level.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
 
-__all__ = ["atomic_write", "save_image_atomic", "image_format"]
+__all__ = ["atomic_write", "write_file_atomic", "write_all", "save_image_atomic", "image_format", "NotRegularFile"]
+
+
+class NotRegularFile(FileExistsError):
+    """A destination that is not a regular file (``regular_only=True``): refused, not replaced."""
+
+
+def check_regular(path: str) -> None:
+    """Raise ``NotRegularFile`` when something other than a regular file stands at ``path`` (not following links)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(errno.EEXIST, f"a {file_kind(st.st_mode)} stands there, not a regular file: refused, "
+                                           "not replaced", path)
+
+
+def file_kind(mode: int) -> str:
+    """``"symlink"``, ``"folder"``, ``"device"``, ... for an ``lstat`` mode."""
+    for test, name in ((stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "folder"), (stat.S_ISCHR, "device"),
+                       (stat.S_ISBLK, "device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte of ``data`` is out (a short write is continued, an error raised)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _temporary(folder: str, name: str) -> tuple[int, str]:
+    """A new hidden temporary file beside ``folder/name``: ``(fd, path)``."""
+    return tempfile.mkstemp(prefix=f".{name[:100]}.", suffix=".tmp", dir=folder)
 
 
 def _umask() -> int:
@@ -41,14 +82,18 @@ def _final_mode(path: str) -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True):
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True, regular_only: bool = False):
     """Yield a file object on a temporary file beside ``path``; on a clean exit it is flushed (and
-    fsync'd unless ``fsync=False``) and renamed to ``path``; on any exception it is removed."""
+    fsync'd unless ``fsync=False``) and renamed to ``path``; on any exception it is removed.
+    ``regular_only``: raise ``NotRegularFile`` instead of replacing anything but a regular file (checked
+    before the temporary file is made, and again just before the rename)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"`mode` must be 'w' or 'wb', got {mode!r}")
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name[:100]}.", suffix=".tmp", dir=folder)
+    if regular_only:
+        check_regular(path)
+    fd, tmp = _temporary(folder, name)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -56,11 +101,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Tru
             if fsync:
                 os.fsync(f.fileno())
         os.chmod(tmp, _final_mode(path))
+        if regular_only:
+            check_regular(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True, regular_only: bool = False) -> None:
+    """``data`` at ``path``, whole or not at all (``atomic_write``), every byte through ``write_all``."""
+    with atomic_write(path, fsync=fsync, regular_only=regular_only) as f:
+        write_all(f.fileno(), data)
 
 
 def image_format(path: str | os.PathLike) -> str | None:

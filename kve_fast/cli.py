@@ -56,6 +56,11 @@ def _seed(text: str) -> int:
     return value
 
 
+def _workers(text: str):
+    """An argparse type: 'auto' or an integer >= 1 (``generate --workers``)."""
+    return text if text == "auto" else _at_least(int, 1)(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad value (``argument --steps: ...``) is one line, as every other user error is: the usage
     block is for mistakes in the command's shape (an unknown option, a missing subcommand)."""
@@ -98,8 +103,8 @@ def _sampler_options(p, device_help: str) -> None:
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions for an fp32 model on CUDA "
                                                        "(a fast mode, not bit-exact)")
     p.add_argument("--channels-last", action="store_true",
-                   help="the model and the sampler's state in channels_last memory (triton/cuda backends; "
-                        "the same images)")
+                   help="the model and the sampler's state in channels_last memory (triton/cuda backends); the "
+                        "convolutions may pick other kernels, so images can differ in low-order bits (they do on CPUs)")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="noise levels: the reference's ('diffusers'), Table 1 VE ('ve') or Eq. 5 ('edm'); "
                         "default: the model's scheduler config ('diffusers' when it has none)")
@@ -170,12 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "Each image depends only on its seed (sampled with torch.Generator().manual_seed(seed)). Under "
                     "torchrun (torchrun --nproc_per_node=K -m kve_fast generate ...) the seeds are split across the "
                     "processes: NCCL on GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs. Files are written to "
-                    "a temporary name and renamed; DIR/manifest.jsonl lists every file with its SHA-256 and the "
-                    "settings; rerunning the same command completes an interrupted set.")
-    g.add_argument("--model", default="digits", help="bundled model name ('digits') or a local diffusers folder")
+                    "a temporary name and renamed once DIR/manifest.jsonl lists it with its SHA-256; DIR/record.json "
+                    "holds everything that can change the files' bytes, and a rerun must match it. Rerunning the same "
+                    "command completes an interrupted set. Reference: docs/generate.md.")
+    g.add_argument("--model", default="digits", help=MODEL_HELP)
     g.add_argument("--seeds", required=True,
                    help="the seeds: 0-49999, or a list such as 0,5,10-19 (each 0 to 2**32 - 1)")
     g.add_argument("--outdir", required=True, help="the output folder (created if missing; its parent must exist)")
+    g.add_argument("--workers", type=_workers, default="auto",
+                   help="CPU only (Linux): worker processes sampling batches side by side, each on one CPU thread "
+                        "(the files do not depend on how many; 1: sample in this process); 'auto': the CPUs this "
+                        "process may use over the processes torchrun starts on this machine (1 off Linux)")
     g.add_argument("--batch", type=_at_least(int, 1), default=64,
                    help="images per model batch on each process (every batch is padded to this size)")
     g.add_argument("--subdirs", action="store_true",
@@ -497,6 +507,8 @@ def generate_command(args) -> int:
         seeds = gen.parse_seeds(args.seeds)
     except ValueError as exc:
         raise CliError(f"--seeds: {exc}") from None
+    if not args.outdir:
+        raise CliError("--outdir: empty; name the output folder (use . for this one)")
     outdir = _check_writable_dir(args.outdir, "--outdir")
     if args.s_min is not None and args.s_max is not None and args.s_min > args.s_max:
         raise CliError(f"--s-min: {args.s_min} is larger than --s-max {args.s_max} (`s_min` must not exceed `s_max`)")
@@ -518,6 +530,12 @@ def generate_command(args) -> int:
     except ValueError as exc:
         raise CliError(f"--backend: {exc}") from None
     _check_cuda_graph(args, device)
+    workers = None if args.workers == "auto" else args.workers
+    if workers is not None and workers > 1 and device.type != "cpu":
+        raise CliError(f"--workers: more than one worker is for the CPU; the device is {device}")
+    if workers is not None and workers > 1 and not gen.FORK_WORKERS:
+        raise CliError(f"--workers: worker processes are forked, on Linux only (this is {sys.platform}); use "
+                       "--workers 1, and torchrun for more processes")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     comm = gen.connect(device)
@@ -552,9 +570,8 @@ def generate_command(args) -> int:
         try:
             summary = gen.generate_images(pipe, seeds, outdir, steps=args.steps, batch=args.batch, subdirs=args.subdirs,
                                           backend=backend, noise=args.noise, solver=args.solver, model=model, comm=comm,
-                                          quiet=args.quiet, run_info={"device": device.type}, status=status,
-                                          cuda_graph=_CUDA_GRAPH[args.cuda_graph], tf32=args.tf32,
-                                          channels_last=args.channels_last)
+                                          quiet=args.quiet, status=status, cuda_graph=_CUDA_GRAPH[args.cuda_graph],
+                                          tf32=args.tf32, channels_last=args.channels_last, workers=workers)
         except (KeyboardInterrupt, _Terminated):
             if comm.rank == 0:
                 print(f"kve-fast: stopped: {status.get('written', 0)} images written; rerun the same command to "
@@ -565,6 +582,8 @@ def generate_command(args) -> int:
                 print(f"kve-fast: nothing to do: the {len(seeds)} images in {outdir} are complete")
             else:
                 procs = f"{summary.world} process{'es' if summary.world > 1 else ''}"
+                if device.type == "cpu":
+                    procs += f" x {summary.workers} worker{'s' if summary.workers > 1 else ''}"
                 print(f"kve-fast: wrote {summary.written} images to {outdir} ({summary.skipped} were already there) in "
                       f"{summary.seconds:.1f} s: {summary.images_per_second:.2f} images/s on {procs} ({device.type}, "
                       f"{args.steps} {args.solver} steps, noise={args.noise}, backend={backend})")

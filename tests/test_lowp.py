@@ -194,7 +194,7 @@ def test_the_cli_runs_a_bf16_unet(tmp_path):
 
 
 def test_generate_records_the_precision_and_refuses_to_mix_it_on_resume():
-    from kve_fast.generate import _differences, sampler_settings
+    from kve_fast.generate import record_differences, sampler_settings
 
     pipe = kve_pipe(reference_test_unet(8))
     fp32 = sampler_settings(pipe, 3, "heun", "exact")
@@ -202,9 +202,9 @@ def test_generate_records_the_precision_and_refuses_to_mix_it_on_resume():
     pipe.unet.to(torch.bfloat16)
     bf16 = sampler_settings(pipe, 3, "heun", "exact", tf32=False)
     model = {"name": "m", "sha256": None}
-    assert _differences({"model": model, "settings": fp32}, model, bf16) == [
-        f"precision {fp32['precision']!r} (now {bf16['precision']!r})"]
-    assert _differences({"model": model, "settings": fp32}, model, fp32) == []
+    assert record_differences({"model": model, "settings": fp32}, {"model": model, "settings": bf16}) == [
+        "--unet-dtype 'float32' (now 'bfloat16')"]
+    assert record_differences({"model": model, "settings": fp32}, {"model": model, "settings": fp32}) == []
 
 
 @pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
