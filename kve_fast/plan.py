@@ -370,23 +370,11 @@ class KStep:
 
     __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "values", "_sigmas")
 
-    def __init__(self, index: int, sigmas_cpu: torch.Tensor, sigmas, s_churn, s_tmin, s_tmax,
-                 device_churn: torch.Tensor | None = None):
-        n = sigmas_cpu.numel() - 1
-        sigma, sigma_next = sigmas_cpu[index], sigmas_cpu[index + 1]
-        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        self.index, self.gamma, self._sigmas = index, gamma, sigmas
-        self.last = bool(sigma_next == 0)
-        if gamma <= 0:
-            self.noise_coef = None
-        elif device_churn is not None:
-            self.noise_coef = float(device_churn[index])
-        else:
-            self.noise_coef = _f32((sigma_hat**2 - sigma**2) ** 0.5)
-        dt = _f32(sigma_next - sigma_hat)
-        self.at_hat = Level(0.0, _f32(sigma_hat), 0.0, dt)
-        self.at_next = None if self.last else Level(0.0, _f32(sigma_next), 0.0, dt)
+    def __init__(self, index: int, sigmas, row: tuple):
+        self.index, self._sigmas = index, sigmas
+        self.gamma, self.last, self.noise_coef, sigma_hat, sigma_next, dt = row
+        self.at_hat = Level(0.0, sigma_hat, 0.0, dt)
+        self.at_next = None if self.last else Level(0.0, sigma_next, 0.0, dt)
         self.values = _values(self)
 
     @property
@@ -404,15 +392,47 @@ class KStep:
 
 
 class KPlan(_LazySteps):
-    """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access)."""
+    """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access).
+
+    The host floats of every step (``KStep``'s) come from a few elementwise ops over the CPU copy of the
+    sigmas, once per run: each element is what k-diffusion's 0-d expression gives (the same IEEE operation
+    per element, in the sigmas' dtype, then rounded to float32 as ``_f32`` rounds), without a dozen 0-d
+    tensor ops per step."""
 
     def __init__(self, sigmas: torch.Tensor, sigmas_cpu: torch.Tensor, s_churn, s_tmin, s_tmax):
         super().__init__(max(sigmas_cpu.numel() - 1, 0))
-        self.sigmas, self._cpu, self._churn = sigmas, sigmas_cpu, (s_churn, s_tmin, s_tmax)
+        self.sigmas = sigmas
         self._device_churn = device_churn(sigmas, s_churn) if sigmas.device.type != "cpu" else None
+        self._rows = _kstep_rows(sigmas_cpu, s_churn, s_tmin, s_tmax, self._device_churn) if self.n else []
 
     def _make(self, i: int) -> KStep:
-        return KStep(i, self._cpu, self.sigmas, *self._churn, device_churn=self._device_churn)
+        return KStep(i, self.sigmas, self._rows[i])
+
+
+def _kstep_rows(cpu: torch.Tensor, s_churn, s_tmin, s_tmax, churn: torch.Tensor | None) -> list:
+    """``(gamma, last, noise_coef, sigma_hat, sigma_next, dt)`` of each step, as Python floats and bools:
+    k-diffusion's ``gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.``,
+    ``sigma_hat = sigmas[i] * (gamma + 1)``, the churn coefficient ``(sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5``
+    (None where gamma is 0; ``churn``'s value where it was computed on the sigmas' device) and
+    ``dt = sigmas[i + 1] - sigma_hat``, each an elementwise op in the sigmas' dtype like k-diffusion's 0-d one,
+    the floats rounded to float32."""
+    n = cpu.numel() - 1
+    sig, nxt = cpu[:-1], cpu[1:]
+    g = min(s_churn / n, 2**0.5 - 1)
+    churned = ((sig >= s_tmin) & (sig <= s_tmax)) if g > 0 else torch.zeros(n, dtype=torch.bool)
+    hat = torch.where(churned, sig * (g + 1), sig * (0.0 + 1))
+    f32 = lambda t: t.to(torch.float32).tolist()  # noqa: E731 - (as _f32 rounds, element by element)
+    if not bool(churned.any()):
+        coefs = [None] * n
+    elif churn is not None:
+        coefs = churn[:n].tolist()  # (its own dtype's values, as float(churn[i]) gives them)
+    else:
+        coefs = f32((hat**2 - sig**2) ** 0.5)
+    rows = []
+    for c, last, coef_i, h, s_next, dt in zip(churned.tolist(), (nxt == 0).tolist(), coefs, f32(hat), f32(nxt),
+                                              f32(nxt - hat)):
+        rows.append((g if c else 0.0, last, coef_i if c else None, h, s_next, dt))
+    return rows
 
 
 def device_churn(sigmas: torch.Tensor, s_churn: float) -> torch.Tensor | None:

@@ -155,32 +155,44 @@ def test_schedule_helpers_match_k_diffusion():
         assert_bitwise(kd.get_sigmas_exponential(n, lo, hi), real.get_sigmas_exponential(n, lo, hi), "exponential")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("churn", [(1.0, 0.0, float("inf")), (40.0, 0.05, 10.0), (13.7, 0.3, 20.0)])
-def test_step_scalars_match_k_diffusion_expressions(churn):
+def test_step_scalars_match_k_diffusion_expressions(churn, dtype):
     """Each step's host scalars against k-diffusion's own 0-d expressions on the sigmas' device (on a GPU
-    machine, CUDA: there the churn coefficient comes from ``device_churn``, whose powers are CUDA's)."""
+    machine, CUDA: there the churn coefficient comes from ``device_churn``, whose powers are CUDA's), in the
+    sigmas' dtype, rounded to float32 as the kernels take them; also sequences with zeros inside and at the
+    end (ComfyUI's split and flipped sigmas). The plan computes all steps' floats with elementwise ops at once:
+    the mutations this catches include the product taken in float32 for float64 sigmas, the floats left
+    unrounded in the sigmas' dtype, and ``last`` read from another test than ``sigmas[i + 1] == 0``."""
     from kve_fast.plan import device_churn, kdiffusion_plan
 
     s_churn, s_tmin, s_tmax = churn
-    sigmas = real_sampling().get_sigmas_karras(60, 0.002, 80.0, device=DEVICE)
-    plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
-    assert (plan._device_churn is not None) == (DEVICE != "cpu")
-    vector = device_churn(sigmas, s_churn)
+    karras = real_sampling().get_sigmas_karras(60, 0.002, 80.0, device=DEVICE).to(dtype)
+    split = torch.cat([karras[20:40], karras.new_zeros(1), karras[40:45].flip(0), karras.new_zeros(1)])
+    f32 = lambda t: float(t.to(torch.float32))  # noqa: E731 - what the kernels take
     churned = 0
-    for i in range(len(sigmas) - 1):
-        # k-diffusion's sample_heun lines
-        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
-        sigma_hat = sigmas[i] * (gamma + 1)
-        step = plan[i]
-        assert step.gamma == gamma and step.at_hat.sigma == float(sigma_hat), i
-        assert step.at_hat.dt == float(sigmas[i + 1] - sigma_hat), i
-        if gamma > 0:
-            churned += 1
-            coefficient = float((sigma_hat**2 - sigmas[i] ** 2) ** 0.5)
-            assert step.noise_coef == coefficient == float(vector[i]), i
-        else:
-            assert step.noise_coef is None, i
-    assert 0 < churned < len(sigmas) - 1 or s_tmax == float("inf")
+    for sigmas in (karras, split):
+        plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
+        assert (plan._device_churn is not None) == (DEVICE != "cpu")
+        vector = device_churn(sigmas, s_churn)
+        for i in range(len(sigmas) - 1):
+            # k-diffusion's sample_heun lines
+            gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+            sigma_hat = sigmas[i] * (gamma + 1)
+            step = plan[i]
+            assert step.gamma == gamma and step.at_hat.sigma == f32(sigma_hat), i
+            assert step.at_hat.dt == f32(sigmas[i + 1] - sigma_hat), i
+            assert step.last == bool(sigmas[i + 1] == 0), i
+            assert (step.at_next is None) == step.last and (step.last or step.at_next.sigma == f32(sigmas[i + 1])), i
+            if gamma > 0:
+                churned += 1
+                coefficient = (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+                on_host = f32(coefficient) if DEVICE == "cpu" else float(vector[i])
+                assert step.noise_coef == on_host, i
+                assert float(vector[i]) == float(coefficient), i
+            else:
+                assert step.noise_coef is None, i
+    assert 0 < churned or s_tmax == float("inf")
 
 
 def test_score_and_denoiser_adapters_are_inverse():
