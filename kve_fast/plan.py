@@ -125,6 +125,16 @@ class Step:
     def sigma_next(self) -> torch.Tensor | int:
         return 0 if self.last else _scalar(self._sigma_next)
 
+    @classmethod
+    def _of(cls, index: int, timestep: int, row: tuple) -> "Step":
+        """The step of ``_step_rows``' ``row``: the same data as ``Step(...)`` computes (see ``VectorPlan``)."""
+        step = cls.__new__(cls)
+        step.index, step.timestep = index, timestep
+        (step.gamma, step.last, step._sigma, step._sigma_hat, step._sigma_next, step.noise_coef, step.at_hat,
+         step.at_next) = row
+        step.values = _values(step)
+        return step
+
     def __repr__(self) -> str:
         return (f"Step(index={self.index}, sigma={self._sigma!r}, sigma_hat={self._sigma_hat!r}, "
                 f"sigma_next={self._sigma_next!r}, gamma={self.gamma!r})")
@@ -187,6 +197,41 @@ class Plan(_LazySteps):
     def _make(self, i: int) -> Step:
         sigma_next = self._sigma_at(i + 1) if i + 1 < self._n else 0
         return Step(i, self._n - 1 - i, self._sigma_at(i), sigma_next, *self._churn, self._n)
+
+
+class VectorPlan(_LazySteps):
+    """``Plan``'s steps over a float32 CPU tensor of descending ``sigmas`` (ending in 0) that is known whole:
+    every step's floats come from a few elementwise ops over the whole sequence, once per run (each element is
+    the reference's 0-d float32 op on that element: the same IEEE operation), not a dozen 0-d tensor ops per
+    step. tests/test_sampler.py checks every field against ``Step``'s 0-d arithmetic."""
+
+    def __init__(self, sigmas: torch.Tensor, s_churn, s_min, s_max):
+        super().__init__(sigmas.numel() - 1)
+        self._rows = _step_rows(sigmas, s_churn, s_min, s_max)
+
+    def _make(self, i: int) -> Step:
+        return Step._of(i, self._n - 1 - i, self._rows[i])
+
+
+def _step_rows(sig: torch.Tensor, s_churn, s_min, s_max) -> list:
+    """``(gamma, last, sigma, sigma_hat, sigma_next, noise_coef, at_hat, at_next)`` of each step, as ``Step``
+    computes them (``churn_sigma``, ``churn_coefficient``, ``level_at``), element by element."""
+    n = sig.numel() - 1
+    sigma, nxt = sig[:-1], sig[1:]
+    g = min(s_churn / n, 2**0.5 - 1)
+    churned = (sigma >= s_min) & (sigma <= s_max)  # (s_min <= sigma <= s_max, as churn_sigma tests it)
+    hat = torch.where(churned, sigma + g * sigma, sigma + 0 * sigma)
+    coef = (hat**2 - sigma**2) ** 0.5
+    one = torch.ones_like(hat)
+    dt = nxt - hat  # (the last step's sigma_{i+1} is the int 0 there: 0 - sigma_hat, the same op)
+    rows = []
+    for c, s, h, s_next, k, h_half, h_inv, d, n_half, n_inv in zip(
+            churned.tolist(), sigma.tolist(), hat.tolist(), nxt.tolist(), coef.tolist(), (hat / 2).tolist(),
+            (one / hat).tolist(), dt.tolist(), (nxt / 2).tolist(), (one / nxt).tolist()):
+        last = len(rows) == n - 1
+        at_next = None if last else Level(n_half, s_next, n_inv, d)
+        rows.append((g if c else 0.0, last, s, h, 0.0 if last else s_next, k, Level(h_half, h, h_inv, d), at_next))
+    return rows
 
 
 # -- the plan cache ------------------------------------------------------------------------------------
@@ -289,8 +334,7 @@ def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float
     why = _float32_range_problem(float(sig[0]), float(sig[n - 1]), churn=s_churn > 0)
     if why:
         raise ValueError(f"`sigmas` {why}")
-    sig = sig.clone()
-    return Plan(n, lambda k: sig[k].clone(), s_churn, s_tmin, s_tmax, memo=False)
+    return VectorPlan(sig, s_churn, s_tmin, s_tmax)
 
 
 # -- settings whose float32 arithmetic stays finite ------------------------------------------------------

@@ -119,3 +119,34 @@ def test_the_old_sample_heun_name_is_gone_with_a_pointer_to_both_conventions():
     from kve_fast.k_diffusion import sample_heun
 
     assert sample_heun.__module__ == "kve_fast.k_diffusion"
+
+
+@pytest.mark.parametrize("churn", [(0.0, 0.0, float("inf")), (1.0, 0.0, float("inf")), (80.0, 0.05, 1.0),
+                                   (3.0, 0.3, 0.3)])
+def test_sigmas_plan_steps_are_the_reference_0d_arithmetic(churn):
+    """sample_karras_ve_sigmas' plan computes every step's floats with elementwise ops over the whole sequence
+    (``VectorPlan``); each field must be what ``Step`` computes with the reference's 0-d float32 ops (the plan of
+    the pipeline, which diffusers' parity tests pin), also where sigmas equal s_tmin and s_tmax. Mutations this
+    catches: sigma_hat as ``sigma * (1 + gamma)`` (one rounding fewer), the range test ``>`` for ``>=``, the
+    churn coefficient as ``sqrt((sigma_hat - sigma) * (sigma_hat + sigma))``."""
+    from kve_fast.plan import Plan, sigmas_plan
+
+    s_churn, s_tmin, s_tmax = churn
+    gen = torch.Generator().manual_seed(0)
+    fields = ("index", "timestep", "gamma", "last", "_sigma", "_sigma_hat", "_sigma_next", "noise_coef", "at_hat",
+              "at_next")
+    for n in (1, 2, 7, 33):
+        for scale in (1e-2, 1.0, 300.0):
+            sig = torch.rand(n, generator=gen, dtype=torch.float64) * scale + 1e-3
+            if n > 2 and s_tmax < float("inf"):
+                sig[:2] = torch.tensor([s_tmax, s_tmin])  # (the range test's bounds, as float32 values)
+            sig = torch.cat([sig.sort(descending=True).values, torch.zeros(1, dtype=torch.float64)]).float()
+            fast = sigmas_plan(sig.tolist(), s_churn, s_tmin, s_tmax)
+            slow = Plan(n, lambda k: sig[k].clone(), s_churn, s_tmin, s_tmax, memo=False)
+            assert len(fast) == len(slow) == n
+            for i in range(n):
+                a, b = fast[i], slow[i]
+                for f in fields:
+                    assert getattr(a, f) == getattr(b, f), (n, scale, i, f, getattr(a, f), getattr(b, f))
+                    assert type(getattr(a, f)) is type(getattr(b, f)), (i, f)
+                assert torch.equal(a.sigma_hat, b.sigma_hat) and a.values[0].scalars == b.values[0].scalars

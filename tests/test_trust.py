@@ -313,6 +313,11 @@ def test_each_step_is_planned_once_on_the_fused_path(monkeypatch):
             made.append(args[0])
             super().__init__(*args)
 
+        @classmethod
+        def _of(cls, index, *args):  # (a step of a plan whose floats were computed for the whole sequence)
+            made.append(index)
+            return super()._of(index, *args)
+
     monkeypatch.setattr(plan_module, "Step", CountingStep)
     for backend in BACKENDS:
         made.clear()
