@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from kve_fast.threads import busy_ticks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = re.compile(r"([0-9.]+) images/s")
 MODES = ("one", "w1", "t2")
@@ -47,20 +49,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of the CPUs this process may use, from /proc/stat."""
-    cpus = os.sched_getaffinity(0)
-    busy = total = 0
-    with open("/proc/stat") as f:
-        for line in f:
-            name, *fields = line.split()
-            if name.startswith("cpu") and name != "cpu" and int(name[3:]) in cpus:
-                ticks = [int(x) for x in fields[:8]]
-                total += sum(ticks)
-                busy += sum(ticks) - ticks[3] - ticks[4]
-    return busy, total
 
 
 def _cpu_model() -> str:
@@ -112,10 +100,10 @@ def _run(kind: str, tree: str, args) -> dict:
                 "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     load = os.getloadavg()[0]
-    usage0, ticks0, start = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_ticks(), time.perf_counter()
+    usage0, ticks0, start = resource.getrusage(resource.RUSAGE_CHILDREN), busy_ticks(), time.perf_counter()
     proc = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - start
-    ticks1, usage1 = _cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    ticks1, usage1 = busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
     own = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
     cores = len(os.sched_getaffinity(0))
     busy = (ticks1[0] - ticks0[0]) / max(ticks1[1] - ticks0[1], 1) * cores

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kve_fast.threads import busy_ticks
+
 ROOT = Path(__file__).resolve().parents[1]
 KVE = [sys.executable, "-m", "kve_fast"]
 API = """
@@ -64,20 +66,6 @@ CONFIGS = {
 }
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all CPUs this process may use, from /proc/stat."""
-    cpus = os.sched_getaffinity(0)
-    busy = total = 0
-    with open("/proc/stat") as f:
-        for line in f:
-            name, *fields = line.split()
-            if name.startswith("cpu") and name != "cpu" and int(name[3:]) in cpus:
-                ticks = [int(x) for x in fields[:8]]
-                total += sum(ticks)
-                busy += sum(ticks) - ticks[3] - ticks[4]
-    return busy, total
-
-
 def run_one(name: str, out_dir: str) -> dict:
     kind, extra, env_extra = CONFIGS[name]
     env = {k: v for k, v in os.environ.items()
@@ -86,10 +74,10 @@ def run_one(name: str, out_dir: str) -> dict:
     png = os.path.join(out_dir, "grid.png")
     cmd = KVE + ["sample", "--out", png, "--device", "cpu"] + extra if kind == "cli" else \
         [sys.executable, "-c", API] + extra
-    usage0, ticks0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_ticks(), time.perf_counter()
+    usage0, ticks0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_ticks(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out_dir, timeout=900)
     wall = time.perf_counter() - t0
-    ticks1, usage1 = cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    ticks1, usage1 = busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: exit {proc.returncode}: {proc.stderr[-2000:]}")
     own = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)

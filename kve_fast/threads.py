@@ -172,6 +172,16 @@ def _read_stat(cpus: list[int]) -> dict[int, tuple[int, int]] | None:
     return out if len(out) == len(wanted) else None
 
 
+def busy_ticks() -> tuple[int, int]:
+    """``(busy, total)`` clock ticks since boot, summed over the cores this process may use (busy: all but idle
+    and iowait), from /proc/stat: the load the bench scripts record beside their timings. OSError where it
+    cannot be read."""
+    stat = _read_stat(_our_cpus() or [])
+    if not stat:
+        raise OSError("cannot read the cores' ticks from /proc/stat")
+    return sum(t - i for i, t in stat.values()), sum(t for _, t in stat.values())
+
+
 def idle_cores(seconds: float = MEASURE_S) -> tuple[float, int] | None:
     """``(idle, cores)``: how many of the cores this process may use were idle over the next ``seconds``
     (summed fractions), and how many there are; None where /proc/stat cannot be read."""

@@ -22,6 +22,7 @@ Import-light: torch loads inside ``provenance`` only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -273,15 +274,15 @@ class Outcome:
                 "stages": self.stages}
 
 
-def _jsonable(value):
-    import math
-
+def jsonable(value, nonfinite=repr):
+    """``value`` with only JSON types: a non-finite float as ``nonfinite(value)``, dict keys as str, tuples as
+    lists, anything else not JSON as its str."""
     if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
+        return nonfinite(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, nonfinite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v, nonfinite) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
@@ -289,7 +290,7 @@ def _jsonable(value):
 
 def dumps(obj) -> str:
     """JSON for a record (non-finite floats as their repr, anything else not JSON as its str)."""
-    return json.dumps(_jsonable(obj), indent=1)
+    return json.dumps(jsonable(obj), indent=1)
 
 
 class ScriptRun:

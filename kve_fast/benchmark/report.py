@@ -9,6 +9,7 @@ import math
 import os
 
 from .._files import atomic_write
+from .provenance import jsonable
 from .rows import FIRST_IMAGE_TARGET_S, FLOOR_TARGET, row_label
 
 __all__ = ["format_markdown", "write_outputs", "write_text", "to_json", "table_rows", "left_out_lines", "floors_table",
@@ -306,21 +307,9 @@ def format_markdown(result: dict, title: str = "kve_fast benchmark") -> str:
     return "\n".join(parts) + "\n"
 
 
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def to_json(result: dict) -> str:
     """The results as JSON (non-finite floats as null; anything else not JSON as its str)."""
-    return json.dumps(_jsonable(result), indent=1)
+    return json.dumps(jsonable(result, nonfinite=lambda _: None), indent=1)
 
 
 def write_text(path: str, text: str) -> None:
