@@ -81,7 +81,6 @@ def run_one(name: str, out_dir: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: exit {proc.returncode}: {proc.stderr[-2000:]}")
     own = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
-    hz = os.sysconf("SC_CLK_TCK")
     cores = len(os.sched_getaffinity(0))
     busy_cores = (ticks1[0] - ticks0[0]) / max(ticks1[1] - ticks0[1], 1) * cores
     rec = {"config": name, "wall_s": wall, "others_busy_cores": max(busy_cores - own / wall, 0.0)}
