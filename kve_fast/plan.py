@@ -1,10 +1,14 @@
-"""The per-step scalars of Algorithm 2, computed like the reference computes them, one step at a time.
+"""The per-step scalars of Algorithm 2, computed like the reference computes them.
 
-A ``Plan`` is the sequence of a run's steps. It is lazy: step i's scalars (sigma_i, gamma_i,
-sigma_hat, sigma_{i+1}, and the constants the fused kernels take) are computed when the loop reaches
-step i, with the reference's 0-d float32 tensor operations, so nothing before step 1 grows with the
-step count. Plans of small step counts are kept in a cache bounded in bytes and guarded by a lock;
-a run puts its plan there only when it completes.
+A ``Plan`` is the sequence of a run's steps from a scheduler's settings. It is lazy: step i's scalars
+(sigma_i, gamma_i, sigma_hat, sigma_{i+1}, and the constants the fused kernels take) are computed when the
+loop reaches step i, with the reference's 0-d float32 tensor operations, so nothing before step 1 grows
+with the step count. Plans of small step counts are kept in a cache bounded in bytes and guarded by a
+lock; a run puts its plan there only when it completes. Where the caller hands over the whole sigma
+sequence (``sigmas_plan``: ``sample_karras_ve_sigmas``; ``kdiffusion_plan``: k-diffusion's samplers), it
+is already in memory, so ``VectorPlan`` and ``KPlan`` compute every step's floats at the start with
+elementwise ops over it, each element the same IEEE operation as the 0-d one (the steps themselves are
+still made on access).
 
 Steps hold plain floats (each exactly a float32 value) and hand out *new* 0-d tensors on every
 access, so nothing a model or a callback receives can change a later call.
