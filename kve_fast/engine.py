@@ -58,10 +58,7 @@ class Engine:
 
     def step(self, step) -> None:
         """Lines 4-11 of Algorithm 2 for ``step``: the stages of its kind."""
-        feed = self.feed  # (HostFeed.at, inline: it runs every step)
-        feed.step = step
-        feed.at_hat, feed.at_next = step.values
-        run(self.schedule.step_stages(self.plan, step), self.ctx, feed)
+        run(self.schedule.step_stages(self.plan, step), self.ctx, self.feed.at(step))
 
     def _hand_out(self, stage: HandOut, feed) -> None:
         state = {stage.x: self.env[stage.x], stage.denoised: self.env[stage.denoised]}
