@@ -363,14 +363,12 @@ def _read_record(path: str) -> dict | None:
 
 # ---- the manifest ------------------------------------------------------------------------------------------
 
-def read_manifest(path: str, rid: str | None = None, subdirs: bool | None = None,
-                  keep=None) -> tuple[dict[int, str], int, int]:
+def read_manifest(path: str, rid: str | None = None, subdirs: bool | None = None) -> tuple[dict[int, str], int, int]:
     """``(SHA-256 by seed (the last line for a seed wins), bytes of complete lines, lines skipped)``.
 
     A line vouches for a file when it is a JSON object with an int ``seed``, a ``file`` (the seed's name for
     ``subdirs`` when given), a ``sha256`` and the record id ``rid`` (when given); others are skipped and counted.
-    A last line without its newline (a kill mid-append) is not complete and is not read. ``keep(seed)``: index
-    only the seeds it is true for (a process's share).
+    A last line without its newline (a kill mid-append) is not complete and is not read.
     """
     try:
         with open(path, "rb") as f:
@@ -378,7 +376,7 @@ def read_manifest(path: str, rid: str | None = None, subdirs: bool | None = None
     except FileNotFoundError:
         return {}, 0, 0
     end = data.rfind(b"\n") + 1
-    index, skipped = _parse_manifest(data[:end], rid, subdirs, keep)
+    index, skipped = _parse_manifest(data[:end], rid, subdirs, None)
     return index, end, skipped
 
 
@@ -587,7 +585,7 @@ def _write(data: bytes, path: str) -> None:
 class _Single:
     """One process: the collectives are the identity."""
 
-    rank, world, local_rank = 0, 1, 0
+    rank, world = 0, 1
 
     def all_gather(self, obj) -> list:
         return [obj]
@@ -605,7 +603,6 @@ class _Distributed:
         self.dist = dist
         dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
 
     def all_gather(self, obj) -> list:
@@ -743,7 +740,6 @@ class _Inline:
     def __init__(self, pipe, todo: _Todo, progress: _Progress, call: dict, subdirs: bool, on_step):
         self.pipe, self.todo, self.progress, self.call, self.subdirs = _worker_pipe(pipe), todo, progress, call, subdirs
         self.on_step = on_step
-        self.count = 1
 
     def get(self, idle=None):
         try:
@@ -1042,8 +1038,10 @@ class Summary:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_args(pipe, outdir, steps, batch, subdirs, backend, noise, solver, workers, quiet, tf32, channels_last):
+def _check_args(pipe, outdir, steps, batch, subdirs, backend, noise, solver, workers, quiet, tf32, channels_last,
+                cuda_graph, model, comm, status):
     from ._checks import check_int
+    from .graphs import check_cuda_graph
     from .options import BACKENDS, NOISE_MODES, SOLVERS
 
     for name in ("unet", "scheduler", "_image_shape"):
@@ -1053,8 +1051,16 @@ def _check_args(pipe, outdir, steps, batch, subdirs, backend, noise, solver, wor
         raise TypeError(f"`outdir` must be a folder path, got {type(outdir).__name__}")
     if not os.fspath(outdir):
         raise ValueError("`outdir` is empty: name a folder")
-    check_int("steps", steps, 1)
+    check_int("steps", steps, 2)  # (the sampler's minimum: Algorithm 2 needs two noise levels above 0)
     check_int("batch", batch, 1)
+    check_cuda_graph(cuda_graph)
+    if model is not None and not (isinstance(model, dict) and isinstance(model.get("name"), str)
+                                  and isinstance(model.get("sha256"), str)):
+        raise TypeError(f"`model` must be None or a dict with str 'name' and 'sha256', got {model!r:.80}")
+    if status is not None and not isinstance(status, dict):
+        raise TypeError(f"`status` must be None or a dict, got {type(status).__name__}")
+    if comm is not None and not all(hasattr(comm, a) for a in ("rank", "world", "all_gather")):
+        raise TypeError(f"`comm` must be None or have rank, world and all_gather, got {type(comm).__name__}")
     for name, value in (("subdirs", subdirs), ("quiet", quiet), ("tf32", tf32), ("channels_last", channels_last)):
         if not isinstance(value, bool):
             raise TypeError(f"`{name}` must be True or False, got {type(value).__name__}")
@@ -1081,7 +1087,8 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     any work.
     ``status["written"]`` counts the images written so far by all ranks (for a report after an interrupt).
     """
-    _check_args(pipe, outdir, steps, batch, subdirs, backend, noise, solver, workers, quiet, tf32, channels_last)
+    _check_args(pipe, outdir, steps, batch, subdirs, backend, noise, solver, workers, quiet, tf32, channels_last,
+                cuda_graph, model, comm, status)
     seeds = _as_seeds(seeds)
     import torch
 
@@ -1101,7 +1108,6 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     comm = comm or _Single()
     status = {} if status is None else status
     status["written"] = 0
-    rank, world = comm.rank, comm.world
     outdir = os.path.abspath(os.fspath(outdir))
     threads_before, fixed_before = torch.get_num_threads(), threads._fixed
     if cpu:  # torch's count, and kve_fast's per-call policy (which KVE_FAST_THREADS would otherwise set)
@@ -1120,10 +1126,14 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
 def _setup(outdir: str, world: int, record: dict) -> tuple:
     """Rank 0, before any work: lock the manifest, check or write the record, check the whole folder.
 
-    Returns ``(manifest, index, end, token, rid)``; raises ``GenerateError`` leaving the folder as it was.
+    Returns ``(manifest, index, end, token, rid, undo)``; raises ``GenerateError`` leaving the folder as it was.
+    ``undo()`` puts the folder back as it was before this run while the manifest holds no line of it (``_job``
+    calls it when the job fails before its first image: a failure such as an out-of-memory batch must not leave
+    a record that refuses the corrected command).
     """
     manifest = None
     made_folder = not os.path.isdir(outdir)
+    wrote_record = False
     try:
         os.makedirs(outdir, exist_ok=True)
         manifest = _Manifest(os.path.join(outdir, MANIFEST))
@@ -1150,25 +1160,34 @@ def _setup(outdir: str, world: int, record: dict) -> tuple:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         if old is None:  # before the first image
+            wrote_record = True
             _write_named(record_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
             _fsync_dir(outdir)
         token = None
         if world > 1:  # every rank must write into this very folder (one file system on every machine)
             token = f"{os.getpid()}-{time.time_ns()}-{os.urandom(8).hex()}"
             _write_named(os.path.join(outdir, JOB_FILE), token.encode())
-        return manifest, index, manifest.size, token, rid
+        return manifest, index, manifest.size, token, rid, lambda: _undo_setup(manifest, wrote_record, made_folder)
     except BaseException as exc:
         if manifest is not None:
-            if not manifest.existed and not manifest.size:  # leave the folder as it was
-                with contextlib.suppress(OSError):
-                    os.unlink(manifest.path)
-                if made_folder:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(outdir)
+            _undo_setup(manifest, wrote_record, made_folder)
             manifest.close()
         if isinstance(exc, OSError):
             raise GenerateError(_oserror(exc, exc.filename or outdir)) from None
         raise
+
+
+def _undo_setup(manifest, wrote_record: bool, made_folder: bool) -> None:
+    """Rank 0: while ``manifest`` holds no line, remove what ``_setup`` added (the record it wrote, the manifest
+    file it created, the folder it made), so the folder is as it was (no file can have landed without a line)."""
+    if manifest.size:
+        return
+    outdir = os.path.dirname(manifest.path)
+    for undo, path in ((os.unlink, os.path.join(outdir, RECORD) if wrote_record else None),
+                       (os.unlink, None if manifest.existed else manifest.path), (os.rmdir, outdir if made_folder else None)):
+        if path is not None:
+            with contextlib.suppress(OSError):  # (each on its own: a record that was never written is no reason to stop)
+                undo(path)
 
 
 def _write_named(path: str, data: bytes) -> None:
@@ -1185,7 +1204,7 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
     steps, batch, subdirs = opts["steps"], opts["batch"], opts["subdirs"]
 
     # 1. Every rank names its device; rank 0 checks they agree, then locks, checks and records (before any work).
-    manifest = setup = None
+    manifest = setup = undo = None
     identity = device_identity(device)
     identities = comm.all_gather(identity)
     try:
@@ -1198,7 +1217,7 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
             record = make_record(pipe, model=model, steps=steps, solver=opts["solver"], noise=opts["noise"],
                                  backend=opts["backend"], tf32=opts["tf32"], channels_last=opts["channels_last"],
                                  batch=batch, subdirs=subdirs, device=identity)
-            manifest, index, end, token, rid = _setup(outdir, world, record)
+            manifest, index, end, token, rid, undo = _setup(outdir, world, record)
             setup = ("ok", end, token, rid)
     except GenerateError as exc:
         setup = ("error", str(exc), exc.code)
@@ -1206,6 +1225,7 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
         setup = ("error", f"{outdir}: {_describe(exc)}", 1)
     writer = _Writer(outdir, status)
     producer = bar = None
+    failed = True
     try:
         got = comm.all_gather(setup)[0]
         if got[0] == "error":
@@ -1302,6 +1322,7 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
             comm.all_gather(None)  # rank 0 has reported before any process exits (torchrun then stops the rest)
             raise GenerateError(message, code=1, printed=True)
         skipped = progress.skipped + others["skipped"]
+        failed = False
         return Summary(written=written, skipped=skipped, seconds=seconds, world=world, workers=workers)
     finally:
         if producer is not None:
@@ -1313,6 +1334,8 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
             if world > 1:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(outdir, JOB_FILE))
+        if undo is not None and failed:  # failed before its first line: the folder as it was (settings may change)
+            undo()
 
 
 def _read_share(path: str, end: int, rid: str, subdirs: bool, seeds: Seeds, rank: int, world: int) -> dict[int, str]:

@@ -280,11 +280,45 @@ def test_api_arguments_are_checked_before_any_work(tmp_path):
                                   ({"steps": 2.5}, TypeError, "steps"), ({"subdirs": 1}, TypeError, "subdirs"),
                                   ({"noise": "slow"}, ValueError, "noise"), ({"workers": 0}, ValueError, "workers"),
                                   ({"seeds": [1, True]}, TypeError, "seeds"), ({"seeds": [-1]}, ValueError, "seeds"),
-                                  ({"seeds": "1-\u0662"}, ValueError, "seeds")]:
+                                  ({"seeds": "1-\u0662"}, ValueError, "seeds"), ({"steps": 1}, ValueError, "steps"),
+                                  ({"cuda_graph": "yes"}, ValueError, "cuda_graph"),
+                                  ({"model": "abc"}, TypeError, "model"), ({"model": {"x": 1}}, TypeError, "model"),
+                                  ({"status": []}, TypeError, "status"), ({"comm": object()}, TypeError, "comm")]:
         args = {"seeds": [1, 2], "outdir": str(tmp_path / "o"), **kwargs}
         with pytest.raises(error, match=needle):
             gen.generate_images(pipe, args.pop("seeds"), args.pop("outdir"), **args)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_job_that_fails_before_its_first_image_leaves_the_folder_as_it_was(tmp_path):
+    """A batch too large for the device fails before any image lands: the record it wrote must not refuse the
+    corrected command (``--batch`` smaller), and a folder the run made is gone again (mutation: no rollback on
+    the job's failure path -> the rerun is refused with "--batch 4 (now 2)")."""
+
+    class TooBig(torch.nn.Module):  # out of memory above batch 2
+        def __init__(self):
+            super().__init__()
+            self.score = GaussianScore(8, channels=1)
+            self.config = self.score.config
+
+        def forward(self, x, sigma):
+            if x.shape[0] > 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return self.score(x, sigma)
+
+    pipe = kve_fast.KarrasVePipeline(TooBig(), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+    out = tmp_path / "o"
+    (tmp_path / "kept").mkdir()
+    kept = tmp_path / "kept"
+    for folder in (out, kept):
+        with pytest.raises(gen.GenerateError, match="out of memory"):
+            gen.generate_images(pipe, "0-3", str(folder), steps=2, batch=4, workers=1)
+    assert not out.exists() and list(kept.iterdir()) == []
+    summary = gen.generate_images(pipe, "0-3", str(out), steps=2, batch=2, workers=1)
+    assert summary.written == 4 and sorted(p.name for p in out.glob("*.png")) == [gen.seed_file(s) for s in range(4)]
+    with pytest.raises(gen.GenerateError, match="--batch 2 \\(now 4\\)"):  # once images stand, the record holds
+        gen.generate_images(pipe, "4-7", str(out), steps=2, batch=4, workers=1)
+    assert (out / gen.RECORD).exists() and len((out / gen.MANIFEST).read_text().splitlines()) == 4
 
 
 def test_the_manifest_reader_skips_a_torn_last_line(tmp_path):
