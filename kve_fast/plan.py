@@ -324,6 +324,9 @@ def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float
         raise TypeError(f"`s_tmax` must be a number, got {type(s_tmax).__name__}")
     if not s_tmax >= s_tmin:
         raise ValueError(f"`s_tmax` must be >= `s_tmin`, got {s_tmax!r}")
+    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):  # (torch compares ints through int64)
+        if isinstance(value, int) and not -2**63 <= value < 2**63:
+            raise ValueError(f"`{name}` is too large an int ({value:.3g}); pass a float")
     try:
         sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -488,7 +491,8 @@ def device_churn(sigmas: torch.Tensor, s_churn: float) -> torch.Tensor | None:
     its ops on the sigmas' device (one launch per op and one copy to the host for the whole run). Each
     element is what k-diffusion's 0-d expression gives on that device: elementwise kernels apply the same
     per-element function at any size. The steps where gamma is 0 (outside [s_tmin, s_tmax]) do not use
-    their value. A float32 CPU tensor (the size of ``sigmas``), or None without churn."""
+    their value. A CPU tensor in the sigmas' dtype with one value per step (n = len(sigmas) - 1), or None without
+    churn. (Only float32 values reach a kernel: other dtypes run the torch ops, which use the device's own.)"""
     n = sigmas.numel() - 1
     if s_churn <= 0 or n < 1:
         return None

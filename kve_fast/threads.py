@@ -48,7 +48,7 @@ from ._warn import warn_once
 __all__ = ["for_call", "choose", "set_threads", "passive_wait", "wait_policy_for", "idle_cores", "Choice", "ENV",
            "MEASURE_S", "REUSE_S", "MARGIN"]
 
-ENV = "KVE_FAST_THREADS"  # "auto" (default), "off", or a positive integer
+ENV = "KVE_FAST_THREADS"  # "off" (the default, also when unset), "auto", or a positive integer
 MEASURE_S = 0.1  # how long /proc/stat is watched (10 clock ticks of 10 ms per core)
 REUSE_S = 10.0  # how long a measured answer is reused
 MARGIN = 0.3  # a core counts as idle when at least 1 - MARGIN of it is idle

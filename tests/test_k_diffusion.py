@@ -163,12 +163,14 @@ def test_step_scalars_match_k_diffusion_expressions(churn, dtype):
     sigmas' dtype, rounded to float32 as the kernels take them; also sequences with zeros inside and at the
     end (ComfyUI's split and flipped sigmas). The plan computes all steps' floats with elementwise ops at once:
     the mutations this catches include the product taken in float32 for float64 sigmas, the floats left
-    unrounded in the sigmas' dtype, and ``last`` read from another test than ``sigmas[i + 1] == 0``."""
+    unrounded in the sigmas' dtype, ``last`` read from another test than ``sigmas[i + 1] == 0``, and ``<`` for
+    ``<=`` at either end of the churn range (sigmas equal to s_tmin and s_tmax are in the split sequence)."""
     from kve_fast.plan import device_churn, kdiffusion_plan
 
     s_churn, s_tmin, s_tmax = churn
     karras = real_sampling().get_sigmas_karras(60, 0.002, 80.0, device=DEVICE).to(dtype)
-    split = torch.cat([karras[20:40], karras.new_zeros(1), karras[40:45].flip(0), karras.new_zeros(1)])
+    bounds = karras.new_tensor([s_tmax, s_tmin] if s_tmax < float("inf") else [])  # (the range test's edges)
+    split = torch.cat([karras[20:40], bounds, karras.new_zeros(1), karras[40:45].flip(0), karras.new_zeros(1)])
     f32 = lambda t: float(t.to(torch.float32))  # noqa: E731 - what the kernels take
     churned = 0
     for sigmas in (karras, split):

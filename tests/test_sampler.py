@@ -150,3 +150,14 @@ def test_sigmas_plan_steps_are_the_reference_0d_arithmetic(churn):
                     assert getattr(a, f) == getattr(b, f), (n, scale, i, f, getattr(a, f), getattr(b, f))
                     assert type(getattr(a, f)) is type(getattr(b, f)), (i, f)
                 assert torch.equal(a.sigma_hat, b.sigma_hat) and a.values[0].scalars == b.values[0].scalars
+
+
+@pytest.mark.parametrize("name", ["s_tmin", "s_tmax"])
+def test_an_int_bound_torch_cannot_compare_is_refused_by_name(name):
+    """Bounds are compared with the sigmas in torch, which takes ints through int64: a larger int is refused
+    naming it, before any work (mutation: the check removed -> an unnamed OverflowError)."""
+    from kve_fast.plan import sigmas_plan
+
+    kwargs = {"s_tmin": 0.0, "s_tmax": float("inf"), name: 10**40}
+    with pytest.raises(ValueError, match=name):
+        sigmas_plan([2.0, 1.0, 0.0], 1.0, **kwargs)
