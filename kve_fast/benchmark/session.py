@@ -45,6 +45,7 @@ class Stage:
     after: tuple[str, ...] = ()
     env: dict = dataclasses.field(default_factory=dict)
     what: str = ""  # one line: what it checks or measures
+    must_run: bool = False  # a pytest stage whose tests must run: "skipped" or "deselected" in its summary is a skip
 
 
 def describe_exit(rc: int | None) -> str:
@@ -171,6 +172,8 @@ def run_session(name: str, stages: list[Stage], budget_s: float, out: str, devic
             outcome.stage(st.name, "skipped", f"the script skipped parts (exit 3): {verdict}")
         elif rc != 0:
             outcome.stage(st.name, "failed", f"{describe_exit(rc)}: {verdict}")
+        elif st.must_run and (" skipped" in verdict or " deselected" in verdict or "no tests ran" in verdict):
+            outcome.stage(st.name, "skipped", f"its tests must run, not be skipped: {verdict}")
         else:
             outcome.stage(st.name, "ok", verdict)
         rec["status"] = outcome.stages[-1]["status"]  # ok / failed / timed out / skipped (the script's own skips)
