@@ -574,8 +574,7 @@ def generate_command(args) -> int:
                                           tf32=args.tf32, channels_last=args.channels_last, workers=workers)
         except (KeyboardInterrupt, _Terminated):
             if comm.rank == 0:
-                print(f"kve-fast: stopped: {status.get('written', 0)} images written; rerun the same command to "
-                      "resume", file=sys.stderr)
+                print(f"kve-fast: stopped: {_stopped(status)}; rerun the same command to resume", file=sys.stderr)
             raise
         if comm.rank == 0 and not args.quiet:
             if summary.written == 0:
@@ -590,6 +589,15 @@ def generate_command(args) -> int:
         return 0
     finally:
         comm.close()
+
+
+def _stopped(status: dict) -> str:
+    """What an interrupted ``generate`` kept: the bar counts images as they are sampled, ahead of those written."""
+    written, sampled = status.get("written", 0), status.get("sampled", 0)
+    if sampled <= written:
+        return f"{written} images written"
+    return (f"{written} images written; the other {sampled - written} the bar counted were in batches not finished, "
+            "and are dropped (a file is written only with its whole batch)")
 
 
 def _on_sigterm(signum, frame):

@@ -8,8 +8,9 @@ The full reference (the folder, the record, the write protocol, resumes, threads
 In short:
 
 - ``DIR/record.json`` holds everything that can change a file's bytes (model hash, sampler settings, noise
-  stream, precision, layout, ``--batch``, ``--subdirs``, the device kind and CPU threads, library versions). It is
-  written atomically before the first image; every later run into ``DIR`` must match it or is refused.
+  stream, precision, layout, ``--batch``, ``--subdirs``, the device kind and CPU threads, torch's precision switches,
+  the environment variables that change kernels, library versions). It is written atomically before the first
+  image; every later run into ``DIR`` must match it by value or is refused, leaving the folder as it was.
 - ``DIR/manifest.jsonl`` gets a line per file (seed, file, SHA-256, the record's id), fsync'd *before* the file is
   renamed into place (write-ahead): every file under a seed's name that a killed run left is vouched for by a
   line with its hash. A PNG the manifest does not vouch for is refused, never adopted; a listed file whose bytes
@@ -249,19 +250,60 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables that change which kernels run, or their arithmetic, once torch's libraries read them:
+# oneDNN's and ATen's ISA ceilings, oneDNN's implicit bf16 math, MKL's reproducibility branch and ISA ceiling,
+# the CUDA driver's and torch's TF32 overrides, cuBLAS's workspace (deterministic algorithms). Recorded when set.
+BITS_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_DEFAULT_FPMATH_MODE",
+                    "ONEDNN_DEFAULT_FPMATH_MODE", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "NVIDIA_TF32_OVERRIDE",
+                    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def _fp32_precision(kind: str) -> dict:
+    """torch's float32 precision switches that reach ``kind``'s kernels ('cpu': oneDNN, 'cuda': cuBLAS and cuDNN), as
+    set: read through the ``fp32_precision`` API, which the legacy flags (``allow_tf32``,
+    ``set_float32_matmul_precision``) also set, and which, unlike reading ``allow_tf32``, does not raise once a
+    caller has set one operator's precision through the new API."""
+    import torch
+
+    b = torch.backends
+    if kind == "cpu":
+        places = {"all": b, "mkldnn": b.mkldnn, "mkldnn.matmul": b.mkldnn.matmul, "mkldnn.conv": b.mkldnn.conv,
+                  "mkldnn.rnn": b.mkldnn.rnn}
+    elif kind == "cuda":
+        places = {"all": b, "cuda": b.cudnn, "cuda.matmul": b.cuda.matmul, "cudnn.conv": b.cudnn.conv,
+                  "cudnn.rnn": b.cudnn.rnn}
+    else:
+        return {}
+    try:
+        out = {name: str(place.fp32_precision) for name, place in places.items()}
+    except AttributeError:  # a torch before the fp32_precision API: its legacy flags
+        out = {"float32_matmul_precision": torch.get_float32_matmul_precision()}
+        if kind == "cuda":
+            out.update(matmul_tf32=b.cuda.matmul.allow_tf32, cudnn_tf32=b.cudnn.allow_tf32)
+    if kind == "cuda":
+        out["fp16_reduced_precision_reduction"] = bool(b.cuda.matmul.allow_fp16_reduced_precision_reduction)
+        out["bf16_reduced_precision_reduction"] = bool(b.cuda.matmul.allow_bf16_reduced_precision_reduction)
+    return out
+
+
 def device_identity(device) -> dict:
-    """What of the device can change the bytes: the CPU (model, ISA, threads per worker) or the GPU and its libraries."""
+    """What of the device can change the bytes: the CPU (model, ISA, threads per worker) or the GPU and its
+    libraries; torch's float32 precision switches for it, and the environment variables that change its kernels."""
     import torch
 
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        return {"kind": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
-                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
-    if device.type == "cpu":
-        return {"kind": "cpu", "cpu": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
-                "threads": THREADS_PER_WORKER}
-    return {"kind": device.type}
+        out = {"kind": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
+               "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    elif device.type == "cpu":
+        out = {"kind": "cpu", "cpu": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
+               "threads": THREADS_PER_WORKER}
+    else:
+        out = {"kind": device.type}
+    out["fp32_precision"] = _fp32_precision(device.type)
+    out["environment"] = {name: os.environ[name] for name in BITS_ENVIRONMENT if name in os.environ}
+    return out
 
 
 def software_versions() -> dict:
@@ -309,7 +351,15 @@ _OPTIONS = {
     "noise_stream": "--backend (fast noise's stream)", "layout": "--channels-last", "batch": "--batch",
     "subdirs": "--subdirs",
 }
-_MISSING = "(none)"
+_PLACES = {"device.environment.": "{} in the environment", "device.fp32_precision.": "torch's fp32_precision of {}"}
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+_MISSING = _Missing()
 
 
 def _flatten(value, prefix: str = "") -> dict:
@@ -321,21 +371,38 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix: value}
 
 
+def _same(before, after, key: str) -> bool:
+    """Equal as values (80 and 80.0 are one setting; True and 1 are not); a model by its weights' hash, whatever
+    name or path it was given by."""
+    if key == "model":
+        return isinstance(before, dict) and isinstance(after, dict) and before.get("sha256") == after.get("sha256")
+    if isinstance(before, bool) or isinstance(after, bool):
+        return type(before) is type(after) and before == after
+    return before == after
+
+
+def _label(key: str) -> str:
+    for place, label in _PLACES.items():
+        if key.startswith(place):
+            return label.format(key[len(place):])
+    return _OPTIONS.get(key, key)
+
+
 def record_differences(old: dict, new: dict) -> list[str]:
     """What differs between two records, each as ``"--steps 30 (now 50)"`` (the option, or the field's place)."""
     a, b = _flatten(old), _flatten(new)
     out = []
     for key in list(b) + [k for k in a if k not in b]:
         before, after = a.get(key, _MISSING), b.get(key, _MISSING)
-        if before == after:
+        if _same(before, after, key):
             continue
-        label = _OPTIONS.get(key, key)
         if key == "model":
             old_model = before if isinstance(before, dict) else {}
+            new_model = after if isinstance(after, dict) else {}
             out.append(f"--model: other weights ({old_model.get('name')!r} {str(old_model.get('sha256'))[:12]}, "
-                       f"now {after.get('name')!r} {str(after.get('sha256'))[:12]})")
+                       f"now {new_model.get('name')!r} {str(new_model.get('sha256'))[:12]})")
         else:
-            out.append(f"{label} {before!r} (now {after!r})")
+            out.append(f"{_label(key)} {before!r} (now {after!r})")
     return out
 
 
@@ -368,16 +435,26 @@ def read_manifest(path: str, rid: str | None = None, subdirs: bool | None = None
 
     A line vouches for a file when it is a JSON object with an int ``seed``, a ``file`` (the seed's name for
     ``subdirs`` when given), a ``sha256`` and the record id ``rid`` (when given); others are skipped and counted.
-    A last line without its newline (a kill mid-append) is not complete and is not read.
+    A last line without its newline is complete when it is a whole JSON object (an editor dropped the newline);
+    otherwise it is torn (a kill mid-append) and not read.
     """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return {}, 0, 0
-    end = data.rfind(b"\n") + 1
+    end = _complete_end(data)
     index, skipped = _parse_manifest(data[:end], rid, subdirs, None)
     return index, end, skipped
+
+
+def _complete_end(data: bytes) -> int:
+    """Where the manifest's complete lines end in ``data`` (see ``read_manifest``)."""
+    end = data.rfind(b"\n") + 1
+    with contextlib.suppress(ValueError):
+        if isinstance(json.loads(data[end:]), dict):
+            return len(data)
+    return end
 
 
 def _parse_manifest(data: bytes, rid, subdirs, keep) -> tuple[dict[int, str], int]:
@@ -402,41 +479,58 @@ def _parse_manifest(data: bytes, rid, subdirs, keep) -> tuple[dict[int, str], in
 
 
 class _Manifest:
-    """Rank 0's handle on the manifest: locked against a second job, its torn tail cut, appended and fsync'd."""
+    """Rank 0's handle on the manifest: locked against a second job, its tail made whole, appended and fsync'd.
+
+    ``created``, ``made_folder``: this run made the file, its folder. The lock is taken on the file at the path: a
+    job that waited for it while another took its additions back (unlinked the file, removed the folder) opens the
+    path again, so it never writes to a file that is gone.
+    """
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise GenerateError(f"--outdir: {path} is a {_files.file_kind(st.st_mode)}, not a regular file: refused",
-                                code=2)
-        self.existed = st is not None
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        self.fd = None
+        for _ in range(100):
+            self.made_folder = not os.path.isdir(os.path.dirname(path))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise GenerateError(f"--outdir: {path} is a {_files.file_kind(st.st_mode)}, not a regular file: "
+                                    "refused", code=2)
+            self.fd, self.created = _open_manifest(path)
+            self._lock()
+            if _same_file(self.fd, path):
+                break
+            self.close()  # unlinked (or replaced) while this process waited for its lock
+        else:
+            raise GenerateError(f"--outdir: {path} keeps being replaced by another process; refused", code=2)
+        self.size = os.fstat(self.fd).st_size
+
+    def _lock(self) -> None:
         try:
             import fcntl
         except ImportError:  # no fcntl (Windows): no lock
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(self.fd)
-                self.fd = None
-                raise GenerateError(f"--outdir: another kve-fast generate is writing to {os.path.dirname(path)} "
-                                    f"({MANIFEST} is locked)", code=2) from None
-        self.size = os.fstat(self.fd).st_size
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise GenerateError(f"--outdir: another kve-fast generate is writing to {os.path.dirname(self.path)} "
+                                f"({MANIFEST} is locked)", code=2) from None
 
-    def read(self, rid: str, subdirs: bool) -> tuple[dict[int, str], int]:
-        """The index of the lines written under record ``rid``; cuts a torn last line. Returns ``(index, skipped)``."""
-        index, end, skipped = read_manifest(self.path, rid, subdirs)
-        if self.size > end:  # a torn last line: cut it, so the next line starts clean
+    def repair(self, end: int) -> None:
+        """Once the run is not refused: end the manifest at its last complete line (``end``, from ``read_manifest``),
+        cutting a torn line, or giving a complete last line the newline it lacks, so the next line starts clean."""
+        if self.size > end:
             os.ftruncate(self.fd, end)
             os.fsync(self.fd)
+        elif end and os.pread(self.fd, 1, end - 1) != b"\n":
+            _files.write_all(self.fd, b"\n")
+            os.fsync(self.fd)
+            end += 1
         self.size = end
-        return index, skipped
 
     def append(self, lines: list[dict]) -> None:
         """Append ``lines`` and fsync; on a failure, cut what was written (so no torn line is left) and raise."""
@@ -456,6 +550,30 @@ class _Manifest:
         if self.fd is not None:
             os.close(self.fd)  # also releases the lock
             self.fd = None
+
+
+def _open_manifest(path: str) -> tuple[int, bool]:
+    """``(descriptor, created)`` of the manifest at ``path``, made if missing (never through a symlink)."""
+    flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, flags), False
+        except FileNotFoundError:  # removed between the two calls: make it
+            continue
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open at ``fd``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 # ---- the folder --------------------------------------------------------------------------------------------
@@ -1085,7 +1203,9 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     (1: in this process; default: the CPUs this process may use over the processes on this machine). Raises
     ``GenerateError`` when a rank fails, on every rank, and ``ValueError``/``TypeError`` naming a bad argument before
     any work.
-    ``status["written"]`` counts the images written so far by all ranks (for a report after an interrupt).
+    ``status["written"]`` counts the images written so far by all ranks, ``status["sampled"]`` the images sampled
+    so far, what the progress bar shows: ahead of ``written`` by the batches not finished yet (for a report after
+    an interrupt).
     """
     _check_args(pipe, outdir, steps, batch, subdirs, backend, noise, solver, workers, quiet, tf32, channels_last,
                 cuda_graph, model, comm, status)
@@ -1107,7 +1227,7 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
     workers = _workers_for(workers, cpu)
     comm = comm or _Single()
     status = {} if status is None else status
-    status["written"] = 0
+    status.update(written=0, sampled=0)
     outdir = os.path.abspath(os.fspath(outdir))
     threads_before, fixed_before = torch.get_num_threads(), threads._fixed
     if cpu:  # torch's count, and kve_fast's per-call policy (which KVE_FAST_THREADS would otherwise set)
@@ -1124,67 +1244,79 @@ def generate_images(pipe, seeds, outdir: str, *, steps: int = 50, batch: int = 6
 
 
 def _setup(outdir: str, world: int, record: dict) -> tuple:
-    """Rank 0, before any work: lock the manifest, check or write the record, check the whole folder.
+    """Rank 0, before any work: lock the manifest, check the record and the whole folder, then write the record.
 
-    Returns ``(manifest, index, end, token, rid, undo)``; raises ``GenerateError`` leaving the folder as it was.
+    Returns ``(manifest, index, token, rid, undo)``; ``rid`` is the id of the folder's record (the one written
+    before, when this run's equals it). Raises ``GenerateError`` leaving the folder as it was, byte for byte: the
+    checks change nothing, and a folder without a manifest is checked before the manifest (the lock) is made.
     ``undo()`` puts the folder back as it was before this run while the manifest holds no line of it (``_job``
-    calls it when the job fails before its first image: a failure such as an out-of-memory batch must not leave
-    a record that refuses the corrected command).
+    calls it, holding the lock, when the job fails before its first image: a failure such as an out-of-memory
+    batch must not leave a record that refuses the corrected command).
     """
     manifest = None
-    made_folder = not os.path.isdir(outdir)
     wrote_record = False
     try:
-        os.makedirs(outdir, exist_ok=True)
+        if os.path.isdir(outdir) and not os.path.lexists(os.path.join(outdir, MANIFEST)):
+            _check_folder(outdir, record, None)
         manifest = _Manifest(os.path.join(outdir, MANIFEST))
-        record_path = os.path.join(outdir, RECORD)
-        old = _read_record(record_path)
-        rid = record_id(record)
-        if old is not None:
-            diff = record_differences(old, record)
-            if diff:
-                raise GenerateError(f"--outdir: {outdir} holds images made with other settings ({RECORD}): "
-                                    f"{'; '.join(diff)}; use another folder, or the same settings", code=2)
-        if old is None and manifest.size:
-            raise GenerateError(f"--outdir: {outdir} holds a {MANIFEST} but no {RECORD} (an older kve-fast generate, "
-                                "or the record was removed): nothing vouches for its files; use another folder", code=2)
-        index, skipped = manifest.read(rid, record["subdirs"])
-        temporaries, problems = _scan(outdir, index, record["subdirs"])
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise GenerateError(f"--outdir: {problems[0]}{more}", code=2)
-        if skipped:
-            print(f"kve-fast: warning: {manifest.path}: {skipped} lines are not file records of this {RECORD}; "
-                  "ignored", file=sys.stderr)
+        old, rid, index, end, temporaries = _check_folder(outdir, record, manifest)
+        manifest.repair(end)
         for path in temporaries:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         if old is None:  # before the first image
             wrote_record = True
-            _write_named(record_path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+            _write_named(os.path.join(outdir, RECORD), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
             _fsync_dir(outdir)
         token = None
         if world > 1:  # every rank must write into this very folder (one file system on every machine)
             token = f"{os.getpid()}-{time.time_ns()}-{os.urandom(8).hex()}"
             _write_named(os.path.join(outdir, JOB_FILE), token.encode())
-        return manifest, index, manifest.size, token, rid, lambda: _undo_setup(manifest, wrote_record, made_folder)
+        return manifest, index, token, rid, lambda: _undo_setup(manifest, wrote_record)
     except BaseException as exc:
         if manifest is not None:
-            _undo_setup(manifest, wrote_record, made_folder)
+            _undo_setup(manifest, wrote_record)
             manifest.close()
         if isinstance(exc, OSError):
             raise GenerateError(_oserror(exc, exc.filename or outdir)) from None
         raise
 
 
-def _undo_setup(manifest, wrote_record: bool, made_folder: bool) -> None:
-    """Rank 0: while ``manifest`` holds no line, remove what ``_setup`` added (the record it wrote, the manifest
-    file it created, the folder it made), so the folder is as it was (no file can have landed without a line)."""
-    if manifest.size:
+def _check_folder(outdir: str, record: dict, manifest) -> tuple:
+    """Rank 0's checks, which change nothing: the folder's record against ``record`` (compared by value), the
+    manifest's lines under it, the whole folder. Returns ``(old record or None, rid, index, end, temporaries)``;
+    ``GenerateError`` (code 2) for a refusal."""
+    old = _read_record(os.path.join(outdir, RECORD))
+    if old is not None:
+        diff = record_differences(old, record)
+        if diff:
+            raise GenerateError(f"--outdir: {outdir} holds images made with other settings ({RECORD}): "
+                                f"{'; '.join(diff)}; use another folder, or the same settings", code=2)
+    if old is None and manifest is not None and manifest.size:
+        raise GenerateError(f"--outdir: {outdir} holds a {MANIFEST} but no {RECORD} (an older kve-fast generate, "
+                            "or the record was removed): nothing vouches for its files; use another folder", code=2)
+    rid = record_id(record if old is None else old)
+    index, end, skipped = read_manifest(manifest.path, rid, record["subdirs"]) if manifest else ({}, 0, 0)
+    temporaries, problems = _scan(outdir, index, record["subdirs"])
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise GenerateError(f"--outdir: {problems[0]}{more}", code=2)
+    if skipped:
+        print(f"kve-fast: warning: {manifest.path}: {skipped} lines are not file records of this {RECORD}; ignored",
+              file=sys.stderr)
+    return old, rid, index, end, temporaries
+
+
+def _undo_setup(manifest, wrote_record: bool) -> None:
+    """Rank 0, holding the manifest's lock: while the manifest holds no line, remove what ``_setup`` added (the
+    record it wrote, the manifest file it created, the folder it made), so the folder is as it was (no file can have
+    landed without a line). Under the lock, so that no other job can have started on the folder meanwhile."""
+    if manifest.size or manifest.fd is None:
         return
     outdir = os.path.dirname(manifest.path)
     for undo, path in ((os.unlink, os.path.join(outdir, RECORD) if wrote_record else None),
-                       (os.unlink, None if manifest.existed else manifest.path), (os.rmdir, outdir if made_folder else None)):
+                       (os.unlink, manifest.path if manifest.created else None),
+                       (os.rmdir, outdir if manifest.made_folder else None)):
         if path is not None:
             with contextlib.suppress(OSError):  # (each on its own: a record that was never written is no reason to stop)
                 undo(path)
@@ -1217,8 +1349,8 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
             record = make_record(pipe, model=model, steps=steps, solver=opts["solver"], noise=opts["noise"],
                                  backend=opts["backend"], tf32=opts["tf32"], channels_last=opts["channels_last"],
                                  batch=batch, subdirs=subdirs, device=identity)
-            manifest, index, end, token, rid, undo = _setup(outdir, world, record)
-            setup = ("ok", end, token, rid)
+            manifest, index, token, rid, undo = _setup(outdir, world, record)
+            setup = ("ok", manifest.size, token, rid)
     except GenerateError as exc:
         setup = ("error", str(exc), exc.code)
     except Exception as exc:
@@ -1251,6 +1383,7 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
         others = {"images": 0.0, "skipped": 0}
 
         def refresh():
+            status["sampled"] = int(progress.images + others["images"])
             if bar is None or bar.disable:
                 return
             total = len(seeds) - progress.skipped - others["skipped"]
@@ -1330,12 +1463,12 @@ def _job(pipe, seeds: Seeds, outdir: str, comm, status: dict, quiet: bool, worke
         if bar is not None:
             bar.close()
         if manifest is not None:
-            manifest.close()
             if world > 1:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(outdir, JOB_FILE))
-        if undo is not None and failed:  # failed before its first line: the folder as it was (settings may change)
-            undo()
+            if failed:  # failed before its first line: the folder as it was (settings may change), under the lock
+                undo()
+            manifest.close()
 
 
 def _read_share(path: str, end: int, rid: str, subdirs: bool, seeds: Seeds, rank: int, world: int) -> dict[int, str]:
