@@ -62,14 +62,39 @@ def _workers(text: str):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad value (``argument --steps: ...``) is one line, as every other user error is: the usage
-    block is for mistakes in the command's shape (an unknown option, a missing subcommand)."""
+    """argparse without abbreviations (``--step`` is not taken for ``--steps``), but a bad value (``argument
+    --steps: ...``) is one line, as every other user error is: the usage block is for mistakes in the command's
+    shape (an unknown option, a missing subcommand); an unknown option is told against the subcommand's usage, with
+    the option it looks like."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         if message.startswith("argument -"):
             option, _, why = message[len("argument "):].partition(": ")
             self.exit(2, f"kve-fast: error: {option.split('/')[0]}: {why}\n")
         super().error(message)
+
+    def parse_args(self, args=None, namespace=None):
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._subcommands().get(getattr(args, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(unknown, command)}")
+        return args
+
+    def _subcommands(self) -> dict:
+        return next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def _did_you_mean(unknown: list[str], parser) -> str:
+    """``"; did you mean --steps?"`` for the options among ``unknown`` that look like one of ``parser``'s."""
+    import difflib
+
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    close = [difflib.get_close_matches(word.partition("=")[0], options, n=1) for word in unknown if word.startswith("--")]
+    names = list(dict.fromkeys(c[0] for c in close if c))
+    return f"; did you mean {' or '.join(names)}?" if names else ""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -101,6 +101,33 @@ def test_mistakes_in_the_commands_shape_keep_the_usage_block(capsys):
         assert err.startswith("usage: kve-fast") and "error:" in err
 
 
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["sample", "--stpes", "10"], "usage: kve-fast sample", "unrecognized arguments: --stpes 10; did you mean --steps?"),
+    (["sample", "--step", "40"], "usage: kve-fast sample", "unrecognized arguments: --step 40; did you mean --steps?"),
+    (["generate", "--seeds", "0", "--outdir", "o", "--batch-size", "2"], "usage: kve-fast generate",
+     "did you mean --batch?"),
+    (["sample", "--seeed=3", "--qiet"], "usage: kve-fast sample", "did you mean --seed or --quiet?"),
+    (["bench", "--repeat", "1"], "usage: kve-fast bench", "did you mean --repeats?"),
+])
+def test_an_unknown_option_is_told_with_the_option_it_looks_like(argv, usage, hint, capsys, tmp_path, monkeypatch):
+    """Against the subcommand's usage, and never taken as an abbreviation (mutations: argparse's abbreviations on ->
+    ``--step 40`` and ``--repeat 1`` run as ``--steps 40`` and ``--repeats 1``; no suggestion -> the top-level usage
+    alone)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(usage) and err.strip().endswith(hint), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_parser_takes_abbreviations():
+    parser = cli.build_parser()
+    subcommands = parser._subcommands()
+    assert set(subcommands) == {"sample", "generate", "bench"}
+    assert not parser.allow_abbrev and not any(p.allow_abbrev for p in subcommands.values())
+
+
 def test_threads_are_fixed_for_the_run_and_put_back(model_dir, tmp_path, capsys):
     before = torch.get_num_threads()
     seen = []
