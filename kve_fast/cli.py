@@ -36,6 +36,8 @@ _RGBA_FORMATS = ("PNG", "WEBP", "TIFF")  # those that store 4 channels
 # refuses one over twice as large; no output of ours is larger.
 MAX_PIXELS = 89_478_485
 SAMPLE_FILE = "sample_{:04d}.png"  # --no-grid: the file of image k
+DEFAULT_OUT = "kve_fast_samples.png"  # sample's grid, in the current folder (.gitignore: a checkout stays clean)
+DEFAULT_OUT_FOLDER = "kve_fast_samples"  # ... and its folder with --no-grid
 TRAJECTORY_COLUMNS = 8  # --trajectory: the sample after this many marked steps (then the final image)
 TRAJECTORY_ROWS = 8  # ... of the first this many images
 MAX_STEPS = sys.maxsize  # the most steps a run can index (a larger --steps is refused before anything loads)
@@ -177,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator, 0 to 2**64 - 1")
     _sampler_options(p, "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--out", default=None,
-                   help="the grid image (default kve_fast_samples.png), its format from the extension: .png, "
+                   help=f"the grid image (default {DEFAULT_OUT}), its format from the extension: .png, "
                         ".webp (lossless), .jpg/.jpeg (lossy, quality 95), .bmp, .tif/.tiff; with --no-grid, "
-                        "a folder (default kve_fast_samples) for sample_0000.png, ...")
+                        f"a folder (default {DEFAULT_OUT_FOLDER}) for sample_0000.png, ...")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                    help="one grid image, or one PNG file per image")
     p.add_argument("--scale", type=_at_least(int, 1), default=None,
@@ -282,11 +284,11 @@ def _same_path(a: str, b: str) -> bool:
 def _check_outputs(args):
     """``(out, out_format, trajectory, trajectory_format)``; ``out`` is a folder and its format None with --no-grid."""
     if args.grid:
-        given = args.out or "kve_fast_samples.png"
+        given = args.out or DEFAULT_OUT
         fmt = _image_format(given, "--out")
         out = _check_writable_file(given, "--out")
     else:
-        given = args.out or "kve_fast_samples"
+        given = args.out or DEFAULT_OUT_FOLDER
         fmt = None
         if os.path.splitext(given)[1].lower() in IMAGE_FORMATS and not os.path.isdir(given):
             raise CliError(f"--out: with --no-grid, --out names a folder, got the image file name {given!r} "
