@@ -623,8 +623,8 @@ def _stopped(status: dict) -> str:
     written, sampled = status.get("written", 0), status.get("sampled", 0)
     if sampled <= written:
         return f"{written} images written"
-    return (f"{written} images written; the other {sampled - written} the bar counted were in batches not finished, "
-            "and are dropped (a file is written only with its whole batch)")
+    return (f"{written} images written; {sampled - written} more were sampled but not written, and are dropped (the "
+            "progress bar counts images as they are sampled)")
 
 
 def _on_sigterm(signum, frame):

@@ -30,6 +30,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -605,7 +606,9 @@ def test_a_killed_run_resumes_to_the_complete_set(tmp_path, reference, wrapper, 
     assert 3 <= len(pngs) < len(SEED_LIST), sorted(left)
     _vouched(outdir)
     if code == 143:
-        assert "stopped: 4 images written; rerun" in proc.stderr, proc.stderr[-2000:]
+        # (2 workers: the second batch's other files, and what the other worker had sampled of its batch)
+        assert re.search(r"stopped: 4 images written; \d+ more were sampled but not written, and are dropped",
+                         proc.stderr), proc.stderr[-2000:]
         assert not [k for k in left if k.endswith(".tmp")], "SIGTERM leaves no temporary file"
     else:
         with open(outdir / gen.MANIFEST, "rb") as f:
@@ -1355,8 +1358,8 @@ def test_a_resume_under_other_thread_counts_makes_the_same_bytes(tmp_path, monke
 # --- interrupted ---------------------------------------------------------------------------------------------------
 
 def test_an_interrupt_says_why_what_the_bar_counted_was_not_kept(tmp_path, monkeypatch, capsys):
-    """The bar counts images as they are sampled; Ctrl-C in the first batch keeps none of them (mutation: the
-    message says only '0 images written', under a bar that showed 2)."""
+    """The bar counts images as they are sampled; Ctrl-C in the first batch keeps none of them, and the message says
+    why (mutation: the message says only '0 images written', under a bar that showed 2)."""
     from kve_fast import cli
 
     real = cli._load
@@ -1379,6 +1382,5 @@ def test_an_interrupt_says_why_what_the_bar_counted_was_not_kept(tmp_path, monke
     assert main(["generate", "--outdir", str(out), "--seeds", "0-3", "--batch", "4", "--steps", "3", "--workers", "1",
                  "--quiet"]) == 130
     err = capsys.readouterr().err
-    assert ("stopped: 0 images written; the other 2 the bar counted were in batches not finished, and are dropped"
-            in err), err
+    assert "stopped: 0 images written; 2 more were sampled but not written, and are dropped" in err, err
     assert not out.exists(), "nothing kept: the folder it made is gone again"
