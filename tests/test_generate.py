@@ -46,6 +46,7 @@ from PIL import Image
 import kve_fast
 from kve_fast import _files
 from kve_fast import generate as gen
+from kve_fast.generate import folder as gen_folder, job as gen_job, record as gen_record, workers as gen_workers
 from kve_fast.cli import main
 from kve_fast.noise import DeviceNoise, StepKeys, sample_keys
 
@@ -259,7 +260,7 @@ def test_argument_errors_need_neither_torch_nor_diffusers(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--outdir", ""], "--outdir: empty"),
+    (["--outdir", ""], "--outdir: empty; name the output folder"),
     (["--outdir", "o", "--seeds", "\u0661\u0662"], "--seeds"),
     (["--outdir", "o", "--workers", "0"], "--workers"),
 ])
@@ -332,11 +333,11 @@ def test_the_manifest_reader_skips_a_torn_last_line(tmp_path):
 
 
 def test_every_rank_must_see_the_folder_rank_0_writes(tmp_path):
-    assert not gen._sees_token(str(tmp_path), "token", wait=0)
+    assert not gen_folder.sees_token(str(tmp_path), "token", wait=0)
     (tmp_path / gen.JOB_FILE).write_text("another")
-    assert not gen._sees_token(str(tmp_path), "token", wait=0.6)
+    assert not gen_folder.sees_token(str(tmp_path), "token", wait=0.6)
     (tmp_path / gen.JOB_FILE).write_text("token")
-    assert gen._sees_token(str(tmp_path), "token", wait=0)
+    assert gen_folder.sees_token(str(tmp_path), "token", wait=0)
 
 
 # --- the same bytes however the work is split ---------------------------------------------------------------
@@ -453,14 +454,14 @@ def test_a_file_that_cannot_be_checked_ends_the_job_in_one_line(tmp_path, monkey
     def unreadable(p):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
 
-    monkeypatch.setattr(gen, "_sha256_file", unreadable)
+    monkeypatch.setattr(gen_workers, "sha256_file", unreadable)
     with pytest.raises(gen.GenerateError, match=f"^{path}: Permission denied; 0 images written"):
         gen.generate_images(pipe, range(6), str(tmp_path), steps=2, batch=2, backend="torch", workers=2)
 
 
 KILLED_WITH_BUSY_WORKERS = """
 import os, signal, time
-import kve_fast.generate as g
+import kve_fast.generate.workers as g
 real = g._sample
 def _sample(*args, **kwargs):  # in the workers: a batch that takes a minute
     time.sleep(60)
@@ -474,7 +475,7 @@ def get(self, idle=None):  # the main process: hand out a batch each, then die (
     with open({pids!r}, "w") as f:
         f.write(" ".join(map(str, self.pids)))
     os.kill(os.getpid(), signal.SIGKILL)
-g._Processes.get = get
+g.Processes.get = get
 """
 
 
@@ -517,7 +518,7 @@ def test_torchrun_two_processes_write_the_files_of_one(tmp_path, reference):
 RANK_1_FAILS = """
 import os
 if os.environ.get("RANK") == "1":
-    import kve_fast.generate as g
+    import kve_fast.generate.writer as g
     def _write(data, path):
         raise IsADirectoryError(21, "Is a directory", path)
     g._write = _write
@@ -550,7 +551,7 @@ def test_rank_0_shows_the_whole_job_in_images(tmp_path):
 
 KILL_MID_FILE = """
 import os, signal
-import kve_fast.generate as g
+import kve_fast.generate.writer as g
 from kve_fast._files import atomic_write
 calls = [0]
 real = g._write
@@ -567,9 +568,9 @@ g._write = _write
 
 KILL_MID_MANIFEST = """
 import os, signal
-import kve_fast.generate as g
+import kve_fast.generate.manifest as g
 calls = [0]
-real = g._Manifest.append
+real = g.Manifest.append
 def append(self, lines):
     if lines:
         calls[0] += 1
@@ -578,12 +579,12 @@ def append(self, lines):
             os.write(self.fd, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
     return real(self, lines)
-g._Manifest.append = append
+g.Manifest.append = append
 """
 
 TERM_MID_BATCH = """
 import os, signal
-import kve_fast.generate as g
+import kve_fast.generate.writer as g
 calls = [0]
 real = g._write
 def _write(data, path):
@@ -941,7 +942,7 @@ def test_progress_moves_per_image_within_a_batch(tmp_path, monkeypatch, workers)
         def close(self):
             pass
 
-    monkeypatch.setattr(gen, "_progress_bar", Bar)
+    monkeypatch.setattr(gen_job, "_progress_bar", Bar)
     summary = gen.generate_images(pipe, range(6), str(tmp_path), steps=6, batch=6, backend="torch", workers=workers,
                                   quiet=False)
     assert summary.written == 6 and summary.workers == workers
@@ -1176,17 +1177,17 @@ def test_a_failed_job_takes_back_what_it_added_before_another_job_can_start(tmp_
     its manifest, and its images are refused as unlisted)."""
     out = tmp_path / "out"
     pipe = _gaussian_pipe()
-    real, meanwhile = gen._undo_setup, []
+    real, meanwhile = gen_folder._undo_setup, []
 
     def undo(*args):  # the gap before the take-back: another job (same settings) on the folder
-        monkeypatch.setattr(gen, "_undo_setup", real)
+        monkeypatch.setattr(gen_folder, "_undo_setup", real)
         try:
             meanwhile.append(gen.generate_images(pipe, **_job_args(out)))
         except gen.GenerateError as exc:
             meanwhile.append(exc)
         return real(*args)
 
-    monkeypatch.setattr(gen, "_undo_setup", undo)
+    monkeypatch.setattr(gen_folder, "_undo_setup", undo)
     failing = kve_fast.KarrasVePipeline(_FailsOnCue(lambda: None), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
     with pytest.raises(gen.GenerateError, match="out of memory"):
         gen.generate_images(failing, **_job_args(out))
@@ -1326,13 +1327,13 @@ def test_the_precision_switches_are_read_after_the_legacy_flags_or_the_new_api(p
     """Reading ``cudnn.allow_tf32`` raises once a caller set one cuDNN operator's precision through the new API
     (torch 2.13: "a mix of the legacy and new APIs"); the record reads the new API, which the legacy flags set too."""
     torch.backends.cuda.matmul.allow_tf32 = True  # the legacy flag
-    assert gen._fp32_precision("cuda")["cuda.matmul"] == "tf32"
+    assert gen_record._fp32_precision("cuda")["cuda.matmul"] == "tf32"
     torch.backends.cudnn.conv.fp32_precision = "ieee"  # the new API, the rnn's left at tf32
     with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
         torch.backends.cudnn.allow_tf32  # noqa: B018 (what a legacy reader would do)
-    switches = gen._fp32_precision("cuda")
+    switches = gen_record._fp32_precision("cuda")
     assert switches["cudnn.conv"] == "ieee" and switches["cudnn.rnn"] == "tf32"
-    assert set(gen._fp32_precision("cpu")) == {"all", "mkldnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"}
+    assert set(gen_record._fp32_precision("cpu")) == {"all", "mkldnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"}
 
 
 def test_a_resume_under_other_thread_counts_makes_the_same_bytes(tmp_path, monkeypatch):
@@ -1384,3 +1385,39 @@ def test_an_interrupt_says_why_what_the_bar_counted_was_not_kept(tmp_path, monke
     err = capsys.readouterr().err
     assert "stopped: 0 images written; 2 more were sampled but not written, and are dropped" in err, err
     assert not out.exists(), "nothing kept: the folder it made is gone again"
+
+
+# --- one rule, one wording --------------------------------------------------------------------------------------
+
+def test_the_command_and_the_api_word_each_rule_alike(tmp_path, capsys, monkeypatch):
+    """The command delegates generate's rules to the functions generate_images calls (kve_fast.generate.checks,
+    kve_fast.images): the same text after the argument's name (mutation: the command words one of them its own way
+    again, as it did for the channels, the empty folder and the workers -> the texts differ)."""
+    from diffusers import UNet2DModel
+
+    from kve_fast.generate import checks
+
+    def command(*argv) -> str:
+        assert main(["generate", "--seeds", "1", "--steps", "2", "--quiet", *argv]) == 2
+        (line,) = _errors(capsys.readouterr().err)
+        return line.removeprefix("kve-fast: error: ")
+
+    def api(error, pipe, outdir, **kwargs) -> str:
+        with pytest.raises(error) as info:
+            gen.generate_images(pipe, [1], outdir, steps=2, batch=1, backend="torch", **kwargs)
+        return str(info.value)
+
+    two = tmp_path / "two-channels"
+    UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), norm_num_groups=8,
+                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(two)
+    pipe = kve_fast.KarrasVePipeline(GaussianScore(8, channels=2), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+    channels = api(gen.GenerateError, pipe, str(tmp_path / "a"))
+    assert command("--model", str(two), "--outdir", str(tmp_path / "b")) == f"--model: {channels}"
+    assert command("--outdir", "") == "--outdir: " + api(ValueError, _gaussian_pipe(), "").removeprefix("`outdir`: ")
+    monkeypatch.setattr(checks, "FORK_WORKERS", False)  # as off Linux
+    workers = api(ValueError, _gaussian_pipe(), str(tmp_path / "c"), workers=2)
+    assert workers.startswith("`workers`: worker processes are forked, on Linux only")
+    assert command("--workers", "2", "--outdir", str(tmp_path / "d"), "--device", "cpu") == \
+        "--workers: " + workers.removeprefix("`workers`: ")
+    assert list(tmp_path.iterdir()) == [two]
