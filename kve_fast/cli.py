@@ -21,9 +21,10 @@ import sys
 import threading
 import time
 
-from .commands import MODEL_HELP, CliError, check_model as _check_model, load_for_command
-from .commands import at_least as _at_least, device_name as _device_name, resolve_device as _device
-from .commands import pin_threads as _pin_threads, unpin_threads as _unpin_threads
+from .cli_common import MODEL_HELP, CliError, check_model as _check_model, load_for_command
+from .cli_common import at_least as _at_least, device_name as _device_name, resolve_device as _device
+from .cli_common import pin_threads as _pin_threads, unpin_threads as _unpin_threads
+from .images import check_channels, grid_size
 from .options import BACKENDS, NOISE_MODES, REFERENCE_SCHEDULE_MIN_STEPS, SCHEDULES, SOLVERS
 
 # Output file formats, from the file's extension (all through PIL).
@@ -36,6 +37,8 @@ _RGBA_FORMATS = ("PNG", "WEBP", "TIFF")  # those that store 4 channels
 # refuses one over twice as large; no output of ours is larger.
 MAX_PIXELS = 89_478_485
 SAMPLE_FILE = "sample_{:04d}.png"  # --no-grid: the file of image k
+DEFAULT_OUT = "kve_fast_samples.png"  # sample's grid, in the current folder (.gitignore: a checkout stays clean)
+DEFAULT_OUT_FOLDER = "kve_fast_samples"  # ... and its folder with --no-grid
 TRAJECTORY_COLUMNS = 8  # --trajectory: the sample after this many marked steps (then the final image)
 TRAJECTORY_ROWS = 8  # ... of the first this many images
 MAX_STEPS = sys.maxsize  # the most steps a run can index (a larger --steps is refused before anything loads)
@@ -62,14 +65,39 @@ def _workers(text: str):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad value (``argument --steps: ...``) is one line, as every other user error is: the usage
-    block is for mistakes in the command's shape (an unknown option, a missing subcommand)."""
+    """argparse without abbreviations (``--step`` is not taken for ``--steps``), but a bad value (``argument
+    --steps: ...``) is one line, as every other user error is: the usage block is for mistakes in the command's
+    shape (an unknown option, a missing subcommand); an unknown option is told against the subcommand's usage, with
+    the option it looks like."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         if message.startswith("argument -"):
             option, _, why = message[len("argument "):].partition(": ")
             self.exit(2, f"kve-fast: error: {option.split('/')[0]}: {why}\n")
         super().error(message)
+
+    def parse_args(self, args=None, namespace=None):
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._subcommands().get(getattr(args, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(unknown, command)}")
+        return args
+
+    def _subcommands(self) -> dict:
+        return next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def _did_you_mean(unknown: list[str], parser) -> str:
+    """``"; did you mean --steps?"`` for the options among ``unknown`` that look like one of ``parser``'s."""
+    import difflib
+
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    close = [difflib.get_close_matches(word.partition("=")[0], options, n=1) for word in unknown if word.startswith("--")]
+    names = list(dict.fromkeys(c[0] for c in close if c))
+    return f"; did you mean {' or '.join(names)}?" if names else ""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -132,6 +160,14 @@ def _apply_precision(pipe, args) -> None:
         pipe.unet.to(memory_format=torch.channels_last)
 
 
+def _ruled(option: str, check, *args):
+    """``check(*args)``: a rule the command shares with the Python API (one wording), its error as ``option``'s."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"{option}: {exc}") from None
+
+
 def _check_cuda_graph(args, device) -> None:
     """--cuda-graph on needs a CUDA device (the rest of its conditions are the sampler's, checked before sampling)."""
     if args.cuda_graph == "on" and device.type != "cuda":
@@ -152,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator, 0 to 2**64 - 1")
     _sampler_options(p, "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--out", default=None,
-                   help="the grid image (default kve_fast_samples.png), its format from the extension: .png, "
+                   help=f"the grid image (default {DEFAULT_OUT}), its format from the extension: .png, "
                         ".webp (lossless), .jpg/.jpeg (lossy, quality 95), .bmp, .tif/.tiff; with --no-grid, "
-                        "a folder (default kve_fast_samples) for sample_0000.png, ...")
+                        f"a folder (default {DEFAULT_OUT_FOLDER}) for sample_0000.png, ...")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                    help="one grid image, or one PNG file per image")
     p.add_argument("--scale", type=_at_least(int, 1), default=None,
@@ -257,11 +293,11 @@ def _same_path(a: str, b: str) -> bool:
 def _check_outputs(args):
     """``(out, out_format, trajectory, trajectory_format)``; ``out`` is a folder and its format None with --no-grid."""
     if args.grid:
-        given = args.out or "kve_fast_samples.png"
+        given = args.out or DEFAULT_OUT
         fmt = _image_format(given, "--out")
         out = _check_writable_file(given, "--out")
     else:
-        given = args.out or "kve_fast_samples"
+        given = args.out or DEFAULT_OUT_FOLDER
         fmt = None
         if os.path.splitext(given)[1].lower() in IMAGE_FORMATS and not os.path.isdir(given):
             raise CliError(f"--out: with --no-grid, --out names a folder, got the image file name {given!r} "
@@ -282,12 +318,6 @@ def _check_outputs(args):
     return out, fmt, trajectory, trajectory_format
 
 
-def _grid_size(n: int, ncols: int, height: int, width: int, scale: int, pad: int = 2) -> tuple[int, int]:
-    """The (width, height) of ``make_grid`` for ``n`` images."""
-    nrows = math.ceil(n / ncols)
-    return ncols * (width * scale + pad) + pad, nrows * (height * scale + pad) + pad
-
-
 def _over_limit(size: tuple[int, int], fmt: str) -> str | None:
     width, height = size
     if width * height > MAX_PIXELS:
@@ -306,8 +336,7 @@ def _trajectory_marks(steps: int) -> set[int]:
 def _check_sizes(args, shape, out_format, trajectory_format) -> int:
     """The --scale in effect, after checking that every output image fits (PIL's and the formats' limits)."""
     channels, height, width = shape
-    if channels not in (1, 3, 4):
-        raise CliError(f"--model: its images have {channels} channels; only 1 (grey), 3 (RGB) or 4 (RGBA) make image files")
+    _ruled("--model", check_channels, channels)
     formats = [("--out", out_format or "PNG")] + ([("--trajectory", trajectory_format)] if args.trajectory else [])
     for option, fmt in formats:
         if channels == 4 and fmt not in _RGBA_FORMATS:
@@ -318,13 +347,13 @@ def _check_sizes(args, shape, out_format, trajectory_format) -> int:
     if args.grid:
         ncols = math.ceil(math.sqrt(batch))
         outputs.append(("--batch-size", f"a grid of {batch} images of {width}x{height}", out_format,
-                        lambda s: _grid_size(batch, ncols, height, width, s)))
+                        lambda s: grid_size(batch, ncols, height, width, s)))
     else:
         outputs.append(("--model", f"each {width}x{height} image", "PNG", lambda s: (width * s, height * s)))
     if args.trajectory:
         rows, cols = min(batch, TRAJECTORY_ROWS), len(_trajectory_marks(args.steps)) + 1
         outputs.append(("--trajectory", f"the trajectory image ({rows} rows of {cols} images of {width}x{height})",
-                        trajectory_format, lambda s: _grid_size(rows * cols, cols, height, width, s)))
+                        trajectory_format, lambda s: grid_size(rows * cols, cols, height, width, s)))
 
     def fits(s: int) -> bool:
         return all(_over_limit(size(s), fmt) is None for _, _, fmt, size in outputs)
@@ -349,30 +378,8 @@ def _check_sizes(args, shape, out_format, trajectory_format) -> int:
 
 # ---- torch from here on ----------------------------------------------------------------------------------
 
-def make_grid(arrays, ncols: int, scale: int, pad: int = 2):
-    """Images (BHWC uint8, numpy or torch) tiled into one PIL image, ``ncols`` per row, on white."""
-    from PIL import Image
-
-    from .images import uint8_to_pil
-
-    tiles = [_scaled(tile, scale) for tile in uint8_to_pil(arrays)]
-    w, h = tiles[0].size
-    width, height = _grid_size(len(tiles), ncols, h, w, 1, pad)
-    grid = Image.new(tiles[0].mode, (width, height), color=(255,) * len(tiles[0].getbands()))
-    for k, tile in enumerate(tiles):
-        r, c = divmod(k, ncols)
-        grid.paste(tile, (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid
-
-
-def _scaled(image, scale: int):
-    from PIL import Image
-
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
-
-
 def _load(args, device):
-    """The pipeline of --model on ``device`` (``kve_fast.commands.load_for_command``)."""
+    """The pipeline of --model on ``device`` (``kve_fast.cli_common.load_for_command``)."""
     return load_for_command(args.model, device)
 
 
@@ -400,8 +407,6 @@ def _warn_few_steps(pipe, args) -> None:
 def sample_command(args) -> int:
     # 1. Everything that needs neither torch nor diffusers.
     out, out_format, trajectory, trajectory_format = _check_outputs(args)
-    if args.s_min is not None and args.s_max is not None and args.s_min > args.s_max:
-        raise CliError(f"--s-min: {args.s_min} is larger than --s-max {args.s_max} (`s_min` must not exceed `s_max`)")
     folder = _check_model(args.model, args.download)
     scale = _check_sizes(args, folder.image_shape, out_format, trajectory_format)
 
@@ -410,7 +415,7 @@ def sample_command(args) -> int:
 
     from ._files import save_image_atomic
     from .backends import check_backend
-    from .images import to_image, uint8_to_pil
+    from .images import make_grid, scaled, to_image, uint8_to_pil
 
     device = _device(args.device)
     try:
@@ -458,7 +463,7 @@ def sample_command(args) -> int:
     else:
         os.makedirs(out, exist_ok=True)
         for k in range(len(arrays)):
-            save_image_atomic(_scaled(uint8_to_pil(arrays[k:k + 1])[0], scale), os.path.join(out, SAMPLE_FILE.format(k)),
+            save_image_atomic(scaled(uint8_to_pil(arrays[k:k + 1])[0], scale), os.path.join(out, SAMPLE_FILE.format(k)),
                               "PNG")
         where = f"{out}/{SAMPLE_FILE.format(0)} ... ({len(arrays)} files)"
     if trajectory:
@@ -500,72 +505,23 @@ def _generate_device(name: str, local_rank: int, torchrun: bool, world: int):
 
 
 def generate_command(args) -> int:
+    """``kve-fast generate``: the checks (first those that need neither torch nor diffusers, the same on every
+    process), the device and the process group, the model on every process, then the images."""
     from . import generate as gen
 
-    # 1. Everything that needs neither torch nor diffusers (the same on every process).
-    try:
-        seeds = gen.parse_seeds(args.seeds)
-    except ValueError as exc:
-        raise CliError(f"--seeds: {exc}") from None
-    if not args.outdir:
-        raise CliError("--outdir: empty; name the output folder (use . for this one)")
-    outdir = _check_writable_dir(args.outdir, "--outdir")
-    if args.s_min is not None and args.s_max is not None and args.s_min > args.s_max:
-        raise CliError(f"--s-min: {args.s_min} is larger than --s-max {args.s_max} (`s_min` must not exceed `s_max`)")
-    folder = _check_model(args.model)
-    channels = folder.image_shape[0]
-    if channels not in (1, 3, 4):
-        raise CliError(f"--model: its images have {channels} channels; only 1 (grey), 3 (RGB) or 4 (RGBA) make PNG "
-                       "files")
-
-    # 2. The device, the backend and the process group.
+    seeds, outdir, folder = _generate_inputs(args)
     import torch
 
-    from .backends import check_backend
-
-    rank, world, local_rank = gen.env_rank()
-    device = _generate_device(args.device, local_rank, gen.launched_by_torchrun(), world)
-    try:
-        backend = check_backend(args.backend, device)
-    except ValueError as exc:
-        raise CliError(f"--backend: {exc}") from None
-    _check_cuda_graph(args, device)
-    workers = None if args.workers == "auto" else args.workers
-    if workers is not None and workers > 1 and device.type != "cpu":
-        raise CliError(f"--workers: more than one worker is for the CPU; the device is {device}")
-    if workers is not None and workers > 1 and not gen.FORK_WORKERS:
-        raise CliError(f"--workers: worker processes are forked, on Linux only (this is {sys.platform}); use "
-                       "--workers 1, and torchrun for more processes")
+    device, backend, workers = _generate_setup(args)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     comm = gen.connect(device)
     try:
-        # 3. The model on every process; all go on only if all have it (rank 0 hashes it for the manifest).
-        error = model = pipe = None
-        try:
-            pipe = _load(args, device)
-            _apply_precision(pipe, args)
-            _apply_scheduler_options(pipe, args)
-            if comm.rank == 0:
-                model = gen.model_identity(args.model, folder)
-        except CliError as exc:
-            error = (str(exc), 2)
-        except Exception as exc:
-            error = (f"--model: {type(exc).__name__}: {exc}", 1)
-        results = comm.all_gather((error, model))
-        failed = [(i, e) for i, (e, _) in enumerate(results) if e is not None]
-        if failed:
-            where = (lambda i: f"rank {i}: " if comm.world > 1 else "")
-            if error is not None:
-                print(f"kve-fast: error: {where(comm.rank)}{error[0]}", file=sys.stderr)
-            elif comm.rank == 0:
-                print(f"kve-fast: error: {where(failed[0][0])}{failed[0][1][0]}", file=sys.stderr)
-            return failed[0][1][1]
-        model = results[0][1]
+        pipe, model, code = _load_everywhere(args, device, folder, comm)
+        if code is not None:
+            return code
         if comm.rank == 0:
             _warn_few_steps(pipe, args)
-
-        # 4. The images.
         status: dict = {}
         try:
             summary = gen.generate_images(pipe, seeds, outdir, steps=args.steps, batch=args.batch, subdirs=args.subdirs,
@@ -574,22 +530,87 @@ def generate_command(args) -> int:
                                           tf32=args.tf32, channels_last=args.channels_last, workers=workers)
         except (KeyboardInterrupt, _Terminated):
             if comm.rank == 0:
-                print(f"kve-fast: stopped: {status.get('written', 0)} images written; rerun the same command to "
-                      "resume", file=sys.stderr)
+                print(f"kve-fast: stopped: {_stopped(status)}; rerun the same command to resume", file=sys.stderr)
             raise
         if comm.rank == 0 and not args.quiet:
-            if summary.written == 0:
-                print(f"kve-fast: nothing to do: the {len(seeds)} images in {outdir} are complete")
-            else:
-                procs = f"{summary.world} process{'es' if summary.world > 1 else ''}"
-                if device.type == "cpu":
-                    procs += f" x {summary.workers} worker{'s' if summary.workers > 1 else ''}"
-                print(f"kve-fast: wrote {summary.written} images to {outdir} ({summary.skipped} were already there) in "
-                      f"{summary.seconds:.1f} s: {summary.images_per_second:.2f} images/s on {procs} ({device.type}, "
-                      f"{args.steps} {args.solver} steps, noise={args.noise}, backend={backend})")
+            print(_generated(summary, args, len(seeds), outdir, device, backend))
         return 0
     finally:
         comm.close()
+
+
+def _generate_inputs(args) -> tuple:
+    """``generate``'s checks that need neither torch nor diffusers: ``(seeds, outdir, the model's folder)``."""
+    from .generate import check_outdir, parse_seeds
+
+    seeds = _ruled("--seeds", parse_seeds, args.seeds)
+    outdir = _check_writable_dir(_ruled("--outdir", check_outdir, args.outdir), "--outdir")
+    folder = _check_model(args.model)
+    _ruled("--model", check_channels, folder.image_shape[0])
+    return seeds, outdir, folder
+
+
+def _generate_setup(args) -> tuple:
+    """``(device, backend, workers)`` of ``generate`` (torch from here on)."""
+    from . import generate as gen
+    from .backends import check_backend
+
+    rank, world, local_rank = gen.env_rank()
+    device = _generate_device(args.device, local_rank, gen.launched_by_torchrun(), world)
+    backend = _ruled("--backend", check_backend, args.backend, device)
+    _check_cuda_graph(args, device)
+    workers = None if args.workers == "auto" else args.workers
+    _ruled("--workers", gen.check_workers, workers, device)
+    return device, backend, workers
+
+
+def _load_everywhere(args, device, folder, comm) -> tuple:
+    """The model on every process; all go on only if all have it (rank 0 hashes it for the record). Returns
+    ``(pipe, model identity, None)``, or ``(None, None, exit status)`` once the error is printed."""
+    from .generate import model_identity
+
+    error = model = pipe = None
+    try:
+        pipe = _load(args, device)
+        _apply_precision(pipe, args)
+        _apply_scheduler_options(pipe, args)
+        if comm.rank == 0:
+            model = model_identity(args.model, folder)
+    except CliError as exc:
+        error = (str(exc), 2)
+    except Exception as exc:
+        error = (f"--model: {type(exc).__name__}: {exc}", 1)
+    results = comm.all_gather((error, model))
+    failed = [(i, e) for i, (e, _) in enumerate(results) if e is not None]
+    if not failed:
+        return pipe, results[0][1], None
+    where = (lambda i: f"rank {i}: " if comm.world > 1 else "")
+    if error is not None:
+        print(f"kve-fast: error: {where(comm.rank)}{error[0]}", file=sys.stderr)
+    elif comm.rank == 0:
+        print(f"kve-fast: error: {where(failed[0][0])}{failed[0][1][0]}", file=sys.stderr)
+    return None, None, failed[0][1][1]
+
+
+def _generated(summary, args, seeds: int, outdir: str, device, backend: str) -> str:
+    """``generate``'s summary line."""
+    if summary.written == 0:
+        return f"kve-fast: nothing to do: the {seeds} images in {outdir} are complete"
+    procs = f"{summary.world} process{'es' if summary.world > 1 else ''}"
+    if device.type == "cpu":
+        procs += f" x {summary.workers} worker{'s' if summary.workers > 1 else ''}"
+    return (f"kve-fast: wrote {summary.written} images to {outdir} ({summary.skipped} were already there) in "
+            f"{summary.seconds:.1f} s: {summary.images_per_second:.2f} images/s on {procs} ({device.type}, "
+            f"{args.steps} {args.solver} steps, noise={args.noise}, backend={backend})")
+
+
+def _stopped(status: dict) -> str:
+    """What an interrupted ``generate`` kept: the bar counts images as they are sampled, ahead of those written."""
+    written, sampled = status.get("written", 0), status.get("sampled", 0)
+    if sampled <= written:
+        return f"{written} images written"
+    return (f"{written} images written; {sampled - written} more were sampled but not written, and are dropped (the "
+            "progress bar counts images as they are sampled)")
 
 
 def _on_sigterm(signum, frame):

@@ -12,10 +12,11 @@ neighbour (bench/RESULTS.md, "CPU threads"). Two remedies, both here:
   can a script that sets the variable itself; a Python session that already imported torch cannot.
 - ``for_call(device)``: every sampler call runs inside it (``kve_fast.sampler.run``). By default it leaves
   torch's thread count alone: the thread count can change the last bits of some models' CPU operators (an
-  NCSN++-style UNet: most values differ between 1 and 2 threads; the bundled digits model: none), and a
-  drop-in must give the bits diffusers gives in the same process, whatever the machine's load. With
-  ``KVE_FAST_THREADS=auto`` it uses, for the duration of one CPU call, only as many threads as there are idle
-  cores (fast beside a busy neighbour; bits that depend on the load, so it warns once when it reduces).
+  NCSN++-style UNet: most values differ between 1 and 2 threads; the bundled digits model: a few images at small
+  batches, docs/generate.md), and a drop-in must give the bits diffusers gives in the same process, whatever the
+  machine's load. With ``KVE_FAST_THREADS=auto`` it uses, for the duration of one CPU call, only as many threads
+  as there are idle cores (fast beside a busy neighbour; bits that depend on the load, so it warns once when it
+  reduces).
 
 The number of threads ``for_call`` uses, in order of precedence:
 

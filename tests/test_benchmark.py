@@ -77,7 +77,7 @@ def test_digits_table_json_and_unavailable_rows(tmp_path, capsys):
     eager_exact, eager_fast = rows
     for row in (eager_exact, eager_fast):
         assert float(row["ms/call"]) > 0 and float(row["/ floor"]) > 0 and row["first image"].endswith(" s")
-        assert row["n"] == "1 (rule not met)"  # --repeats 1: under issue 20's rule, and the table says so
+        assert row["n"] == "1 (under the rule: 5 for calls under 2 s, else 3)"  # --repeats 1: the table says so
     assert eager_fast["= diffusers"] == "n/a (own noise stream)"
     per_call = out.split("### Per call", 1)[1].split("\n\n")[1]
     assert "vs diffusers" not in per_call and "= eager" not in per_call  # ... and no columns empty in every row

@@ -101,6 +101,33 @@ def test_mistakes_in_the_commands_shape_keep_the_usage_block(capsys):
         assert err.startswith("usage: kve-fast") and "error:" in err
 
 
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["sample", "--stpes", "10"], "usage: kve-fast sample", "unrecognized arguments: --stpes 10; did you mean --steps?"),
+    (["sample", "--step", "40"], "usage: kve-fast sample", "unrecognized arguments: --step 40; did you mean --steps?"),
+    (["generate", "--seeds", "0", "--outdir", "o", "--batch-size", "2"], "usage: kve-fast generate",
+     "did you mean --batch?"),
+    (["sample", "--seeed=3", "--qiet"], "usage: kve-fast sample", "did you mean --seed or --quiet?"),
+    (["bench", "--repeat", "1"], "usage: kve-fast bench", "did you mean --repeats?"),
+])
+def test_an_unknown_option_is_told_with_the_option_it_looks_like(argv, usage, hint, capsys, tmp_path, monkeypatch):
+    """Against the subcommand's usage, and never taken as an abbreviation (mutations: argparse's abbreviations on ->
+    ``--step 40`` and ``--repeat 1`` run as ``--steps 40`` and ``--repeats 1``; no suggestion -> the top-level usage
+    alone)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(usage) and err.strip().endswith(hint), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_parser_takes_abbreviations():
+    parser = cli.build_parser()
+    subcommands = parser._subcommands()
+    assert set(subcommands) == {"sample", "generate", "bench"}
+    assert not parser.allow_abbrev and not any(p.allow_abbrev for p in subcommands.values())
+
+
 def test_threads_are_fixed_for_the_run_and_put_back(model_dir, tmp_path, capsys):
     before = torch.get_num_threads()
     seen = []
@@ -476,3 +503,46 @@ def test_cuda_graph_option_and_bench_subcommand(model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kve_fast eager, exact noise" in out and "Left out: kve_fast graphed" in out
     assert (tmp_path / "bench.json").exists()
+
+
+def _imports() -> dict[str, set[str]]:
+    """``{module: the kve_fast modules it imports}`` for every module of the package, read from its source."""
+    import ast
+
+    root = os.path.dirname(kve_fast.__file__)
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            parts = ["kve_fast", *os.path.relpath(path, root)[:-3].split(os.sep)]
+            package = parts[:-1]  # (a package's __init__ is in the package it makes)
+            module = ".".join(parts if parts[-1] != "__init__" else package)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            edges = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    base = package[:len(package) - node.level + 1] if node.level else []
+                    target = ".".join(base + ([node.module] if node.module else []))
+                    edges.update([target] + [f"{target}.{a.name}" for a in node.names])
+                elif isinstance(node, ast.Import):
+                    edges.update(a.name for a in node.names)
+            found[module] = {e for e in edges if e == "kve_fast" or e.startswith("kve_fast.")}
+    return found
+
+
+def test_nothing_imports_back_up_into_the_command_line():
+    """The command line sits on top: only the entry point imports it, only the subcommands import what they share,
+    and neither the images, the models nor ``generate`` import either (mutation: models/quality.py takes make_grid
+    from kve_fast.cli again -> fails)."""
+    imports = _imports()
+    assert "kve_fast.models.quality" in imports and "kve_fast.generate.job" in imports
+    up = {"kve_fast.cli": {"kve_fast.__main__"}, "kve_fast.cli_common": {"kve_fast.cli", "kve_fast.benchmark.cli"}}
+    for target, allowed in up.items():
+        importers = {m for m, edges in imports.items() if target in edges or any(e.startswith(target + ".") for e in edges)}
+        assert importers <= allowed, (target, sorted(importers - allowed))
+    below = [m for m in imports if m.startswith("kve_fast.generate") or m in ("kve_fast.images", "kve_fast.models.quality")]
+    for module in below:
+        assert not {e for e in imports[module] if e.startswith(("kve_fast.cli", "kve_fast.benchmark"))}, module

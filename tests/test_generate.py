@@ -30,6 +30,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -45,6 +46,7 @@ from PIL import Image
 import kve_fast
 from kve_fast import _files
 from kve_fast import generate as gen
+from kve_fast.generate import folder as gen_folder, job as gen_job, record as gen_record, workers as gen_workers
 from kve_fast.cli import main
 from kve_fast.noise import DeviceNoise, StepKeys, sample_keys
 
@@ -258,7 +260,7 @@ def test_argument_errors_need_neither_torch_nor_diffusers(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--outdir", ""], "--outdir: empty"),
+    (["--outdir", ""], "--outdir: empty; name the output folder"),
     (["--outdir", "o", "--seeds", "\u0661\u0662"], "--seeds"),
     (["--outdir", "o", "--workers", "0"], "--workers"),
 ])
@@ -331,11 +333,11 @@ def test_the_manifest_reader_skips_a_torn_last_line(tmp_path):
 
 
 def test_every_rank_must_see_the_folder_rank_0_writes(tmp_path):
-    assert not gen._sees_token(str(tmp_path), "token", wait=0)
+    assert not gen_folder.sees_token(str(tmp_path), "token", wait=0)
     (tmp_path / gen.JOB_FILE).write_text("another")
-    assert not gen._sees_token(str(tmp_path), "token", wait=0.6)
+    assert not gen_folder.sees_token(str(tmp_path), "token", wait=0.6)
     (tmp_path / gen.JOB_FILE).write_text("token")
-    assert gen._sees_token(str(tmp_path), "token", wait=0)
+    assert gen_folder.sees_token(str(tmp_path), "token", wait=0)
 
 
 # --- the same bytes however the work is split ---------------------------------------------------------------
@@ -452,14 +454,14 @@ def test_a_file_that_cannot_be_checked_ends_the_job_in_one_line(tmp_path, monkey
     def unreadable(p):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
 
-    monkeypatch.setattr(gen, "_sha256_file", unreadable)
+    monkeypatch.setattr(gen_workers, "sha256_file", unreadable)
     with pytest.raises(gen.GenerateError, match=f"^{path}: Permission denied; 0 images written"):
         gen.generate_images(pipe, range(6), str(tmp_path), steps=2, batch=2, backend="torch", workers=2)
 
 
 KILLED_WITH_BUSY_WORKERS = """
 import os, signal, time
-import kve_fast.generate as g
+import kve_fast.generate.workers as g
 real = g._sample
 def _sample(*args, **kwargs):  # in the workers: a batch that takes a minute
     time.sleep(60)
@@ -473,7 +475,7 @@ def get(self, idle=None):  # the main process: hand out a batch each, then die (
     with open({pids!r}, "w") as f:
         f.write(" ".join(map(str, self.pids)))
     os.kill(os.getpid(), signal.SIGKILL)
-g._Processes.get = get
+g.Processes.get = get
 """
 
 
@@ -516,7 +518,7 @@ def test_torchrun_two_processes_write_the_files_of_one(tmp_path, reference):
 RANK_1_FAILS = """
 import os
 if os.environ.get("RANK") == "1":
-    import kve_fast.generate as g
+    import kve_fast.generate.writer as g
     def _write(data, path):
         raise IsADirectoryError(21, "Is a directory", path)
     g._write = _write
@@ -549,7 +551,7 @@ def test_rank_0_shows_the_whole_job_in_images(tmp_path):
 
 KILL_MID_FILE = """
 import os, signal
-import kve_fast.generate as g
+import kve_fast.generate.writer as g
 from kve_fast._files import atomic_write
 calls = [0]
 real = g._write
@@ -566,9 +568,9 @@ g._write = _write
 
 KILL_MID_MANIFEST = """
 import os, signal
-import kve_fast.generate as g
+import kve_fast.generate.manifest as g
 calls = [0]
-real = g._Manifest.append
+real = g.Manifest.append
 def append(self, lines):
     if lines:
         calls[0] += 1
@@ -577,12 +579,12 @@ def append(self, lines):
             os.write(self.fd, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
     return real(self, lines)
-g._Manifest.append = append
+g.Manifest.append = append
 """
 
 TERM_MID_BATCH = """
 import os, signal
-import kve_fast.generate as g
+import kve_fast.generate.writer as g
 calls = [0]
 real = g._write
 def _write(data, path):
@@ -605,7 +607,9 @@ def test_a_killed_run_resumes_to_the_complete_set(tmp_path, reference, wrapper, 
     assert 3 <= len(pngs) < len(SEED_LIST), sorted(left)
     _vouched(outdir)
     if code == 143:
-        assert "stopped: 4 images written; rerun" in proc.stderr, proc.stderr[-2000:]
+        # (2 workers: the second batch's other files, and what the other worker had sampled of its batch)
+        assert re.search(r"stopped: 4 images written; \d+ more were sampled but not written, and are dropped",
+                         proc.stderr), proc.stderr[-2000:]
         assert not [k for k in left if k.endswith(".tmp")], "SIGTERM leaves no temporary file"
     else:
         with open(outdir / gen.MANIFEST, "rb") as f:
@@ -938,7 +942,7 @@ def test_progress_moves_per_image_within_a_batch(tmp_path, monkeypatch, workers)
         def close(self):
             pass
 
-    monkeypatch.setattr(gen, "_progress_bar", Bar)
+    monkeypatch.setattr(gen_job, "_progress_bar", Bar)
     summary = gen.generate_images(pipe, range(6), str(tmp_path), steps=6, batch=6, backend="torch", workers=workers,
                                   quiet=False)
     assert summary.written == 6 and summary.workers == workers
@@ -1092,3 +1096,328 @@ def test_keyed_kernel_noise_finds_samples_the_same_way_at_any_size(monkeypatch, 
     for b in range(3):
         alone = step_triton.churn(zero[:per_sample], None, 1.0, zero_s, one, seed=keys[b:b + 1])[0]
         assert torch.equal(alone, fast[b * per_sample:(b + 1) * per_sample])
+
+
+# --- a refused run changes nothing; jobs that meet on one folder -------------------------------------------------
+
+def _snapshot(folder) -> dict:
+    """Every file and folder under ``folder`` (itself included): its SHA-256 (files), size, mtime and mode."""
+    out = {}
+    for root, dirs, names in os.walk(folder):
+        for path in [root] + [os.path.join(root, n) for n in dirs + names]:
+            st = os.lstat(path)
+            sha = None
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    sha = hashlib.sha256(f.read()).hexdigest()
+            out[os.path.relpath(path, folder)] = (sha, st.st_size, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+@pytest.mark.parametrize("case", ["other settings", "no manifest, other settings", "stray image, manifest newline "
+                                  "stripped", "stray image, torn manifest line", "manifest but no record"])
+def test_a_refused_run_leaves_the_folder_byte_for_byte(tmp_path, small, capsys, case):
+    """(mutations: the manifest's tail cut before the checks -> the stripped-newline and torn-line cases change the
+    manifest; the manifest created before the checks of a folder without one -> the folder's mtime moves)"""
+    outdir = _folder(small, tmp_path / "out")
+    extra = []
+    if "other settings" in case:
+        extra = ["--steps", "4"]
+    if "no manifest" in case:
+        os.remove(outdir / gen.MANIFEST)
+    if "stray image" in case:
+        Image.new("L", (8, 8)).save(outdir / "stray.png")
+    if "newline stripped" in case:
+        (outdir / gen.MANIFEST).write_bytes(small[gen.MANIFEST].rstrip(b"\n"))
+    if "torn" in case:
+        (outdir / gen.MANIFEST).write_bytes(small[gen.MANIFEST] + b'{"file":"000002.png","rec')
+    if "no record" in case:
+        os.remove(outdir / gen.RECORD)
+    time.sleep(0.05)  # past the file system's timestamp granularity: a change would show in an mtime
+    before = _snapshot(tmp_path)
+    assert main(["generate", "--outdir", str(outdir), *SMALL, *extra]) == 2
+    assert len(_errors(capsys.readouterr().err)) == 1
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_complete_last_line_without_its_newline_still_vouches_for_its_file(tmp_path, small, capsys):
+    """An editor that drops the manifest's last newline leaves a whole line: its file is listed, and the run adds the
+    newline before its own lines (mutation: such a line read as torn -> cut, and 000001.png refused as unlisted)."""
+    outdir = _folder(small, tmp_path / "out")
+    (outdir / gen.MANIFEST).write_bytes(small[gen.MANIFEST].rstrip(b"\n"))
+    assert main(["generate", "--outdir", str(outdir), *SMALL]) == 0, capsys.readouterr().err
+    assert (outdir / gen.MANIFEST).read_bytes() == small[gen.MANIFEST]
+    assert main(["generate", "--outdir", str(outdir), "--seeds", "0-2", *SMALL[2:]]) == 0
+    assert [r["seed"] for r in _manifest_lines(outdir)] == [0, 1, 2]
+
+
+class _FailsOnCue(torch.nn.Module):
+    """The exact Gaussian score (8x8, 1 channel); ``cue()`` runs at its first call and its error is raised."""
+
+    def __init__(self, cue):
+        super().__init__()
+        self.score = GaussianScore(8, channels=1)
+        self.config = self.score.config
+        self.cue = cue
+
+    def forward(self, x, sigma):
+        self.cue()
+        raise RuntimeError("out of memory (simulated)")
+
+
+def _job_args(outdir):
+    return dict(seeds="0-3", outdir=str(outdir), steps=2, batch=2, backend="torch", workers=1,
+                model={"name": "the same weights", "sha256": "5" * 64})
+
+
+def test_a_failed_job_takes_back_what_it_added_before_another_job_can_start(tmp_path, monkeypatch):
+    """A job that fails before its first image removes its record and manifest holding the folder's lock, so a job
+    started meanwhile is refused (the folder is locked) instead of having its record and manifest deleted under it
+    (mutation: the lock released before the take-back -> the job run in that gap completes, the take-back deletes
+    its manifest, and its images are refused as unlisted)."""
+    out = tmp_path / "out"
+    pipe = _gaussian_pipe()
+    real, meanwhile = gen_folder._undo_setup, []
+
+    def undo(*args):  # the gap before the take-back: another job (same settings) on the folder
+        monkeypatch.setattr(gen_folder, "_undo_setup", real)
+        try:
+            meanwhile.append(gen.generate_images(pipe, **_job_args(out)))
+        except gen.GenerateError as exc:
+            meanwhile.append(exc)
+        return real(*args)
+
+    monkeypatch.setattr(gen_folder, "_undo_setup", undo)
+    failing = kve_fast.KarrasVePipeline(_FailsOnCue(lambda: None), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+    with pytest.raises(gen.GenerateError, match="out of memory"):
+        gen.generate_images(failing, **_job_args(out))
+    summary = gen.generate_images(pipe, **_job_args(out))  # (the mutation: 000000.png is not in manifest.jsonl)
+    assert (summary.written, summary.skipped) == (4, 0)
+    again = gen.generate_images(pipe, **_job_args(out))
+    assert (again.written, again.skipped) == (0, 4)
+    assert len(meanwhile) == 1 and "another kve-fast generate" in str(meanwhile[0]), meanwhile
+
+
+@pytest.mark.parametrize("folder", ["made by the failing job", "there before"])
+def test_a_job_that_waited_for_a_manifest_taken_back_opens_it_again(tmp_path, monkeypatch, folder):
+    """Job B opens the manifest while job A holds its lock; A fails before its first image and takes back its
+    record, manifest (and the folder, if it made it); then B gets the lock, on a file no longer in the folder. B
+    must open the path again (mutation: no check that the locked file is still at the path -> B writes its lines
+    into the removed file, and its images are refused as unlisted by every later run; or B finds no folder)."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "out"
+    if folder == "there before":
+        out.mkdir()
+    a_runs, b_opened, failures = threading.Event(), threading.Event(), []
+
+    def cue():  # job A, sampling its first batch with the lock held: wait until B has opened the manifest
+        a_runs.set()
+        assert b_opened.wait(60)
+
+    def job_a():
+        failing = kve_fast.KarrasVePipeline(_FailsOnCue(cue), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+        try:
+            gen.generate_images(failing, **_job_args(out))
+        except gen.GenerateError as exc:
+            failures.append(exc)
+
+    real_flock, first = fcntl.flock, [True]
+
+    def flock(fd, operation):  # job B's first lock: only once A has failed and taken back what it added
+        if threading.current_thread() is threading.main_thread() and first[0]:
+            first[0] = False
+            b_opened.set()
+            a.join(60)
+        return real_flock(fd, operation)
+
+    a = threading.Thread(target=job_a)
+    a.start()
+    assert a_runs.wait(60)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    summary = gen.generate_images(_gaussian_pipe(), **_job_args(out))
+    assert not first[0] and not a.is_alive() and "out of memory" in str(failures[0])
+    assert summary.written == 4
+    again = gen.generate_images(_gaussian_pipe(), **_job_args(out))
+    assert (again.written, again.skipped) == (0, 4)
+    assert len(_manifest_lines(out)) == 4
+
+
+# --- the record compares values and weights, and holds what changes bits ----------------------------------------
+
+@pytest.mark.parametrize("first, then", [(["--s-churn", "80"], []), ([], ["--s-max", "50"])],
+                         ids=["s-churn 80 then the model's", "the model's then s-max 50"])
+def test_a_setting_equal_to_the_models_is_the_same_setting(tmp_path, capsys, first, then):
+    """The digits model's config says s_churn 80 and s_max 50 (ints): ``--s-churn 80`` is the same setting
+    (mutation: the manifest lines carry this run's record id instead of the folder's -> 80.0 against 80 is another
+    id, and the resume refuses 000000.png as unlisted)."""
+    outdir = tmp_path / "out"
+    assert main(["generate", "--outdir", str(outdir), *SMALL, *first]) == 0
+    assert main(["generate", "--outdir", str(outdir), "--seeds", "0-2", *SMALL[2:], *then]) == 0, \
+        capsys.readouterr().err
+    assert [r["seed"] for r in _manifest_lines(outdir)] == [0, 1, 2]
+    assert gen.record_differences({"s": 80}, {"s": 80.0}) == []
+    assert gen.record_differences({"s": True}, {"s": 1}) == ["s True (now 1)"]
+
+
+def test_the_same_model_by_another_path_is_the_same_model(tmp_path, capsys):
+    """(mutation: the model compared by name and hash -> 'other weights' with identical hashes)"""
+    from kve_fast.loading import check_model_folder
+
+    outdir = tmp_path / "out"
+    assert main(["generate", "--outdir", str(outdir), *SMALL]) == 0
+    path = check_model_folder("digits", False).unet_dir
+    assert main(["generate", "--outdir", str(outdir), "--model", path, "--seeds", "0-2", *SMALL[2:]]) == 0, \
+        capsys.readouterr().err
+    assert [r["seed"] for r in _manifest_lines(outdir)] == [0, 1, 2]
+    assert _record(outdir)["model"]["name"] == "digits", "the folder's record stands"
+    other = dict(_record(outdir), model={"name": path, "sha256": "0" * 64})
+    assert gen.record_differences(_record(outdir), other)[0].startswith("--model: other weights")
+
+
+@pytest.mark.parametrize("name, value", [("DNNL_MAX_CPU_ISA", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                                         ("ATEN_CPU_CAPABILITY", "default"), ("MKL_CBWR", "COMPATIBLE"),
+                                         ("NVIDIA_TF32_OVERRIDE", "0"), ("ONEDNN_DEFAULT_FPMATH_MODE", "BF16")])
+def test_a_resume_under_an_environment_that_changes_bits_is_refused(tmp_path, small, capsys, monkeypatch, name,
+                                                                      value):
+    """oneDNN reads DNNL_MAX_CPU_ISA when it starts (3 of 40 PNGs differed under AVX2 while torch's own capability
+    still said AVX512): every such variable is in the record (mutation: BITS_ENVIRONMENT without it -> the resume is
+    accepted)."""
+    outdir = _folder(small, tmp_path / "out")
+    assert name not in json.loads(small[gen.RECORD])["device"]["environment"]
+    monkeypatch.setenv(name, value)
+    assert main(["generate", "--outdir", str(outdir), *SMALL]) == 2
+    assert f"{name} in the environment (unset) (now '{value}')" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert main(["generate", "--outdir", str(fresh), *SMALL]) == 0
+    assert _record(fresh)["device"]["environment"] == {name: value}
+
+
+@pytest.fixture
+def precision_switches():
+    """torch's float32 precision switches, put back as they were after the test."""
+    b = torch.backends
+    places = [b, b.mkldnn, b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn, b.cudnn, b.cuda.matmul, b.cudnn.conv,
+              b.cudnn.rnn]
+    matmul, saved = torch.get_float32_matmul_precision(), [p.fp32_precision for p in places]
+    yield
+    torch.set_float32_matmul_precision(matmul)
+    for place, value in zip(places, saved):
+        place.fp32_precision = value
+
+
+@pytest.mark.parametrize("switch", ["mkldnn.conv bf16", "fp32_precision tf32", "float32_matmul_precision medium"])
+def test_a_resume_under_other_precision_switches_is_refused(tmp_path, small, capsys, precision_switches, switch):
+    """torch's switches that let oneDNN compute float32 convolutions and matmuls in bf16 or TF32 (mutation: the
+    record without the fp32_precision switches -> the resume is accepted)."""
+    outdir = _folder(small, tmp_path / "out")
+    if switch == "mkldnn.conv bf16":
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    elif switch == "fp32_precision tf32":
+        torch.backends.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision("medium")
+    assert main(["generate", "--outdir", str(outdir), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "torch's fp32_precision of " in err and len(_errors(err)) == 1, err
+
+
+def test_the_precision_switches_are_read_after_the_legacy_flags_or_the_new_api(precision_switches):
+    """Reading ``cudnn.allow_tf32`` raises once a caller set one cuDNN operator's precision through the new API
+    (torch 2.13: "a mix of the legacy and new APIs"); the record reads the new API, which the legacy flags set too."""
+    torch.backends.cuda.matmul.allow_tf32 = True  # the legacy flag
+    assert gen_record._fp32_precision("cuda")["cuda.matmul"] == "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"  # the new API, the rnn's left at tf32
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.backends.cudnn.allow_tf32  # noqa: B018 (what a legacy reader would do)
+    switches = gen_record._fp32_precision("cuda")
+    assert switches["cudnn.conv"] == "ieee" and switches["cudnn.rnn"] == "tf32"
+    assert set(gen_record._fp32_precision("cpu")) == {"all", "mkldnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"}
+
+
+def test_a_resume_under_other_thread_counts_makes_the_same_bytes(tmp_path, monkeypatch):
+    """torch's count and KVE_FAST_THREADS do not reach the model: one intra-op thread per worker, recorded (seeds
+    12-17 at --batch 3: seed 15 differs between 1 and 2 threads on a 2-core CPU; mutation: generate leaves torch's
+    count -> the remade file differs there)."""
+    outdir = tmp_path / "out"
+    argv = ["generate", "--outdir", str(outdir), *THREAD_ARGS, "--workers", "1"]
+    assert main(argv) == 0
+    made = _files_of(outdir)
+    for rel in made:
+        os.remove(outdir / rel)
+    monkeypatch.setenv("KVE_FAST_THREADS", "2")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert _files_of(outdir) == made and _record(outdir)["device"]["threads"] == 1
+
+
+# --- interrupted ---------------------------------------------------------------------------------------------------
+
+def test_an_interrupt_says_why_what_the_bar_counted_was_not_kept(tmp_path, monkeypatch, capsys):
+    """The bar counts images as they are sampled; Ctrl-C in the first batch keeps none of them, and the message says
+    why (mutation: the message says only '0 images written', under a bar that showed 2)."""
+    from kve_fast import cli
+
+    real = cli._load
+
+    def load(args, device):  # Ctrl-C at the 5th model call: the last of 3 steps of the first batch of 4
+        pipe = real(args, device)
+        forward, calls = pipe.unet.forward, [0]
+
+        def interrupted(*a, **k):
+            calls[0] += 1
+            if calls[0] == 5:
+                raise KeyboardInterrupt
+            return forward(*a, **k)
+
+        pipe.unet.forward = interrupted
+        return pipe
+
+    monkeypatch.setattr(cli, "_load", load)
+    out = tmp_path / "out"
+    assert main(["generate", "--outdir", str(out), "--seeds", "0-3", "--batch", "4", "--steps", "3", "--workers", "1",
+                 "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped: 0 images written; 2 more were sampled but not written, and are dropped" in err, err
+    assert not out.exists(), "nothing kept: the folder it made is gone again"
+
+
+# --- one rule, one wording --------------------------------------------------------------------------------------
+
+def test_the_command_and_the_api_word_each_rule_alike(tmp_path, capsys, monkeypatch):
+    """The command delegates generate's rules to the functions generate_images calls (kve_fast.generate.checks,
+    kve_fast.images): the same text after the argument's name (mutation: the command words one of them its own way
+    again, as it did for the channels, the empty folder and the workers -> the texts differ)."""
+    from diffusers import UNet2DModel
+
+    from kve_fast.generate import checks
+
+    def command(*argv) -> str:
+        assert main(["generate", "--seeds", "1", "--steps", "2", "--quiet", *argv]) == 2
+        (line,) = _errors(capsys.readouterr().err)
+        return line.removeprefix("kve-fast: error: ")
+
+    def api(error, pipe, outdir, **kwargs) -> str:
+        with pytest.raises(error) as info:
+            gen.generate_images(pipe, [1], outdir, steps=2, batch=1, backend="torch", **kwargs)
+        return str(info.value)
+
+    two = tmp_path / "two-channels"
+    UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), norm_num_groups=8,
+                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(two)
+    pipe = kve_fast.KarrasVePipeline(GaussianScore(8, channels=2), kve_fast.KarrasVeScheduler(**SMALL_SIGMAS))
+    channels = api(gen.GenerateError, pipe, str(tmp_path / "a"))
+    assert command("--model", str(two), "--outdir", str(tmp_path / "b")) == f"--model: {channels}"
+    assert command("--outdir", "") == "--outdir: " + api(ValueError, _gaussian_pipe(), "").removeprefix("`outdir`: ")
+    monkeypatch.setattr(checks, "FORK_WORKERS", False)  # as off Linux
+    workers = api(ValueError, _gaussian_pipe(), str(tmp_path / "c"), workers=2)
+    assert workers.startswith("`workers`: worker processes are forked, on Linux only")
+    assert command("--workers", "2", "--outdir", str(tmp_path / "d"), "--device", "cpu") == \
+        "--workers: " + workers.removeprefix("`workers`: ")
+    assert list(tmp_path.iterdir()) == [two]

@@ -4,11 +4,17 @@ reader would paste it), every ``kve-fast`` command parses with today's options, 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import shlex
+import subprocess
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from kve_fast.testing import inside_share
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -41,11 +47,29 @@ def test_the_readme_is_short_and_has_examples():
 
 @pytest.mark.parametrize("path, k, block", PYTHON, ids=[f"{p}:{k + 1}" for p, k, _ in PYTHON])
 def test_python_block_runs_on_its_own(path, k, block, tmp_path, monkeypatch):
+    """Each block runs; a block that needs a package the docs tell how to install says so in its first line
+    (``# needs: k_diffusion``) and is skipped where that package is missing. What a README block makes can fail
+    it: the images it saves are a size one can look at (mutation: the README's 8x8 digit -> fails), and the float
+    images it keeps (NHWC arrays in [0, 1], compared bit for bit) are mostly inside (0, 1), where equality says
+    something (mutation: the README's drop-in example on a random UNet -> every pixel clamped, fails)."""
+    needs = re.match(r"# needs: (\w+)", block)
+    if needs and importlib.util.find_spec(needs.group(1)) is None:
+        pytest.skip(f"{path} python block {k + 1} needs {needs.group(1)}, which is not installed")
     monkeypatch.chdir(tmp_path)  # examples save files into the current folder
+    namespace = {"__name__": "__main__"}
     try:
-        exec(compile(block, f"{path} python block {k + 1}", "exec"), {"__name__": "__main__"})
+        exec(compile(block, f"{path} python block {k + 1}", "exec"), namespace)
     except Exception as exc:  # name the block that failed
         pytest.fail(f"{path} python block {k + 1} failed on its own: {type(exc).__name__}: {exc}\n{block}")
+    if path != rel(README):  # (docs/generate.md writes files at the model's size, as FID sets need)
+        return
+    for image in tmp_path.rglob("*.png"):
+        with Image.open(image) as opened:
+            assert min(opened.size) >= 32, f"{path} python block {k + 1} saves {image.name} at {opened.size}"
+    for name, value in namespace.items():
+        if (isinstance(value, np.ndarray) and value.ndim == 4 and value.dtype.kind == "f" and value.size
+                and value.min() >= 0 and value.max() <= 1):
+            assert inside_share(value) > 0.5, f"{path} python block {k + 1}: {name} is mostly clamped at 0 or 1"
 
 
 def commands() -> list[tuple[str, str]]:
@@ -92,3 +116,33 @@ def test_relative_links_point_at_files():
         readme = f.read()
     for path in sorted(PENDING) + [rel(p) for p in FILES[1:]]:  # every docs page is linked from the README
         assert f"]({path})" in readme, path
+
+
+def written_by_the_readme() -> list[str]:
+    """The files the README's commands and Python examples write into the current folder."""
+    from kve_fast.cli import DEFAULT_OUT, DEFAULT_OUT_FOLDER, build_parser
+
+    names = {DEFAULT_OUT, f"{DEFAULT_OUT_FOLDER}/sample_0000.png"}
+    parser = build_parser()
+    for path, argv in commands():
+        if path == "README.md" and argv[:1] == ["sample"]:
+            args = parser.parse_args(argv)
+            names.update(n for n in (args.out, args.trajectory) if n)
+    for block in blocks(README, "python"):
+        names.update(re.findall(r"\.save\(\"([^\"]+)\"\)", block))
+    return sorted(names)
+
+
+def test_the_readmes_commands_leave_the_checkout_clean():
+    """Run in a checkout, the README's commands must not make it dirty (every bench report made afterwards would
+    say so): what they write is ignored by git (mutation: .gitignore without it -> kve_fast_samples.png shows)."""
+    try:
+        top = subprocess.run(["git", "-C", ROOT, "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no git")
+    if top.returncode != 0 or os.path.realpath(top.stdout.strip()) != os.path.realpath(ROOT):
+        pytest.skip("not a git checkout")
+    names = written_by_the_readme()
+    assert "kve_fast_samples.png" in names and "digit.png" in names and "faces.png" in names
+    ignored = subprocess.run(["git", "-C", ROOT, "check-ignore", *names], capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == names

@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 
-from ..commands import CliError, at_least, check_model, device_name, load_for_command, pin_threads, resolve_device
+from ..cli_common import CliError, at_least, check_model, device_name, load_for_command, pin_threads, resolve_device
 from ..options import BACKENDS, NOISE_MODES
 from .report import exactness_failures, format_markdown, to_json, write_text
 from .rows import KINDS, bench_pipeline, graph_support, jit_warmup
@@ -28,7 +28,7 @@ class BenchError(CliError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kve-fast bench`` (no torch needed to parse them)."""
-    from ..commands import MODEL_HELP
+    from ..cli_common import MODEL_HELP
     from .plot import PLOT_FORMATS
 
     positive_int = at_least(int, 1)

@@ -103,6 +103,8 @@ def write_plot(result: dict, path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        for which in ("major", "minor"):  # plain numbers: a narrow range has only minor ticks (not 1.7x10^1)
+            getattr(ax.yaxis, f"set_{which}_formatter")(ticker.FormatStrFormatter("%.3g"))
         ax.set_xticks([c["batch_size"] for c in mine])
         ax.set_xlabel("batch size")
         ax.set_ylabel(f"ms per call ({mine[0]['steps']} steps)")

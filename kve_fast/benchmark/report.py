@@ -9,7 +9,7 @@ import math
 import os
 
 from .._files import atomic_write
-from .provenance import jsonable
+from .provenance import SHORT_CALL_S, jsonable, required_repeats
 from .rows import FIRST_IMAGE_TARGET_S, FLOOR_TARGET, row_label
 
 __all__ = ["format_markdown", "write_outputs", "write_text", "to_json", "table_rows", "left_out_lines", "floors_table",
@@ -68,6 +68,14 @@ def _config_label(c: dict) -> str:
     return f"{c['name']} ({dims}{params})" if dims else c["name"]
 
 
+def _repeats_cell(r: dict) -> str:
+    """The ``n`` column: the timed calls, and the rule they fall short of, if they do."""
+    if r.get("repeat_rule_met", True) is not False:
+        return str(r["repeats"])
+    short, long = required_repeats(0.0), required_repeats(SHORT_CALL_S)
+    return f"{r['repeats']} (under the rule: {short} for calls under {SHORT_CALL_S:g} s, else {long})"
+
+
 def table_rows(configs: list[dict], left_out: bool = False) -> list[list[str]]:
     """The main table's cells, one list per row (``COLUMNS``); rows that could not run on this model or device
     ("unavailable": see ``left_out_lines``) only with ``left_out``."""
@@ -88,7 +96,7 @@ def table_rows(configs: list[dict], left_out: bool = False) -> list[list[str]]:
                 continue
             tail = "" if r["repeat_consistent"] else " (repeats differ!)"
             spread = (f"{r['min_ms']:.1f}-{r['max_ms']:.1f}" if r.get("min_ms") is not None else "")
-            n = str(r["repeats"]) + ("" if r.get("repeat_rule_met", True) is not False else " (rule not met)")
+            n = _repeats_cell(r)
             out.append([
                 first, r["row"], f"{r['ms_per_call']:.1f}", spread,
                 f"{r['speedup']:.2f}x" if r["speedup"] else "",

@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     images = sample_digits(args.model, args.n, args.seed, args.steps)
     dt = time.perf_counter() - t0
     if args.grid:
-        from ..cli import make_grid
+        from ..images import make_grid
 
         arrays = (images[:256].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         make_grid(arrays, 16, 4).save(args.grid)
