@@ -449,11 +449,20 @@ def release(cap: Capture, completed: bool) -> None:
 
 
 class GraphEngine:
-    """``kve_fast.engine.Engine``'s interface, with every stage list replayed from the capture's graphs."""
+    """``kve_fast.engine.Engine``'s interface, with every stage list replayed from the capture's graphs.
 
-    def __init__(self, cap: Capture, schedule, plan, denoise, source, s_noise: float, callback=None, extra=None):
+    A callback runs between two replays and may do whatever it does in an eager run: an in-place edit of a
+    tensor it was handed counts (the copies it gets are watched through their version counters and copied
+    back into the graph's buffers), and if it changed what the capture baked in (the model: a hook, a
+    processor, a parameter; or the global switches), the rest of the call runs eagerly from there, with the
+    same bits, and the capture is dropped (the next call captures anew): nothing stale is ever replayed.
+    ``eager()`` makes the engine that takes over."""
+
+    def __init__(self, cap: Capture, schedule, plan, denoise, source, s_noise: float, callback=None, extra=None,
+                 eager=None):
         self.cap, self.schedule, self.plan, self.source, self.s_noise = cap, schedule, plan, source, s_noise
-        self.callback = callback
+        self.callback, self.make_eager = callback, eager
+        self.eager = None  # the eager engine that took over, if one did
         self.ctx = StepContext(cap.backend, cap.buffers, denoise)
         self.ctx.env = cap.env
         if extra is not None:
@@ -496,6 +505,9 @@ class GraphEngine:
             self._replay(prologue, self.plan[0])
 
     def step(self, step) -> None:
+        if self.eager is not None:
+            self.eager.step(step)
+            return
         self._replay(self.schedule.stages(self.schedule.kind(self.plan, step)), step)
 
     def _replay(self, stages, step) -> None:
@@ -505,26 +517,62 @@ class GraphEngine:
         cap.feed.load(step, self.plan[step.index + 1] if fused else None, self.s_noise)
         for part in segments(stages):
             if isinstance(part, HandOut):
-                self._hand_out(part, step)
+                why = self._hand_out(part, step)
+                if why is not None:
+                    self._hand_over(stages[_index(stages, part) + 1:], step, why)
+                    return
                 continue
             if _churns(part):
                 cap.feed.set_noise(self.source.step())
             cap.graphs[part].replay()
 
-    def _hand_out(self, stage: HandOut, step) -> None:
+    def _hand_out(self, stage: HandOut, step) -> str | None:
+        """The callback, given copies of the state; returns why the capture went stale meanwhile, or None."""
         env = self.cap.env
         state = {stage.x: env[stage.x].clone(), stage.denoised: env[stage.denoised].clone()}
+        versions = [t._version for t in state.values()]
         new = self.callback(stage, step, state)
+        for (name, t), version in zip(state.items(), versions):
+            if t._version != version:  # edited in place: in an eager run it was the state itself
+                env[name].copy_(t)
         if new is not None:
             env[stage.x].copy_(new)
+        return self._stale()
+
+    def _stale(self) -> str | None:
+        """Why the capture no longer matches what a replay would need (the model, the global switches), or None."""
+        cap = self.cap
+        if fake_graph.switches() != cap.key.switches:
+            return "the global switches changed"
+        model = cap.model_ref()
+        return "the model was garbage-collected" if model is None else cap.state.difference(model)
+
+    def _hand_over(self, rest: tuple, step, why: str) -> None:
+        """Run ``rest`` of ``step`` and every later step eagerly, from the graph's state (copied: the capture is
+        dropped when the run ends)."""
+        warn_once(("hand over", why), f"kve_fast: a callback changed what this call's CUDA graphs baked in ({why}); "
+                                      "the call goes on eagerly from there (same results), the next call "
+                                      "captures again")
+        self.cap.cleared = True
+        eager = self.make_eager()
+        eager.env.update({name: t.clone() for name, t in self.cap.env.items()})
+        if rest:
+            run(rest, eager.ctx, eager.feed.at(step))
+        self.eager = eager
 
     def sample(self) -> torch.Tensor:
-        return self.cap.env["x"]
+        return self.eager.sample() if self.eager is not None else self.cap.env["x"]
 
     def output(self) -> torch.Tensor:
+        if self.eager is not None:
+            return self.eager.output()
         env = self.cap.env
         if self.schedule.image is None:
             return env["x"].clone()
         if self.schedule.fuses_image and "image" in env:
             return env["image"].clone()
         return self.cap.backend.to_image(env["x"], self.schedule.image)
+
+
+def _index(stages: tuple, stage) -> int:
+    return next(i for i, s in enumerate(stages) if s is stage)

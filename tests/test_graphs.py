@@ -543,3 +543,218 @@ def test_a_capture_is_reused_after_its_warm_up_built_fir_filters(fake_graphs, mo
     assert_bitwise(first, _run(pipe, False, steps=2, batch=1, solver="euler", unet_dtype=torch.bfloat16), "eager")
     assert_bitwise(run(), first, "the second graphed call")
     assert list(graphs._CACHE.values()) == [cap], "the second call recaptured"
+
+
+# --- what a forward can read: attributes, classes, tensor metadata, global hooks -------------------------------
+
+
+def test_an_attention_processor_swapped_after_a_capture_runs(fake_graphs):
+    """diffusers' ``set_processor`` replaces a plain attribute, no tensor and no hook (mutation: the
+    fingerprint's attribute check removed -> the old processor is replayed, most values differ)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = reference_test_unet(8).to(DEVICE)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.2), **SMALL)
+    first = _same_as_eager(pipe, "the default processor")
+    _set_processors(unet, AttnProcessor)
+    swapped = _same_as_eager(pipe, "AttnProcessor set after the capture")
+    assert not torch.equal(first, swapped), "the processors round differently: the swap must show"
+
+
+def _set_processors(unet, kind) -> None:
+    """Every attention module of ``unet`` given a new ``kind()`` processor (diffusers' ``set_processor``)."""
+    attentions = [m for m in unet.modules() if hasattr(m, "set_processor")]
+    assert attentions
+    for m in attentions:
+        m.set_processor(kind())
+
+
+class Flagged(torch.nn.Module):
+    """A module whose forward branches on a flag, calls an activation it holds, and reads a plain object."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.double, self.act = False, torch.nn.functional.silu
+        self.settings = type("Settings", (), {})()
+        self.settings.scale = 1.0
+
+    def forward(self, x):
+        y = self.act(self.conv(x)) * self.settings.scale
+        return y * 2 if self.double else y
+
+
+@pytest.mark.parametrize("change", ["flag", "activation", "object attribute", "class method"])
+def test_plain_attributes_a_forward_reads_are_part_of_what_a_capture_baked_in(fake_graphs, change, monkeypatch):
+    """Mutations: the fingerprint's module-attribute check removed (flag, activation), its second level removed
+    (object attribute), its class check removed (class method): each replays the old choice."""
+    net = Flagged().to(DEVICE)
+    pipe = kve_pipe(ScorePlus(net, scale=0.2), **SMALL)
+    first = _same_as_eager(pipe, "before")
+    if change == "flag":
+        net.double = True
+    elif change == "activation":
+        net.act = torch.nn.functional.gelu
+    elif change == "object attribute":
+        net.settings.scale = 3.0
+    else:
+        monkeypatch.setattr(Flagged, "forward", lambda self, x: self.conv(x) * 0.5)
+    assert not torch.equal(_same_as_eager(pipe, f"{change} changed after the capture"), first)
+    assert graphs.graph_info()["captures"] == 1, "the stale capture is freed"
+
+
+def test_the_same_value_set_again_keeps_the_capture(fake_graphs):
+    net = Flagged().to(DEVICE)
+    pipe = kve_pipe(ScorePlus(net, scale=0.2), **SMALL)
+    _run(pipe, True)
+    (cap,) = graphs._CACHE.values()
+    net.double = False
+    net.settings.scale = float("1.0")
+    _run(pipe, True)
+    assert list(graphs._CACHE.values()) == [cap], "an equal value recaptured"
+
+
+class Biased(torch.nn.Module):
+    """The Gaussian score plus a small term read from ``bias``, a buffer that is a view into a larger storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.base, self.config = GaussianScore(8), GaussianScore(8).config
+        store = torch.arange(1.0, 3 * 8 * 8 + 2)  # one value more than the view needs
+        self.register_buffer("bias", store[1:].view(3, 8, 8))
+
+    def forward(self, x, sigma):
+        return BaseOutput(sample=self.base(x, sigma).sample + 1e-4 * self.bias.to(torch.float32))
+
+
+@pytest.mark.parametrize("change", ["offset", "strides", "shape", "dtype"])
+def test_a_buffer_changed_under_its_storage_is_captured_anew(fake_graphs, change):
+    """The storage stays the same; only where and how a forward reads it changes (mutation: the fingerprint's
+    data pointer / shape / strides / dtype comparison removed -> the capture replays the old view)."""
+    model = Biased().to(DEVICE)
+    pipe = kve_pipe(model, **SMALL)
+    first = _same_as_eager(pipe, "before")
+    bias = model.bias
+    storage = bias.untyped_storage()
+    with torch.no_grad():
+        if change == "offset":
+            bias.set_(storage, 0, bias.shape, bias.stride())
+        elif change == "strides":
+            bias.set_(storage, bias.storage_offset(), (3, 8, 8), (64, 1, 8))
+        elif change == "shape":
+            bias.set_(storage, bias.storage_offset(), (1, 8, 8), (64, 8, 1))
+        else:
+            model.bias = bias.view(torch.int32)  # the same bytes read as integers
+    assert model.bias.untyped_storage().data_ptr() == storage.data_ptr()
+    assert not torch.equal(_same_as_eager(pipe, f"{change} changed under the same storage"), first)
+
+
+def test_a_global_module_hook_added_after_a_capture_runs(fake_graphs):
+    """Mutation: the fingerprint's global-hook check removed -> the capture runs without the hook."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    unet = reference_test_unet(8).to(DEVICE)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.2), **SMALL)
+    first = _same_as_eager(pipe, "no global hook")
+    handle = register_module_forward_hook(lambda m, i, o: o * 1.5 if m is unet.conv_out else o)
+    try:
+        hooked = _same_as_eager(pipe, "a global hook")
+    finally:
+        handle.remove()
+    assert not torch.equal(first, hooked)
+
+
+def test_a_module_list_holding_none_is_captured(fake_graphs):
+    """diffusers builds ``mid_block.attentions = ModuleList([None])`` with ``add_attention=False`` (the bundled
+    digits model does): the fingerprint skips the None (827f2de crashed on it, outside the 'auto' fallback)."""
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                       add_attention=False, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).to(DEVICE).eval()
+    assert any(m is None for m in unet.mid_block.attentions)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.2), **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: it is captured
+        _same_as_eager(pipe, "a ModuleList holding None")
+    assert graphs.graph_info()["captures"] == 1
+
+
+# --- what a callback may do: the graphed call gives the eager call's bits ---------------------------------------
+
+
+def _both(pipe, callback, **kw):
+    """(graphed, eager) outputs of the same call with ``callback_on_step_end``."""
+    kw.setdefault("callback_on_step_end_tensor_inputs", ["sample", "pred_original_sample"])
+    return (_run(pipe, True, callback_on_step_end=callback, **kw),
+            _run(pipe, False, callback_on_step_end=callback, **kw))
+
+
+@pytest.mark.parametrize("what", ["sample", "pred_original_sample"])
+def test_a_callbacks_in_place_edit_counts_as_in_an_eager_call(fake_graphs, what):
+    """The callback gets the live sample in an eager call (as in diffusers' newer pipelines): ``mul_`` on it
+    changes the run; on the graph's copy it must too (mutation: the copy-back of edited tensors removed)."""
+    pipe = kve_pipe(GaussianScore(8).to(DEVICE), **SMALL)
+
+    def halve(p, i, t, kw):
+        if i == 1:
+            kw[what].mul_(0.5)
+        return {}
+
+    graphed, eager = _both(pipe, halve)
+    assert_bitwise(graphed, eager, f"an in-place edit of {what}")
+    untouched = _run(pipe, False, callback_on_step_end=lambda p, i, t, kw: {})
+    assert torch.equal(untouched, eager) == (what == "pred_original_sample"), "only the sample is read on"
+
+
+@pytest.mark.parametrize("change", ["hook", "parameter", "processor", "switch"])
+def test_a_model_changed_inside_a_callback_runs_on_eagerly(fake_graphs, change, switches_back):
+    """What the callback changes counts from the next model call on, graphed as eagerly; the stale capture is
+    never replayed (a replaced parameter would be read freed) and the next call captures anew (mutation: the
+    check after a callback removed -> the hook is missed, or StaleCapture)."""
+    unet = reference_test_unet(8).to(DEVICE)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.2), **SMALL)
+    handles = []
+
+    def edit(p, i, t, kw):
+        if i == 0:
+            if change == "hook":
+                handles.append(unet.conv_in.register_forward_hook(lambda m, inp, out: out * 2))
+            elif change == "parameter":
+                unet.conv_out.weight = torch.nn.Parameter(unet.conv_out.weight.detach() * 1.5)
+            elif change == "processor":
+                from diffusers.models.attention_processor import AttnProcessor
+
+                _set_processors(unet, AttnProcessor)
+            else:
+                torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+        return {}
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    saved = copy.deepcopy(unet.state_dict())
+    out = {}
+    for mode in (True, False):
+        for h in handles:
+            h.remove()
+        handles.clear()
+        unet.load_state_dict(saved, assign=True)
+        _set_processors(unet, AttnProcessor2_0)
+        _warn.forget()
+        out[mode] = _run(pipe, mode, steps=3, callback_on_step_end=edit)
+        if mode is True:
+            assert graphs.graph_info()["captures"] == 0, "the stale capture was cached"
+    assert_bitwise(out[True], out[False], f"{change} inside a callback")
+    unchanged = _run(pipe, False, steps=3)
+    if change != "switch":  # (cudnn.benchmark changes nothing on the CPU)
+        assert not torch.equal(unchanged, out[False]), "the change must show"
+    for h in handles:
+        h.remove()
+
+
+def test_a_callback_that_changes_nothing_keeps_the_graphs(fake_graphs):
+    pipe = kve_pipe(GaussianScore(8).to(DEVICE), **SMALL)
+    _run(pipe, True, callback_on_step_end=lambda p, i, t, kw: {})
+    (cap,) = graphs._CACHE.values()
+    _run(pipe, True, callback_on_step_end=lambda p, i, t, kw: {})
+    assert list(graphs._CACHE.values()) == [cap]
