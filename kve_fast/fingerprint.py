@@ -52,7 +52,8 @@ _ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
 _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
-_row = operator.itemgetter("training", "_forward_hooks", "_forward_pre_hooks", "_parameters", "_buffers")
+_ROW_KEYS = ("training", "_forward_hooks", "_forward_pre_hooks", "_parameters", "_buffers")
+_row = operator.itemgetter(*_ROW_KEYS)
 _first = operator.itemgetter(0)
 _call = getattr(operator, "call", lambda f, *args: f(*args))  # (operator.call is Python 3.11+)
 # what torch.nn.Module keeps in every instance's __dict__ (checked through the rows above, or not read by forward)
@@ -80,6 +81,17 @@ def _modules(model) -> list:
 def _has_none(items) -> bool:
     """``None in items`` by identity (``in`` compares with ``==``, which a tensor answers elementwise)."""
     return any(map(operator.is_, items, itertools.repeat(None)))
+
+
+def _rows(modules: list, dicts: list) -> list:
+    """``_row`` of each module's ``__dict__``; a module that keeps one of them elsewhere (``torch.compile``'s
+    ``OptimizedModule`` forwards ``training`` to the module it wraps) is read through its attributes."""
+    try:
+        return list(map(_row, dicts))
+    except KeyError:
+        return [_row(d) if all(k in d for k in _ROW_KEYS) else
+                (m.training, d.get("_forward_hooks", {}), d.get("_forward_pre_hooks", {}), d.get("_parameters", {}),
+                 d.get("_buffers", {})) for m, d in zip(modules, dicts)]
 
 
 def _hooks(rows) -> list:
@@ -213,7 +225,7 @@ class ModelState:
     def __init__(self, model):
         modules = _modules(model)
         dicts = list(map(vars, modules))
-        rows = list(map(_row, dicts))
+        rows = _rows(modules, dicts)
         tensors = _tensors(rows)
         self._modules = [weakref.ref(m) for m in modules]
         self._types = list(map(type, modules))
@@ -245,7 +257,7 @@ class ModelState:
         dicts = list(map(vars, modules))
         if list(map(len, dicts)) != self._sizes:
             return "a module's attributes changed (one set or deleted: an instance forward, an NCSN++ patch...)"
-        rows = list(map(_row, dicts))
+        rows = _rows(modules, dicts)
         if list(map(_first, rows)) != self._training:
             return "a training flag changed (train() / eval())"
         if _hooks(rows) != self._hooks:

@@ -318,6 +318,7 @@ class Capture:
         self.key, self.spec, self.backend = key, spec, backend
         self.model_ref = weakref.ref(model) if _weakrefable(model) else (lambda m=model: m)
         self.state = ModelState(model)
+        self.compiled = compiled(model)
         self.buffers = Buffers(like, model_dtype, reuse=None, image_kind=spec.image)
         self.feed = DeviceFeed(spec.convention, spec.device, spec.noise, like)
         self.env: dict = {}
@@ -346,7 +347,7 @@ class Capture:
                         self.env[name] = static
                 return None
 
-            g = self.graphs[stages] = _capture(fn, self.spec.device, self.pool)
+            g = self.graphs[stages] = _capture(fn, self.spec.device, self.pool, self.compiled)
         return g
 
     def free_if_idle(self) -> None:
@@ -372,11 +373,37 @@ def _weakrefable(obj) -> bool:
     return True
 
 
-def _capture(fn, device: torch.device, pool):
+def compiled(model) -> bool:
+    """Whether ``torch.compile`` wraps ``model`` or part of it: an ``OptimizedModule`` in the tree, a module
+    compiled in place (``module.compile()``), a compiled instance ``forward``, or a compiled function."""
+    if hasattr(model, "_torchdynamo_orig_callable"):
+        return True
+    if not isinstance(model, torch.nn.Module):
+        return False
+    for m in model.modules():
+        d = vars(m)
+        if d.get("_compiled_call_impl") is not None or hasattr(d.get("forward"), "_torchdynamo_orig_callable") \
+                or type(m).__name__ == "OptimizedModule":
+            return True
+    return False
+
+
+# Why a compiled model is never run under a dispatch mode here: dynamo does not run compiled code while a
+# TorchDispatchMode is active, and from then on runs that frame eagerly for good (torch 2.13): the stand-in's
+# recorder, or ``fake_graph.watch`` around a warm-up, would silently undo the user's compile.
+_COMPILED_ON_THE_CPU = ("the model is compiled with torch.compile, whose code runs outside the operators the CPU "
+                        "graph stand-in (KVE_FAST_FAKE_GRAPHS=1) records: it is captured on CUDA only")
+
+
+def _capture(fn, device: torch.device, pool, compiled_model: bool = False):
     """Warm ``fn`` up (twice, on a side stream) and capture it; a graph cannot take random draws or host
-    syncs, and those are refused before they run (``fake_graph.watch``), so no RNG moves."""
+    syncs, and those are refused before they run (``fake_graph.watch``), so no RNG moves. A compiled model
+    compiles in the first warm-up, before the capture, outside any dispatch mode (see above); its draws are
+    found by the global RNGs having moved, which are then put back."""
     with _CAPTURE_LOCK:
         if fake() or device.type != "cuda":
+            if compiled_model:
+                raise fake_graph.CaptureRefused(_COMPILED_ON_THE_CPU)
             with fake_graph.watch():
                 fn()
                 fn()
@@ -385,14 +412,31 @@ def _capture(fn, device: torch.device, pool):
             return graph
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), fake_graph.watch():
-            fn()
-            fn()
+        with torch.cuda.stream(stream):
+            if compiled_model:
+                _warm_up_compiled(fn, device)
+            else:
+                with fake_graph.watch():
+                    fn()
+                    fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             fn()
         return graph
+
+
+def _warm_up_compiled(fn, device: torch.device) -> None:
+    """Two warm-ups of a compiled model's step (the first compiles); refused if they drew random numbers,
+    with the global RNGs put back."""
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    fn()
+    fn()
+    if not (torch.equal(torch.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(device), cuda)):
+        torch.set_rng_state(cpu)
+        torch.cuda.set_rng_state(cuda, device)
+        raise fake_graph.CaptureRefused("the model draws random numbers in its forward (dropout in train mode, or "
+                                        "noise); a graph would replay the captured draw")
 
 
 def checkout(model, spec, backend, like: torch.Tensor, model_dtype: torch.dtype, wait: bool):

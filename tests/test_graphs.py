@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    GaussianScore, assert_bitwise, kve_pipe, make_generator, ncsnpp_unet, needs_triton, reference_test_unet,
+    MODELS, GaussianScore, assert_bitwise, kve_pipe, make_generator, ncsnpp_unet, needs_triton, reference_test_unet,
 )
 from diffusers.utils import BaseOutput
 
@@ -758,3 +758,159 @@ def test_a_callback_that_changes_nothing_keeps_the_graphs(fake_graphs):
     (cap,) = graphs._CACHE.values()
     _run(pipe, True, callback_on_step_end=lambda p, i, t, kw: {})
     assert list(graphs._CACHE.values()) == [cap]
+
+
+# --- the README's main job and every model the tests know, graphed ---------------------------------------------
+
+
+def test_the_main_job_runs_graphed_with_the_eager_bits(fake_graphs, tmp_path, monkeypatch):
+    """``kve-fast sample`` with the bundled digits model (what the README's main job runs on a GPU, where
+    'auto' picks Triton and graphs), and ``kve-fast generate``: graphed, the same PNG bytes as eagerly, and a
+    capture really made (827f2de: a traceback, and 'auto' could not fall back)."""
+    from kve_fast.cli import main
+
+    monkeypatch.setattr(graphs, "MAX_CAPTURES", 4)
+    made = []
+    release = graphs.release
+    monkeypatch.setattr(graphs, "release", lambda cap, completed: (made.append(completed), release(cap, completed)))
+    common = ["--steps", "3", "--backend", "triton", "--quiet"]
+    pngs = {}
+    for mode in ("auto", "off"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            assert main(["sample", *common, "--batch-size", "2", "--cuda-graph", mode,
+                         "--out", str(tmp_path / f"grid-{mode}.png")]) == 0
+            assert main(["generate", *common, "--seeds", "0-2", "--batch", "2", "--cuda-graph", mode,
+                         "--outdir", str(tmp_path / f"gen-{mode}")]) == 0
+        pngs[mode] = [(tmp_path / f"grid-{mode}.png").read_bytes()] + [
+            p.read_bytes() for p in sorted((tmp_path / f"gen-{mode}").glob("*.png"))]
+    assert made and all(made), "the graphed runs captured and completed"
+    assert len(pngs["auto"]) == 4 and pngs["auto"] == pngs["off"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_the_tests_know_runs_graphed_with_the_eager_bits(fake_graphs, models, name):
+    model = models(name).to(DEVICE)
+    pipe = kve_pipe(model, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # captured, not a fallback
+        _same_as_eager(pipe, f"{name} graphed", steps=2, batch=1)
+    assert graphs.graph_info()["captures"] == 1
+
+
+# --- a model compiled with torch.compile -------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after (its compiles are cached per code object, and bounded)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class _Counting:
+    """A ``torch.compile`` backend that counts compiles and runs of the compiled code, and records whether a
+    compile happened during a capture or under a dispatch mode."""
+
+    def __init__(self):
+        self.compiles, self.runs, self.bad = 0, 0, []
+        self.capturing = False
+
+    def __call__(self, gm, inputs):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        self.compiles += 1
+        if self.capturing or _get_current_dispatch_mode() is not None:
+            self.bad.append("compiled inside a capture or a dispatch mode")
+
+        def run(*args):
+            self.runs += 1
+            return gm.forward(*args)
+
+        return run
+
+
+def _compiled_models(backend):
+    """A compiled module, a module compiled in place, a compiled instance forward, a compiled submodule."""
+    a = torch.compile(Flagged(), backend=backend)
+    b = Flagged()
+    b.compile(backend=backend)
+    c = Flagged()
+    c.forward = torch.compile(c.forward, backend=backend)
+    d = torch.nn.Sequential(torch.compile(Flagged(), backend=backend))
+    return {"OptimizedModule": a, "compile()": b, "compiled forward": c, "compiled submodule": d}
+
+
+@pytest.mark.parametrize("kind", ["OptimizedModule", "compile()", "compiled forward", "compiled submodule"])
+def test_a_compiled_model_is_refused_by_the_cpu_stand_in_and_stays_compiled(fake_graphs, kind, fresh_dynamo):
+    """The stand-in records operators through a dispatch mode, under which dynamo does not run compiled code
+    and afterwards never does again for that frame: it must refuse before (mutation: the compiled check removed
+    -> 'True' captures and the model silently runs uncompiled from then on)."""
+    backend = _Counting()
+    net = _compiled_models(backend)[kind]
+    pipe = kve_pipe(ScorePlus(net, scale=0.2), **SMALL)
+    with pytest.raises(ValueError, match="torch.compile"):
+        _run(pipe, True)
+    _warn.forget()
+    with pytest.warns(RuntimeWarning, match="torch.compile"):
+        auto = _run(pipe, "auto")
+    assert_bitwise(auto, _run(pipe, False), "the eager fallback")
+    runs = backend.runs
+    net(torch.zeros(2, 3, 8, 8, device=DEVICE))
+    assert backend.compiles >= 1 and backend.runs > runs, "the model no longer runs its compiled code"
+    assert not backend.bad
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for ``graphs._capture``'s CUDA branch to run on the CPU: streams that do
+    nothing, a graph context that marks the capture, the CUDA RNG state as a constant."""
+
+    def __init__(self, monkeypatch, backend: _Counting):
+        import contextlib
+
+        cuda = torch.cuda
+        nothing = contextlib.nullcontext
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        monkeypatch.setattr(cuda, "Stream", lambda device=None: stream())
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: stream())
+        monkeypatch.setattr(cuda, "stream", lambda s: nothing())
+        monkeypatch.setattr(cuda, "CUDAGraph", lambda: "graph")
+        monkeypatch.setattr(cuda, "get_rng_state", lambda device=None: torch.zeros(1, dtype=torch.uint8))
+        monkeypatch.setattr(cuda, "set_rng_state", lambda state, device=None: None)
+
+        @contextlib.contextmanager
+        def graph(g, pool=None, capture_error_mode=None):
+            backend.capturing = True
+            try:
+                yield
+            finally:
+                backend.capturing = False
+
+        monkeypatch.setattr(cuda, "graph", graph)
+
+
+def test_on_cuda_a_compiled_model_compiles_before_the_capture_outside_any_dispatch_mode(monkeypatch, fresh_dynamo):
+    """The CUDA branch of the capture, with torch.cuda's stream and graph calls stood in for: the first warm-up
+    compiles, outside a dispatch mode (``fake_graph.watch`` would undo the compile for good), never inside the
+    capture, and the compiled code is what the capture runs (mutation: the compiled model warmed up under
+    ``watch``)."""
+    monkeypatch.delenv(graphs.FAKE_ENV_VAR, raising=False)
+    backend = _Counting()
+    _FakeCuda(monkeypatch, backend)
+    net = torch.compile(Flagged(), backend=backend)
+    x = torch.ones(1, 3, 4, 4)
+    with torch.no_grad():
+        assert graphs._capture(lambda: net(x), torch.device("cuda"), None, compiled_model=True) == "graph"
+    assert backend.compiles == 1 and backend.runs == 3 and not backend.bad
+
+
+def test_on_cuda_a_compiled_model_that_draws_is_refused_with_the_rng_put_back(monkeypatch, fresh_dynamo):
+    monkeypatch.delenv(graphs.FAKE_ENV_VAR, raising=False)
+    backend = _Counting()
+    _FakeCuda(monkeypatch, backend)
+    noisy = torch.compile(lambda: torch.rand(3) * 2, backend=backend)
+    torch.manual_seed(5)
+    with pytest.raises(CaptureRefused, match="random numbers"):
+        graphs._capture(noisy, torch.device("cuda"), None, compiled_model=True)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(5).get_state())
