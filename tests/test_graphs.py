@@ -914,3 +914,21 @@ def test_on_cuda_a_compiled_model_that_draws_is_refused_with_the_rng_put_back(mo
     with pytest.raises(CaptureRefused, match="random numbers"):
         graphs._capture(noisy, torch.device("cuda"), None, compiled_model=True)
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(5).get_state())
+
+
+def test_a_failure_to_fingerprint_the_model_falls_back_under_auto(fake_graphs, monkeypatch):
+    """Whatever fails while the capture is set up (here the model's snapshot) is a reason 'auto' runs eagerly
+    and True names (mutation: the checkout outside the fallback's try, as in 827f2de -> a traceback)."""
+    pipe = kve_pipe(GaussianScore(8).to(DEVICE))
+    eager = _run(pipe, False)
+
+    def broken(model):
+        raise AttributeError("a module tree the snapshot cannot read")
+
+    monkeypatch.setattr(graphs, "ModelState", broken)
+    with pytest.raises(ValueError, match="cannot read"):
+        _run(pipe, True)
+    _warn.forget()
+    with pytest.warns(RuntimeWarning, match="cannot read"):
+        assert_bitwise(_run(pipe, "auto"), eager, "the eager fallback")
+    assert graphs.graph_info()["captures"] == 0
