@@ -15,8 +15,13 @@ and replays them:
 - A capture is keyed by everything else (``CaptureKey``: the model, every setting of the run's
   ``RunSpec`` that is not fed, and the global switches that pick kernels) and checked per call against
   what it baked in of the model (``kve_fast.fingerprint.ModelState``: parameters' and buffers' storages,
-  shapes, strides, dtypes and devices, training flags, hooks, NCSN++ patches). Anything that changed
-  gives a new capture, and the old one is freed.
+  shapes, strides, dtypes and devices, training flags, hooks, the modules' attributes and classes).
+  Anything that changed gives a new capture, and the old one is freed.
+- A callback runs between replays and may do what it does in an eager call: an in-place edit of the state
+  it was handed counts (``GraphEngine``), and a change to the model or the global switches, checked after
+  each callback, makes the rest of the call run eagerly (same bits) and the next call capture anew.
+- A model compiled with ``torch.compile`` compiles in the first warm-up, outside the capture and outside any
+  dispatch mode (``_capture``); the CPU stand-in cannot record compiled code and refuses it.
 - Captures are serialized (one at a time per process, ``capture_error_mode="thread_local"``, so other
   threads' CUDA work goes on); each capture has its own memory pool, so replays of different captures
   never share intermediates; warm-up and capture never touch an RNG (a model that draws random numbers
