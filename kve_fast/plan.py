@@ -6,9 +6,10 @@ loop reaches step i, with the reference's 0-d float32 tensor operations, so noth
 with the step count. Plans of small step counts are kept in a cache bounded in bytes and guarded by a
 lock; a run puts its plan there only when it completes. Where the caller hands over the whole sigma
 sequence (``sigmas_plan``: ``sample_karras_ve_sigmas``; ``kdiffusion_plan``: k-diffusion's samplers), it
-is already in memory, so ``VectorPlan`` and ``KPlan`` compute every step's floats at the start with
-elementwise ops over it, each element the same IEEE operation as the 0-d one (the steps themselves are
-still made on access).
+is already in memory, so ``VectorPlan`` and ``KPlan`` compute the steps' floats ``CHUNK`` steps at a time
+with elementwise ops over a slice of it, each element the same IEEE operation as the 0-d one, when a step
+of the chunk is first asked for; they keep the last few chunks only, so what they hold beyond one float32
+copy of the sequence does not grow with the step count either.
 
 Steps hold plain floats (each exactly a float32 value) and hand out *new* 0-d tensors on every
 access, so nothing a model or a callback receives can change a later call.
@@ -203,36 +204,62 @@ class Plan(_LazySteps):
         return Step(i, self._n - 1 - i, self._sigma_at(i), sigma_next, *self._churn, self._n)
 
 
-class VectorPlan(_LazySteps):
-    """``Plan``'s steps over a float32 CPU tensor of descending ``sigmas`` (ending in 0) that is known whole:
-    every step's floats come from a few elementwise ops over the whole sequence, once per run (each element is
-    the reference's 0-d float32 op on that element: the same IEEE operation), not a dozen 0-d tensor ops per
-    step. tests/test_sampler.py checks every field against ``Step``'s 0-d arithmetic."""
+CHUNK = 1024  # steps whose floats a whole-sequence plan computes together (tests set a small one)
+CHUNKS_KEPT = 3  # the chunks it keeps: the loop's current and next, and the graph runner's first or last
 
-    def __init__(self, sigmas: torch.Tensor, s_churn, s_min, s_max):
-        super().__init__(sigmas.numel() - 1)
-        self._rows = _step_rows(sigmas, s_churn, s_min, s_max)
+
+class _Chunks:
+    """The rows of steps ``0 .. n - 1`` (what ``make(lo, hi)`` computes for steps ``lo .. hi - 1``), made ``CHUNK``
+    at a time when a step of the chunk is first asked for; the ``CHUNKS_KEPT`` chunks made last are kept. The loop
+    walks forward asking for steps i and i + 1, and the graph runner asks for the first and the last steps
+    before it: a chunk is made once in a run, and the memory held does not grow with n."""
+
+    def __init__(self, n: int, make):
+        self._n, self._make, self._size = n, make, CHUNK
+        self._kept = ()  # ((first step, rows), ...), the newest last; replaced whole (one store)
+
+    def __getitem__(self, i: int):
+        start = i - i % self._size
+        for first, rows in self._kept:
+            if first == start:
+                return rows[i - first]
+        rows = self._make(start, min(start + self._size, self._n))
+        self._kept = (self._kept + ((start, rows),))[-CHUNKS_KEPT:]
+        return rows[i - start]
+
+
+class VectorPlan(_LazySteps):
+    """``Plan``'s steps over float32 CPU tensors known whole: ``sigma`` (step i's sigma_i) and ``nxt`` (its
+    sigma_{i+1}, 0 on the last step). Their floats come from a few elementwise ops over a chunk of them
+    (``_Chunks``; each element is the reference's 0-d float32 op on that element: the same IEEE operation),
+    not a dozen 0-d tensor ops per step. tests/test_sampler.py checks every field against ``Step``'s 0-d
+    arithmetic."""
+
+    def __init__(self, sigma: torch.Tensor, nxt: torch.Tensor, s_churn, s_min, s_max):
+        super().__init__(sigma.numel())
+        g = min(s_churn / self._n, 2**0.5 - 1)
+        self._rows = _Chunks(self._n, lambda lo, hi: _step_rows(sigma[lo:hi], nxt[lo:hi], hi == self._n, g, s_min,
+                                                                 s_max))
 
     def _make(self, i: int) -> Step:
         return Step._of(i, self._n - 1 - i, self._rows[i])
 
 
-def _step_rows(sig: torch.Tensor, s_churn, s_min, s_max) -> list:
-    """``(gamma, last, sigma, sigma_hat, sigma_next, noise_coef, at_hat, at_next)`` of each step, as ``Step``
-    computes them (``churn_sigma``, ``churn_coefficient``, ``level_at``), element by element."""
-    n = sig.numel() - 1
-    sigma, nxt = sig[:-1], sig[1:]
-    g = min(s_churn / n, 2**0.5 - 1)
+def _step_rows(sigma: torch.Tensor, nxt: torch.Tensor, ends: bool, g, s_min, s_max) -> list:
+    """``(gamma, last, sigma, sigma_hat, sigma_next, noise_coef, at_hat, at_next)`` of the steps at ``sigma`` (to
+    ``nxt``), as ``Step`` computes them (``churn_sigma`` with gamma ``g``, ``churn_coefficient``, ``level_at``),
+    element by element; ``ends``: the run's last step is the last of these."""
     churned = (sigma >= s_min) & (sigma <= s_max)  # (s_min <= sigma <= s_max, as churn_sigma tests it)
     hat = torch.where(churned, sigma + g * sigma, sigma + 0 * sigma)
     coef = (hat**2 - sigma**2) ** 0.5
     one = torch.ones_like(hat)
     dt = nxt - hat  # (the last step's sigma_{i+1} is the int 0 there: 0 - sigma_hat, the same op)
+    last_at = sigma.numel() - 1 if ends else -1
     rows = []
     for c, s, h, s_next, k, h_half, h_inv, d, n_half, n_inv in zip(
             churned.tolist(), sigma.tolist(), hat.tolist(), nxt.tolist(), coef.tolist(), (hat / 2).tolist(),
             (one / hat).tolist(), dt.tolist(), (nxt / 2).tolist(), (one / nxt).tolist()):
-        last = len(rows) == n - 1
+        last = len(rows) == last_at
         at_next = None if last else Level(n_half, s_next, n_inv, d)
         rows.append((g if c else 0.0, last, s, h, 0.0 if last else s_next, k, Level(h_half, h, h_inv, d), at_next))
     return rows
@@ -341,7 +368,9 @@ def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float
     why = _float32_range_problem(float(sig[0]), float(sig[n - 1]), churn=s_churn > 0)
     if why:
         raise ValueError(f"`sigmas` {why}")
-    return VectorPlan(sig, s_churn, s_tmin, s_tmax)
+    if isinstance(sigmas, torch.Tensor) and sig.data_ptr() == sigmas.data_ptr():
+        sig = sig.clone()  # (the floats are made as the run goes: from the sigmas as the call got them)
+    return VectorPlan(sig[:-1], sig[1:], s_churn, s_tmin, s_tmax)
 
 
 # -- settings whose float32 arithmetic stays finite ------------------------------------------------------
@@ -445,38 +474,39 @@ class KStep:
 class KPlan(_LazySteps):
     """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access).
 
-    The host floats of every step (``KStep``'s) come from a few elementwise ops over the CPU copy of the
-    sigmas, once per run: each element is what k-diffusion's 0-d expression gives (the same IEEE operation
-    per element, in the sigmas' dtype, then rounded to float32 as ``_f32`` rounds), without a dozen 0-d
-    tensor ops per step."""
+    The host floats of the steps (``KStep``'s) come from a few elementwise ops over a chunk of the CPU copy of
+    the sigmas (``_Chunks``): each element is what k-diffusion's 0-d expression gives (the same IEEE operation
+    per element, in the sigmas' dtype, then rounded to float32 as ``_f32`` rounds), without a dozen 0-d tensor
+    ops per step."""
 
     def __init__(self, sigmas: torch.Tensor, sigmas_cpu: torch.Tensor, s_churn, s_tmin, s_tmax):
         super().__init__(max(sigmas_cpu.numel() - 1, 0))
         self.sigmas = sigmas
         self._device_churn = device_churn(sigmas, s_churn) if sigmas.device.type != "cpu" else None
-        self._rows = _kstep_rows(sigmas_cpu, s_churn, s_tmin, s_tmax, self._device_churn) if self.n else []
+        g = min(s_churn / self._n, 2**0.5 - 1) if self._n else 0.0
+        self._rows = _Chunks(self._n, lambda lo, hi: _kstep_rows(
+            sigmas_cpu[lo:hi], sigmas_cpu[lo + 1:hi + 1], g, s_tmin, s_tmax,
+            None if self._device_churn is None else self._device_churn[lo:hi]))
 
     def _make(self, i: int) -> KStep:
         return KStep(i, self.sigmas, self._rows[i])
 
 
-def _kstep_rows(cpu: torch.Tensor, s_churn, s_tmin, s_tmax, churn: torch.Tensor | None) -> list:
-    """``(gamma, last, noise_coef, sigma_hat, sigma_next, dt)`` of each step, as Python floats and bools:
-    k-diffusion's ``gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.``,
-    ``sigma_hat = sigmas[i] * (gamma + 1)``, the churn coefficient ``(sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5``
-    (None where gamma is 0; ``churn``'s value where it was computed on the sigmas' device) and
-    ``dt = sigmas[i + 1] - sigma_hat``, each an elementwise op in the sigmas' dtype like k-diffusion's 0-d one,
-    the floats rounded to float32."""
-    n = cpu.numel() - 1
-    sig, nxt = cpu[:-1], cpu[1:]
-    g = min(s_churn / n, 2**0.5 - 1)
+def _kstep_rows(sig: torch.Tensor, nxt: torch.Tensor, g, s_tmin, s_tmax, churn: torch.Tensor | None) -> list:
+    """``(gamma, last, noise_coef, sigma_hat, sigma_next, dt)`` of the steps from ``sig`` to ``nxt``, as Python
+    floats and bools: k-diffusion's ``gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax
+    else 0.`` (``g`` is the min), ``sigma_hat = sigmas[i] * (gamma + 1)``, the churn coefficient
+    ``(sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5`` (None where gamma is 0; ``churn``'s value where it was computed
+    on the sigmas' device) and ``dt = sigmas[i + 1] - sigma_hat``, each an elementwise op in the sigmas' dtype
+    like k-diffusion's 0-d one, the floats rounded to float32."""
+    n = sig.numel()
     churned = ((sig >= s_tmin) & (sig <= s_tmax)) if g > 0 else torch.zeros(n, dtype=torch.bool)
     hat = torch.where(churned, sig * (g + 1), sig * (0.0 + 1))
     f32 = lambda t: t.to(torch.float32).tolist()  # noqa: E731 - (as _f32 rounds, element by element)
     if not bool(churned.any()):
         coefs = [None] * n
     elif churn is not None:
-        coefs = churn[:n].tolist()  # (its own dtype's values, as float(churn[i]) gives them)
+        coefs = churn.tolist()  # (its own dtype's values, as float(churn[i]) gives them)
     else:
         coefs = f32((hat**2 - sig**2) ** 0.5)
     rows = []
@@ -522,6 +552,8 @@ def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPl
     if sigmas.dim() != 1:
         raise ValueError(f"`sigmas` must be 1-D, got shape {tuple(sigmas.shape)}")
     cpu = sigmas.detach().cpu()
+    if cpu.data_ptr() == sigmas.data_ptr():
+        cpu = cpu.clone()  # (the host floats are made as the run goes: from the sigmas as the call got them)
     n = cpu.numel() - 1
     if n >= 1 and s_churn > 0:
         gamma = min(s_churn / n, 2**0.5 - 1)

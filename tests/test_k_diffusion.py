@@ -22,6 +22,7 @@ import torch
 from conftest import CAN_RUN_TRITON, GaussianScore, assert_bitwise, reference_test_unet
 
 from kve_fast import k_diffusion as kd
+from kve_fast import plan as plan_module
 from kve_fast.testing import K_DIFFUSION, import_k_diffusion_sampling
 
 BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
@@ -98,7 +99,8 @@ CASES = [  # (sampler, model, batch, steps, churn settings)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sampler, model, batch, steps, churn", CASES)
-def test_samplers_match_k_diffusion(sampler, model, batch, steps, churn, backend):
+def test_samplers_match_k_diffusion(sampler, model, batch, steps, churn, backend, monkeypatch):
+    monkeypatch.setattr(plan_module, "CHUNK", 2)  # (the steps' host floats made two steps at a time)
     real = real_sampling()
     denoiser = _models()[model]
     sigmas = real.get_sigmas_karras(steps, 0.02, 40.0, device=DEVICE)
@@ -157,15 +159,20 @@ def test_schedule_helpers_match_k_diffusion():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("churn", [(1.0, 0.0, float("inf")), (40.0, 0.05, 10.0), (13.7, 0.3, 20.0)])
-def test_step_scalars_match_k_diffusion_expressions(churn, dtype):
+def test_step_scalars_match_k_diffusion_expressions(churn, dtype, monkeypatch):
     """Each step's host scalars against k-diffusion's own 0-d expressions on the sigmas' device (on a GPU
     machine, CUDA: there the churn coefficient comes from ``device_churn``, whose powers are CUDA's), in the
     sigmas' dtype, rounded to float32 as the kernels take them; also sequences with zeros inside and at the
     end (ComfyUI's split and flipped sigmas). The plan computes all steps' floats with elementwise ops at once:
     the mutations this catches include the product taken in float32 for float64 sigmas, the floats left
     unrounded in the sigmas' dtype, ``last`` read from another test than ``sigmas[i + 1] == 0``, and ``<`` for
-    ``<=`` at either end of the churn range (sigmas equal to s_tmin and s_tmax are in the split sequence)."""
+    ``<=`` at either end of the churn range (sigmas equal to s_tmin and s_tmax are in the split sequence). The
+    floats are made 7 steps at a time (chunk boundaries inside both sequences), and asked for backwards too:
+    a chunk's first step or its ``sigmas[i + 1]`` read from the wrong place (on a GPU also its churn coefficients
+    from the wrong slice) fail here."""
     from kve_fast.plan import device_churn, kdiffusion_plan
+
+    monkeypatch.setattr(plan_module, "CHUNK", 7)
 
     s_churn, s_tmin, s_tmax = churn
     karras = real_sampling().get_sigmas_karras(60, 0.002, 80.0, device=DEVICE).to(dtype)
@@ -177,7 +184,7 @@ def test_step_scalars_match_k_diffusion_expressions(churn, dtype):
         plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
         assert (plan._device_churn is not None) == (DEVICE != "cpu")
         vector = device_churn(sigmas, s_churn)
-        for i in range(len(sigmas) - 1):
+        for i in [*range(len(sigmas) - 1), *reversed(range(len(sigmas) - 1))]:
             # k-diffusion's sample_heun lines
             gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
             sigma_hat = sigmas[i] * (gamma + 1)
