@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_int, check_real
+from ._checks import check_bound, check_int, check_real
 from .options import SCHEDULES
 from .schedules import schedule_value
 
@@ -346,14 +346,10 @@ def plan_steps(scheduler, num_inference_steps: int) -> Plan:
 def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf")) -> Plan:
     """Steps for a user's descending ``sigmas`` (ending in 0), with the reference's per-step rounding."""
     check_real("s_churn", s_churn, minimum=0)
-    check_real("s_tmin", s_tmin, minimum=0)
-    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)):
-        raise TypeError(f"`s_tmax` must be a number, got {type(s_tmax).__name__}")
+    s_tmin = check_bound("s_tmin", s_tmin, minimum=0, finite=True)
+    s_tmax = check_bound("s_tmax", s_tmax)
     if not s_tmax >= s_tmin:
         raise ValueError(f"`s_tmax` must be >= `s_tmin`, got {s_tmax!r}")
-    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):  # (torch compares ints through int64)
-        if isinstance(value, int) and not -2**63 <= value < 2**63:
-            raise ValueError(f"`{name}` is too large an int ({value:.3g}); pass a float")
     try:
         sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -543,9 +539,7 @@ def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPl
     return x as it is, as k-diffusion does).
     """
     check_real("s_churn", s_churn, minimum=0)
-    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise TypeError(f"`{name}` must be a number, got {value!r}")
+    s_tmin, s_tmax = check_bound("s_tmin", s_tmin), check_bound("s_tmax", s_tmax)
     if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point():
         raise TypeError(f"`sigmas` must be a floating-point torch.Tensor (as k-diffusion's get_sigmas_* return), "
                         f"got {type(sigmas).__name__}")

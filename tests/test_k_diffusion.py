@@ -17,6 +17,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from conftest import CAN_RUN_TRITON, GaussianScore, assert_bitwise, reference_test_unet
@@ -239,13 +240,45 @@ def test_fast_noise_is_reproducible_and_not_the_exact_stream():
     ({"backend": "cuda"}, ValueError, "backend"),
     ({"noise": "loud"}, ValueError, "noise"),
     ({"s_noise": -1.0}, ValueError, "s_noise"),
+    # every refusal docs/k-diffusion.md lists, and no other
+    ({"model": 3}, TypeError, "model"),
+    ({"x": torch.zeros(1, 3, 8, 8, dtype=torch.int64)}, TypeError, "x"),
+    ({"x": torch.zeros(0, 3, 8, 8)}, ValueError, "x"),
+    ({"sigmas": torch.tensor([2, 1, 0])}, TypeError, "sigmas"),
+    ({"s_churn": -0.5}, ValueError, "s_churn"),
+    ({"s_churn": float("inf")}, ValueError, "s_churn"),
+    ({"s_churn": True}, TypeError, "s_churn"),
+    ({"s_noise": torch.tensor(1.0)}, TypeError, "s_noise"),
+    ({"s_tmin": float("nan")}, ValueError, "s_tmin"),
+    ({"s_tmax": "10"}, TypeError, "s_tmax"),
+    ({"s_tmax": 10**40, "s_churn": 1.0}, ValueError, "s_tmax"),  # (k-diffusion: torch's OverflowError)
 ])
 def test_bad_arguments_fail_before_any_draw(kwargs, error, name):
-    call = {"sigmas": torch.tensor([2.0, 1.0, 0.0]), **kwargs}
+    call = {"model": kd.score_to_denoiser(GaussianScore(8)), "x": torch.zeros(1, 3, 8, 8),
+            "sigmas": torch.tensor([2.0, 1.0, 0.0]), **kwargs}
     state = torch.get_rng_state()
     with pytest.raises(error, match=name):
-        kd.sample_heun(kd.score_to_denoiser(GaussianScore(8)), torch.zeros(1, 3, 8, 8), disable=True, **call)
+        kd.sample_heun(disable=True, **call)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_run_as_in_k_diffusion(backend):
+    """k-diffusion takes numpy scalars for every real argument (ComfyUI's nodes pass them); s_tmin and s_tmax
+    were refused (mutation: the old int/float test -> TypeError). The bounds sit on sigmas of the sequence, in
+    float32, float64 and int, so the range test's rounding counts."""
+    real = real_sampling()
+    sigmas = real.get_sigmas_karras(8, 0.05, 20.0, device=DEVICE)
+    denoiser = kd.score_to_denoiser(GaussianScore(8).to(DEVICE))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) * sigmas[0]
+    for churn in ({"s_churn": np.float32(2.3), "s_tmin": np.float32(sigmas[5]), "s_tmax": np.float64(sigmas[1]),
+                   "s_noise": np.float32(1.007)},
+                  {"s_churn": np.int64(3), "s_tmin": np.float16(0.5), "s_tmax": np.int32(10), "s_noise": np.int8(1)}):
+        torch.manual_seed(4)
+        expected = real.sample_heun(denoiser, x, sigmas, disable=True, **churn)
+        torch.manual_seed(4)
+        got = kd.sample_heun(denoiser, x, sigmas, disable=True, backend=backend, **churn)
+        assert_bitwise(got, expected, str(churn))
 
 
 def test_no_autograd_tape_and_the_rng_after_a_failure_is_k_diffusions():

@@ -184,6 +184,25 @@ def test_graphed_runs_over_chunked_plans_give_the_eager_bits(fake_graphs, monkey
     assert graphs.graph_info()["captures"] == 2, "both graphed runs were captured"
 
 
+def test_numpy_scalars_are_taken_for_every_real_argument():
+    """sample_karras_ve_sigmas took numpy scalars for s_churn, s_tmin and s_noise but refused them for s_tmax
+    (mutation: the old int/float test); the same values as numpy scalars give the same bits, bools stay
+    refused."""
+    model = GaussianScore(8)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 6.0
+    sigmas = [6.0, 3.0, 1.5, 0.5, 0.2, 0.0]
+    run = lambda **kw: kve_fast.sample_karras_ve_sigmas(  # noqa: E731
+        model, x, sigmas, generator=torch.Generator().manual_seed(1), **kw)
+    expected = run(s_churn=2.5, s_tmin=0.5, s_tmax=3.0, s_noise=1.007)
+    got = run(s_churn=np.float64(2.5), s_tmin=np.float32(0.5), s_tmax=np.float32(3.0), s_noise=np.float64(1.007))
+    assert_bitwise(got, expected)
+    assert_bitwise(run(s_churn=np.int64(2), s_tmin=np.int32(0), s_tmax=np.int64(3)),
+                   run(s_churn=2, s_tmin=0, s_tmax=3))
+    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+        with pytest.raises(TypeError, match=name):
+            run(**{name: np.True_})
+
+
 @pytest.mark.parametrize("name", ["s_tmin", "s_tmax"])
 def test_an_int_bound_torch_cannot_compare_is_refused_by_name(name):
     """Bounds are compared with the sigmas in torch, which takes ints through int64: a larger int is refused
