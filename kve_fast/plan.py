@@ -17,7 +17,9 @@ access, so nothing a model or a callback receives can change a later call.
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -232,23 +234,28 @@ class VectorPlan(_LazySteps):
     """``Plan``'s steps over float32 CPU tensors known whole: ``sigma`` (step i's sigma_i) and ``nxt`` (its
     sigma_{i+1}, 0 on the last step). Their floats come from a few elementwise ops over a chunk of them
     (``_Chunks``; each element is the reference's 0-d float32 op on that element: the same IEEE operation),
-    not a dozen 0-d tensor ops per step. tests/test_sampler.py checks every field against ``Step``'s 0-d
-    arithmetic."""
+    not a dozen 0-d tensor ops per step. ``gamma_n``: what gamma_i divides S_churn by (the scheduler's
+    ``num_inference_steps``; default: the number of steps); ``timesteps``: each step's timestep (default:
+    n - 1 - i); ``to_zero``: the last step goes to sigma = 0 (the int 0, as the reference's), not to its ``nxt``.
+    tests/test_sampler.py checks every field against ``Step``'s 0-d arithmetic."""
 
-    def __init__(self, sigma: torch.Tensor, nxt: torch.Tensor, s_churn, s_min, s_max):
+    def __init__(self, sigma: torch.Tensor, nxt: torch.Tensor, s_churn, s_min, s_max, gamma_n: int | None = None,
+                 timesteps: torch.Tensor | None = None, to_zero: bool = True):
         super().__init__(sigma.numel())
-        g = min(s_churn / self._n, 2**0.5 - 1)
-        self._rows = _Chunks(self._n, lambda lo, hi: _step_rows(sigma[lo:hi], nxt[lo:hi], hi == self._n, g, s_min,
-                                                                 s_max))
+        g = min(s_churn / (self._n if gamma_n is None else gamma_n), 2**0.5 - 1)
+        self._timesteps = timesteps
+        self._rows = _Chunks(self._n, lambda lo, hi: _step_rows(sigma[lo:hi], nxt[lo:hi], to_zero and hi == self._n,
+                                                                 g, s_min, s_max))
 
     def _make(self, i: int) -> Step:
-        return Step._of(i, self._n - 1 - i, self._rows[i])
+        t = self._n - 1 - i if self._timesteps is None else int(self._timesteps[i])
+        return Step._of(i, t, self._rows[i])
 
 
 def _step_rows(sigma: torch.Tensor, nxt: torch.Tensor, ends: bool, g, s_min, s_max) -> list:
     """``(gamma, last, sigma, sigma_hat, sigma_next, noise_coef, at_hat, at_next)`` of the steps at ``sigma`` (to
     ``nxt``), as ``Step`` computes them (``churn_sigma`` with gamma ``g``, ``churn_coefficient``, ``level_at``),
-    element by element; ``ends``: the run's last step is the last of these."""
+    element by element; ``ends``: the last of these is the run's step to sigma = 0."""
     churned = (sigma >= s_min) & (sigma <= s_max)  # (s_min <= sigma <= s_max, as churn_sigma tests it)
     hat = torch.where(churned, sigma + g * sigma, sigma + 0 * sigma)
     coef = (hat**2 - sigma**2) ** 0.5
@@ -318,8 +325,14 @@ class PlanHandle:
 
 
 def scheduler_plan(scheduler, num_inference_steps: int) -> PlanHandle:
-    """The steps of a ``num_inference_steps`` run with ``scheduler``'s settings (not modifying it)."""
+    """The steps of a ``num_inference_steps`` run with ``scheduler``'s settings (not modifying it). A subclass that
+    makes its schedule its own way is planned from what its methods make (``subclass_plan``; not cached), one
+    that replaces the step arithmetic is refused (``kve_fast.scheduler.schedule_source``)."""
+    from .scheduler import schedule_source
+
     n = check_int("num_inference_steps", num_inference_steps, 2)
+    if schedule_source(scheduler) == "methods":
+        return PlanHandle(subclass_plan(scheduler, n), None)
     c = scheduler.config
     key = _config_key(scheduler)
     key = None if key is None else (key, n)
@@ -336,6 +349,46 @@ def scheduler_plan(scheduler, num_inference_steps: int) -> PlanHandle:
 
     memo = key is not None and _plan_bytes(n) <= CACHE_BYTES // 4
     return PlanHandle(Plan(n, sigma_at, c.s_churn, c.s_min, c.s_max, memo), key)
+
+
+def subclass_plan(scheduler, n: int) -> "VectorPlan":
+    """The steps of a scheduler subclass's own schedule, as diffusers' pipeline takes them: ``set_timesteps(n)``
+    (on a copy), then for each ``t`` of ``timesteps``: sigma = ``schedule[t]``, sigma_prev = ``schedule[t - 1]``
+    if t > 0 else 0, gamma_i = min(S_churn / ``num_inference_steps``, sqrt(2) - 1), with the reference's float32
+    rounding (``VectorPlan``). What kve_fast cannot run as diffusers would is refused, naming the method: a
+    schedule that is not a 1-D float32 tensor (another dtype changes every step's rounding), timesteps that are
+    not integers indexing it, with t = 0 before the last step (a step to 0 then 0 again: kve_fast's steps end at
+    0 only at the end), noise levels that are not finite and positive in float32."""
+    made = copy.deepcopy(scheduler)
+    made.set_timesteps(n)
+    where = f"{type(scheduler).__qualname__}.set_timesteps({n})"
+    schedule, steps = made.schedule, made.num_inference_steps
+    if not isinstance(schedule, torch.Tensor) or schedule.dtype != torch.float32 or schedule.dim() != 1:
+        raise TypeError(f"`scheduler`: {where} made a `schedule` that is not a 1-D float32 tensor ({schedule!r:.80}): "
+                        "kve_fast runs the reference's float32 step arithmetic")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise TypeError(f"`scheduler`: {where} left `num_inference_steps` = {steps!r}, which gamma is divided by")
+    try:
+        t = torch.as_tensor(made.timesteps).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.dim() != 1 or not t.numel() or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"`scheduler`: {where} made `timesteps` that are not a 1-D sequence of ints")
+    t, sched = t.to(torch.int64), schedule.detach().cpu()
+    if not bool(((t >= 0) & (t < sched.numel())).all()) or bool((t[:-1] == 0).any()):
+        raise TypeError(f"`scheduler`: {where} made `timesteps` that do not index its schedule, or reach 0 before "
+                        "the last step (kve_fast's runs step to sigma = 0 at their end only)")
+    to_zero = int(t[-1]) == 0
+    sigma = sched[t]
+    nxt = torch.cat([sched[t[:-1] - 1], sched.new_zeros(1) if to_zero else sched[t[-1:] - 1]])
+    visited = torch.cat([sigma, nxt[:-1] if to_zero else nxt])
+    if not bool((torch.isfinite(visited) & (visited > 0)).all()):
+        raise ValueError(f"`scheduler`: {where} made noise levels that are not finite and positive")
+    why = _float32_range_problem(float(visited.max()), float(visited.min()), churn=made.config.s_churn > 0)
+    if why:
+        raise ValueError(f"`scheduler`: the noise levels {where} made {why}")
+    c = made.config
+    return VectorPlan(sigma, nxt, c.s_churn, c.s_min, c.s_max, gamma_n=steps, timesteps=t, to_zero=to_zero)
 
 
 def plan_steps(scheduler, num_inference_steps: int) -> Plan:

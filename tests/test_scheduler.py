@@ -141,3 +141,29 @@ def test_a_saved_config_loads_in_diffusers_class_without_a_warning(tmp_path, con
     back = kve_fast.KarrasVeScheduler.from_pretrained(tmp_path)
     assert back.config.sigma_schedule == config.get("sigma_schedule", "diffusers")
     assert back.config.rho == config.get("rho", 7.0)
+
+
+def test_a_subclass_may_replace_one_of_timesteps_and_schedule():
+    """Both are made when first read: a subclass's set_timesteps that replaces one after super()'s left the other
+    None (mutation: the setters without making the pair first)."""
+
+    class OwnSchedule(KarrasVeScheduler):
+        def set_timesteps(self, num_inference_steps, device=None):
+            super().set_timesteps(num_inference_steps, device)
+            self.schedule = torch.linspace(0.5, 10.0, num_inference_steps)
+
+    class OwnTimesteps(KarrasVeScheduler):
+        def set_timesteps(self, num_inference_steps, device=None):
+            super().set_timesteps(num_inference_steps, device)
+            self.timesteps = torch.arange(num_inference_steps - 1, -1, -2)
+
+    ref = RefScheduler()
+    ref.set_timesteps(5)
+    own = OwnSchedule()
+    own.set_timesteps(5)
+    assert_bitwise(own.timesteps, ref.timesteps, "timesteps")
+    assert_bitwise(own.schedule, torch.linspace(0.5, 10.0, 5), "schedule")
+    own = OwnTimesteps()
+    own.set_timesteps(5)
+    assert_bitwise(own.schedule, ref.schedule, "schedule")
+    assert_bitwise(own.timesteps, torch.tensor([4, 2, 0]), "timesteps")
