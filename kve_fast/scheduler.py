@@ -159,10 +159,15 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        """diffusers' ``extract_init_dict``, with the settings ``to_json_string`` keeps under ``_kve_fast`` put back."""
-        extras = config_dict.get(cls._EXTRAS_KEY)
-        if isinstance(extras, dict):
-            config_dict = {**{k: v for k, v in extras.items() if k in cls._EXTRAS}, **config_dict}
+        """diffusers' ``extract_init_dict``, with kve_fast's settings read from where ``to_json_string`` puts them:
+        under ``_kve_fast``, or left out where they are the defaults. Both are put back as given, so diffusers
+        counts neither among the values it filled in (``_use_default_values``) and the private key stays out of
+        the config: a saved and reloaded config equals the saved one, as diffusers' own does."""
+        config_dict = dict(config_dict)
+        extras = config_dict.pop(cls._EXTRAS_KEY, None)
+        extras = extras if isinstance(extras, dict) else {}
+        for name, default in cls._EXTRAS.items():
+            config_dict.setdefault(name, extras.get(name, default))
         return super().extract_init_dict(config_dict, **kwargs)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
