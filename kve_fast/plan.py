@@ -384,10 +384,10 @@ def subclass_plan(scheduler, n: int) -> "VectorPlan":
     visited = torch.cat([sigma, nxt[:-1] if to_zero else nxt])
     if not bool((torch.isfinite(visited) & (visited > 0)).all()):
         raise ValueError(f"`scheduler`: {where} made noise levels that are not finite and positive")
-    why = _float32_range_problem(float(visited.max()), float(visited.min()), churn=made.config.s_churn > 0)
+    c = made.config
+    why = _float32_range_problem(float(visited.max()), float(visited.min()), churn=c.s_churn > 0)
     if why:
         raise ValueError(f"`scheduler`: the noise levels {where} made {why}")
-    c = made.config
     return VectorPlan(sigma, nxt, c.s_churn, c.s_min, c.s_max, gamma_n=steps, timesteps=t, to_zero=to_zero)
 
 
@@ -417,8 +417,8 @@ def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float
     why = _float32_range_problem(float(sig[0]), float(sig[n - 1]), churn=s_churn > 0)
     if why:
         raise ValueError(f"`sigmas` {why}")
-    if isinstance(sigmas, torch.Tensor) and sig.data_ptr() == sigmas.data_ptr():
-        sig = sig.clone()  # (the floats are made as the run goes: from the sigmas as the call got them)
+    if not isinstance(sigmas, (list, tuple)):  # (a tensor or array may share its memory with sig)
+        sig = sig.clone()  # the floats are made as the run goes: from the sigmas as the call got them
     return VectorPlan(sig[:-1], sig[1:], s_churn, s_tmin, s_tmax)
 
 
@@ -600,7 +600,7 @@ def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPl
         raise ValueError(f"`sigmas` must be 1-D, got shape {tuple(sigmas.shape)}")
     cpu = sigmas.detach().cpu()
     if cpu.data_ptr() == sigmas.data_ptr():
-        cpu = cpu.clone()  # (the host floats are made as the run goes: from the sigmas as the call got them)
+        cpu = cpu.clone()  # the host floats are made as the run goes: from the sigmas as the call got them
     n = cpu.numel() - 1
     if n >= 1 and s_churn > 0:
         gamma = min(s_churn / n, 2**0.5 - 1)

@@ -184,6 +184,27 @@ def test_graphed_runs_over_chunked_plans_give_the_eager_bits(fake_graphs, monkey
     assert graphs.graph_info()["captures"] == 2, "both graphed runs were captured"
 
 
+@pytest.mark.parametrize("kind", ["tensor", "array"])
+def test_the_sigmas_are_read_as_the_call_got_them(kind, monkeypatch):
+    """The plan makes the steps' floats as the run goes: the caller editing its own sigmas during the run changes
+    nothing (mutation: the plan's copy of them left out -> the chunks made after the edit read it)."""
+    monkeypatch.setattr(plan_module, "CHUNK", 2)
+    model = GaussianScore(8)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 6.0
+    sigmas = torch.tensor([6.0, 3.0, 1.5, 0.6, 0.2, 0.0])
+    given = sigmas if kind == "tensor" else sigmas.numpy()
+
+    def edit(state):
+        if state["i"] == 0:
+            given[...] *= 0.5
+
+    run = lambda sig, callback: kve_fast.sample_karras_ve_sigmas(  # noqa: E731
+        model, x, sig, s_churn=1.0, generator=torch.Generator().manual_seed(1), callback=callback)
+    expected = run(sigmas.clone(), lambda state: None)
+    assert_bitwise(run(given, edit), expected)
+    assert float(sigmas[0]) == 3.0, "the edit was made"
+
+
 def test_numpy_scalars_are_taken_for_every_real_argument():
     """sample_karras_ve_sigmas took numpy scalars for s_churn, s_tmin and s_noise but refused them for s_tmax
     (mutation: the old int/float test); the same values as numpy scalars give the same bits, bools stay
