@@ -15,6 +15,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 import zipfile
 
 import numpy as np
@@ -203,6 +204,22 @@ def test_step_scalars_match_k_diffusion_expressions(churn, dtype, monkeypatch):
             else:
                 assert step.noise_coef is None, i
     assert 0 < churned or s_tmax == float("inf")
+
+
+def test_device_churn_values_reach_their_steps_across_chunks(monkeypatch):
+    """On a GPU each step's churn coefficient comes from ``device_churn``'s vector (computed there), sliced per
+    chunk: here the plan is told its sigmas are on another device (``device_churn`` then runs on the CPU copy,
+    made distinguishable), and every churned step must get its own element (mutation: a chunk's slice taken
+    from the vector's start -> fails)."""
+    from kve_fast.plan import KPlan, device_churn
+
+    monkeypatch.setattr(plan_module, "CHUNK", 4)
+    cpu = real_sampling().get_sigmas_karras(11, 0.05, 20.0)
+    monkeypatch.setattr(plan_module, "device_churn", lambda s, c: device_churn(cpu, c) + torch.arange(11.0))
+    on_device = types.SimpleNamespace(device=torch.device("cuda"))  # (only its device is read here)
+    plan = KPlan(on_device, cpu, 2.0, 0.0, float("inf"))
+    expected = device_churn(cpu, 2.0) + torch.arange(11.0)
+    assert [plan[i].noise_coef for i in range(11)] == expected.tolist()
 
 
 def test_score_and_denoiser_adapters_are_inverse():
