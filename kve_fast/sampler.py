@@ -34,7 +34,7 @@ import torch
 
 from . import graphs
 from ._warn import warn_once
-from ._checks import check_generator, check_int, check_real
+from ._checks import check_generator, check_real, check_shape
 from .backends import make_backend
 from .convention import REFERENCE, ModelOutputError, raw_output
 from .engine import Engine
@@ -89,8 +89,7 @@ def _check_common(model, shape, generator, callback, noise, output, solver):
     shape = tuple(shape)
     if len(shape) < 2:
         raise ValueError(f"`shape` must be (batch, channels, ...), got {shape}")
-    for k, d in enumerate(shape):
-        check_int(f"shape[{k}]", d, 1)
+    shape = check_shape("shape", shape)
     generator = check_generator(generator, shape[0])
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
