@@ -567,8 +567,11 @@ class GraphEngine:
         for part in segments(stages):
             if isinstance(part, HandOut):
                 why = self._hand_out(part, step)
+                now, rest = self.schedule.rest_after(self.plan, step, part)
+                if rest is not None:  # (k-diffusion's sigmas edited by the callback: the plan changed)
+                    why = why or "the callback edited the sigmas in place"
                 if why is not None:
-                    self._hand_over(stages[_index(stages, part) + 1:], step, why)
+                    self._hand_over(stages[_index(stages, part) + 1:] if rest is None else rest, now, why)
                     return
                 continue
             if _churns(part):

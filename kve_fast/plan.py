@@ -219,8 +219,15 @@ class _Chunks:
     def __init__(self, n: int, make):
         self._n, self._make, self._size = n, make, CHUNK
         self._kept = ()  # ((first step, rows), ...), the newest last; replaced whole (one store)
+        self._replaced: dict = {}  # step -> its row, where it is not what make() gives (KPlan.reread)
+
+    def replace(self, i: int, row) -> None:
+        """Step ``i``'s row is ``row`` from now on."""
+        self._replaced = {**self._replaced, i: row}
 
     def __getitem__(self, i: int):
+        if self._replaced and i in self._replaced:
+            return self._replaced[i]
         start = i - i % self._size
         for first, rows in self._kept:
             if first == start:
@@ -497,14 +504,15 @@ class KStep:
     ``at_hat`` and ``at_next`` (``Level``s with ``sigma`` and ``dt``; None on the last step).
     """
 
-    __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "values", "_sigmas")
+    __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "values", "_sigmas", "_hat", "_hat_version")
 
-    def __init__(self, index: int, sigmas, row: tuple):
+    def __init__(self, index: int, sigmas, row: tuple, hat: torch.Tensor | None = None):
         self.index, self._sigmas = index, sigmas
         self.gamma, self.last, self.noise_coef, sigma_hat, sigma_next, dt = row
         self.at_hat = Level(0.0, sigma_hat, 0.0, dt)
         self.at_next = None if self.last else Level(0.0, sigma_next, 0.0, dt)
         self.values = _values(self)
+        self._hat, self._hat_version = hat, None if hat is None else hat._version
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -516,8 +524,16 @@ class KStep:
         return self._sigmas[self.index + 1]
 
     def sigma_hat_on_device(self) -> torch.Tensor:
-        """``sigmas[i] * (gamma + 1)`` computed as k-diffusion does, on the sigmas' device (no sync)."""
-        return self._sigmas[self.index] * (self.gamma + 1)
+        """``sigmas[i] * (gamma + 1)`` computed as k-diffusion does, on the sigmas' device (no sync): one tensor
+        for the step, as k-diffusion's ``sigma_hat`` is (the callback gets it, and its line 8 reads it)."""
+        if self._hat is None:
+            self._hat = self._sigmas[self.index] * (self.gamma + 1)
+            self._hat_version = self._hat._version
+        return self._hat
+
+    def hat_edited(self) -> bool:
+        """Whether the step's ``sigma_hat`` tensor was edited in place (by a callback) since it was made."""
+        return self._hat is not None and self._hat._version != self._hat_version
 
 
 class KPlan(_LazySteps):
@@ -531,14 +547,46 @@ class KPlan(_LazySteps):
     def __init__(self, sigmas: torch.Tensor, sigmas_cpu: torch.Tensor, s_churn, s_tmin, s_tmax):
         super().__init__(max(sigmas_cpu.numel() - 1, 0))
         self.sigmas = sigmas
+        self._churn = (s_churn, s_tmin, s_tmax)
+        self._read(sigmas_cpu)
+
+    def _read(self, cpu: torch.Tensor) -> None:
+        """Plan every step from ``cpu``, the sigmas as read now (their version is remembered)."""
+        sigmas, (s_churn, s_tmin, s_tmax) = self.sigmas, self._churn
+        self._cpu, self._version = cpu, sigmas._version
         self._device_churn = device_churn(sigmas, s_churn) if sigmas.device.type != "cpu" else None
         g = min(s_churn / self._n, 2**0.5 - 1) if self._n else 0.0
         self._rows = _Chunks(self._n, lambda lo, hi: _kstep_rows(
-            sigmas_cpu[lo:hi], sigmas_cpu[lo + 1:hi + 1], g, s_tmin, s_tmax,
+            cpu[lo:hi], cpu[lo + 1:hi + 1], g, s_tmin, s_tmax,
             None if self._device_churn is None else self._device_churn[lo:hi]))
+        self._recent = ((None, None), (None, None))
 
     def _make(self, i: int) -> KStep:
         return KStep(i, self.sigmas, self._rows[i])
+
+    def reread(self, step: KStep) -> KStep | None:
+        """k-diffusion reads ``sigmas`` as its loop goes, and its line 8 reads the very ``sigma_hat`` it handed
+        the callback: if either was edited in place since (through any torch op: a version counter moved),
+        ``step`` is returned as k-diffusion finishes it (its gamma and churn as they were; dt, sigma_{i+1} and
+        the Heun correction from the values now) and the later steps are planned again from the sigmas now.
+        None if neither was edited."""
+        sigmas_edited = self.sigmas._version != self._version
+        if not (sigmas_edited or step.hat_edited()):
+            return None
+        i, old = step.index, self._cpu
+        gamma, _, coef, *_ = self._rows[i]
+        if sigmas_edited:
+            cpu = self.sigmas.detach().cpu()
+            self._read(cpu.clone() if cpu.data_ptr() == self.sigmas.data_ptr() else cpu)
+        if step.hat_edited():
+            hat = step.sigma_hat_on_device().detach().cpu()
+        else:
+            hat = old[i] * (gamma + 1)  # k-diffusion's sigma_hat, made from sigmas[i] before the edit
+        nxt = self._cpu[i + 1]
+        row = (gamma, bool(nxt == 0), coef, _f32(hat), _f32(nxt), _f32(nxt - hat))
+        self._rows.replace(i, row)
+        self._recent = ((None, None), (None, None))
+        return KStep(i, self.sigmas, row, step.sigma_hat_on_device())
 
 
 def _kstep_rows(sig: torch.Tensor, nxt: torch.Tensor, g, s_tmin, s_tmax, churn: torch.Tensor | None) -> list:
