@@ -199,3 +199,28 @@ def test_a_model_changed_inside_a_callback_runs_on_eagerly_from_that_step(fake_g
     assert_bitwise(out[True], out[False], "a hook added inside the callback")
     assert graphs.graph_info()["captures"] == 0
     assert not torch.equal(out[False], _run(kd.sample_heun, Denoiser().to(DEVICE), False, **CHURN)[0])
+
+
+@pytest.mark.parametrize("edit", ["sigmas", "sigma_hat", "last to 0"])
+def test_a_callback_editing_the_sigmas_runs_on_eagerly_with_the_eager_bits(fake_graphs, edit):
+    """k-diffusion reads its sigmas as it goes (tests/test_k_diffusion_clients.py ties the eager run to it): the
+    graphs' feed was planned from the old ones, so the call goes on eagerly from the edit (mutation: the plan not
+    read again after a callback -> the graphed run replays the old dt)."""
+    def change(d, sigmas):
+        if edit == "sigmas" and d["i"] == 1:
+            sigmas[2:].mul_(0.5)
+        elif edit == "sigma_hat" and d["i"] == 2:
+            d["sigma_hat"].mul_(1.1)
+        elif edit == "last to 0" and d["i"] == len(sigmas) - 2:
+            sigmas[-1].zero_()
+
+    out = {}
+    for mode in (True, False):
+        sigmas = kd.get_sigmas_karras(6, 0.02, 20.0, device=DEVICE)[:-1]  # ends at a nonzero sigma
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) * sigmas[0]
+        torch.manual_seed(7)
+        _warn.forget()
+        out[mode] = kd.sample_heun(Denoiser().to(DEVICE), x, sigmas, backend="triton", cuda_graph=mode,
+                                   callback=lambda d, sigmas=sigmas: change(d, sigmas), **CHURN)
+    assert_bitwise(out[True], out[False], f"graphed vs eager, {edit} edited by the callback")
+    assert graphs.graph_info()["captures"] == 0, "the stale capture was cached"
