@@ -216,7 +216,7 @@ def test_device_churn_values_reach_their_steps_across_chunks(monkeypatch):
     monkeypatch.setattr(plan_module, "CHUNK", 4)
     cpu = real_sampling().get_sigmas_karras(11, 0.05, 20.0)
     monkeypatch.setattr(plan_module, "device_churn", lambda s, c: device_churn(cpu, c) + torch.arange(11.0))
-    on_device = types.SimpleNamespace(device=torch.device("cuda"))  # (only its device is read here)
+    on_device = types.SimpleNamespace(device=torch.device("cuda"), _version=0)  # (only these are read here)
     plan = KPlan(on_device, cpu, 2.0, 0.0, float("inf"))
     expected = device_churn(cpu, 2.0) + torch.arange(11.0)
     assert [plan[i].noise_coef for i in range(11)] == expected.tolist()
