@@ -11,25 +11,55 @@ import numbers
 import torch
 
 
-def check_int(name: str, value, minimum: int) -> int:
-    """Return ``value`` as an int if it is an integer (not a bool) >= ``minimum``."""
+INT64_MAX = 2**63 - 1  # torch's sizes, counts and integer scalars are int64
+
+
+def check_int(name: str, value, minimum: int, maximum: int = INT64_MAX) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool; numpy's too) in [``minimum``, ``maximum``]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    if value > maximum:
+        limit = "2**63 - 1, what torch's int64 sizes and counts hold" if maximum == INT64_MAX else maximum
+        raise ValueError(f"`{name}` must be <= {limit}, got {value}")
     return int(value)
 
 
-def check_real(name: str, value, *, minimum: float | None = None, positive: bool = False) -> float:
-    """Check that ``value`` is a finite real number (not a bool), optionally >= ``minimum`` or > 0."""
+def check_shape(name: str, shape) -> tuple:
+    """``shape`` as a tuple of ints >= 1 (each named ``name[k]``) of a float32 tensor torch can index."""
+    shape = tuple(check_int(f"{name}[{k}]", d, 1) for k, d in enumerate(shape))
+    if math.prod(shape) * 4 > INT64_MAX:
+        raise ValueError(f"`{name}` {shape} holds more float32 values than a tensor can (2**63 - 1 bytes)")
+    return shape
+
+
+def check_real(name: str, value, *, minimum: float | None = None, positive: bool = False,
+               finite: bool = True) -> float:
+    """Check that ``value`` is a real number: an int, a float or a numpy real scalar (not a bool), not NaN, and
+    finite unless ``finite`` is False; optionally >= ``minimum`` or > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be finite, got {value}")
+    if not isinstance(value, numbers.Integral) and not math.isfinite(float(value)):
+        if finite or math.isnan(float(value)):
+            raise ValueError(f"`{name}` must be {'finite' if finite else 'a number, not NaN'}, got {value}")
     if positive and not value > 0:
         raise ValueError(f"`{name}` must be > 0, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bound(name: str, value, *, minimum: float | None = None, finite: bool = False):
+    """``check_real`` for a bound torch compares with tensors (``s_tmin``, ``s_tmax``): infinite unless ``finite``;
+    an integer must fit int64 (torch compares ints through int64) and is returned as an int (torch compares no
+    numpy unsigned ints)."""
+    check_real(name, value, minimum=minimum, finite=finite)
+    if isinstance(value, numbers.Integral):
+        if not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ValueError(f"`{name}` is an int of {len(str(abs(int(value))))} digits, beyond int64 (torch compares "
+                             "ints through int64); pass a float")
+        return int(value)
     return value
 
 

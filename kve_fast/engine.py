@@ -60,11 +60,17 @@ class Engine:
         """Lines 4-11 of Algorithm 2 for ``step``: the stages of its kind."""
         run(self.schedule.step_stages(self.plan, step), self.ctx, self.feed.at(step))
 
-    def _hand_out(self, stage: HandOut, feed) -> None:
+    def _hand_out(self, stage: HandOut, feed):
+        """The callback, with the live state; returns the rest of the step's stages where it has to change
+        (``Schedule.rest_after``), else None."""
         state = {stage.x: self.env[stage.x], stage.denoised: self.env[stage.denoised]}
         new = self.callback(stage, feed.step, state)
         if new is not None:
             self.env[stage.x] = new
+        step, rest = self.schedule.rest_after(self.plan, feed.step, stage)
+        if rest is not None:
+            feed.at(step)
+        return rest
 
     def sample(self) -> torch.Tensor:
         """The current sample (after ``step``: x_{i+1})."""

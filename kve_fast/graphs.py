@@ -15,8 +15,13 @@ and replays them:
 - A capture is keyed by everything else (``CaptureKey``: the model, every setting of the run's
   ``RunSpec`` that is not fed, and the global switches that pick kernels) and checked per call against
   what it baked in of the model (``kve_fast.fingerprint.ModelState``: parameters' and buffers' storages,
-  shapes, strides, dtypes and devices, training flags, hooks, NCSN++ patches). Anything that changed
-  gives a new capture, and the old one is freed.
+  shapes, strides, dtypes and devices, training flags, hooks, the modules' attributes and classes).
+  Anything that changed gives a new capture, and the old one is freed.
+- A callback runs between replays and may do what it does in an eager call: an in-place edit of the state
+  it was handed counts (``GraphEngine``), and a change to the model or the global switches, checked after
+  each callback, makes the rest of the call run eagerly (same bits) and the next call capture anew.
+- A model compiled with ``torch.compile`` compiles in the first warm-up, outside the capture and outside any
+  dispatch mode (``_capture``); the CPU stand-in cannot record compiled code and refuses it.
 - Captures are serialized (one at a time per process, ``capture_error_mode="thread_local"``, so other
   threads' CUDA work goes on); each capture has its own memory pool, so replays of different captures
   never share intermediates; warm-up and capture never touch an RNG (a model that draws random numbers
@@ -318,6 +323,7 @@ class Capture:
         self.key, self.spec, self.backend = key, spec, backend
         self.model_ref = weakref.ref(model) if _weakrefable(model) else (lambda m=model: m)
         self.state = ModelState(model)
+        self.compiled = compiled(model)
         self.buffers = Buffers(like, model_dtype, reuse=None, image_kind=spec.image)
         self.feed = DeviceFeed(spec.convention, spec.device, spec.noise, like)
         self.env: dict = {}
@@ -346,7 +352,7 @@ class Capture:
                         self.env[name] = static
                 return None
 
-            g = self.graphs[stages] = _capture(fn, self.spec.device, self.pool)
+            g = self.graphs[stages] = _capture(fn, self.spec.device, self.pool, self.compiled)
         return g
 
     def free_if_idle(self) -> None:
@@ -372,11 +378,37 @@ def _weakrefable(obj) -> bool:
     return True
 
 
-def _capture(fn, device: torch.device, pool):
+def compiled(model) -> bool:
+    """Whether ``torch.compile`` wraps ``model`` or part of it: an ``OptimizedModule`` in the tree, a module
+    compiled in place (``module.compile()``), a compiled instance ``forward``, or a compiled function."""
+    if hasattr(model, "_torchdynamo_orig_callable"):
+        return True
+    if not isinstance(model, torch.nn.Module):
+        return False
+    for m in model.modules():
+        d = vars(m)
+        if d.get("_compiled_call_impl") is not None or hasattr(d.get("forward"), "_torchdynamo_orig_callable") \
+                or type(m).__name__ == "OptimizedModule":
+            return True
+    return False
+
+
+# Why a compiled model is never run under a dispatch mode here: dynamo does not run compiled code while a
+# TorchDispatchMode is active, and from then on runs that frame eagerly for good (torch 2.13): the stand-in's
+# recorder, or ``fake_graph.watch`` around a warm-up, would silently undo the user's compile.
+_COMPILED_ON_THE_CPU = ("the model is compiled with torch.compile, whose code runs outside the operators the CPU "
+                        "graph stand-in (KVE_FAST_FAKE_GRAPHS=1) records: it is captured on CUDA only")
+
+
+def _capture(fn, device: torch.device, pool, compiled_model: bool = False):
     """Warm ``fn`` up (twice, on a side stream) and capture it; a graph cannot take random draws or host
-    syncs, and those are refused before they run (``fake_graph.watch``), so no RNG moves."""
+    syncs, and those are refused before they run (``fake_graph.watch``), so no RNG moves. A compiled model
+    compiles in the first warm-up, before the capture, outside any dispatch mode (see above); its draws are
+    found by the global RNGs having moved, which are then put back."""
     with _CAPTURE_LOCK:
         if fake() or device.type != "cuda":
+            if compiled_model:
+                raise fake_graph.CaptureRefused(_COMPILED_ON_THE_CPU)
             with fake_graph.watch():
                 fn()
                 fn()
@@ -385,14 +417,31 @@ def _capture(fn, device: torch.device, pool):
             return graph
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), fake_graph.watch():
-            fn()
-            fn()
+        with torch.cuda.stream(stream):
+            if compiled_model:
+                _warm_up_compiled(fn, device)
+            else:
+                with fake_graph.watch():
+                    fn()
+                    fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             fn()
         return graph
+
+
+def _warm_up_compiled(fn, device: torch.device) -> None:
+    """Two warm-ups of a compiled model's step (the first compiles); refused if they drew random numbers,
+    with the global RNGs put back."""
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    fn()
+    fn()
+    if not (torch.equal(torch.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(device), cuda)):
+        torch.set_rng_state(cpu)
+        torch.cuda.set_rng_state(cuda, device)
+        raise fake_graph.CaptureRefused("the model draws random numbers in its forward (dropout in train mode, or "
+                                        "noise); a graph would replay the captured draw")
 
 
 def checkout(model, spec, backend, like: torch.Tensor, model_dtype: torch.dtype, wait: bool):
@@ -449,11 +498,20 @@ def release(cap: Capture, completed: bool) -> None:
 
 
 class GraphEngine:
-    """``kve_fast.engine.Engine``'s interface, with every stage list replayed from the capture's graphs."""
+    """``kve_fast.engine.Engine``'s interface, with every stage list replayed from the capture's graphs.
 
-    def __init__(self, cap: Capture, schedule, plan, denoise, source, s_noise: float, callback=None, extra=None):
+    A callback runs between two replays and may do whatever it does in an eager run: an in-place edit of a
+    tensor it was handed counts (the copies it gets are watched through their version counters and copied
+    back into the graph's buffers), and if it changed what the capture baked in (the model: a hook, a
+    processor, a parameter; or the global switches), the rest of the call runs eagerly from there, with the
+    same bits, and the capture is dropped (the next call captures anew): nothing stale is ever replayed.
+    ``eager()`` makes the engine that takes over."""
+
+    def __init__(self, cap: Capture, schedule, plan, denoise, source, s_noise: float, callback=None, extra=None,
+                 eager=None):
         self.cap, self.schedule, self.plan, self.source, self.s_noise = cap, schedule, plan, source, s_noise
-        self.callback = callback
+        self.callback, self.make_eager = callback, eager
+        self.eager = None  # the eager engine that took over, if one did
         self.ctx = StepContext(cap.backend, cap.buffers, denoise)
         self.ctx.env = cap.env
         if extra is not None:
@@ -496,6 +554,9 @@ class GraphEngine:
             self._replay(prologue, self.plan[0])
 
     def step(self, step) -> None:
+        if self.eager is not None:
+            self.eager.step(step)
+            return
         self._replay(self.schedule.stages(self.schedule.kind(self.plan, step)), step)
 
     def _replay(self, stages, step) -> None:
@@ -505,26 +566,65 @@ class GraphEngine:
         cap.feed.load(step, self.plan[step.index + 1] if fused else None, self.s_noise)
         for part in segments(stages):
             if isinstance(part, HandOut):
-                self._hand_out(part, step)
+                why = self._hand_out(part, step)
+                now, rest = self.schedule.rest_after(self.plan, step, part)
+                if rest is not None:  # (k-diffusion's sigmas edited by the callback: the plan changed)
+                    why = why or "the callback edited the sigmas in place"
+                if why is not None:
+                    self._hand_over(stages[_index(stages, part) + 1:] if rest is None else rest, now, why)
+                    return
                 continue
             if _churns(part):
                 cap.feed.set_noise(self.source.step())
             cap.graphs[part].replay()
 
-    def _hand_out(self, stage: HandOut, step) -> None:
+    def _hand_out(self, stage: HandOut, step) -> str | None:
+        """The callback, given copies of the state; returns why the capture went stale meanwhile, or None."""
         env = self.cap.env
         state = {stage.x: env[stage.x].clone(), stage.denoised: env[stage.denoised].clone()}
+        versions = [t._version for t in state.values()]
         new = self.callback(stage, step, state)
+        for (name, t), version in zip(state.items(), versions):
+            if t._version != version:  # edited in place: in an eager run it was the state itself
+                env[name].copy_(t)
         if new is not None:
             env[stage.x].copy_(new)
+        return self._stale()
+
+    def _stale(self) -> str | None:
+        """Why the capture no longer matches what a replay would need (the model, the global switches), or None."""
+        cap = self.cap
+        if fake_graph.switches() != cap.key.switches:
+            return "the global switches changed"
+        model = cap.model_ref()
+        return "the model was garbage-collected" if model is None else cap.state.difference(model)
+
+    def _hand_over(self, rest: tuple, step, why: str) -> None:
+        """Run ``rest`` of ``step`` and every later step eagerly, from the graph's state (copied: the capture is
+        dropped when the run ends)."""
+        warn_once(("hand over", why), f"kve_fast: a callback changed what this call's CUDA graphs baked in ({why}); "
+                                      "the call goes on eagerly from there (same results), the next call "
+                                      "captures again")
+        self.cap.cleared = True
+        eager = self.make_eager()
+        eager.env.update({name: t.clone() for name, t in self.cap.env.items()})
+        if rest:
+            run(rest, eager.ctx, eager.feed.at(step))
+        self.eager = eager
 
     def sample(self) -> torch.Tensor:
-        return self.cap.env["x"]
+        return self.eager.sample() if self.eager is not None else self.cap.env["x"]
 
     def output(self) -> torch.Tensor:
+        if self.eager is not None:
+            return self.eager.output()
         env = self.cap.env
         if self.schedule.image is None:
             return env["x"].clone()
         if self.schedule.fuses_image and "image" in env:
             return env["image"].clone()
         return self.cap.backend.to_image(env["x"], self.schedule.image)
+
+
+def _index(stages: tuple, stage) -> int:
+    return next(i for i, s in enumerate(stages) if s is stage)

@@ -170,13 +170,23 @@ def sample_keys(words, index, steps: int) -> np.ndarray:
     Column b belongs to sample b and depends only on ``(words[b], index[b])`` (a word drawn from the
     sample's generator, and its index within that generator's samples); row 0 keys the initial noise
     x_0 and row k the churn noise of step k. Each column is splitmix64's stream from a start mixed from
-    the pair, so columns of different pairs do not overlap.
+    the pair (``key_starts``), so columns of different pairs do not overlap; ``key_rows`` gives any rows.
     """
+    return key_rows(key_starts(words, index), 0, steps + 1)
+
+
+def key_starts(words, index) -> np.ndarray:
+    """Each sample's splitmix64 start, mixed from its ``(words[b], index[b])`` (see ``sample_keys``)."""
     words = np.asarray(words, dtype=np.uint64).reshape(-1)
     index = np.asarray(index, dtype=np.uint64).reshape(-1)
     with np.errstate(over="ignore"):
-        start = _mix64(_mix64(words) + index * _GOLDEN)
-        counters = np.arange(1, steps + 2, dtype=np.uint64)[:, None] * _GOLDEN
+        return _mix64(_mix64(words) + index * _GOLDEN)
+
+
+def key_rows(start: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo .. hi - 1`` of ``sample_keys`` for the samples' ``start`` (``key_starts``): int64 ``(hi - lo, B)``."""
+    with np.errstate(over="ignore"):
+        counters = np.arange(lo + 1, hi + 1, dtype=np.uint64)[:, None] * _GOLDEN
         keys = _mix64(start[None, :] + counters) & _MASK63
     return keys.astype(np.int64)
 
@@ -211,6 +221,9 @@ def _draw_word(generator) -> int:
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device))
 
 
+KEY_CHUNK = 1024  # fast noise's keys are made (and copied to the device) this many steps at a time
+
+
 class DeviceNoise:
     """Fast mode: per-sample keys (``sample_keys``) for x_0 and for every step's on-device noise.
 
@@ -228,25 +241,33 @@ class DeviceNoise:
     def __init__(self, shape, generator, device, steps: int = 0):
         self.shape = tuple(shape)
         self.device = torch.device(device)
+        self.steps = steps
         batch = self.shape[0]
         gens = _generators(generator)
         if len(gens) > 1:
             words, index = [_draw_word(g) for g in gens], np.zeros(batch, dtype=np.uint64)
         else:
             words, index = [_draw_word(gens[0] if gens else None)] * batch, np.arange(batch, dtype=np.uint64)
-        self.keys = sample_keys(words, index, steps)  # (steps + 1, B)
-        self._device_keys = None
+        self._start = key_starts(words, index)
+        self._chunk = None  # (first row, host rows, device rows): KEY_CHUNK steps' keys at a time
         self._next = 1
 
+    @property
+    def keys(self) -> np.ndarray:
+        """All the run's keys, ``sample_keys``' ``(steps + 1, B)`` (to look at: a run makes them a chunk at a time)."""
+        return key_rows(self._start, 0, self.steps + 1)
+
     def initial(self) -> torch.Tensor:
-        return per_sample_randn(self.keys[0], self.shape, self.device)
+        return per_sample_randn(key_rows(self._start, 0, 1)[0], self.shape, self.device)
 
     def step(self, like: torch.Tensor | None = None) -> StepKeys:
-        if self._device_keys is None:  # one small copy per run
-            self._device_keys = torch.from_numpy(self.keys).to(self.device)
         k = self._next
         self._next += 1
-        return StepKeys(self.keys[k], self._device_keys[k])
+        chunk = self._chunk
+        if chunk is None or k >= chunk[0] + len(chunk[1]):  # one small copy per KEY_CHUNK steps
+            host = key_rows(self._start, k, max(min(k + KEY_CHUNK, self.steps + 1), k + 1))
+            chunk = self._chunk = (k, host, torch.from_numpy(host).to(self.device))
+        return StepKeys(chunk[1][k - chunk[0]], chunk[2][k - chunk[0]])
 
     def close(self) -> None:
         pass

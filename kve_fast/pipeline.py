@@ -13,16 +13,23 @@ from ._checks import check_int
 from .images import uint8_to_pil
 from .options import CALLBACK_TENSOR_INPUTS, OUTPUT_TYPES
 from .sampler import sample_karras_ve
-from .scheduler import KarrasVeScheduler
+from .scheduler import KarrasVeScheduler, diffusers_class, schedule_source
 
 
-def _as_kve_scheduler(scheduler) -> KarrasVeScheduler:
-    """Our scheduler with ``scheduler``'s settings (for schedulers of diffusers' own class)."""
+def _as_kve_scheduler(scheduler):
+    """The scheduler a run plans from: ours as it is; diffusers' own class as ours with its settings; a subclass of
+    diffusers' as it is, its settings checked as ours are (a subclass's schedule is honoured, its step arithmetic
+    refused: ``kve_fast.scheduler.schedule_source``)."""
     if isinstance(scheduler, KarrasVeScheduler):
+        schedule_source(scheduler)
         return scheduler
-    if type(scheduler).__name__ != "KarrasVeScheduler" or getattr(scheduler, "config", None) is None:
-        raise TypeError(f"`scheduler` must be a KarrasVeScheduler (kve_fast's or diffusers'), got {type(scheduler).__name__}")
-    return KarrasVeScheduler.from_config(scheduler.config)
+    reference = diffusers_class()
+    if reference is None or not isinstance(scheduler, reference):
+        raise TypeError(f"`scheduler` must be a KarrasVeScheduler (kve_fast's or diffusers'), got "
+                        f"{type(scheduler).__module__}.{type(scheduler).__qualname__}")
+    source = schedule_source(scheduler)
+    ours = KarrasVeScheduler.from_config(scheduler.config)
+    return ours if type(scheduler) is reference and source == "config" else scheduler
 
 
 class KarrasVePipeline(DiffusionPipeline):

@@ -6,9 +6,10 @@ loop reaches step i, with the reference's 0-d float32 tensor operations, so noth
 with the step count. Plans of small step counts are kept in a cache bounded in bytes and guarded by a
 lock; a run puts its plan there only when it completes. Where the caller hands over the whole sigma
 sequence (``sigmas_plan``: ``sample_karras_ve_sigmas``; ``kdiffusion_plan``: k-diffusion's samplers), it
-is already in memory, so ``VectorPlan`` and ``KPlan`` compute every step's floats at the start with
-elementwise ops over it, each element the same IEEE operation as the 0-d one (the steps themselves are
-still made on access).
+is already in memory, so ``VectorPlan`` and ``KPlan`` compute the steps' floats ``CHUNK`` steps at a time
+with elementwise ops over a slice of it, each element the same IEEE operation as the 0-d one, when a step
+of the chunk is first asked for; they keep the last few chunks only, so what they hold beyond one float32
+copy of the sequence does not grow with the step count either.
 
 Steps hold plain floats (each exactly a float32 value) and hand out *new* 0-d tensors on every
 access, so nothing a model or a callback receives can change a later call.
@@ -16,7 +17,9 @@ access, so nothing a model or a callback receives can change a later call.
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_int, check_real
+from ._checks import check_bound, check_int, check_real
 from .options import SCHEDULES
 from .schedules import schedule_value
 
@@ -203,36 +206,74 @@ class Plan(_LazySteps):
         return Step(i, self._n - 1 - i, self._sigma_at(i), sigma_next, *self._churn, self._n)
 
 
-class VectorPlan(_LazySteps):
-    """``Plan``'s steps over a float32 CPU tensor of descending ``sigmas`` (ending in 0) that is known whole:
-    every step's floats come from a few elementwise ops over the whole sequence, once per run (each element is
-    the reference's 0-d float32 op on that element: the same IEEE operation), not a dozen 0-d tensor ops per
-    step. tests/test_sampler.py checks every field against ``Step``'s 0-d arithmetic."""
+CHUNK = 1024  # steps whose floats a whole-sequence plan computes together (tests set a small one)
+CHUNKS_KEPT = 3  # the chunks it keeps: the loop's current and next, and the graph runner's first or last
 
-    def __init__(self, sigmas: torch.Tensor, s_churn, s_min, s_max):
-        super().__init__(sigmas.numel() - 1)
-        self._rows = _step_rows(sigmas, s_churn, s_min, s_max)
+
+class _Chunks:
+    """The rows of steps ``0 .. n - 1`` (what ``make(lo, hi)`` computes for steps ``lo .. hi - 1``), made ``CHUNK``
+    at a time when a step of the chunk is first asked for; the ``CHUNKS_KEPT`` chunks made last are kept. The loop
+    walks forward asking for steps i and i + 1, and the graph runner asks for the first and the last steps
+    before it: a chunk is made once in a run, and the memory held does not grow with n."""
+
+    def __init__(self, n: int, make):
+        self._n, self._make, self._size = n, make, CHUNK
+        self._kept = ()  # ((first step, rows), ...), the newest last; replaced whole (one store)
+        self._replaced: dict = {}  # step -> its row, where it is not what make() gives (KPlan.reread)
+
+    def replace(self, i: int, row) -> None:
+        """Step ``i``'s row is ``row`` from now on."""
+        self._replaced = {**self._replaced, i: row}
+
+    def __getitem__(self, i: int):
+        if self._replaced and i in self._replaced:
+            return self._replaced[i]
+        start = i - i % self._size
+        for first, rows in self._kept:
+            if first == start:
+                return rows[i - first]
+        rows = self._make(start, min(start + self._size, self._n))
+        self._kept = (self._kept + ((start, rows),))[-CHUNKS_KEPT:]
+        return rows[i - start]
+
+
+class VectorPlan(_LazySteps):
+    """``Plan``'s steps over float32 CPU tensors known whole: ``sigma`` (step i's sigma_i) and ``nxt`` (its
+    sigma_{i+1}, 0 on the last step). Their floats come from a few elementwise ops over a chunk of them
+    (``_Chunks``; each element is the reference's 0-d float32 op on that element: the same IEEE operation),
+    not a dozen 0-d tensor ops per step. ``gamma_n``: what gamma_i divides S_churn by (the scheduler's
+    ``num_inference_steps``; default: the number of steps); ``timesteps``: each step's timestep (default:
+    n - 1 - i); ``to_zero``: the last step goes to sigma = 0 (the int 0, as the reference's), not to its ``nxt``.
+    tests/test_sampler.py checks every field against ``Step``'s 0-d arithmetic."""
+
+    def __init__(self, sigma: torch.Tensor, nxt: torch.Tensor, s_churn, s_min, s_max, gamma_n: int | None = None,
+                 timesteps: torch.Tensor | None = None, to_zero: bool = True):
+        super().__init__(sigma.numel())
+        g = min(s_churn / (self._n if gamma_n is None else gamma_n), 2**0.5 - 1)
+        self._timesteps = timesteps
+        self._rows = _Chunks(self._n, lambda lo, hi: _step_rows(sigma[lo:hi], nxt[lo:hi], to_zero and hi == self._n,
+                                                                 g, s_min, s_max))
 
     def _make(self, i: int) -> Step:
-        return Step._of(i, self._n - 1 - i, self._rows[i])
+        t = self._n - 1 - i if self._timesteps is None else int(self._timesteps[i])
+        return Step._of(i, t, self._rows[i])
 
 
-def _step_rows(sig: torch.Tensor, s_churn, s_min, s_max) -> list:
-    """``(gamma, last, sigma, sigma_hat, sigma_next, noise_coef, at_hat, at_next)`` of each step, as ``Step``
-    computes them (``churn_sigma``, ``churn_coefficient``, ``level_at``), element by element."""
-    n = sig.numel() - 1
-    sigma, nxt = sig[:-1], sig[1:]
-    g = min(s_churn / n, 2**0.5 - 1)
+def _step_rows(sigma: torch.Tensor, nxt: torch.Tensor, ends: bool, g, s_min, s_max) -> list:
+    """``(gamma, last, sigma, sigma_hat, sigma_next, noise_coef, at_hat, at_next)`` of the steps at ``sigma`` (to
+    ``nxt``), as ``Step`` computes them (``churn_sigma`` with gamma ``g``, ``churn_coefficient``, ``level_at``),
+    element by element; ``ends``: the last of these is the run's step to sigma = 0."""
     churned = (sigma >= s_min) & (sigma <= s_max)  # (s_min <= sigma <= s_max, as churn_sigma tests it)
     hat = torch.where(churned, sigma + g * sigma, sigma + 0 * sigma)
     coef = (hat**2 - sigma**2) ** 0.5
     one = torch.ones_like(hat)
     dt = nxt - hat  # (the last step's sigma_{i+1} is the int 0 there: 0 - sigma_hat, the same op)
+    last_at = sigma.numel() - 1 if ends else -1
     rows = []
     for c, s, h, s_next, k, h_half, h_inv, d, n_half, n_inv in zip(
             churned.tolist(), sigma.tolist(), hat.tolist(), nxt.tolist(), coef.tolist(), (hat / 2).tolist(),
             (one / hat).tolist(), dt.tolist(), (nxt / 2).tolist(), (one / nxt).tolist()):
-        last = len(rows) == n - 1
+        last = len(rows) == last_at
         at_next = None if last else Level(n_half, s_next, n_inv, d)
         rows.append((g if c else 0.0, last, s, h, 0.0 if last else s_next, k, Level(h_half, h, h_inv, d), at_next))
     return rows
@@ -291,8 +332,14 @@ class PlanHandle:
 
 
 def scheduler_plan(scheduler, num_inference_steps: int) -> PlanHandle:
-    """The steps of a ``num_inference_steps`` run with ``scheduler``'s settings (not modifying it)."""
+    """The steps of a ``num_inference_steps`` run with ``scheduler``'s settings (not modifying it). A subclass that
+    makes its schedule its own way is planned from what its methods make (``subclass_plan``; not cached), one
+    that replaces the step arithmetic is refused (``kve_fast.scheduler.schedule_source``)."""
+    from .scheduler import schedule_source
+
     n = check_int("num_inference_steps", num_inference_steps, 2)
+    if schedule_source(scheduler) == "methods":
+        return PlanHandle(subclass_plan(scheduler, n), None)
     c = scheduler.config
     key = _config_key(scheduler)
     key = None if key is None else (key, n)
@@ -311,6 +358,46 @@ def scheduler_plan(scheduler, num_inference_steps: int) -> PlanHandle:
     return PlanHandle(Plan(n, sigma_at, c.s_churn, c.s_min, c.s_max, memo), key)
 
 
+def subclass_plan(scheduler, n: int) -> "VectorPlan":
+    """The steps of a scheduler subclass's own schedule, as diffusers' pipeline takes them: ``set_timesteps(n)``
+    (on a copy), then for each ``t`` of ``timesteps``: sigma = ``schedule[t]``, sigma_prev = ``schedule[t - 1]``
+    if t > 0 else 0, gamma_i = min(S_churn / ``num_inference_steps``, sqrt(2) - 1), with the reference's float32
+    rounding (``VectorPlan``). What kve_fast cannot run as diffusers would is refused, naming the method: a
+    schedule that is not a 1-D float32 tensor (another dtype changes every step's rounding), timesteps that are
+    not integers indexing it, with t = 0 before the last step (a step to 0 then 0 again: kve_fast's steps end at
+    0 only at the end), noise levels that are not finite and positive in float32."""
+    made = copy.deepcopy(scheduler)
+    made.set_timesteps(n)
+    where = f"{type(scheduler).__qualname__}.set_timesteps({n})"
+    schedule, steps = made.schedule, made.num_inference_steps
+    if not isinstance(schedule, torch.Tensor) or schedule.dtype != torch.float32 or schedule.dim() != 1:
+        raise TypeError(f"`scheduler`: {where} made a `schedule` that is not a 1-D float32 tensor ({schedule!r:.80}): "
+                        "kve_fast runs the reference's float32 step arithmetic")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise TypeError(f"`scheduler`: {where} left `num_inference_steps` = {steps!r}, which gamma is divided by")
+    try:
+        t = torch.as_tensor(made.timesteps).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.dim() != 1 or not t.numel() or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"`scheduler`: {where} made `timesteps` that are not a 1-D sequence of ints")
+    t, sched = t.to(torch.int64), schedule.detach().cpu()
+    if not bool(((t >= 0) & (t < sched.numel())).all()) or bool((t[:-1] == 0).any()):
+        raise TypeError(f"`scheduler`: {where} made `timesteps` that do not index its schedule, or reach 0 before "
+                        "the last step (kve_fast's runs step to sigma = 0 at their end only)")
+    to_zero = int(t[-1]) == 0
+    sigma = sched[t]
+    nxt = torch.cat([sched[t[:-1] - 1], sched.new_zeros(1) if to_zero else sched[t[-1:] - 1]])
+    visited = torch.cat([sigma, nxt[:-1] if to_zero else nxt])
+    if not bool((torch.isfinite(visited) & (visited > 0)).all()):
+        raise ValueError(f"`scheduler`: {where} made noise levels that are not finite and positive")
+    c = made.config
+    why = _float32_range_problem(float(visited.max()), float(visited.min()), churn=c.s_churn > 0)
+    if why:
+        raise ValueError(f"`scheduler`: the noise levels {where} made {why}")
+    return VectorPlan(sigma, nxt, c.s_churn, c.s_min, c.s_max, gamma_n=steps, timesteps=t, to_zero=to_zero)
+
+
 def plan_steps(scheduler, num_inference_steps: int) -> Plan:
     """The steps of a run with ``scheduler``'s settings, computed like the reference pipeline does."""
     return scheduler_plan(scheduler, num_inference_steps).plan
@@ -319,14 +406,10 @@ def plan_steps(scheduler, num_inference_steps: int) -> Plan:
 def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf")) -> Plan:
     """Steps for a user's descending ``sigmas`` (ending in 0), with the reference's per-step rounding."""
     check_real("s_churn", s_churn, minimum=0)
-    check_real("s_tmin", s_tmin, minimum=0)
-    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)):
-        raise TypeError(f"`s_tmax` must be a number, got {type(s_tmax).__name__}")
+    s_tmin = check_bound("s_tmin", s_tmin, minimum=0, finite=True)
+    s_tmax = check_bound("s_tmax", s_tmax)
     if not s_tmax >= s_tmin:
         raise ValueError(f"`s_tmax` must be >= `s_tmin`, got {s_tmax!r}")
-    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):  # (torch compares ints through int64)
-        if isinstance(value, int) and not -2**63 <= value < 2**63:
-            raise ValueError(f"`{name}` is too large an int ({value:.3g}); pass a float")
     try:
         sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -341,7 +424,9 @@ def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float
     why = _float32_range_problem(float(sig[0]), float(sig[n - 1]), churn=s_churn > 0)
     if why:
         raise ValueError(f"`sigmas` {why}")
-    return VectorPlan(sig, s_churn, s_tmin, s_tmax)
+    if not isinstance(sigmas, (list, tuple)):  # (a tensor or array may share its memory with sig)
+        sig = sig.clone()  # the floats are made as the run goes: from the sigmas as the call got them
+    return VectorPlan(sig[:-1], sig[1:], s_churn, s_tmin, s_tmax)
 
 
 # -- settings whose float32 arithmetic stays finite ------------------------------------------------------
@@ -419,14 +504,15 @@ class KStep:
     ``at_hat`` and ``at_next`` (``Level``s with ``sigma`` and ``dt``; None on the last step).
     """
 
-    __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "values", "_sigmas")
+    __slots__ = ("index", "gamma", "last", "noise_coef", "at_hat", "at_next", "values", "_sigmas", "_hat", "_hat_version")
 
-    def __init__(self, index: int, sigmas, row: tuple):
+    def __init__(self, index: int, sigmas, row: tuple, hat: torch.Tensor | None = None):
         self.index, self._sigmas = index, sigmas
         self.gamma, self.last, self.noise_coef, sigma_hat, sigma_next, dt = row
         self.at_hat = Level(0.0, sigma_hat, 0.0, dt)
         self.at_next = None if self.last else Level(0.0, sigma_next, 0.0, dt)
         self.values = _values(self)
+        self._hat, self._hat_version = hat, None if hat is None else hat._version
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -438,45 +524,86 @@ class KStep:
         return self._sigmas[self.index + 1]
 
     def sigma_hat_on_device(self) -> torch.Tensor:
-        """``sigmas[i] * (gamma + 1)`` computed as k-diffusion does, on the sigmas' device (no sync)."""
-        return self._sigmas[self.index] * (self.gamma + 1)
+        """``sigmas[i] * (gamma + 1)`` computed as k-diffusion does, on the sigmas' device (no sync): one tensor
+        for the step, as k-diffusion's ``sigma_hat`` is (the callback gets it, and its line 8 reads it)."""
+        if self._hat is None:
+            self._hat = self._sigmas[self.index] * (self.gamma + 1)
+            self._hat_version = self._hat._version
+        return self._hat
+
+    def hat_edited(self) -> bool:
+        """Whether the step's ``sigma_hat`` tensor was edited in place (by a callback) since it was made."""
+        return self._hat is not None and self._hat._version != self._hat_version
 
 
 class KPlan(_LazySteps):
     """The steps of a k-diffusion-convention run over ``sigmas`` (computed on access).
 
-    The host floats of every step (``KStep``'s) come from a few elementwise ops over the CPU copy of the
-    sigmas, once per run: each element is what k-diffusion's 0-d expression gives (the same IEEE operation
-    per element, in the sigmas' dtype, then rounded to float32 as ``_f32`` rounds), without a dozen 0-d
-    tensor ops per step."""
+    The host floats of the steps (``KStep``'s) come from a few elementwise ops over a chunk of the CPU copy of
+    the sigmas (``_Chunks``): each element is what k-diffusion's 0-d expression gives (the same IEEE operation
+    per element, in the sigmas' dtype, then rounded to float32 as ``_f32`` rounds), without a dozen 0-d tensor
+    ops per step."""
 
     def __init__(self, sigmas: torch.Tensor, sigmas_cpu: torch.Tensor, s_churn, s_tmin, s_tmax):
         super().__init__(max(sigmas_cpu.numel() - 1, 0))
         self.sigmas = sigmas
+        self._churn = (s_churn, s_tmin, s_tmax)
+        self._read(sigmas_cpu)
+
+    def _read(self, cpu: torch.Tensor) -> None:
+        """Plan every step from ``cpu``, the sigmas as read now (their version is remembered)."""
+        sigmas, (s_churn, s_tmin, s_tmax) = self.sigmas, self._churn
+        self._cpu, self._version = cpu, sigmas._version
         self._device_churn = device_churn(sigmas, s_churn) if sigmas.device.type != "cpu" else None
-        self._rows = _kstep_rows(sigmas_cpu, s_churn, s_tmin, s_tmax, self._device_churn) if self.n else []
+        g = min(s_churn / self._n, 2**0.5 - 1) if self._n else 0.0
+        self._rows = _Chunks(self._n, lambda lo, hi: _kstep_rows(
+            cpu[lo:hi], cpu[lo + 1:hi + 1], g, s_tmin, s_tmax,
+            None if self._device_churn is None else self._device_churn[lo:hi]))
+        self._recent = ((None, None), (None, None))
 
     def _make(self, i: int) -> KStep:
         return KStep(i, self.sigmas, self._rows[i])
 
+    def reread(self, step: KStep) -> KStep | None:
+        """k-diffusion reads ``sigmas`` as its loop goes, and its line 8 reads the very ``sigma_hat`` it handed
+        the callback: if either was edited in place since (through any torch op: a version counter moved),
+        ``step`` is returned as k-diffusion finishes it (its gamma and churn as they were; dt, sigma_{i+1} and
+        the Heun correction from the values now) and the later steps are planned again from the sigmas now.
+        None if neither was edited."""
+        sigmas_edited = self.sigmas._version != self._version
+        if not (sigmas_edited or step.hat_edited()):
+            return None
+        i, old = step.index, self._cpu
+        gamma, _, coef, *_ = self._rows[i]
+        if sigmas_edited:
+            cpu = self.sigmas.detach().cpu()
+            self._read(cpu.clone() if cpu.data_ptr() == self.sigmas.data_ptr() else cpu)
+        if step.hat_edited():
+            hat = step.sigma_hat_on_device().detach().cpu()
+        else:
+            hat = old[i] * (gamma + 1)  # k-diffusion's sigma_hat, made from sigmas[i] before the edit
+        nxt = self._cpu[i + 1]
+        row = (gamma, bool(nxt == 0), coef, _f32(hat), _f32(nxt), _f32(nxt - hat))
+        self._rows.replace(i, row)
+        self._recent = ((None, None), (None, None))
+        return KStep(i, self.sigmas, row, step.sigma_hat_on_device())
 
-def _kstep_rows(cpu: torch.Tensor, s_churn, s_tmin, s_tmax, churn: torch.Tensor | None) -> list:
-    """``(gamma, last, noise_coef, sigma_hat, sigma_next, dt)`` of each step, as Python floats and bools:
-    k-diffusion's ``gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.``,
-    ``sigma_hat = sigmas[i] * (gamma + 1)``, the churn coefficient ``(sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5``
-    (None where gamma is 0; ``churn``'s value where it was computed on the sigmas' device) and
-    ``dt = sigmas[i + 1] - sigma_hat``, each an elementwise op in the sigmas' dtype like k-diffusion's 0-d one,
-    the floats rounded to float32."""
-    n = cpu.numel() - 1
-    sig, nxt = cpu[:-1], cpu[1:]
-    g = min(s_churn / n, 2**0.5 - 1)
+
+def _kstep_rows(sig: torch.Tensor, nxt: torch.Tensor, g, s_tmin, s_tmax, churn: torch.Tensor | None) -> list:
+    """``(gamma, last, noise_coef, sigma_hat, sigma_next, dt)`` of the steps from ``sig`` to ``nxt``, as Python
+    floats and bools: k-diffusion's ``gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax
+    else 0.`` (``g`` is the min), ``sigma_hat = sigmas[i] * (gamma + 1)``, the churn coefficient
+    ``(sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5`` (None where gamma is 0; ``churn``'s value where it was computed
+    on the sigmas' device) and ``dt = sigmas[i + 1] - sigma_hat``, each an elementwise op in the sigmas' dtype
+    like k-diffusion's 0-d one, the floats rounded to float32."""
+    n = sig.numel()
     churned = ((sig >= s_tmin) & (sig <= s_tmax)) if g > 0 else torch.zeros(n, dtype=torch.bool)
     hat = torch.where(churned, sig * (g + 1), sig * (0.0 + 1))
     f32 = lambda t: t.to(torch.float32).tolist()  # noqa: E731 - (as _f32 rounds, element by element)
     if not bool(churned.any()):
         coefs = [None] * n
     elif churn is not None:
-        coefs = churn[:n].tolist()  # (its own dtype's values, as float(churn[i]) gives them)
+        coefs = churn.tolist()  # (its own dtype's values, as float(churn[i]) gives them)
     else:
         coefs = f32((hat**2 - sig**2) ** 0.5)
     rows = []
@@ -513,15 +640,15 @@ def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPl
     return x as it is, as k-diffusion does).
     """
     check_real("s_churn", s_churn, minimum=0)
-    for name, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise TypeError(f"`{name}` must be a number, got {value!r}")
+    s_tmin, s_tmax = check_bound("s_tmin", s_tmin), check_bound("s_tmax", s_tmax)
     if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point():
         raise TypeError(f"`sigmas` must be a floating-point torch.Tensor (as k-diffusion's get_sigmas_* return), "
                         f"got {type(sigmas).__name__}")
     if sigmas.dim() != 1:
         raise ValueError(f"`sigmas` must be 1-D, got shape {tuple(sigmas.shape)}")
     cpu = sigmas.detach().cpu()
+    if cpu.data_ptr() == sigmas.data_ptr():
+        cpu = cpu.clone()  # the host floats are made as the run goes: from the sigmas as the call got them
     n = cpu.numel() - 1
     if n >= 1 and s_churn > 0:
         gamma = min(s_churn / n, 2**0.5 - 1)

@@ -34,7 +34,7 @@ import torch
 
 from . import graphs
 from ._warn import warn_once
-from ._checks import check_generator, check_int, check_real
+from ._checks import check_generator, check_real, check_shape
 from .backends import make_backend
 from .convention import REFERENCE, ModelOutputError, raw_output
 from .engine import Engine
@@ -89,8 +89,7 @@ def _check_common(model, shape, generator, callback, noise, output, solver):
     shape = tuple(shape)
     if len(shape) < 2:
         raise ValueError(f"`shape` must be (batch, channels, ...), got {shape}")
-    for k, d in enumerate(shape):
-        check_int(f"shape[{k}]", d, 1)
+    shape = check_shape("shape", shape)
     generator = check_generator(generator, shape[0])
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
@@ -174,16 +173,14 @@ def run(r: Run) -> torch.Tensor:
             source = r.source()
             schedule = Schedule(convention, spec.solver == "heun", spec.hand_out, spec.image,
                                 getattr(r.backend, "fuses_image", False))
+            def eager() -> Engine:
+                return _eager_engine(r, schedule, steps, denoise, source)
+
             engine = None
             if r.graphed:
-                engine, capture = _graphed(r, schedule, steps, denoise, source)
+                engine, capture = _graphed(r, schedule, steps, denoise, source, eager)
             if engine is None:
-                like = None
-                if getattr(r.backend, "layout", False) is not False:  # a fused backend: buffers in the layout
-                    like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=device)
-                engine = Engine(schedule, steps, r.backend, denoise, source, spec.s_noise, like,
-                                r.backend.model_dtype if like is not None else torch.float32, r.s_in, r.extra,
-                                r.hand_out, r.fallback)
+                engine = eager()
             engine.start(r.initial(source))  # line 1, and the first churn where it runs on its own
             iterator = _progress(r.progress, steps)
             for step in iterator:  # line 2
@@ -211,31 +208,44 @@ def run(r: Run) -> torch.Tensor:
     return result
 
 
-def _graphed(r: Run, schedule, steps, denoise, source):
+def _eager_engine(r: Run, schedule, steps, denoise, source) -> Engine:
+    """The eager engine of ``r`` (buffers in the state's layout for a fused backend)."""
+    spec = r.spec
+    like = None
+    if getattr(r.backend, "layout", False) is not False:  # a fused backend: buffers in the layout
+        like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=spec.device)
+    return Engine(schedule, steps, r.backend, denoise, source, spec.s_noise, like,
+                  r.backend.model_dtype if like is not None else torch.float32, r.s_in, r.extra, r.hand_out,
+                  r.fallback)
+
+
+def _graphed(r: Run, schedule, steps, denoise, source, eager):
     """``(GraphEngine with its graphs captured, capture)``, or ``(None, None)`` to run eagerly: the capture is
     busy in another thread (``"auto"``), or the model cannot be captured (``"auto"`` warns once, ``True``
-    raises)."""
+    raises). ``eager()`` makes the eager engine the graphed one hands over to if a callback changes the model."""
     from . import ncsnpp
     from .fake_graph import CaptureRefused
 
     mode = graphs.check_cuda_graph(r.cuda_graph)
     model, spec = r.model, r.spec
-    if isinstance(model, torch.nn.Module) and ncsnpp.needs_patch(model):
-        ncsnpp.make_capturable(model)  # host-built FIR filters -> device-cached, bit-identical
-    like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=spec.device)
-    cap = graphs.checkout(model, spec, r.backend, like, r.backend.model_dtype, wait=mode is True)
-    if cap is None:
-        warn_once(("busy",), "kve_fast: this model's CUDA-graph capture is in use by another thread; running "
-                                     "eagerly (same results; cuda_graph=True waits for it instead)")
-        return None, None
+    cap = None
     try:
-        engine = graphs.GraphEngine(cap, schedule, steps, denoise, source, spec.s_noise, r.hand_out, r.extra)
+        if isinstance(model, torch.nn.Module) and ncsnpp.needs_patch(model):
+            ncsnpp.make_capturable(model)  # host-built FIR filters -> device-cached, bit-identical
+        like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=spec.device)
+        cap = graphs.checkout(model, spec, r.backend, like, r.backend.model_dtype, wait=mode is True)
+        if cap is None:
+            warn_once(("busy",), "kve_fast: this model's CUDA-graph capture is in use by another thread; running "
+                                 "eagerly (same results; cuda_graph=True waits for it instead)")
+            return None, None
+        engine = graphs.GraphEngine(cap, schedule, steps, denoise, source, spec.s_noise, r.hand_out, r.extra, eager)
         engine.prepare()
         # what the capture baked in, as the warm-up left it (it may have built device FIR filters for a new
         # dtype: a cache that only grows, which the graphs read)
         cap.state = graphs.ModelState(model)
-    except (CaptureRefused, RuntimeError, ValueError, TypeError) as exc:
-        graphs.release(cap, completed=False)
+    except (CaptureRefused, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        if cap is not None:
+            graphs.release(cap, completed=False)
         reason = f"{type(exc).__name__}: {exc}".strip()
         if mode is True:
             raise ValueError(f"`cuda_graph`=True but the model cannot be captured in a CUDA graph ({reason})") from exc

@@ -180,6 +180,17 @@ class Schedule:
         stages = self._stages.get(key)  # (a StepKind is a tuple: the same key as stages())
         return stages if stages is not None else self.stages(StepKind(*key))
 
+    def rest_after(self, plan, step, stage: HandOut):
+        """``(step, the stages after stage)`` once a callback at ``stage`` has run: ``plan.reread`` gives the
+        step as its original finishes it where the callback edited what the plan was made from (k-diffusion's
+        sigmas, which its loop reads as it goes; the step's kind may change), else ``step`` and None (go on)."""
+        reread = getattr(plan, "reread", None)
+        new = reread(step) if reread is not None else None
+        if new is None:
+            return step, None
+        stages = self.step_stages(plan, new)
+        return new, stages[stages.index(stage) + 1:]
+
     def _input(self, hat: str, name: str) -> tuple[str, str | None]:
         """(what the model is called at, the named model input a stage writes for it) for the sample ``hat``."""
         if self.convention.model_input_is_hat():
@@ -389,7 +400,9 @@ def run(stages, ctx: StepContext, feed) -> None:
                 return run(stages[k + 1:], ctx, feed)
             continue
         if kind is HandOut:
-            ctx.hand_out(s, feed)
+            rest = ctx.hand_out(s, feed)
+            if rest is not None:  # the step was planned again meanwhile (see Schedule.rest_after): its own stages
+                return run(rest, ctx, feed)
             continue
         if kind is Churn:
             written = be.churn(env[s.x], feed.churn(s.of), noise=s.noise, hat=out[0], model_input=out[1])

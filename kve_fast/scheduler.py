@@ -23,6 +23,53 @@ from .plan import check_sampler_config, churn_sigma
 from .schedules import make_schedule
 
 
+def diffusers_class():
+    """diffusers' own ``KarrasVeScheduler`` class (imported when first asked for), or None where diffusers lacks it."""
+    try:
+        from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler as reference
+    except ImportError:
+        return None
+    return reference
+
+
+# What diffusers' KarrasVePipeline calls of a scheduler besides init_noise_sigma: set_timesteps, then timesteps and
+# schedule, and each step's arithmetic; ours also routes them through make_schedule (made when first read) and
+# churn_sigma. A subclass's schedule is planned from what its own methods make; the fused steps cannot honour a
+# subclass's step arithmetic.
+SCHEDULE_MEMBERS = ("set_timesteps", "timesteps", "schedule")
+STEP_MEMBERS = ("add_noise_to_input", "step", "step_correct")
+_OURS_ALSO = {SCHEDULE_MEMBERS: ("make_schedule", "_materialize"), STEP_MEMBERS: ("churn_sigma",)}
+
+
+def _overrides(scheduler, base: type, names: tuple) -> list:
+    """The members of ``names`` (and what ours routes them through) that ``scheduler`` defines other than ``base``
+    does: in a class before ``base`` in its method order, or as a function on the instance itself."""
+    if base is KarrasVeScheduler:
+        names = names + _OURS_ALSO[names]
+    mro = type(scheduler).__mro__
+    own = getattr(scheduler, "__dict__", {})
+    return [name for name in names
+            if any(name in vars(k) for k in mro[:mro.index(base)]) or callable(own.get(name))]
+
+
+def schedule_source(scheduler) -> str:
+    """Where a run takes ``scheduler``'s noise levels from: ``"config"`` (kve_fast's or diffusers' class with its
+    own schedule, made from the config; also any other object) or ``"methods"`` (a subclass, or an instance, that
+    replaces how the schedule is made: planned from what its ``set_timesteps``, ``timesteps`` and ``schedule``
+    give, as diffusers' pipeline takes them). One that replaces the per-step arithmetic is a TypeError naming
+    its class and the methods."""
+    base = KarrasVeScheduler if isinstance(scheduler, KarrasVeScheduler) else diffusers_class()
+    if base is None or not isinstance(scheduler, base):
+        return "config"
+    replaced = _overrides(scheduler, base, STEP_MEMBERS)
+    if replaced:
+        methods = ", ".join(f"`{name}`" for name in replaced)
+        raise TypeError(f"`scheduler` is a {type(scheduler).__module__}.{type(scheduler).__qualname__}, which replaces "
+                        f"{methods} of {base.__module__}.{base.__name__}: kve_fast runs that arithmetic in its own "
+                        "fused steps and cannot honour the change (diffusers' own pipeline runs it)")
+    return "methods" if _overrides(scheduler, base, SCHEDULE_MEMBERS) else "config"
+
+
 @dataclass
 class KarrasVeOutput(BaseOutput):
     """Output of ``step`` / ``step_correct``: the next sample, the derivative and the denoised estimate."""
@@ -75,7 +122,8 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
 
     @timesteps.setter
     def timesteps(self, value) -> None:
-        self._made = (value, None if self._made is None else self._made[1])
+        made = self._materialize()  # (a subclass's set_timesteps may replace one of the two after super()'s)
+        self._made = (value, None if made is None else made[1])
 
     @property
     def schedule(self) -> torch.Tensor | None:
@@ -85,7 +133,8 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
 
     @schedule.setter
     def schedule(self, value) -> None:
-        self._made = (None if self._made is None else self._made[0], value)
+        made = self._materialize()
+        self._made = (None if made is None else made[0], value)
 
     def _materialize(self):
         if self._made is None and self.num_inference_steps is not None:
@@ -110,10 +159,15 @@ class KarrasVeScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        """diffusers' ``extract_init_dict``, with the settings ``to_json_string`` keeps under ``_kve_fast`` put back."""
-        extras = config_dict.get(cls._EXTRAS_KEY)
-        if isinstance(extras, dict):
-            config_dict = {**{k: v for k, v in extras.items() if k in cls._EXTRAS}, **config_dict}
+        """diffusers' ``extract_init_dict``, with kve_fast's settings read from where ``to_json_string`` puts them:
+        under ``_kve_fast``, or left out where they are the defaults. Both are put back as given, so diffusers
+        counts neither among the values it filled in (``_use_default_values``) and the private key stays out of
+        the config: a saved and reloaded config equals the saved one, as diffusers' own does."""
+        config_dict = dict(config_dict)
+        extras = config_dict.pop(cls._EXTRAS_KEY, None)
+        extras = extras if isinstance(extras, dict) else {}
+        for name, default in cls._EXTRAS.items():
+            config_dict.setdefault(name, extras.get(name, default))
         return super().extract_init_dict(config_dict, **kwargs)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:

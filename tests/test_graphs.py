@@ -12,6 +12,7 @@ import gc
 import os
 import threading
 import time
+import types
 import warnings
 import weakref
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    GaussianScore, assert_bitwise, kve_pipe, make_generator, ncsnpp_unet, needs_triton, reference_test_unet,
+    MODELS, GaussianScore, assert_bitwise, kve_pipe, make_generator, ncsnpp_unet, needs_triton, reference_test_unet,
 )
 from diffusers.utils import BaseOutput
 
@@ -329,7 +330,13 @@ class Gate(torch.nn.Module):
         super().__init__()
         self.base = GaussianScore(8)
         self.config = self.base.config
-        self.entered, self.release, self.pause_in = threading.Event(), threading.Event(), None
+        # (held one level below the module's attributes: the fingerprint compares a held object's own attributes,
+        # and an Event's flag set by the test is not a change of the model)
+        self.sync = types.SimpleNamespace(entered=threading.Event(), release=threading.Event(), thread=None)
+
+    entered = property(lambda self: self.sync.entered)
+    release = property(lambda self: self.sync.release)
+    pause_in = property(lambda self: self.sync.thread, lambda self, thread: setattr(self.sync, "thread", thread))
 
     def forward(self, x, sigma):
         if threading.current_thread() is self.pause_in and not self.entered.is_set():
@@ -543,3 +550,392 @@ def test_a_capture_is_reused_after_its_warm_up_built_fir_filters(fake_graphs, mo
     assert_bitwise(first, _run(pipe, False, steps=2, batch=1, solver="euler", unet_dtype=torch.bfloat16), "eager")
     assert_bitwise(run(), first, "the second graphed call")
     assert list(graphs._CACHE.values()) == [cap], "the second call recaptured"
+
+
+# --- what a forward can read: attributes, classes, tensor metadata, global hooks -------------------------------
+
+
+def test_an_attention_processor_swapped_after_a_capture_runs(fake_graphs):
+    """diffusers' ``set_processor`` replaces a plain attribute, no tensor and no hook (mutation: the
+    fingerprint's attribute check removed -> the old processor is replayed, most values differ)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = reference_test_unet(8).to(DEVICE)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.2), **SMALL)
+    first = _same_as_eager(pipe, "the default processor")
+    _set_processors(unet, AttnProcessor)
+    swapped = _same_as_eager(pipe, "AttnProcessor set after the capture")
+    assert not torch.equal(first, swapped), "the processors round differently: the swap must show"
+
+
+def _set_processors(unet, kind) -> None:
+    """Every attention module of ``unet`` given a new ``kind()`` processor (diffusers' ``set_processor``)."""
+    attentions = [m for m in unet.modules() if hasattr(m, "set_processor")]
+    assert attentions
+    for m in attentions:
+        m.set_processor(kind())
+
+
+class Flagged(torch.nn.Module):
+    """A module whose forward branches on a flag, calls an activation it holds, and reads a plain object."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.double, self.act = False, torch.nn.functional.silu
+        self.settings = type("Settings", (), {})()
+        self.settings.scale = 1.0
+
+    def forward(self, x):
+        y = self.act(self.conv(x)) * self.settings.scale
+        return y * 2 if self.double else y
+
+
+@pytest.mark.parametrize("change", ["flag", "activation", "object attribute", "class method"])
+def test_plain_attributes_a_forward_reads_are_part_of_what_a_capture_baked_in(fake_graphs, change, monkeypatch):
+    """Mutations: the fingerprint's module-attribute check removed (flag, activation), its second level removed
+    (object attribute), its class check removed (class method): each replays the old choice."""
+    net = Flagged().to(DEVICE)
+    pipe = kve_pipe(ScorePlus(net, scale=0.2), **SMALL)
+    first = _same_as_eager(pipe, "before")
+    if change == "flag":
+        net.double = True
+    elif change == "activation":
+        net.act = torch.nn.functional.gelu
+    elif change == "object attribute":
+        net.settings.scale = 3.0
+    else:
+        monkeypatch.setattr(Flagged, "forward", lambda self, x: self.conv(x) * 0.5)
+    assert not torch.equal(_same_as_eager(pipe, f"{change} changed after the capture"), first)
+    assert graphs.graph_info()["captures"] == 1, "the stale capture is freed"
+
+
+def test_the_same_value_set_again_keeps_the_capture(fake_graphs):
+    net = Flagged().to(DEVICE)
+    pipe = kve_pipe(ScorePlus(net, scale=0.2), **SMALL)
+    _run(pipe, True)
+    (cap,) = graphs._CACHE.values()
+    net.double = False
+    net.settings.scale = float("1.0")
+    _run(pipe, True)
+    assert list(graphs._CACHE.values()) == [cap], "an equal value recaptured"
+
+
+class Biased(torch.nn.Module):
+    """The Gaussian score plus a small term read from ``bias``, a buffer that is a view into a larger storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.base, self.config = GaussianScore(8), GaussianScore(8).config
+        store = torch.arange(1.0, 3 * 8 * 8 + 2)  # one value more than the view needs
+        self.register_buffer("bias", store[1:].view(3, 8, 8))
+
+    def forward(self, x, sigma):
+        return BaseOutput(sample=self.base(x, sigma).sample + 1e-4 * self.bias.to(torch.float32))
+
+
+@pytest.mark.parametrize("change", ["offset", "strides", "shape", "dtype"])
+def test_a_buffer_changed_under_its_storage_is_captured_anew(fake_graphs, change):
+    """The storage stays the same; only where and how a forward reads it changes (mutation: the fingerprint's
+    data pointer / shape / strides / dtype comparison removed -> the capture replays the old view)."""
+    model = Biased().to(DEVICE)
+    pipe = kve_pipe(model, **SMALL)
+    first = _same_as_eager(pipe, "before")
+    bias = model.bias
+    storage = bias.untyped_storage()
+    with torch.no_grad():
+        if change == "offset":
+            bias.set_(storage, 0, bias.shape, bias.stride())
+        elif change == "strides":
+            bias.set_(storage, bias.storage_offset(), (3, 8, 8), (64, 1, 8))
+        elif change == "shape":
+            bias.set_(storage, bias.storage_offset(), (1, 8, 8), (64, 8, 1))
+        else:
+            model.bias = bias.view(torch.int32)  # the same bytes read as integers
+    assert model.bias.untyped_storage().data_ptr() == storage.data_ptr()
+    assert not torch.equal(_same_as_eager(pipe, f"{change} changed under the same storage"), first)
+
+
+def test_a_global_module_hook_added_after_a_capture_runs(fake_graphs):
+    """Mutation: the fingerprint's global-hook check removed -> the capture runs without the hook."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    unet = reference_test_unet(8).to(DEVICE)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.2), **SMALL)
+    first = _same_as_eager(pipe, "no global hook")
+    handle = register_module_forward_hook(lambda m, i, o: o * 1.5 if m is unet.conv_out else o)
+    try:
+        hooked = _same_as_eager(pipe, "a global hook")
+    finally:
+        handle.remove()
+    assert not torch.equal(first, hooked)
+
+
+def test_a_module_list_holding_none_is_captured(fake_graphs):
+    """diffusers builds ``mid_block.attentions = ModuleList([None])`` with ``add_attention=False`` (the bundled
+    digits model does): the fingerprint skips the None (827f2de crashed on it, outside the 'auto' fallback)."""
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                       add_attention=False, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).to(DEVICE).eval()
+    assert any(m is None for m in unet.mid_block.attentions)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.2), **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: it is captured
+        _same_as_eager(pipe, "a ModuleList holding None")
+    assert graphs.graph_info()["captures"] == 1
+
+
+# --- what a callback may do: the graphed call gives the eager call's bits ---------------------------------------
+
+
+def _both(pipe, callback, **kw):
+    """(graphed, eager) outputs of the same call with ``callback_on_step_end``."""
+    kw.setdefault("callback_on_step_end_tensor_inputs", ["sample", "pred_original_sample"])
+    return (_run(pipe, True, callback_on_step_end=callback, **kw),
+            _run(pipe, False, callback_on_step_end=callback, **kw))
+
+
+@pytest.mark.parametrize("what", ["sample", "pred_original_sample"])
+def test_a_callbacks_in_place_edit_counts_as_in_an_eager_call(fake_graphs, what):
+    """The callback gets the live sample in an eager call (as in diffusers' newer pipelines): ``mul_`` on it
+    changes the run; on the graph's copy it must too (mutation: the copy-back of edited tensors removed)."""
+    pipe = kve_pipe(GaussianScore(8).to(DEVICE), **SMALL)
+
+    def halve(p, i, t, kw):
+        if i == 1:
+            kw[what].mul_(0.5)
+        return {}
+
+    graphed, eager = _both(pipe, halve)
+    assert_bitwise(graphed, eager, f"an in-place edit of {what}")
+    untouched = _run(pipe, False, callback_on_step_end=lambda p, i, t, kw: {})
+    assert torch.equal(untouched, eager) == (what == "pred_original_sample"), "only the sample is read on"
+
+
+@pytest.mark.parametrize("change", ["hook", "parameter", "processor", "switch"])
+def test_a_model_changed_inside_a_callback_runs_on_eagerly(fake_graphs, change, switches_back):
+    """What the callback changes counts from the next model call on, graphed as eagerly; the stale capture is
+    never replayed (a replaced parameter would be read freed) and the next call captures anew (mutation: the
+    check after a callback removed -> the hook is missed, or StaleCapture)."""
+    unet = reference_test_unet(8).to(DEVICE)
+    pipe = kve_pipe(ScorePlus(unet, scale=0.2), **SMALL)
+    handles = []
+
+    def edit(p, i, t, kw):
+        if i == 0:
+            if change == "hook":
+                handles.append(unet.conv_in.register_forward_hook(lambda m, inp, out: out * 2))
+            elif change == "parameter":
+                unet.conv_out.weight = torch.nn.Parameter(unet.conv_out.weight.detach() * 1.5)
+            elif change == "processor":
+                from diffusers.models.attention_processor import AttnProcessor
+
+                _set_processors(unet, AttnProcessor)
+            else:
+                torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+        return {}
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    saved = copy.deepcopy(unet.state_dict())
+    out = {}
+    for mode in (True, False):
+        for h in handles:
+            h.remove()
+        handles.clear()
+        unet.load_state_dict(saved, assign=True)
+        _set_processors(unet, AttnProcessor2_0)
+        _warn.forget()
+        out[mode] = _run(pipe, mode, steps=3, callback_on_step_end=edit)
+        if mode is True:
+            assert graphs.graph_info()["captures"] == 0, "the stale capture was cached"
+    assert_bitwise(out[True], out[False], f"{change} inside a callback")
+    unchanged = _run(pipe, False, steps=3)
+    if change != "switch":  # (cudnn.benchmark changes nothing on the CPU)
+        assert not torch.equal(unchanged, out[False]), "the change must show"
+    for h in handles:
+        h.remove()
+
+
+def test_a_callback_that_changes_nothing_keeps_the_graphs(fake_graphs):
+    pipe = kve_pipe(GaussianScore(8).to(DEVICE), **SMALL)
+    _run(pipe, True, callback_on_step_end=lambda p, i, t, kw: {})
+    (cap,) = graphs._CACHE.values()
+    _run(pipe, True, callback_on_step_end=lambda p, i, t, kw: {})
+    assert list(graphs._CACHE.values()) == [cap]
+
+
+# --- the README's main job and every model the tests know, graphed ---------------------------------------------
+
+
+def test_the_main_job_runs_graphed_with_the_eager_bits(fake_graphs, tmp_path, monkeypatch):
+    """``kve-fast sample`` with the bundled digits model (what the README's main job runs on a GPU, where
+    'auto' picks Triton and graphs), and ``kve-fast generate``: graphed, the same PNG bytes as eagerly, and a
+    capture really made (827f2de: a traceback, and 'auto' could not fall back)."""
+    from kve_fast.cli import main
+
+    monkeypatch.setattr(graphs, "MAX_CAPTURES", 4)
+    made = []
+    release = graphs.release
+    monkeypatch.setattr(graphs, "release", lambda cap, completed: (made.append(completed), release(cap, completed)))
+    common = ["--steps", "3", "--backend", "triton", "--quiet"]
+    pngs = {}
+    for mode in ("auto", "off"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            assert main(["sample", *common, "--batch-size", "2", "--cuda-graph", mode,
+                         "--out", str(tmp_path / f"grid-{mode}.png")]) == 0
+            assert main(["generate", *common, "--seeds", "0-2", "--batch", "2", "--cuda-graph", mode,
+                         "--outdir", str(tmp_path / f"gen-{mode}")]) == 0
+        pngs[mode] = [(tmp_path / f"grid-{mode}.png").read_bytes()] + [
+            p.read_bytes() for p in sorted((tmp_path / f"gen-{mode}").glob("*.png"))]
+    assert made and all(made), "the graphed runs captured and completed"
+    assert len(pngs["auto"]) == 4 and pngs["auto"] == pngs["off"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_the_tests_know_runs_graphed_with_the_eager_bits(fake_graphs, models, name):
+    model = models(name).to(DEVICE)
+    pipe = kve_pipe(model, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # captured, not a fallback
+        _same_as_eager(pipe, f"{name} graphed", steps=2, batch=1)
+    assert graphs.graph_info()["captures"] == 1
+
+
+# --- a model compiled with torch.compile -------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after (its compiles are cached per code object, and bounded)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class _Counting:
+    """A ``torch.compile`` backend that counts compiles and runs of the compiled code, and records whether a
+    compile happened during a capture or under a dispatch mode."""
+
+    def __init__(self):
+        self.compiles, self.runs, self.bad = 0, 0, []
+        self.capturing = False
+
+    def __call__(self, gm, inputs):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        self.compiles += 1
+        if self.capturing or _get_current_dispatch_mode() is not None:
+            self.bad.append("compiled inside a capture or a dispatch mode")
+
+        def run(*args):
+            self.runs += 1
+            return gm.forward(*args)
+
+        return run
+
+
+def _compiled_models(backend):
+    """A compiled module, a module compiled in place, a compiled instance forward, a compiled submodule."""
+    a = torch.compile(Flagged(), backend=backend)
+    b = Flagged()
+    b.compile(backend=backend)
+    c = Flagged()
+    c.forward = torch.compile(c.forward, backend=backend)
+    d = torch.nn.Sequential(torch.compile(Flagged(), backend=backend))
+    return {"OptimizedModule": a, "compile()": b, "compiled forward": c, "compiled submodule": d}
+
+
+@pytest.mark.parametrize("kind", ["OptimizedModule", "compile()", "compiled forward", "compiled submodule"])
+def test_a_compiled_model_is_refused_by_the_cpu_stand_in_and_stays_compiled(fake_graphs, kind, fresh_dynamo):
+    """The stand-in records operators through a dispatch mode, under which dynamo does not run compiled code
+    and afterwards never does again for that frame: it must refuse before (mutation: the compiled check removed
+    -> 'True' captures and the model silently runs uncompiled from then on)."""
+    backend = _Counting()
+    net = _compiled_models(backend)[kind]
+    pipe = kve_pipe(ScorePlus(net, scale=0.2), **SMALL)
+    with pytest.raises(ValueError, match="torch.compile"):
+        _run(pipe, True)
+    _warn.forget()
+    with pytest.warns(RuntimeWarning, match="torch.compile"):
+        auto = _run(pipe, "auto")
+    assert_bitwise(auto, _run(pipe, False), "the eager fallback")
+    runs = backend.runs
+    net(torch.zeros(2, 3, 8, 8, device=DEVICE))
+    assert backend.compiles >= 1 and backend.runs > runs, "the model no longer runs its compiled code"
+    assert not backend.bad
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for ``graphs._capture``'s CUDA branch to run on the CPU: streams that do
+    nothing, a graph context that marks the capture, the CUDA RNG state as a constant."""
+
+    def __init__(self, monkeypatch, backend: _Counting):
+        import contextlib
+
+        cuda = torch.cuda
+        nothing = contextlib.nullcontext
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        monkeypatch.setattr(cuda, "Stream", lambda device=None: stream())
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: stream())
+        monkeypatch.setattr(cuda, "stream", lambda s: nothing())
+        monkeypatch.setattr(cuda, "CUDAGraph", lambda: "graph")
+        monkeypatch.setattr(cuda, "get_rng_state", lambda device=None: torch.zeros(1, dtype=torch.uint8))
+        monkeypatch.setattr(cuda, "set_rng_state", lambda state, device=None: None)
+
+        @contextlib.contextmanager
+        def graph(g, pool=None, capture_error_mode=None):
+            backend.capturing = True
+            try:
+                yield
+            finally:
+                backend.capturing = False
+
+        monkeypatch.setattr(cuda, "graph", graph)
+
+
+def test_on_cuda_a_compiled_model_compiles_before_the_capture_outside_any_dispatch_mode(monkeypatch, fresh_dynamo):
+    """The CUDA branch of the capture, with torch.cuda's stream and graph calls stood in for: the first warm-up
+    compiles, outside a dispatch mode (``fake_graph.watch`` would undo the compile for good), never inside the
+    capture, and the compiled code is what the capture runs (mutation: the compiled model warmed up under
+    ``watch``)."""
+    monkeypatch.delenv(graphs.FAKE_ENV_VAR, raising=False)
+    backend = _Counting()
+    _FakeCuda(monkeypatch, backend)
+    net = torch.compile(Flagged(), backend=backend)
+    x = torch.ones(1, 3, 4, 4)
+    with torch.no_grad():
+        assert graphs._capture(lambda: net(x), torch.device("cuda"), None, compiled_model=True) == "graph"
+    assert backend.compiles == 1 and backend.runs == 3 and not backend.bad
+
+
+def test_on_cuda_a_compiled_model_that_draws_is_refused_with_the_rng_put_back(monkeypatch, fresh_dynamo):
+    monkeypatch.delenv(graphs.FAKE_ENV_VAR, raising=False)
+    backend = _Counting()
+    _FakeCuda(monkeypatch, backend)
+    noisy = torch.compile(lambda: torch.rand(3) * 2, backend=backend)
+    torch.manual_seed(5)
+    with pytest.raises(CaptureRefused, match="random numbers"):
+        graphs._capture(noisy, torch.device("cuda"), None, compiled_model=True)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(5).get_state())
+
+
+def test_a_failure_to_fingerprint_the_model_falls_back_under_auto(fake_graphs, monkeypatch):
+    """Whatever fails while the capture is set up (here the model's snapshot) is a reason 'auto' runs eagerly
+    and True names (mutation: the checkout outside the fallback's try, as in 827f2de -> a traceback)."""
+    pipe = kve_pipe(GaussianScore(8).to(DEVICE))
+    eager = _run(pipe, False)
+
+    def broken(model):
+        raise AttributeError("a module tree the snapshot cannot read")
+
+    monkeypatch.setattr(graphs, "ModelState", broken)
+    with pytest.raises(ValueError, match="cannot read"):
+        _run(pipe, True)
+    _warn.forget()
+    with pytest.warns(RuntimeWarning, match="cannot read"):
+        assert_bitwise(_run(pipe, "auto"), eager, "the eager fallback")
+    assert graphs.graph_info()["captures"] == 0

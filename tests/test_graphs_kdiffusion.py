@@ -162,3 +162,65 @@ def test_graph_info_names_each_key_field(fake_graphs):
     assert entry["backend"] == "triton" and entry["shape"] == (2, 3, 8, 8) and entry["noise"] == "fast"
     assert entry["solver"] == "euler" and entry["hand_out"] is False and entry["strides"] == (192, 1, 24, 3)
     assert entry["convention"].name == "k-diffusion" and entry["extra"] == ()
+
+
+@pytest.mark.parametrize("sampler", [kd.sample_heun, kd.sample_euler])
+@pytest.mark.parametrize("edit", ["x", "denoised"])
+def test_a_callbacks_in_place_edit_counts_graphed_as_eagerly(fake_graphs, sampler, edit):
+    """k-diffusion's callback gets x_hat itself: ``d["x"].mul_`` moves the step (tests/test_k_diffusion_clients.py
+    ties the eager run to k-diffusion); the graphed run hands out copies and must carry the edit over (mutation:
+    the copy-back of edited tensors removed)."""
+
+    def scale(d):
+        if d["i"] in (1, 3):
+            d[edit].mul_(0.9)
+
+    graphed = _run(sampler, Denoiser().to(DEVICE), True, callback=scale, **CHURN)[0]
+    model = Denoiser().to(DEVICE)
+    eager = _run(sampler, model, False, callback=scale, **CHURN)[0]
+    assert_bitwise(graphed, eager, f"{sampler.__name__}, an in-place edit of {edit}")
+    untouched = _run(sampler, model, False, callback=lambda d: None, **CHURN)[0]
+    assert torch.equal(untouched, eager) == (edit == "denoised")
+
+
+def test_a_model_changed_inside_a_callback_runs_on_eagerly_from_that_step(fake_graphs):
+    """The callback runs in the middle of k-diffusion's step (before line 8): a hook it adds counts from the
+    Heun call of that very step, graphed as eagerly (mutation: the check after a callback removed)."""
+    out = {}
+    for mode in (True, False):
+        model = Denoiser().to(DEVICE)
+
+        def hook(d, model=model):
+            if d["i"] == 2:
+                model.unet.conv_in.register_forward_hook(lambda m, i, o: o * 2)
+
+        _warn.forget()
+        out[mode] = _run(kd.sample_heun, model, mode, callback=hook, **CHURN)[0]
+    assert_bitwise(out[True], out[False], "a hook added inside the callback")
+    assert graphs.graph_info()["captures"] == 0
+    assert not torch.equal(out[False], _run(kd.sample_heun, Denoiser().to(DEVICE), False, **CHURN)[0])
+
+
+@pytest.mark.parametrize("edit", ["sigmas", "sigma_hat", "last to 0"])
+def test_a_callback_editing_the_sigmas_runs_on_eagerly_with_the_eager_bits(fake_graphs, edit):
+    """k-diffusion reads its sigmas as it goes (tests/test_k_diffusion_clients.py ties the eager run to it): the
+    graphs' feed was planned from the old ones, so the call goes on eagerly from the edit (mutation: the plan not
+    read again after a callback -> the graphed run replays the old dt)."""
+    def change(d, sigmas):
+        if edit == "sigmas" and d["i"] == 1:
+            sigmas[2:].mul_(0.5)
+        elif edit == "sigma_hat" and d["i"] == 2:
+            d["sigma_hat"].mul_(1.1)
+        elif edit == "last to 0" and d["i"] == len(sigmas) - 2:
+            sigmas[-1].zero_()
+
+    out = {}
+    for mode in (True, False):
+        sigmas = kd.get_sigmas_karras(6, 0.02, 20.0, device=DEVICE)[:-1]  # ends at a nonzero sigma
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) * sigmas[0]
+        torch.manual_seed(7)
+        _warn.forget()
+        out[mode] = kd.sample_heun(Denoiser().to(DEVICE), x, sigmas, backend="triton", cuda_graph=mode,
+                                   callback=lambda d, sigmas=sigmas: change(d, sigmas), **CHURN)
+    assert_bitwise(out[True], out[False], f"graphed vs eager, {edit} edited by the callback")
+    assert graphs.graph_info()["captures"] == 0, "the stale capture was cached"

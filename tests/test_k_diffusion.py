@@ -15,13 +15,16 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from conftest import CAN_RUN_TRITON, GaussianScore, assert_bitwise, reference_test_unet
 
 from kve_fast import k_diffusion as kd
+from kve_fast import plan as plan_module
 from kve_fast.testing import K_DIFFUSION, import_k_diffusion_sampling
 
 BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
@@ -98,7 +101,8 @@ CASES = [  # (sampler, model, batch, steps, churn settings)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sampler, model, batch, steps, churn", CASES)
-def test_samplers_match_k_diffusion(sampler, model, batch, steps, churn, backend):
+def test_samplers_match_k_diffusion(sampler, model, batch, steps, churn, backend, monkeypatch):
+    monkeypatch.setattr(plan_module, "CHUNK", 2)  # (the steps' host floats made two steps at a time)
     real = real_sampling()
     denoiser = _models()[model]
     sigmas = real.get_sigmas_karras(steps, 0.02, 40.0, device=DEVICE)
@@ -157,15 +161,20 @@ def test_schedule_helpers_match_k_diffusion():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("churn", [(1.0, 0.0, float("inf")), (40.0, 0.05, 10.0), (13.7, 0.3, 20.0)])
-def test_step_scalars_match_k_diffusion_expressions(churn, dtype):
+def test_step_scalars_match_k_diffusion_expressions(churn, dtype, monkeypatch):
     """Each step's host scalars against k-diffusion's own 0-d expressions on the sigmas' device (on a GPU
     machine, CUDA: there the churn coefficient comes from ``device_churn``, whose powers are CUDA's), in the
     sigmas' dtype, rounded to float32 as the kernels take them; also sequences with zeros inside and at the
     end (ComfyUI's split and flipped sigmas). The plan computes all steps' floats with elementwise ops at once:
     the mutations this catches include the product taken in float32 for float64 sigmas, the floats left
     unrounded in the sigmas' dtype, ``last`` read from another test than ``sigmas[i + 1] == 0``, and ``<`` for
-    ``<=`` at either end of the churn range (sigmas equal to s_tmin and s_tmax are in the split sequence)."""
+    ``<=`` at either end of the churn range (sigmas equal to s_tmin and s_tmax are in the split sequence). The
+    floats are made 7 steps at a time (chunk boundaries inside both sequences), and asked for backwards too:
+    a chunk's first step or its ``sigmas[i + 1]`` read from the wrong place (on a GPU also its churn coefficients
+    from the wrong slice) fail here."""
     from kve_fast.plan import device_churn, kdiffusion_plan
+
+    monkeypatch.setattr(plan_module, "CHUNK", 7)
 
     s_churn, s_tmin, s_tmax = churn
     karras = real_sampling().get_sigmas_karras(60, 0.002, 80.0, device=DEVICE).to(dtype)
@@ -177,7 +186,7 @@ def test_step_scalars_match_k_diffusion_expressions(churn, dtype):
         plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
         assert (plan._device_churn is not None) == (DEVICE != "cpu")
         vector = device_churn(sigmas, s_churn)
-        for i in range(len(sigmas) - 1):
+        for i in [*range(len(sigmas) - 1), *reversed(range(len(sigmas) - 1))]:
             # k-diffusion's sample_heun lines
             gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
             sigma_hat = sigmas[i] * (gamma + 1)
@@ -195,6 +204,22 @@ def test_step_scalars_match_k_diffusion_expressions(churn, dtype):
             else:
                 assert step.noise_coef is None, i
     assert 0 < churned or s_tmax == float("inf")
+
+
+def test_device_churn_values_reach_their_steps_across_chunks(monkeypatch):
+    """On a GPU each step's churn coefficient comes from ``device_churn``'s vector (computed there), sliced per
+    chunk: here the plan is told its sigmas are on another device (``device_churn`` then runs on the CPU copy,
+    made distinguishable), and every churned step must get its own element (mutation: a chunk's slice taken
+    from the vector's start -> fails)."""
+    from kve_fast.plan import KPlan, device_churn
+
+    monkeypatch.setattr(plan_module, "CHUNK", 4)
+    cpu = real_sampling().get_sigmas_karras(11, 0.05, 20.0)
+    monkeypatch.setattr(plan_module, "device_churn", lambda s, c: device_churn(cpu, c) + torch.arange(11.0))
+    on_device = types.SimpleNamespace(device=torch.device("cuda"), _version=0)  # (only these are read here)
+    plan = KPlan(on_device, cpu, 2.0, 0.0, float("inf"))
+    expected = device_churn(cpu, 2.0) + torch.arange(11.0)
+    assert [plan[i].noise_coef for i in range(11)] == expected.tolist()
 
 
 def test_score_and_denoiser_adapters_are_inverse():
@@ -232,13 +257,45 @@ def test_fast_noise_is_reproducible_and_not_the_exact_stream():
     ({"backend": "cuda"}, ValueError, "backend"),
     ({"noise": "loud"}, ValueError, "noise"),
     ({"s_noise": -1.0}, ValueError, "s_noise"),
+    # every refusal docs/k-diffusion.md lists, and no other
+    ({"model": 3}, TypeError, "model"),
+    ({"x": torch.zeros(1, 3, 8, 8, dtype=torch.int64)}, TypeError, "x"),
+    ({"x": torch.zeros(0, 3, 8, 8)}, ValueError, "x"),
+    ({"sigmas": torch.tensor([2, 1, 0])}, TypeError, "sigmas"),
+    ({"s_churn": -0.5}, ValueError, "s_churn"),
+    ({"s_churn": float("inf")}, ValueError, "s_churn"),
+    ({"s_churn": True}, TypeError, "s_churn"),
+    ({"s_noise": torch.tensor(1.0)}, TypeError, "s_noise"),
+    ({"s_tmin": float("nan")}, ValueError, "s_tmin"),
+    ({"s_tmax": "10"}, TypeError, "s_tmax"),
+    ({"s_tmax": 10**40, "s_churn": 1.0}, ValueError, "s_tmax"),  # (k-diffusion: torch's OverflowError)
 ])
 def test_bad_arguments_fail_before_any_draw(kwargs, error, name):
-    call = {"sigmas": torch.tensor([2.0, 1.0, 0.0]), **kwargs}
+    call = {"model": kd.score_to_denoiser(GaussianScore(8)), "x": torch.zeros(1, 3, 8, 8),
+            "sigmas": torch.tensor([2.0, 1.0, 0.0]), **kwargs}
     state = torch.get_rng_state()
     with pytest.raises(error, match=name):
-        kd.sample_heun(kd.score_to_denoiser(GaussianScore(8)), torch.zeros(1, 3, 8, 8), disable=True, **call)
+        kd.sample_heun(disable=True, **call)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_run_as_in_k_diffusion(backend):
+    """k-diffusion takes numpy scalars for every real argument (ComfyUI's nodes pass them); s_tmin and s_tmax
+    were refused (mutation: the old int/float test -> TypeError). The bounds sit on sigmas of the sequence, in
+    float32, float64 and int, so the range test's rounding counts."""
+    real = real_sampling()
+    sigmas = real.get_sigmas_karras(8, 0.05, 20.0, device=DEVICE)
+    denoiser = kd.score_to_denoiser(GaussianScore(8).to(DEVICE))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) * sigmas[0]
+    for churn in ({"s_churn": np.float32(2.3), "s_tmin": np.float32(sigmas[5]), "s_tmax": np.float64(sigmas[1]),
+                   "s_noise": np.float32(1.007)},
+                  {"s_churn": np.int64(3), "s_tmin": np.float16(0.5), "s_tmax": np.int32(10), "s_noise": np.int8(1)}):
+        torch.manual_seed(4)
+        expected = real.sample_heun(denoiser, x, sigmas, disable=True, **churn)
+        torch.manual_seed(4)
+        got = kd.sample_heun(denoiser, x, sigmas, disable=True, backend=backend, **churn)
+        assert_bitwise(got, expected, str(churn))
 
 
 def test_no_autograd_tape_and_the_rng_after_a_failure_is_k_diffusions():

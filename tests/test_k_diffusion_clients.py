@@ -18,6 +18,7 @@ from test_k_diffusion import BACKENDS, DEVICE, UNetDenoiser, real_sampling
 
 from kve_fast import _warn
 from kve_fast import k_diffusion as kd
+from kve_fast import plan as plan_module
 
 CHURN = {"s_churn": 1.5, "s_tmin": 0.05, "s_tmax": 30.0, "s_noise": 1.003}
 SAMPLERS = ["sample_heun", "sample_euler"]
@@ -103,7 +104,8 @@ def _flip(sigmas):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("sequence", list(SEQUENCES))
-def test_sigma_sequences_comfyui_makes(sequence, sampler, backend):
+def test_sigma_sequences_comfyui_makes(sequence, sampler, backend, monkeypatch):
+    monkeypatch.setattr(plan_module, "CHUNK", 2)  # (the steps' host floats made two steps at a time)
     sigmas = SEQUENCES[sequence]()
     x = _x(scale=float(sigmas[0]) if float(sigmas[0]) > 0 else 0.5)
     _compare(sampler, _denoiser(), x, sigmas, backend, callback=lambda d: None, **CHURN)
@@ -309,3 +311,55 @@ def test_auto_hands_a_float64_denoiser_over_to_the_torch_ops(monkeypatch):
         out = _compare("sample_heun", typed, _x(), _karras(), "auto", **CHURN)
     assert out.dtype == torch.float64
     _compare("sample_euler", typed, _x(), _karras(), "auto", callback=lambda d: None, **CHURN)
+
+
+EDITS = {
+    # k-diffusion's loop reads ``sigmas`` as it goes: an in-place edit by the callback counts from the step's
+    # dt (sigma_hat was made before it) and for every later step; editing d["sigma_hat"] moves the step's dt
+    "all halved": (lambda d, sigmas: sigmas.mul_(0.5) if d["i"] == 1 else None, lambda: _karras()),
+    "this sigma": (lambda d, sigmas: d["sigma"].mul_(0.9), lambda: _karras()),  # read again by nothing after
+    "sigma_hat": (lambda d, sigmas: d["sigma_hat"].mul_(1.1) if d["i"] in (1, 4) else None, lambda: _karras()),
+    "into the range": (lambda d, sigmas: sigmas[3:].clamp_(max=0.5) if d["i"] == 1 else None, lambda: _karras()),
+    # the last step's kind changes: a Heun step to a nonzero sigma (SplitSigmas' first part) made an Euler step
+    # to 0, and an Euler step to 0 made a Heun step
+    "next to 0": (lambda d, sigmas: sigmas[-1].zero_() if d["i"] == len(sigmas) - 2 else None,
+                  lambda: _karras()[:5]),
+    "next from 0": (lambda d, sigmas: sigmas[-1].fill_(0.01) if d["i"] == len(sigmas) - 2 else None,
+                    lambda: _karras()),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_a_callback_editing_sigmas_in_place_acts_as_in_k_diffusion(edit, backend):
+    """Mutation: the plan not read again after a callback (``KPlan.reread`` returning None) -> the edited
+    sigma_{i+1} reaches the model but dt, the Heun division and later steps keep the old values."""
+    churn = {"s_churn": 1.5, "s_tmin": 0.05, "s_tmax": 0.6, "s_noise": 1.003}
+    for sampler in SAMPLERS:
+        outs = []
+        for name, fn in (("real", getattr(real_sampling(), sampler)),
+                         ("ours", lambda *a, **k: getattr(kd, sampler)(*a, backend=backend, **k))):
+            change, make = EDITS[edit]
+            sigmas = make()
+            seen = []
+
+            def callback(d, sigmas=sigmas, seen=seen, change=change):
+                seen.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()})
+                change(d, sigmas)
+
+            torch.manual_seed(3)
+            out = fn(UNetDenoiser().to(DEVICE), _x(), sigmas, callback=callback, disable=True, **churn)
+            outs.append((out, sigmas, seen, torch.get_rng_state()))
+        (r_out, r_sig, r_seen, r_rng), (out, sig, seen, rng) = outs
+        assert torch.isfinite(r_out).all()
+        assert_bitwise(out, r_out, f"{sampler}, {edit}")
+        assert_bitwise(sig, r_sig, "the edited sigmas")
+        assert len(seen) == len(r_seen)
+        for a, b in zip(seen, r_seen):
+            for key in ("x", "denoised", "sigma", "sigma_hat"):
+                assert_bitwise(a[key], b[key], f"callback {key} at step {a['i']}")
+        assert torch.equal(rng, r_rng)
+        torch.manual_seed(3)
+        plain = getattr(kd, sampler)(UNetDenoiser().to(DEVICE), _x(), make(), disable=True, backend=backend,
+                                     **churn)
+        assert not torch.equal(out, plain) or edit == "this sigma", "the edit must change the result"

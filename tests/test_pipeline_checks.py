@@ -1,10 +1,11 @@
 """The pipeline refuses what it cannot finish before the first model call: images PIL cannot make, a config's
-``sample_size`` or channel counts that are not what they must be, each naming the field."""
+``sample_size`` or channel counts that are not what they must be, ints torch cannot hold, each naming the field."""
 
 from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +70,31 @@ def test_bad_config_fields_are_named_before_any_model_call(field, value):
 def test_good_sample_sizes(size, shape):
     pipe, _ = pipe_for(sample_size=size, in_channels=1, out_channels=1)
     assert pipe(1, 2, torch.Generator().manual_seed(0), output_type="np").images.shape == (1, *shape, 1)
+
+
+@pytest.mark.parametrize("call, name", [
+    ({"num_inference_steps": 2**63}, "num_inference_steps"),  # (an unnamed OverflowError before)
+    ({"num_inference_steps": 2**80}, "num_inference_steps"),
+    ({"batch_size": 2**63}, "batch_size"),  # (torch's "failed to unpack the object" TypeError before)
+    ({"batch_size": 2**61}, "shape"),  # each size fits int64, the float32 tensor does not
+])
+def test_ints_beyond_what_torch_holds_are_named_before_any_work(call, name):
+    """Mutations: check_int without its maximum, check_shape without its product test -> each case fails."""
+    pipe, model = pipe_for(sample_size=4, in_channels=3, out_channels=3)
+    pipe.scheduler.set_timesteps(7)
+    g = torch.Generator().manual_seed(0)
+    state, global_state = g.get_state(), torch.get_rng_state()
+    with pytest.raises(ValueError, match=f"`{name}"):
+        pipe(**{"batch_size": 1, "num_inference_steps": 3, "generator": g, "output_type": "latent", **call})
+    assert model.calls == 0 and pipe.scheduler.num_inference_steps == 7
+    assert torch.equal(g.get_state(), state) and torch.equal(torch.get_rng_state(), global_state)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe.scheduler.set_timesteps(2**63)
+    with pytest.raises(ValueError, match=r"`shape\[1\]`"):
+        kve_fast.sample_karras_ve(model, kve_fast.KarrasVeScheduler(), (1, 2**63, 4, 4), 3)
+
+
+def test_numpy_ints_are_ints():
+    pipe, _ = pipe_for(sample_size=4, in_channels=3, out_channels=3)
+    run = lambda b, n: pipe(b, n, torch.Generator().manual_seed(0), output_type="latent").images  # noqa: E731
+    assert torch.equal(run(np.int64(2), np.int32(3)), run(2, 3))

@@ -141,3 +141,58 @@ def test_a_saved_config_loads_in_diffusers_class_without_a_warning(tmp_path, con
     back = kve_fast.KarrasVeScheduler.from_pretrained(tmp_path)
     assert back.config.sigma_schedule == config.get("sigma_schedule", "diffusers")
     assert back.config.rho == config.get("rho", 7.0)
+
+
+def test_a_subclass_may_replace_one_of_timesteps_and_schedule():
+    """Both are made when first read: a subclass's set_timesteps that replaces one after super()'s left the other
+    None (mutation: the setters without making the pair first)."""
+
+    class OwnSchedule(KarrasVeScheduler):
+        def set_timesteps(self, num_inference_steps, device=None):
+            super().set_timesteps(num_inference_steps, device)
+            self.schedule = torch.linspace(0.5, 10.0, num_inference_steps)
+
+    class OwnTimesteps(KarrasVeScheduler):
+        def set_timesteps(self, num_inference_steps, device=None):
+            super().set_timesteps(num_inference_steps, device)
+            self.timesteps = torch.arange(num_inference_steps - 1, -1, -2)
+
+    ref = RefScheduler()
+    ref.set_timesteps(5)
+    own = OwnSchedule()
+    own.set_timesteps(5)
+    assert_bitwise(own.timesteps, ref.timesteps, "timesteps")
+    assert_bitwise(own.schedule, torch.linspace(0.5, 10.0, 5), "schedule")
+    own = OwnTimesteps()
+    own.set_timesteps(5)
+    assert_bitwise(own.schedule, ref.schedule, "schedule")
+    assert_bitwise(own.timesteps, torch.tensor([4, 2, 0]), "timesteps")
+
+
+_ALL = {"sigma_min": 0.01, "sigma_max": 50.0, "s_noise": 1.0, "s_churn": 30.0, "s_min": 0.1, "s_max": 10.0,
+        "sigma_schedule": "edm", "rho": 5.0}
+
+
+@pytest.mark.parametrize("config", [{}, {"sigma_schedule": "ve"}, _ALL] + [
+    {k: v for k, v in _ALL.items() if k != left} for left in _ALL  # (one argument left at its default)
+])
+def test_a_saved_and_reloaded_config_equals_the_saved_one(tmp_path, config):
+    """diffusers' own scheduler test mixin (SchedulerCommonTest.test_from_pretrained) run against ours: the
+    reloaded config carried `_use_default_values: ['sigma_schedule', 'rho']` (the file leaves them out at their
+    defaults) and a non-default pair as a private `_kve_fast` entry, which a reloaded diffusers config never
+    does (mutations: extract_init_dict without the defaults filled in, or leaving `_kve_fast` in -> fails). The
+    same for diffusers' class, and saving the reloaded one writes the same file."""
+    own = {k: v for k, v in config.items() if k not in KarrasVeScheduler._EXTRAS}
+    for cls, kwargs in ((RefScheduler, own), (KarrasVeScheduler, config)):
+        scheduler = cls(**kwargs)
+        folder = tmp_path / cls.__module__.split(".")[0]
+        scheduler.save_pretrained(folder)
+        text = (folder / "scheduler_config.json").read_text()
+        loaded = cls.from_pretrained(folder)
+        saved = dict(scheduler.config)
+        saved.pop("_use_default_values", None)  # (as the mixin deletes it: a config made with defaults lists them)
+        assert dict(loaded.config) == saved, cls
+        loaded.save_pretrained(folder)
+        assert (folder / "scheduler_config.json").read_text() == text
+    if not {"sigma_schedule", "rho"} & set(config):
+        assert text == text.replace('"_kve_fast"', ""), "at its defaults the file is diffusers' own"

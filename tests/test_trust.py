@@ -4,8 +4,10 @@ float32-safe settings and reported NaN/inf. Each test here failed on the code be
 from __future__ import annotations
 
 import threading
+import time
 import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 from conftest import CAN_RUN_TRITON, GaussianScore, RefScheduler, assert_bitwise, kve_pipe, make_generator, reference_test_unet
@@ -303,6 +305,77 @@ def test_a_pipeline_call_with_a_huge_step_count_builds_no_schedule():
     assert_bitwise(pipe.scheduler.timesteps, ref.timesteps, "the timesteps")
 
 
+class _FirstModelCall(Exception):
+    """Raised by a model: the run stops where its first step's model call would run."""
+
+
+def _long_run(front: str, sigmas: torch.Tensor, model, callback=None, noise="exact"):
+    """One call of ``front`` over ``sigmas`` with a near-free ``model`` (score or denoiser), torch backend, eager."""
+    x = torch.ones(1, 3, 4, 4) * float(sigmas[0])
+    if front == "k-diffusion":
+        from kve_fast import k_diffusion as kd
+
+        return kd.sample_heun(lambda x, s: model(x), x, sigmas, disable=True, s_churn=1.0, backend="torch",
+                              callback=callback, noise=noise)
+    return kve_fast.sample_karras_ve_sigmas(lambda x, s: model(x), x, sigmas, s_churn=1.0, backend="torch",
+                                            cuda_graph=False, callback=callback, noise=noise)
+
+
+def _first_call(x):
+    raise _FirstModelCall
+
+
+@pytest.mark.parametrize("noise", ["exact", "fast"])
+@pytest.mark.parametrize("front", ["sigmas", "k-diffusion"])
+def test_a_long_sigma_sequence_is_planned_in_bounded_memory_and_fast(front, noise):
+    """10**6 user sigmas: at the first model call the run holds few Python objects and got there fast. The plans
+    computed every step's floats up front (about 650 bytes a step: 0.65 GB and 9 s before step 1 here, 6.7 GB
+    and 58 s for 10**7 sigmas). tracemalloc counts Python's allocations (the per-step floats, tuples, steps), not
+    tensor storage: the sequence, its float32 copy and the checks' temporaries are O(n) tensors, which is
+    allowed. Mutation: ``_Chunks`` making every row at once (CHUNK = n) -> 0.6 GB here; fast noise's keys made for
+    every step at once (KEY_CHUNK = n: 8 bytes a step and sample, and their temporaries) -> 40 MB."""
+    n = 10**6
+    sigmas = torch.cat([torch.linspace(50.0, 0.01, n), torch.zeros(1)])
+    with pytest.raises(_FirstModelCall):
+        _long_run(front, torch.tensor([3.0, 2.0, 0.0]), _first_call)  # (what the first call imports)
+    seen = {}
+
+    def model(x):
+        seen["peak"], seen["t"] = tracemalloc.get_traced_memory()[1], time.perf_counter()
+        raise _FirstModelCall
+
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(_FirstModelCall):
+            _long_run(front, sigmas, model, noise=noise)
+    finally:
+        tracemalloc.stop()
+    assert seen["peak"] < 8 * 2**20, f"{seen['peak'] / 2**20:.1f} MiB of Python objects before step 1"
+    assert seen["t"] - start < 5.0, f"{seen['t'] - start:.1f} s before step 1 (the plan took ~9 s for 10**6 steps)"
+
+
+@pytest.mark.parametrize("front", ["sigmas", "k-diffusion"])
+def test_the_plan_of_a_sigma_sequence_keeps_a_bounded_number_of_chunks(front, monkeypatch):
+    """Across a run of 3,000 steps whose floats are made 64 steps at a time, what the run holds of Python
+    objects does not grow from step 500 to step 2,900 (it shrank by a few KB here; mutation: every chunk kept,
+    CHUNKS_KEPT = 10**9 -> 0.5 MB more in k-diffusion's convention, 1.2 MB in the reference's)."""
+    monkeypatch.setattr(plan_module, "CHUNK", 64)
+    sigmas = torch.cat([torch.linspace(50.0, 0.01, 3000), torch.zeros(1)])
+    held = {}
+
+    def callback(state):
+        if state["i"] in (500, 2900):
+            held[state["i"]] = tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        _long_run(front, sigmas, torch.neg, callback)
+    finally:
+        tracemalloc.stop()
+    assert held[2900] - held[500] < 2**17, f"{(held[2900] - held[500]) / 2**20:.2f} MiB more at step 2,900"
+
+
 def test_each_step_is_planned_once_on_the_fused_path(monkeypatch):
     made = []
 
@@ -440,3 +513,24 @@ def test_finite_output_is_not_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kve_pipe(GaussianScore(8))(1, 4, torch.Generator().manual_seed(0), output_type="np")
+
+
+@pytest.mark.parametrize("front", ["sigmas", "k-diffusion"])
+def test_fast_noise_keys_made_a_chunk_at_a_time_are_the_runs_keys(front, monkeypatch):
+    """Fast noise makes its per-step keys KEY_CHUNK steps at a time: the same keys, so the same bits, as made at
+    once (mutations: a chunk's first row taken as step 0's, or the chunk not renewed -> the bits move)."""
+    sigmas = torch.cat([torch.linspace(8.0, 0.05, 7), torch.zeros(1)])
+
+    def model(x):
+        return x * 0.5
+
+    torch.manual_seed(1)
+    whole = _long_run(front, sigmas, model, noise="fast")
+    monkeypatch.setattr(noise_module, "KEY_CHUNK", 2)
+    torch.manual_seed(1)
+    assert_bitwise(_long_run(front, sigmas, model, noise="fast"), whole, "keys made 2 steps at a time")
+    src = noise_module.DeviceNoise((3, 1, 2, 2), torch.Generator().manual_seed(4), "cpu", 7)
+    steps = [src.step().host for _ in range(7)]
+    assert np.array_equal(np.stack(steps), src.keys[1:])
+    word = noise_module._draw_word(torch.Generator().manual_seed(4))
+    assert np.array_equal(src.keys, noise_module.sample_keys([word] * 3, [0, 1, 2], 7))
