@@ -1,5 +1,6 @@
-"""What the graph runner's per-call check costs: ``ModelState.difference`` (is the model as a capture baked
-it in?) and ``CaptureKey.of`` (the run's settings and the global switches), on a 62 M-parameter NCSN++.
+"""What the graph runner's checks cost: ``ModelState.difference`` (is the model as a capture baked it in?) and
+``CaptureKey.of`` (the run's settings and the global switches), once per graphed call, and ``GraphEngine._stale``
+(the switches and the model again), after each callback of a graphed call; on a 62 M-parameter NCSN++.
 
     python bench/fingerprint_bench.py [--repeats 200] [--json FILE]
 
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import torch
 
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     from kve_fast import ncsnpp
     from kve_fast.convention import REFERENCE
     from kve_fast.fingerprint import ModelState
-    from kve_fast.graphs import CaptureKey
+    from kve_fast.graphs import CaptureKey, GraphEngine
     from kve_fast.precision import Precision
     from kve_fast.spec import RunSpec
 
@@ -67,9 +69,14 @@ def main(argv=None) -> int:
     assert state.difference(model) is None
     spec = RunSpec(REFERENCE, "triton", torch.device("cuda", 0), (64, 3, 32, 32), (3072, 1024, 32, 1), "exact",
                    "heun", False, "uint8", Precision(), "diffusers", s_noise=1.007)
+    key = CaptureKey.of(model, spec)
+    # what a graphed call checks after each callback (kve_fast.graphs.GraphEngine._stale): the switches and the model
+    engine = types.SimpleNamespace(cap=types.SimpleNamespace(key=key, model_ref=lambda: model, state=state))
+    assert GraphEngine._stale(engine) is None
     rows = {
         "ModelState.difference (per call)": _time(lambda: state.difference(model), args.repeats),
         "CaptureKey.of (per call)": _time(lambda: CaptureKey.of(model, spec), args.repeats),
+        "GraphEngine._stale (per step, with a callback)": _time(lambda: GraphEngine._stale(engine), args.repeats),
         "ModelState(model) (per capture)": _time(lambda: ModelState(model), max(args.repeats // 10, 5)),
     }
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
            "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join([sys.executable] + sys.argv), "commit": git("rev-parse", "--short", "HEAD"),
            "dirty": bool(git("status", "--porcelain")), "parameters": params, "modules": len(list(model.modules())),
-           "tensors": tensors, "rows": rows}
+           "tensors": tensors, "attributes": sum(len(vars(m)) for m in model.modules()), "rows": rows}
     print(f"NCSN++-like UNet: {params / 1e6:.1f} M parameters, {out['modules']} modules, {tensors} tensors")
     print("| check | us min / median / max |\n|---|---|")
     for label, r in rows.items():
