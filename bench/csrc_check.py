@@ -80,6 +80,7 @@ def section(fn):
     return run
 
 
+from kve_fast.precision import tf32_for_run  # noqa: E402
 from kve_fast.testing import mismatches  # noqa: E402  (elements that differ; -1: shape or dtype)
 
 
@@ -259,13 +260,12 @@ def kernels(sizes, device):
 
 
 @section
+@tf32_for_run(False)  # float32 pipelines: TF32 off while they run
 def pipelines(quick: bool, device):
     import kve_fast
     from kve_fast.testing import GaussianPlusUNet, GaussianScore, inside_share, make_generator, ncsnpp_unet, \
         reference_test_unet, run_reference
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     size = 32 if not ARGS.cpu_smoke else 8
     config = {"sigma_min": 0.002, "sigma_max": 1.0, "s_churn": 10.0, "s_min": 0.0, "s_max": 1.0}
     models = {"test_unet": lambda: GaussianPlusUNet(reference_test_unet(size), 0.1),

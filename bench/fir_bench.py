@@ -270,8 +270,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
     import torch
 
-    from kve_fast import benchmark as kb
     from kve_fast.ops import fir_triton
+    from kve_fast.precision import tf32_for_run
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -280,9 +280,16 @@ def main(argv=None) -> int:
     if not fir_triton.can_run():
         print("fir_bench.py: Triton cannot run here (no CUDA and TRITON_INTERPRET is not 1)", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
+    with tf32_for_run(args.tf32):
+        return _measure(args, device)
+
+
+def _measure(args, device) -> int:
+    """The ops, the forwards, the outcome and the files (``main`` after its checks, under ``--tf32``)."""
+    import torch
     from diffusers.utils import logging as diffusers_logging
+
+    from kve_fast import benchmark as kb
 
     diffusers_logging.set_verbosity_error()
     t0 = time.monotonic()

@@ -72,6 +72,7 @@ import torch  # noqa: E402
 
 import kve_fast  # noqa: E402
 from kve_fast import benchmark as kb  # noqa: E402
+from kve_fast.precision import tf32_for_run  # noqa: E402
 from kve_fast.testing import mismatches  # noqa: E402
 
 RUN: kb.ScriptRun | None = None
@@ -197,8 +198,6 @@ def check_pipelines(quick: bool, device, size: int, backends):
     from kve_fast.testing import (GaussianPlusUNet, GaussianScore, inside_share, make_generator, ncsnpp_unet,
                                   reference_test_unet, run_reference)
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     models = {"test_unet": lambda: GaussianPlusUNet(reference_test_unet(size), 0.1),
               "ncsnpp": lambda: GaussianPlusUNet(ncsnpp_unet(size), 0.01), "gaussian": lambda: GaussianScore(size)}
     cases = [("test_unet", "single", 3, 6), ("ncsnpp", "list", 2, 5), ("gaussian", "global", 5, 6),
@@ -484,6 +483,7 @@ def per_step(configs, steps, device):
         kve_fast.graphs.clear_graphs()
 
 
+@tf32_for_run(False)  # float32 throughout: TF32 off for the run, the caller's setting back after it
 def main(args=None) -> int:
     global RUN
     args = args or ARGS or parse_args()
@@ -493,8 +493,6 @@ def main(args=None) -> int:
         return 2
     RUN = kb.ScriptRun("gpu_check", device, args.out)
     RUN.result.update(quick=args.quick, parts=args.parts, tf32=False)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     gpu = device.type == "cuda"
     backends = ["torch", "triton"] + (["cuda"] if "pipelines" in args.parts and extension_built(device) else [])
     size = 32 if gpu else 8

@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from kve_fast import benchmark as kb  # noqa: E402
+from kve_fast.precision import tf32_for_run  # noqa: E402
 
 # ---- the models (gpu-baseline.md), random weights from a fixed seed -------------------------------------------
 
@@ -230,6 +231,7 @@ def _measured(t: dict) -> str:
             f"{t.get('accuracy_ok')}")
 
 
+@tf32_for_run(False)  # TF32 off for the run (a --unet-dtype row turns on only what it asks for), put back after
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
@@ -240,8 +242,6 @@ def main(argv=None) -> int:
         print("graph_bench.py: --device cuda but no CUDA GPU is available (use --device cpu for a smoke test)",
               file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     outcome = kb.Outcome()
     env = kb.environment(device)  # first: the tree's state before this run writes anything
 

@@ -854,8 +854,17 @@ def main(argv=None):
     gpu = device.type == "cuda"
     if gpu and os.environ.get("TRITON_INTERPRET") == "1":
         RESULTS["notes"].append("TRITON_INTERPRET=1 on a CUDA run: the Triton timings are meaningless")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    from kve_fast.precision import tf32_for_run
+
+    with tf32_for_run(False):  # float32 throughout; the caller's setting back after the run
+        return _run(args, device, t_start)
+
+
+def _run(args, device, t_start) -> int:
+    """``main`` after its arguments: the parts, the outcome, the files."""
+    import torch
+
+    gpu = device.type == "cuda"
     if not gpu:  # CUDA graphs do not exist on the CPU: the graphed runs use kve_fast's stand-in
         os.environ["KVE_FAST_FAKE_GRAPHS"] = "1"
         RESULTS["notes"].append("CPU run: the graphed runs (cuda_graph=True) use kve_fast.fake_graph's CPU stand-in for "

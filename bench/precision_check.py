@@ -133,24 +133,11 @@ def cases_for(tp, gpu: bool, quick: bool, names: list[str] | None, batch: int | 
     return chosen
 
 
-class _TF32:
-    """TF32 on for the plain TF32 run, put back afterwards."""
-
-    def __enter__(self):
-        import torch
-
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
-
-
 def run_case(tp, name: str, case, build, device, failures: list) -> dict:
     """Every column of one case: per-image distances to its float64 twin, and the twin's own checks."""
     import torch
+
+    from kve_fast.precision import tf32_for_run
 
     rec = {"case": dataclasses.asdict(case), "batch": {"fp32": case.batch, "fp16": case.fp16_batch}, "variants": {},
            "errors": []}
@@ -200,7 +187,7 @@ def run_case(tp, name: str, case, build, device, failures: list) -> dict:
         if case.autocast:
             record(f"{dtype_name} autocast", b,
                    lambda b=b, dtype=dtype: tp.kve_run(case, model, b, device=device, unet_dtype=dtype))
-    with _TF32():
+    with tf32_for_run(True):
         record("plain TF32", case.batch,
                lambda: tp.reference_run(case, model, case.batch, dtype=torch.float32, device=device))
     for dtype_name, dtype in tp.LOW.items():
@@ -405,8 +392,17 @@ def main(argv=None) -> int:
         # so NCSN++ FIR blocks keep diffusers' ops instead of running kve_fast's FIR kernel interpreted (~0.5 s
         # a forward). Set TRITON_INTERPRET=1 yourself to measure that path on the CPU.
         os.environ.setdefault("TRITON_INTERPRET", "0")
-    # TF32 off except where a column asks for it (the fp32 columns must be float32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    from kve_fast.precision import tf32_for_run
+
+    with tf32_for_run(False):  # TF32 off except where a column asks for it (the fp32 columns must be float32)
+        return _run(args, device, t_start)
+
+
+def _run(args, device, t_start) -> int:
+    """``main`` after its arguments: the cases, the quality part, the outcome, the files."""
+    import torch
+
+    gpu = device.type == "cuda"
     try:
         from diffusers.utils import logging as dlogging
 

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import kve_fast  # noqa: E402
 import kve_fast.noise  # noqa: E402
+from kve_fast.precision import tf32_for_run  # noqa: E402
 
 
 class ConvScore(torch.nn.Module):
@@ -79,6 +80,7 @@ def timed(fn, device):
     return time_stats(ts), out
 
 
+@tf32_for_run(False)  # float32 throughout: TF32 off for the run, put back after it
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "out"))
@@ -90,8 +92,6 @@ def main():
     from kve_fast.benchmark import Outcome, missing, provenance
 
     prov = provenance(device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     from diffusers.pipelines.deprecated.stochastic_karras_ve import KarrasVePipeline as Ref
     from diffusers.schedulers.deprecated.scheduling_karras_ve import KarrasVeScheduler as RefScheduler
 

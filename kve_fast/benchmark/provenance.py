@@ -165,9 +165,12 @@ def provenance(device=None, argv: list[str] | None = None, script: str | None = 
     """The record described in the module docstring, for a run on ``device`` (a torch device or its name)."""
     import torch
 
+    from ..precision import fp32_precision
+
     device = torch.device(device) if device is not None else torch.device("cpu")
     argv = list(sys.argv if argv is None else argv)
     git = git_state()
+    fp32 = fp32_precision()
     rec = {
         "script": script or (os.path.relpath(os.path.abspath(argv[0]), ROOT) if argv and argv[0] else None),
         "command": shlex.join([os.path.basename(sys.executable)] + argv),
@@ -184,7 +187,7 @@ def provenance(device=None, argv: list[str] | None = None, script: str | None = 
         "kve_fast": _version("kve_fast"),
         "device": str(device), "card": None, "driver": None, "capability": None, "memory_gib": None,
         "cudnn": None,
-        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+        "tf32": {"matmul": fp32.matmul_tf32, "cudnn": fp32.cudnn_tf32},
         "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
         | {k: v for k, v in os.environ.items() if k.startswith("KVE_FAST_")},
         "cpu_count": os.cpu_count(),
