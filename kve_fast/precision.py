@@ -28,6 +28,14 @@ from dataclasses import dataclass
 import torch
 
 UNET_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# How far from a float64 run a non-exact mode may land: YARDSTICK_FACTOR times as far as the plain PyTorch run in
+# that precision (kve_fast.accuracy's yardstick; the benchmark's accuracy gate). flash-attention's rule (its tests
+# assert `(out - out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()`, both against a higher-precision
+# reference): two computations in the same dtype that round in different places have errors of the same size but
+# not equal ones (each is a sum of many rounding errors), so the rule allows 2x. Applied to the mean and to the max
+# over the batch. What it catches: test_yardstick_rejects_a_low_precision_state (a state kept in bf16/fp16 lands
+# 10x further on the 300-step case).
+YARDSTICK_FACTOR = 2.0
 _NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 

@@ -201,6 +201,20 @@ def test_import_is_light():
     assert res.stdout.strip() == "[]"
 
 
+def test_the_benchmark_imports_nothing_that_runs_back_up_to_the_test_support():
+    """``kve-fast bench`` imports no test support (kve_fast.accuracy imports testing, which imports oracle): the
+    yardstick it gates accuracy with comes from kve_fast.precision (mutation: rows.py's yardstick from
+    kve_fast.accuracy again)."""
+    import ast
+
+    banned = {"accuracy", "testing", "oracle"}
+    for path in sorted((ROOT / "kve_fast" / "benchmark").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {(node.module or "").split(".")[-1]} | {a.name for a in node.names}
+                assert not names & banned, f"{path.name}:{node.lineno} imports {names & banned}"
+
+
 class _StandInGraphs:
     """kve_fast.graphs' API as the benchmark uses it: clear_graphs() and graph_info()["captures"]."""
 
