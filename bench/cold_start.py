@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,11 +102,7 @@ def run_once(argv: list[str], out_dir: str, exit_kind: str = "fast", graphed: bo
             "model_calls": data["calls"], "wait_policy": data["wait_policy"]}
 
 
-def summary(values):
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
-def main() -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
@@ -118,29 +113,19 @@ def main() -> int:
     p.add_argument("--triton-cache", nargs="+", choices=("inherit", "empty", "warm"), default=["inherit"],
                    help="the Triton kernel cache of each run (see the top); several alternate")
     p.add_argument("sample_args", nargs="*", help="after --: more `kve-fast sample` options")
-    args = p.parse_args()
-    argv = ["sample", "--device", args.device, "--quiet", "--out", "grid.png"] + args.sample_args
-    graphed = args.device.startswith("cuda")
-    sys.path.insert(0, str(ROOT))
-    from kve_fast.benchmark import Outcome, missing, provenance, time_stats
+    return p.parse_args(argv)
 
-    prov = provenance(args.device, [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    result = {"env": {"date": prov["date_utc"], "host": prov["host"], "cores": len(os.sched_getaffinity(0)),
-                      "torch": prov["torch"], "python": prov["python"], "commit": prov["commit"],
-                      "tree_clean": None if prov["dirty"] is None else not prov["dirty"], "command": prov["command"],
-                      "kve-fast": " ".join(["kve-fast"] + argv)},
-              "provenance": prov, "runs": [], "failures": []}
-    outcome = Outcome()
-    gaps = missing(prov)
-    outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
-    kinds = [(e, c) for e in args.exits for c in args.triton_cache]
+
+def cold_runs(run, args, argv: list[str], kinds) -> None:
+    """Every repetition of every kind (exit, Triton cache), each in a fresh process; a failed run is recorded."""
+    graphed = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as out_dir:
         warm_dir = os.path.join(out_dir, "triton-warm")
         if "warm" in args.triton_cache:  # filled before the first timed run
             try:
                 run_once(argv, out_dir, "fast", graphed, warm_dir)
             except Exception as exc:  # noqa: BLE001 - recorded; the timed runs say more
-                result["failures"].append(f"filling the warm Triton cache: {exc}"[:2000])
+                run.result["failures"].append(f"filling the warm Triton cache: {exc}"[:2000])
         for rep in range(args.reps):
             for kind, cache in kinds:
                 where = {"inherit": None, "warm": warm_dir,
@@ -148,38 +133,58 @@ def main() -> int:
                 try:
                     rec = run_once(argv, out_dir, kind, graphed, where)
                 except Exception as exc:  # noqa: BLE001 - a failed run is a finding; the others still run
-                    result["failures"].append(f"run {rep} ({kind} exit, {cache} Triton cache): {exc}"[:2000])
+                    run.result["failures"].append(f"run {rep} ({kind} exit, {cache} Triton cache): {exc}"[:2000])
                     print(f"run {rep} ({kind} exit, {cache} cache): FAILED {str(exc)[:500]}", flush=True)
                     continue
                 rec["triton_cache"] = cache
-                result["runs"].append(rec)
+                run.result["runs"].append(rec)
                 print(f"run {rep} ({kind} exit, {cache} Triton cache): first image {rec['first_image_s']:.2f} s, exit "
                       f"{rec['total_s']:.2f} s; {rec['wait_policy'] or 'OpenMP default wait'}", flush=True)
+
+
+def summarize(result: dict, kinds, one_cache: bool) -> None:
+    """min / median / max of each phase, the first image and the process's end, per kind; printed as a table."""
+    from bench.harness import stats, time_stats
+
     result["summary"] = {}
     for kind, cache in kinds:
         runs = [r for r in result["runs"] if r["exit"] == kind and r["triton_cache"] == cache]
         if not runs:
             continue
         names = list(runs[0]["phases_s"])
-        key = kind if len(args.triton_cache) == 1 and cache == "inherit" else f"{kind}, {cache} Triton cache"
-        result["summary"][key] = {"phases_s": {n: summary([r["phases_s"][n] for r in runs]) for n in names},
-                                  "first_image_s": summary([r["first_image_s"] for r in runs]),
-                                  "total_s": summary([r["total_s"] for r in runs]),
+        key = kind if one_cache and cache == "inherit" else f"{kind}, {cache} Triton cache"
+        result["summary"][key] = {"phases_s": {n: stats([r["phases_s"][n] for r in runs]) for n in names},
+                                  "first_image_s": stats([r["first_image_s"] for r in runs]),
+                                  "total_s": stats([r["total_s"] for r in runs]),
                                   "first_image": time_stats([r["first_image_s"] for r in runs])}
         print(f"{key}: {'phase':46s} {'min':>6s} {'median':>7s} {'max':>6s}  (s, {len(runs)} runs)")
         table = result["summary"][key]
         for n in names + ["first_image_s", "total_s"]:
             s = table["phases_s"].get(n) or table[n]
             print(f"{n:58s} {s['min']:6.2f} {s['median']:7.2f} {s['max']:6.2f}")
-    for f in result["failures"]:
-        outcome.check("a cold run", False, f[:300])
-    outcome.check(f"{len(result['runs'])} cold runs", bool(result["runs"]))
-    result["outcome"] = outcome.as_dict()
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"cold_start: {outcome.summary()}")
-    return outcome.exit_code()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    argv = ["sample", "--device", args.device, "--quiet", "--out", "grid.png"] + args.sample_args
+    sys.path.insert(0, str(ROOT))
+    from bench.harness import ScriptRun
+
+    run = ScriptRun("cold_start", args.device, path=args.out,
+                    argv=[os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    prov = run.provenance
+    run.result.update(env={"date": prov["date_utc"], "host": prov["host"], "cores": len(os.sched_getaffinity(0)),
+                           "torch": prov["torch"], "python": prov["python"], "commit": prov["commit"],
+                           "tree_clean": None if prov["dirty"] is None else not prov["dirty"],
+                           "command": prov["command"], "kve-fast": " ".join(["kve-fast"] + argv)},
+                      runs=[], failures=[])
+    kinds = [(e, c) for e in args.exits for c in args.triton_cache]
+    cold_runs(run, args, argv, kinds)
+    summarize(run.result, kinds, len(args.triton_cache) == 1)
+    for f in run.result["failures"]:
+        run.check("a cold run", False, f[:300])
+    run.check(f"{len(run.result['runs'])} cold runs", bool(run.result["runs"]))
+    return run.finish()
 
 
 if __name__ == "__main__":

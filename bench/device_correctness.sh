@@ -7,7 +7,4 @@
 # DRY=1: the same on this machine's CPU with tiny settings (no GPU; BUDGET_S default 1080).
 set -u -o pipefail
 . bench/device_common.sh
-python3 bench/device_session.py correctness --out "$OUT" ${BUDGET_S:+--budget-s $BUDGET_S} ${DRY:+--dry-run}
-rc=$?
-echo "device_correctness.sh: exit $rc"
-exit $rc
+device_session correctness

@@ -6,7 +6,7 @@
 #    k-diffusion checks k-diffusion 0.1.1.post1 with torchsde 0.2.6 and trampoline 0.1.2. Skipped where present.
 # 2. .whl/tree_stamp.json: the commit, the dirty flag and a hash of every file that travels (the device machine's
 #    copy has no .git; kve_fast.benchmark.provenance reads the stamp there, and a file changed after the stamp
-#    makes the record dirty). Rewrite it after every commit or edit.
+#    makes the record dirty; bench.harness.write_stamp writes it). Rewrite it after every commit or edit.
 # Then call the device tool with carry=[".whl"] (see bench/RESULTS.md, "Next GPU session").
 set -eu -o pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,8 @@ for spec in diffusers==0.42.1 k-diffusion==0.1.1.post1 torchsde==0.2.6 trampolin
 done
 ls -la .whl
 python3 - <<'PY'
-from kve_fast.benchmark.provenance import STAMP, write_stamp
+from bench.harness import write_stamp
+from kve_fast.benchmark.provenance import STAMP
 s = write_stamp()
 print(f"wrote {STAMP}: commit {s['commit']}, dirty {s['dirty']}, {len(s['files'])} files")
 if s["dirty"]:

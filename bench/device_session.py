@@ -5,7 +5,7 @@
     python bench/device_session.py correctness --list      # the stages, their estimates and caps
 
 Called by bench/device_correctness.sh and bench/device_speed.sh (which first install the carried wheels);
-kve_fast.benchmark.session runs the stages: each in its own process, skipped with the reason when its estimate
+bench.harness.run_session runs the stages: each in its own process, skipped with the reason when its estimate
 does not fit in what is left, killed at its cap or at the budget's end. Writes ``<name>.json`` (provenance, each
 stage's status, exit, seconds, last lines and the JSON it wrote) and ``<name>.log`` (every stage's full output)
 under --out, prints a table and the verdict last, and exits 1 if anything failed (a stage's own check, a crash,
@@ -37,7 +37,7 @@ def _b(script: str) -> str:
 
 
 def correctness_stages(dry: bool):
-    from kve_fast.benchmark.session import Stage
+    from bench.harness import Stage
 
     if dry:  # tiny: each exercises its script's code path on the CPU in well under a minute
         return [
@@ -55,8 +55,9 @@ def correctness_stages(dry: bool):
             Stage("precision_check", [PY, _b("precision_check.py"), "--device", "cpu", "--quick", "--cases",
                                       "gaussian-300", "--no-quality", "--out", "{out}"], 5, 300,
                   what="low precision against float64 (dry: one case)"),
-            Stage("csrc_check", [PY, _b("csrc_check.py"), "--cpu-smoke", "--quick", "--parts", "build,kernels",
-                                 "--out", "{out}"], 5, 300, what="the extension (dry: CPU operators built here)"),
+            Stage("csrc_check", [PY, _b("gpu_check.py"), "--device", "cpu", "--backends", "cuda", "--quick",
+                                 "--parts", "build,kernels", "--out", "{out}"], 5, 300,
+                  what="the extension (dry: CPU operators built here)"),
         ]
     return [
         Stage("build", ["nice", "-n", "19", PY, "setup.py", "build_ext", "--inplace"], 0, 240, background=True,
@@ -77,14 +78,14 @@ def correctness_stages(dry: bool):
               what="test_operators_check_their_arguments alone: a SIGSEGV is named, the others unaffected"),
         Stage("precision_check", [PY, _b("precision_check.py"), "--device", "cuda", "--quick", "--out", "{out}"],
               50, 90, what="bf16/fp16/TF32 against float64, each against its plain-PyTorch yardstick (<= 2x)"),
-        Stage("csrc_check", [PY, _b("csrc_check.py"), "--quick", "--no-setup-build", "--parts",
+        Stage("csrc_check", [PY, _b("gpu_check.py"), "--backends", "cuda", "--quick", "--parts",
                              "kernels,pipelines", "--out", "{out}"], 40, 90, after=("build",),
-              what="the extension's kernels and pipelines, bit-exact, eager and graphed"),
+              what="the extension's kernels and pipelines (gpu_check --backends cuda), bit-exact, eager and graphed"),
     ]
 
 
 def speed_stages(dry: bool):
-    from kve_fast.benchmark.session import Stage
+    from bench.harness import Stage
 
     if dry:
         return [
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print(f"device_session {args.session}: no CUDA GPU here (use --dry-run on a CPU)", file=sys.stderr)
             return 2
-    from kve_fast.benchmark.session import run_session
+    from bench.harness import run_session
 
     budget = args.budget_s if args.budget_s is not None else (default_budget * (3 if args.dry_run else 1))
     return run_session(f"device_{args.session}", stages, budget, os.path.abspath(args.out), device=env_device,

@@ -11,12 +11,9 @@ microseconds per call, min / median / max over ``--repeats`` calls, after a warm
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 import types
@@ -24,6 +21,10 @@ import types
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.harness import stats, write_json  # noqa: E402
+from kve_fast.benchmark.provenance import provenance  # noqa: E402
 
 
 def ncsnpp_like():
@@ -46,7 +47,7 @@ def _time(fn, repeats: int) -> dict:
         t = time.perf_counter()
         fn()
         us.append((time.perf_counter() - t) * 1e6)
-    return {"min": min(us), "median": statistics.median(us), "max": max(us), "n": repeats}
+    return stats(us)
 
 
 def main(argv=None) -> int:
@@ -79,19 +80,18 @@ def main(argv=None) -> int:
         "GraphEngine._stale (per step, with a callback)": _time(lambda: GraphEngine._stale(engine), args.repeats),
         "ModelState(model) (per capture)": _time(lambda: ModelState(model), max(args.repeats // 10, 5)),
     }
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa
+    prov = provenance("cpu")
     out = {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-           "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "command": " ".join([sys.executable] + sys.argv), "commit": git("rev-parse", "--short", "HEAD"),
-           "dirty": bool(git("status", "--porcelain")), "parameters": params, "modules": len(list(model.modules())),
-           "tensors": tensors, "attributes": sum(len(vars(m)) for m in model.modules()), "rows": rows}
+           "python": prov["python"], "torch": prov["torch"], "date": prov["date_utc"][:10], "command": prov["command"],
+           "commit": (prov["commit"] or "")[:7], "dirty": prov["dirty"], "parameters": params,
+           "modules": len(list(model.modules())), "tensors": tensors,
+           "attributes": sum(len(vars(m)) for m in model.modules()), "rows": rows}
     print(f"NCSN++-like UNet: {params / 1e6:.1f} M parameters, {out['modules']} modules, {tensors} tensors")
     print("| check | us min / median / max |\n|---|---|")
     for label, r in rows.items():
         print(f"| {label} | {r['min']:.0f} / {r['median']:.0f} / {r['max']:.0f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -144,10 +142,12 @@ def time_ms(fn, device, repeats: int, warmup: int = 2) -> dict:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    from kve_fast.benchmark import required_repeats
+    from bench.harness import stats
+    from kve_fast.benchmark.provenance import required_repeats
 
-    return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": repeats,
-            "repeat_rule_met": repeats >= required_repeats(statistics.median(times) / 1e3)}
+    st = stats(times)
+    return {"ms": st["median"], "min_ms": st["min"], "max_ms": st["max"], "n": repeats,
+            "repeat_rule_met": repeats >= required_repeats(st["median"] / 1e3)}
 
 
 # ---- the op ----------------------------------------------------------------------------------------------
@@ -252,16 +252,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write(result: dict, out: str, stem: str) -> list[str]:
-    path = Path(out)
-    if path.suffix == ".json":
-        json_path, md_path = path, path.with_suffix(".md")
-    else:
-        json_path, md_path = path / f"{stem}.json", path / f"{stem}.md"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    md_path.write_text(markdown(result) + "\n")
-    return [str(json_path), str(md_path)]
+def json_path(out: str, stem: str) -> str:
+    """``--out``: a folder (``<stem>.json`` in it; the markdown beside it), or a path ending in .json."""
+    return out if out.endswith(".json") else os.path.join(out, f"{stem}.json")
 
 
 def main(argv=None) -> int:
@@ -270,8 +263,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
     import torch
 
-    from kve_fast import benchmark as kb
     from kve_fast.ops import fir_triton
+    from kve_fast.precision import tf32_for_run
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -280,41 +273,37 @@ def main(argv=None) -> int:
     if not fir_triton.can_run():
         print("fir_bench.py: Triton cannot run here (no CUDA and TRITON_INTERPRET is not 1)", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
+    with tf32_for_run(args.tf32):
+        return _measure(args, device)
+
+
+def _measure(args, device) -> int:
+    """The ops, the forwards, their checks and the files (``main`` after its checks, under ``--tf32``)."""
+    import torch
     from diffusers.utils import logging as diffusers_logging
 
+    from bench.harness import ScriptRun
+
     diffusers_logging.set_verbosity_error()
-    t0 = time.monotonic()
+    run = ScriptRun("fir_bench", device, path=json_path(args.out, "fir_bench_smoke" if args.smoke else "fir_bench"),
+                    record="env")
     warmup = 0 if args.smoke else 3
     model, label = build_model(args.smoke, device, args.seed)
     size = model.config.sample_size
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
     t = torch.full((), 0.5, device=device)
-    result = {"env": kb.environment(device), "model": label, "batch": args.batch, "dtypes": args.dtypes,
-              "tf32": args.tf32, "smoke": args.smoke, "repeats": args.repeats, "ops": [], "per_forward": [],
-              "forward": [], "notes": []}
+    result = run.result
+    result.update(model=label, batch=args.batch, dtypes=args.dtypes, tf32=args.tf32, smoke=args.smoke,
+                  repeats=args.repeats, ops=[], per_forward=[], forward=[])
     if device.type != "cuda":
         result["notes"].append("not a GPU: Triton's interpreter, timings mean nothing (a logic check)")
     log(f"fir_bench: {label}, batch {args.batch}, {', '.join(args.dtypes)}, on {result['env'].get('gpu') or device}")
-
     cases = record_fir_calls(model, x, t)
     log(f"{len(cases)} distinct FIR calls, {sum(c['calls'] for c in cases)} per forward")
     for dtype_name in args.dtypes:
         for layout in ("contiguous", "channels_last"):
-            total = {"dtype": dtype_name, "layout": layout, "native_ms": 0.0, "triton_ms": 0.0}
-            for case in cases:
-                row = bench_op(case, dtype_name, layout, device, args.repeats, warmup, args.seed)
-                result["ops"].append(row)
-                total["native_ms"] += row["native"]["ms"] * row["calls_per_forward"]
-                total["triton_ms"] += row["triton"]["ms"] * row["calls_per_forward"]
-                log(f"  {dtype_name:8s} {layout:13s} {tuple(row['shape'])} up {row['up']} down {row['down']} "
-                    f"pad {tuple(row['pad'])}: native {row['native']['ms']:.3f} ms, triton {row['triton']['ms']:.3f} ms"
-                    f" ({row['speedup']:.1f}x), in bound: {row['within_bound']} ({row['bound_used']:.2f})")
-            result["per_forward"].append(total)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            bench_ops(result, cases, dtype_name, layout, device, args.repeats, warmup, args.seed)
     if args.forward:
         for dtype_name in args.dtypes:
             rec = bench_forward(model, x, t, dtype_name, device, args.forward_repeats, 0 if args.smoke else 2)
@@ -323,25 +312,33 @@ def main(argv=None) -> int:
                 f"({rec['speedup']:.2f}x), max |diff| {rec['max_abs_diff']:.2e} of max |out| {rec['max_abs']:.2e}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    outcome = kb.Outcome()
-    gaps = kb.missing(result["env"])
-    outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
     for r in result["ops"]:
-        outcome.check(f"{r['dtype']} {r['layout']} {tuple(r['shape'])} up {r['up']} down {r['down']}: within the bound",
-                      r["within_bound"] and r["same_shape"], f"{r['bound_used']:.2f} of the bound used")
+        run.check(f"{r['dtype']} {r['layout']} {tuple(r['shape'])} up {r['up']} down {r['down']}: within the bound",
+                  r["within_bound"] and r["same_shape"], f"{r['bound_used']:.2f} of the bound used")
     timed = [r[k] for r in result["ops"] for k in ("native", "triton")] + [r[k] for r in result["forward"]
                                                                            for k in ("native", "fast")]
     short = [t for t in timed if not t["repeat_rule_met"]]
     if short and not args.smoke:
-        outcome.check("timings repeated per issue 20's rule", False, f"{len(short)} timings with too few calls")
-    result["outcome"] = outcome.as_dict()
-    result["seconds"] = time.monotonic() - t0
-    paths = write(result, args.out, "fir_bench_smoke" if args.smoke else "fir_bench")
-    log("")
-    log(markdown(result))
-    log(f"\nwrote {', '.join(paths)} ({result['seconds']:.0f} s)")
-    log(f"fir_bench: {outcome.summary()}")
-    return outcome.exit_code()
+        run.check("timings repeated per issue 20's rule", False, f"{len(short)} timings with too few calls")
+    return run.finish(markdown=markdown)
+
+
+def bench_ops(result: dict, cases, dtype_name: str, layout: str, device, repeats: int, warmup: int, seed: int):
+    """Every distinct FIR call in one dtype and layout, and their sum per forward."""
+    import torch
+
+    total = {"dtype": dtype_name, "layout": layout, "native_ms": 0.0, "triton_ms": 0.0}
+    for case in cases:
+        row = bench_op(case, dtype_name, layout, device, repeats, warmup, seed)
+        result["ops"].append(row)
+        total["native_ms"] += row["native"]["ms"] * row["calls_per_forward"]
+        total["triton_ms"] += row["triton"]["ms"] * row["calls_per_forward"]
+        log(f"  {dtype_name:8s} {layout:13s} {tuple(row['shape'])} up {row['up']} down {row['down']} "
+            f"pad {tuple(row['pad'])}: native {row['native']['ms']:.3f} ms, triton {row['triton']['ms']:.3f} ms"
+            f" ({row['speedup']:.1f}x), in bound: {row['within_bound']} ({row['bound_used']:.2f})")
+    result["per_forward"].append(total)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -25,22 +25,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import re
-import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-
-from kve_fast.threads import busy_ticks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.harness import ScriptRun, measure_load, stats  # noqa: E402
 RATE = re.compile(r"([0-9.]+) images/s")
 MODES = ("one", "w1", "t2")
 
@@ -49,22 +45,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git(tree: str, *args) -> str:
-    proc = subprocess.run(["git", "-C", tree, *args], capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def _files_sha(outdir: str) -> tuple[str, int]:
@@ -99,20 +79,15 @@ def _run(kind: str, tree: str, args) -> dict:
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KVE_FAST_THREADS",
                 "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
-    load = os.getloadavg()[0]
-    usage0, ticks0, start = resource.getrusage(resource.RUSAGE_CHILDREN), busy_ticks(), time.perf_counter()
-    proc = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
-    wall = time.perf_counter() - start
-    ticks1, usage1 = busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
-    cores = len(os.sched_getaffinity(0))
-    busy = (ticks1[0] - ticks0[0]) / max(ticks1[1] - ticks0[1], 1) * cores
+    loadavg = os.getloadavg()[0]
+    with measure_load() as load:
+        proc = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     sha, count = _files_sha(outdir)
     shutil.rmtree(os.path.dirname(outdir), ignore_errors=True)
     match = RATE.search(proc.stdout)
     run = {"kind": kind, "argv": argv[1:], "images_per_second": float(match.group(1)) if match else None,
-           "wall_s": wall, "load_average": load, "others_busy_cores": max(busy - own / wall, 0.0),
-           "own_cpu_s": own, "files_sha256": sha, "files": count, "returncode": proc.returncode,
+           "wall_s": load.wall_s, "load_average": loadavg, "others_busy_cores": load.others_busy_cores,
+           "own_cpu_s": load.own_cpu_s, "files_sha256": sha, "files": count, "returncode": proc.returncode,
            "summary": proc.stdout.strip().splitlines()[-1:] or None}
     if proc.returncode != 0 or match is None:  # reported, and kept out of the figures
         lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "terminate" in line]
@@ -120,11 +95,7 @@ def _run(kind: str, tree: str, args) -> dict:
     return run
 
 
-def _summary(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-511")
     parser.add_argument("--steps", type=int, default=50)
@@ -136,37 +107,23 @@ def main(argv=None) -> int:
                                                       "one,t2 of each --tree)")
     parser.add_argument("--out", default=None, help="also write every run and the summary here (JSON)")
     args = parser.parse_args(argv)
-    trees = {"now": ROOT}
+    args.trees = {"now": ROOT}
     for item in args.tree:
         name, _, path = item.partition("=")
         if not name or not path or name == "now":
             parser.error(f"--tree: expected NAME=PATH (NAME not 'now'), got {item!r}")
-        trees[name] = os.path.abspath(path)
-    kinds = args.kinds.split(",") if args.kinds else [f"{t}:{m}" for t in trees for m in ("one", "t2")]
-    for kind in kinds:
+        args.trees[name] = os.path.abspath(path)
+    args.kinds = args.kinds.split(",") if args.kinds else [f"{t}:{m}" for t in args.trees for m in ("one", "t2")]
+    for kind in args.kinds:
         tree, _, mode = kind.partition(":")
-        if tree not in trees or mode not in MODES:
-            parser.error(f"--kinds: {kind!r} is not TREE:MODE with TREE in {sorted(trees)} and MODE in {MODES}")
-    import torch
+        if tree not in args.trees or mode not in MODES:
+            parser.error(f"--kinds: {kind!r} is not TREE:MODE with TREE in {sorted(args.trees)} and MODE in {MODES}")
+    return args
 
-    dirty = _git(ROOT, "status", "--porcelain", "--untracked-files=no")
-    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "cpu": _cpu_model(),
-                      "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-                      "torch": torch.__version__, "commit": _git(ROOT, "rev-parse", "--short", "HEAD"),
-                      "tree_clean": not dirty, "trees": trees,
-                      "command": " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])},
-              "settings": {"seeds": args.seeds, "steps": args.steps, "batch": args.batch, "rounds": args.rounds},
-              "runs": []}
-    print(f"commit {result['env']['commit']} (tree {'clean' if not dirty else 'DIRTY'}), {result['env']['cpu']}, "
-          f"{result['env']['cores']} cores", flush=True)
-    for r in range(args.rounds):
-        for kind in kinds:
-            run = dict(_run(kind, trees[kind.split(':')[0]], args), round=r)
-            result["runs"].append(run)
-            failed = f"  FAILED (exit {run['returncode']}): {run['failure']}" if "failure" in run else ""
-            print(f"round {r} {kind:12s} {run['images_per_second'] or 0:7.2f} images/s  wall {run['wall_s']:5.1f} s  "
-                  f"load {run['load_average']:.2f}  others busy {run['others_busy_cores']:.2f} cores  "
-                  f"files {run['files_sha256'][:12]} ({run['files']}){failed}", flush=True)
+
+def summarize(result: dict, trees: dict, kinds: list[str]) -> None:
+    """Per kind: min / median / max of images/s, wall time and the others' load; the same files within each tree?
+    This tree's medians over each other tree's."""
     table = {}
     for kind in kinds:
         ok = [x for x in result["runs"] if x["kind"] == kind and "failure" not in x]
@@ -174,10 +131,10 @@ def main(argv=None) -> int:
         if not ok:
             table[kind] = {"failed": failed}
             continue
-        table[kind] = {"images_per_second": _summary([x["images_per_second"] for x in ok]),
-                       "wall_s": _summary([x["wall_s"] for x in ok]),
-                       "others_busy_cores": _summary([x["others_busy_cores"] for x in ok]),
-                       "load_average": _summary([x["load_average"] for x in ok]),
+        table[kind] = {"images_per_second": stats([x["images_per_second"] for x in ok]),
+                       "wall_s": stats([x["wall_s"] for x in ok]),
+                       "others_busy_cores": stats([x["others_busy_cores"] for x in ok]),
+                       "load_average": stats([x["load_average"] for x in ok]),
                        "files_sha256": sorted({x["files_sha256"] for x in ok}), "failed": failed}
     same = {}
     for tree in trees:
@@ -189,26 +146,56 @@ def main(argv=None) -> int:
     for kind, value in medians.items():
         tree, _, mode = kind.partition(":")
         for other in trees:
-            base = f"{other}:{mode}"
-            if other != tree and tree == "now" and base in medians:
-                ratios[f"{kind} / {base}"] = value / medians[base]
+            if other != tree and tree == "now" and f"{other}:{mode}" in medians:
+                ratios[f"{kind} / {other}:{mode}"] = value / medians[f"{other}:{mode}"]
     result.update(summary=table, same_files_within_tree=same, ratios_of_medians=ratios)
+
+
+def print_table(result: dict) -> None:
     print("\n| kind | images/s min / median / max | wall s (median) | others busy cores (median) | failed |")
     print("|---|---|---|---|---|")
-    for kind, v in table.items():
+    for kind, v in result["summary"].items():
         if "images_per_second" not in v:
             print(f"| {kind} | all {v['failed']} failed | | | |")
             continue
         s = v["images_per_second"]
         print(f"| {kind} | {s['min']:.1f} / {s['median']:.1f} / {s['max']:.1f} | {v['wall_s']['median']:.1f} | "
               f"{v['others_busy_cores']['median']:.2f} | {v['failed']} |")
-    for key, value in ratios.items():
+    for key, value in result["ratios_of_medians"].items():
         print(f"{key}: {value:.2f}x (medians)")
-    print("same files within each tree:", same)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    print("same files within each tree:", result["same_files_within_tree"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from kve_fast.generate import device_identity
+
+    run = ScriptRun("generate_bench", "cpu", path=args.out,
+                    argv=[os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
+    prov = run.provenance
+    run.result.update(env={"date": prov["date_utc"], "host": prov["host"],
+                           "cpu": device_identity(torch.device("cpu"))["cpu"], "cores": len(os.sched_getaffinity(0)),
+                           "python": prov["python"], "torch": prov["torch"], "commit": (prov["commit"] or "")[:7],
+                           "tree_clean": None if prov["dirty"] is None else not prov["dirty"], "trees": args.trees,
+                           "command": prov["command"]},
+                      settings={"seeds": args.seeds, "steps": args.steps, "batch": args.batch, "rounds": args.rounds},
+                      runs=[])
+    env = run.result["env"]
+    print(f"commit {env['commit']} (tree {'clean' if env['tree_clean'] else 'DIRTY'}), {env['cpu']}, "
+          f"{env['cores']} cores", flush=True)
+    for r in range(args.rounds):
+        for kind in args.kinds:
+            rec = dict(_run(kind, args.trees[kind.split(":")[0]], args), round=r)
+            run.result["runs"].append(rec)
+            failed = f"  FAILED (exit {rec['returncode']}): {rec['failure']}" if "failure" in rec else ""
+            print(f"round {r} {kind:12s} {rec['images_per_second'] or 0:7.2f} images/s  wall {rec['wall_s']:5.1f} s  "
+                  f"load {rec['load_average']:.2f}  others busy {rec['others_busy_cores']:.2f} cores  "
+                  f"files {rec['files_sha256'][:12]} ({rec['files']}){failed}", flush=True)
+    summarize(run.result, args.trees, args.kinds)
+    print_table(run.result)
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -59,7 +59,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.harness import ScriptRun  # noqa: E402
 from kve_fast import benchmark as kb  # noqa: E402
+from kve_fast.benchmark.rows import KINDS, _graphs_module  # noqa: E402
+from kve_fast.benchmark.timing import _first_line  # noqa: E402
+from kve_fast.precision import tf32_for_run  # noqa: E402
 
 # ---- the models (gpu-baseline.md), random weights from a fixed seed -------------------------------------------
 
@@ -230,156 +234,176 @@ def _measured(t: dict) -> str:
             f"{t.get('accuracy_ok')}")
 
 
+class Plan:
+    """What one run measures: the configurations, the dtypes and their labels, the budget and the repeat policy."""
+
+    def __init__(self, args):
+        from kve_fast.benchmark.timing import precision_label
+        from kve_fast.precision import parse_dtype
+
+        self.mode = "quick" if args.quick else "full"
+        self.names = args.configs or (list(QUICK) if args.quick else [n for n in CONFIGS if n != "ncsnpp16-b2"])
+        self.config_steps = _config_steps(args.config_steps)
+        self.dtypes = list(dict.fromkeys(args.unet_dtype))
+        self.unet_dtypes = {d: (None if parse_dtype(d) == torch.float32 else parse_dtype(d)) for d in self.dtypes}
+        self.labels = {d: precision_label(self.unet_dtypes[d], args.tf32) for d in self.dtypes}
+        self.shown = [self.labels[d] or "fp32" for d in self.dtypes]
+        self.budget = args.budget_s if args.budget_s is not None else BUDGET_S[self.mode]
+        self.policy = kb.RepeatPolicy(fixed=args.repeats, **POLICY[self.mode])
+        self.title = "graph_bench" + ("" if self.shown == ["fp32"] else f" ({' and '.join(self.shown)})")
+        self.stem = ("graph_bench_quick" if args.quick else "graph_bench") + output_suffix(self.dtypes, args.tf32)
+        self.settings = {
+            "mode": self.mode, "configs": self.names, "steps": args.steps, "config_steps": self.config_steps,
+            "seed": args.seed, "output_type": args.output_type, "reference": args.reference, "fast": args.fast,
+            "eager": args.eager, "step_backend": args.step_backend, "budget_s": self.budget,
+            "repeat_policy": self.policy.as_dict()}
+        if self.shown != ["fp32"]:
+            self.settings.update(unet_dtype=self.dtypes if len(self.dtypes) > 1 else self.dtypes[0], tf32=args.tf32)
+
+
+def warm_up(run, plan: Plan, args, device) -> None:
+    """The step kernels compiled before any timing, once per precision."""
+    for d in plan.dtypes:
+        try:
+            warm = kb.jit_warmup(device, args.step_backend, log=log, unet_dtype=plan.unet_dtypes[d], tf32=args.tf32)
+            if warm is not None:
+                run.result["notes"].append(f"kernel warm-up before any timing ({plan.labels[d] or 'fp32'}; Triton JIT "
+                                           f"of the step kernels, eager and graphed, on a throwaway tiny UNet): "
+                                           f"{warm:.1f} s")
+        except Exception as exc:
+            run.result["notes"].append(f"kernel warm-up failed: {_first_line(exc)}")
+            traceback.print_exc()
+
+
+def _failed(name: str, model_name: str, batch: int, exc: BaseException, label: str | None = None, **extra) -> dict:
+    """The record of a configuration (of one precision, ``extra``) that raised ``exc``."""
+    traceback.print_exc()
+    rec = {"name": name, "model": model_name, "batch_size": batch, "status": "failed", **extra,
+           "error": _first_line(exc), "rows": [], "notes": [f"failed: {_first_line(exc)}"]}
+    log(f"== {name}{f' ({label})' if label else ''}: FAILED {rec['error']}")
+    return rec
+
+
+def run_config(run, plan: Plan, args, name: str, device, deadline: float) -> None:
+    """One configuration, each precision in turn (diffusers' row timed once, shared), into ``run.result``."""
+    import kve_fast
+
+    model_name, batch = CONFIGS[name]
+    left = deadline - time.monotonic()
+    if left <= 0:
+        why = f"skipped: the time budget ({plan.budget:.0f} s, --budget-s) ran out"
+        run.result["configs"].append({"name": name, "status": "skipped", "rows": [], "notes": [why]})
+        log(f"== {name}: skipped (time budget)")
+        return
+    unet = pipe = None
+    shared = kb.SharedReference(name)
+    try:
+        unet = MODELS[model_name][0]("cpu", args.seed).to(device)
+        pipe = kve_fast.KarrasVePipeline(unet, kve_fast.KarrasVeScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        for d in plan.dtypes:
+            label = plan.labels[d]
+            try:
+                rec = kb.bench_pipeline(
+                    pipe, name=name, batch_size=batch, steps=plan.config_steps.get(name, args.steps), device=device,
+                    seed=args.seed, noises=("exact", "fast") if args.fast else ("exact",), reference=args.reference,
+                    kinds=KINDS if args.eager else ("graphed",), step_backend=args.step_backend,
+                    output_type=args.output_type, policy=plan.policy, deadline=deadline, log=log,
+                    model_label=model_name, unet_dtype=plan.unet_dtypes[d], tf32=args.tf32, shared=shared)
+            except Exception as exc:
+                rec = _failed(name, model_name, batch, exc, label or "fp32",
+                              precision={"label": label} if label else None)
+            run.result["configs"].append(rec)
+            run.save()
+    except Exception as exc:
+        run.result["configs"].append(_failed(name, model_name, batch, exc))
+    finally:
+        del pipe, unet, shared
+        try:
+            graphs = _graphs_module()
+            if graphs is not None and hasattr(graphs, "clear_graphs"):
+                graphs.clear_graphs()
+        except Exception:
+            pass
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def verdicts(run, names: list[str], device) -> None:
+    """The run's checks and stages: the targets (missed: a failure; asked for but not measured: a skip), the
+    exactness failures, the configurations and rows that failed or were skipped."""
+    result = run.result
+    if result.get("targets"):
+        result["target_results"] = target_results(result["configs"], result["targets"])
+    for t in result.get("target_results", []):
+        if t["config"] not in names:
+            continue
+        label = f"target {t['config']} {t.get('precision', '')} {t['target']}"
+        if t["met"] is None:
+            run.outcome.stage(label, "skipped", f"not measured: {t.get('why')}")
+        else:
+            run.outcome.check(label, t["met"], _measured(t))
+    for bad in kb.exactness_failures(result["configs"]):
+        run.outcome.check(bad.split(": ", 1)[0], False, bad.split(": ", 1)[-1])
+    for c in result["configs"]:
+        label = c["name"] + (f" ({c['precision']['label']})" if c.get("precision") else "")
+        if c.get("status") == "failed":
+            run.outcome.stage(label, "failed", c.get("error", ""))
+        for r in c.get("rows", []):
+            if r["status"] == "failed":
+                run.outcome.stage(f"{label} / {r['row']}", "failed", r.get("why") or "")
+            elif r["status"] == "skipped" or (r["status"] == "unavailable" and device.type == "cuda"):
+                # (on a GPU, a row that could not run is not a pass: graphs were expected to capture there)
+                run.outcome.stage(f"{label} / {r['row']}", "skipped", r.get("why") or "")
+        if c.get("status") == "skipped" and not c.get("rows"):
+            run.outcome.stage(label, "skipped", "; ".join(c.get("notes", [])))
+
+
+def report(result: dict, plan: Plan) -> str:
+    """The markdown table, each target's verdict and the time against the budget."""
+    lines = [kb.format_markdown(result, plan.title)]
+    for t in result.get("target_results", []):
+        lines.append(f"target {t['config']} {t.get('precision', '')}: {t['target']} -> "
+                     + ("not measured" if t["met"] is None else "met" if t["met"] else "NOT met")
+                     + (f" ({_measured(t)})" if t["met"] is not None else f" ({t.get('why')})"))
+    lines.append(f"total {result['seconds']:.0f} s of a {plan.budget:.0f} s budget")
+    return "\n".join(lines)
+
+
+@tf32_for_run(False)  # TF32 off for the run (a --unet-dtype row turns on only what it asks for), put back after
 def main(argv=None) -> int:
     args = parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    names = args.configs or (list(QUICK) if args.quick else [n for n in CONFIGS if n != "ncsnpp16-b2"])
-    config_steps = _config_steps(args.config_steps)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("graph_bench.py: --device cuda but no CUDA GPU is available (use --device cpu for a smoke test)",
               file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    outcome = kb.Outcome()
-    env = kb.environment(device)  # first: the tree's state before this run writes anything
+    plan = Plan(args)
 
+    def write(result, final):
+        paths = kb.write_outputs(result, args.out, plan.stem, chart=final, title=plan.title)
+        return ", ".join(v for k, v in paths.items() if k != "chart_note") + (
+            f" ({paths['chart_note']})" if "chart_note" in paths else "")
+
+    run = ScriptRun("graph_bench", device, record="env", writer=write)  # first: the tree before this run writes
     import kve_fast
     from diffusers.utils import logging as diffusers_logging
-    from kve_fast.precision import parse_dtype
-
-    dtypes = list(dict.fromkeys(args.unet_dtype))
-    unet_dtypes = {d: (None if parse_dtype(d) == torch.float32 else parse_dtype(d)) for d in dtypes}
-    labels = {d: kb.precision_label(unet_dtypes[d], args.tf32) for d in dtypes}
-    shown = [labels[d] or "fp32" for d in dtypes]
 
     diffusers_logging.set_verbosity_error()
-    t0 = time.monotonic()
-    budget = args.budget_s if args.budget_s is not None else BUDGET_S[mode]
-    deadline = t0 + budget
-    policy = kb.RepeatPolicy(fixed=args.repeats, **POLICY[mode])
-    title = "graph_bench" + ("" if shown == ["fp32"] else f" ({' and '.join(shown)})")
-    stem = ("graph_bench_quick" if args.quick else "graph_bench") + output_suffix(dtypes, args.tf32)
-    result = {
-        "env": env, "settings": {
-            "mode": mode, "configs": names, "steps": args.steps, "config_steps": config_steps, "seed": args.seed,
-            "output_type": args.output_type, "reference": args.reference, "fast": args.fast, "eager": args.eager,
-            "step_backend": args.step_backend, "budget_s": budget, "repeat_policy": policy.as_dict()},
-        "configs": [], "notes": [],
-    }
-    if shown != ["fp32"]:
-        result["settings"].update(unet_dtype=dtypes if len(dtypes) > 1 else dtypes[0], tf32=args.tf32)
-        if "bf16" in dtypes and not args.tf32:
-            result["targets"], result["targets_source"] = ISSUE12_TARGETS, "issues 12 and 20"
-    missing = kb.missing(env)
-    outcome.check("provenance", not missing, "missing: " + ", ".join(missing) if missing else "")
-    log({k: env[k] for k in ("card", "driver", "commit", "dirty", "torch", "triton", "diffusers", "command")})
+    deadline = time.monotonic() + plan.budget
+    run.result.update(settings=plan.settings, configs=[])
+    if "bf16" in plan.dtypes and not args.tf32:
+        run.result["targets"], run.result["targets_source"] = ISSUE12_TARGETS, "issues 12 and 20"
     ok, why = kb.graph_support(kve_fast.KarrasVePipeline, device)
     if not ok:
-        result["notes"].append(why)
+        run.result["notes"].append(why)
         log(why)
-    for d in dtypes:
-        try:
-            warm = kb.jit_warmup(device, args.step_backend, log=log, unet_dtype=unet_dtypes[d], tf32=args.tf32)
-            if warm is not None:
-                result["notes"].append(f"kernel warm-up before any timing ({labels[d] or 'fp32'}; Triton JIT of the step "
-                                       f"kernels, eager and graphed, on a throwaway tiny UNet): {warm:.1f} s")
-        except Exception as exc:
-            result["notes"].append(f"kernel warm-up failed: {kb._first_line(exc)}")
-            traceback.print_exc()
-
-    def save(final: bool):
-        result["seconds"] = time.monotonic() - t0
-        result["complete"] = final
-        return kb.write_outputs(result, args.out, stem, chart=final, title=title)
-
-    for name in names:
-        model_name, batch = CONFIGS[name]
-        steps = config_steps.get(name, args.steps)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            why = f"skipped: the time budget ({budget:.0f} s, --budget-s) ran out"
-            result["configs"].append({"name": name, "status": "skipped", "rows": [], "notes": [why]})
-            log(f"== {name}: skipped (time budget)")
-            continue
-        unet = pipe = None
-        shared = kb.SharedReference(name)
-        try:
-            build, params, _ = MODELS[model_name]
-            unet = build("cpu", args.seed).to(device)
-            pipe = kve_fast.KarrasVePipeline(unet, kve_fast.KarrasVeScheduler())
-            pipe.set_progress_bar_config(disable=True)
-            for d in dtypes:
-                try:
-                    rec = kb.bench_pipeline(
-                        pipe, name=name, batch_size=batch, steps=steps, device=device, seed=args.seed,
-                        noises=("exact", "fast") if args.fast else ("exact",), reference=args.reference,
-                        kinds=kb.KINDS if args.eager else ("graphed",), step_backend=args.step_backend,
-                        output_type=args.output_type, policy=policy, deadline=deadline, log=log,
-                        model_label=model_name, unet_dtype=unet_dtypes[d], tf32=args.tf32, shared=shared)
-                except Exception as exc:
-                    traceback.print_exc()
-                    rec = {"name": name, "model": model_name, "batch_size": batch, "status": "failed",
-                           "precision": {"label": labels[d]} if labels[d] else None,
-                           "error": kb._first_line(exc), "rows": [], "notes": [f"failed: {kb._first_line(exc)}"]}
-                    log(f"== {name} ({labels[d] or 'fp32'}): FAILED {rec['error']}")
-                result["configs"].append(rec)
-                save(False)
-        except Exception as exc:
-            traceback.print_exc()
-            rec = {"name": name, "model": model_name, "batch_size": batch, "status": "failed",
-                   "error": kb._first_line(exc), "rows": [], "notes": [f"failed: {kb._first_line(exc)}"]}
-            log(f"== {name}: FAILED {rec['error']}")
-            result["configs"].append(rec)
-        finally:
-            del pipe, unet, shared
-            try:
-                graphs = kb._graphs_module()
-                if graphs is not None and hasattr(graphs, "clear_graphs"):
-                    graphs.clear_graphs()
-            except Exception:
-                pass
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if result.get("targets"):
-        result["target_results"] = target_results(result["configs"], result["targets"])
-    for t in result.get("target_results", []):  # a target missed fails the run; one asked for, not measured, a skip
-        if t["config"] not in names:
-            continue
-        label = f"target {t['config']} {t.get('precision', '')} {t['target']}"
-        if t["met"] is None:
-            outcome.stage(label, "skipped", f"not measured: {t.get('why')}")
-        else:
-            outcome.check(label, t["met"], _measured(t))
-    for bad in kb.exactness_failures(result["configs"]):
-        outcome.check(bad.split(": ", 1)[0], False, bad.split(": ", 1)[-1])
-    for c in result["configs"]:
-        label = c["name"] + (f" ({c['precision']['label']})" if c.get("precision") else "")
-        if c.get("status") == "failed":
-            outcome.stage(label, "failed", c.get("error", ""))
-        for r in c.get("rows", []):
-            if r["status"] == "failed":
-                outcome.stage(f"{label} / {r['row']}", "failed", r.get("why") or "")
-            elif r["status"] == "skipped" or (r["status"] == "unavailable" and device.type == "cuda"):
-                # (on a GPU, a row that could not run is not a pass: graphs were expected to capture there)
-                outcome.stage(f"{label} / {r['row']}", "skipped", r.get("why") or "")
-        if c.get("status") == "skipped" and not c.get("rows"):
-            outcome.stage(label, "skipped", "; ".join(c.get("notes", [])))
-    result["outcome"] = outcome.as_dict()
-    paths = save(True)
-    log(f"\nwrote {', '.join(v for k, v in paths.items() if k != 'chart_note')}"
-        + (f" ({paths['chart_note']})" if "chart_note" in paths else ""))
-    log("")
-    log(kb.format_markdown(result, title))
-    for t in result.get("target_results", []):
-        log(f"target {t['config']} {t.get('precision', '')}: {t['target']} -> "
-            + ("not measured" if t["met"] is None else "met" if t["met"] else "NOT met")
-            + (f" ({_measured(t)})" if t["met"] is not None else f" ({t.get('why')})"))
-    log(f"total {result['seconds']:.0f} s of a {budget:.0f} s budget")
-    log(f"graph_bench: {outcome.summary()}")
-    return outcome.exit_code()
+    warm_up(run, plan, args, device)
+    for name in plan.names:
+        run_config(run, plan, args, name, device, deadline)
+    verdicts(run, plan.names, device)
+    return run.finish(markdown=lambda result: report(result, plan))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.harness import ScriptRun, stats  # noqa: E402
 
 CONFIGS = {
     "pipeline 8x8 b1, exact noise": "pipe",
@@ -89,11 +90,7 @@ def _one(tree: str, kind: str, steps: int, calls: int, clock: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["ms_per_step"]
 
 
-def _stats(values) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", required=True, help="the commit to compare HEAD with")
     p.add_argument("--steps", type=int, default=300)
@@ -102,42 +99,48 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="cpu: the process's CPU time (robust on a shared machine); wall: perf_counter")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
-    head = _git("rev-parse", "--short", "HEAD")
-    dirty = bool(_git("status", "--porcelain"))
+    return p.parse_args(argv)
+
+
+def compare_trees(results: dict, base_tree: str, args) -> None:
+    """Each configuration, the trees alternating ``--repeats`` times; min / median / max and the ratio of medians."""
+    for label, kind in CONFIGS.items():
+        runs = {"baseline": [], "head": []}
+        for _ in range(args.repeats):
+            runs["baseline"].append(_one(base_tree, kind, args.steps, args.calls, args.clock))
+            runs["head"].append(_one(ROOT, kind, args.steps, args.calls, args.clock))
+        rec = {tree: stats(v) for tree, v in runs.items()}
+        rec["ratio_of_medians"] = rec["head"]["median"] / rec["baseline"]["median"]
+        results["configs"][label] = rec
+        print(f"{label}: baseline {rec['baseline']['median']:.4f} ms/step, HEAD {rec['head']['median']:.4f} "
+              f"ms/step, ratio {rec['ratio_of_medians']:.3f}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     base_rev = _git("rev-parse", "--short", args.baseline)
+    run = ScriptRun("host_cost_bench", "cpu", path=args.json)
+    prov = run.provenance
+    results = run.result
+    results.update(machine=platform.platform(), cpus=os.cpu_count(), python=prov["python"], date=prov["date_utc"],
+                   command=prov["command"], head=(prov["commit"] or "")[:7], dirty=prov["dirty"], baseline=base_rev,
+                   steps=args.steps, clock=args.clock, loadavg_start=os.getloadavg(), configs={})
     tmp = tempfile.mkdtemp(prefix="kve_base_")
     base_tree = os.path.join(tmp, "tree")
     _git("worktree", "add", "--detach", base_tree, base_rev)
-    results = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "date": time.strftime("%Y-%m-%d"), "command": " ".join([sys.executable] + sys.argv),
-               "head": head, "dirty": dirty, "baseline": base_rev, "steps": args.steps, "clock": args.clock,
-               "loadavg_start": os.getloadavg(), "configs": {}}
     try:
-        for label, kind in CONFIGS.items():
-            runs = {"baseline": [], "head": []}
-            for _ in range(args.repeats):
-                runs["baseline"].append(_one(base_tree, kind, args.steps, args.calls, args.clock))
-                runs["head"].append(_one(ROOT, kind, args.steps, args.calls, args.clock))
-            rec = {tree: _stats(v) for tree, v in runs.items()}
-            rec["ratio_of_medians"] = rec["head"]["median"] / rec["baseline"]["median"]
-            results["configs"][label] = rec
-            print(f"{label}: baseline {rec['baseline']['median']:.4f} ms/step, HEAD {rec['head']['median']:.4f} "
-                  f"ms/step, ratio {rec['ratio_of_medians']:.3f}", flush=True)
+        compare_trees(results, base_tree, args)
     finally:
         _git("worktree", "remove", "--force", base_tree)
         shutil.rmtree(tmp, ignore_errors=True)
     results["loadavg_end"] = os.getloadavg()
-    lines = [f"| configuration | {base_rev} ms/step (min / median / max) | {head} ms/step (min / median / max) | "
-             "ratio of medians |", "|---|---|---|---|"]
+    lines = [f"| configuration | {base_rev} ms/step (min / median / max) | {results['head']} ms/step (min / median / "
+             "max) | ratio of medians |", "|---|---|---|---|"]
     for label, rec in results["configs"].items():
         cell = lambda s: f"{s['min']:.4f} / {s['median']:.4f} / {s['max']:.4f}"  # noqa: E731
         lines.append(f"| {label} | {cell(rec['baseline'])} | {cell(rec['head'])} | {rec['ratio_of_medians']:.3f} |")
     print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -63,12 +63,12 @@ What it needs besides kve_fast (imported from this checkout) and torch/triton:
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
         -d .whl k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 diffusers==0.42.1
 
-  (diffusers' own needs are in the GPU image, see bench/run_gpu.sh.) If a needed pure-Python module still
+  (diffusers' own needs are in the GPU image; bench/device_prepare.sh fetches these.) If a needed pure-Python module still
   does not import, this script extracts its wheel from .whl/ into ~/.cache/kve_fast/wheels and puts it
   on sys.path, so it also runs without the pip step.
 
 On the GPU machine (device tool; about 1.5 minutes with --quick, 2 to 4 minutes without, on an H100/H200;
-bench/gpu_session.sh runs it with --quick among its stages):
+bench/device_correctness.sh runs it with --quick among its stages):
 
     run(carry=[".whl"], timeout_s=420, command="python3 -m pip install -q --no-index --no-deps --no-compile
         --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
@@ -78,16 +78,15 @@ bench/gpu_session.sh runs it with --quick among its stages):
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import importlib
 import importlib.util
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-import traceback
 import zipfile
 from pathlib import Path
 
@@ -95,8 +94,9 @@ ROOT = Path(__file__).resolve().parents[1]
 K_DIFFUSION_VERSION = "0.1.1.post1"
 CACHE = Path(os.path.expanduser("~")) / ".cache" / "kve_fast"
 
-RESULTS: dict = {
-    "env": {}, "scalars": [], "exact": [], "timing": [], "errors": [], "notes": [],
+RUN = None  # the run (bench.harness.ScriptRun): its record, checks and JSON
+TABLES = {  # the record's own tables, beside the run's provenance, exact, notes and errors
+    "env": {}, "scalars": [], "exact": [], "timing": [], "errors": [],
     "definitions": {
         "ms_per_call": "median wall time of one sampler call (perf_counter, cuda.synchronize before and after)",
         "model_alone_ms": "median time of the same number of model calls, with the same shapes, outside the sampler",
@@ -150,8 +150,9 @@ def _extract_wheel(wheel: str) -> str:
     return str(dest)
 
 
-def ensure_modules():
-    """Put carried pure-Python wheels on sys.path for modules that do not import as installed."""
+def ensure_modules() -> list[str]:
+    """Put carried pure-Python wheels on sys.path for modules that do not import as installed; what it did."""
+    notes = []
     for module, pattern in (("trampoline", "trampoline-*.whl"), ("torchsde", "torchsde-*.whl"),
                             ("diffusers", "diffusers-*.whl")):
         if importlib.util.find_spec(module) is not None:
@@ -160,7 +161,8 @@ def ensure_modules():
         if wheels:
             sys.path.append(_extract_wheel(wheels[-1]))
             importlib.invalidate_caches()
-            RESULTS["notes"].append(f"{module}: imported from the extracted wheel {Path(wheels[-1]).name}")
+            notes.append(f"{module}: imported from the extracted wheel {Path(wheels[-1]).name}")
+    return notes
 
 
 def _k_diffusion_dir() -> tuple[str, str]:
@@ -199,9 +201,9 @@ def load_real_sampling():
 
     sampling = import_k_diffusion_sampling(root)
     version = _k_diffusion_version(root)
-    RESULTS["env"]["k_diffusion"] = {"version": version, "source": source, "file": sampling.__file__}
+    RUN.result["env"]["k_diffusion"] = {"version": version, "source": source, "file": sampling.__file__}
     if version != K_DIFFUSION_VERSION:
-        RESULTS["notes"].append(f"k-diffusion version {version}, not {K_DIFFUSION_VERSION}")
+        RUN.note(f"k-diffusion version {version}, not {K_DIFFUSION_VERSION}")
     log(f"k-diffusion {version} from {source}: {sampling.__file__}")
     return sampling
 
@@ -239,31 +241,15 @@ def compare(actual, expected) -> dict:
 
 
 def record(table: str, name: str, info: dict, graphed: str | None = None):
-    """One check into RESULTS[table]; ``graphed``: the backend of a ``cuda_graph=True`` run (counted for the
+    """One check into the record's ``table``; ``graphed``: the backend of a ``cuda_graph=True`` run (counted for the
     KDIFFUSION_DEFAULT_MODE decision)."""
-    info = {"check": name, **info}
+    info = dict(info)
     if graphed:
         info["graphed"] = graphed
-    RESULTS[table].append(info)
-    bad = info["mismatches"]
-    extra = ""
+    elements, bad = info.pop("elements"), info.pop("mismatches")
+    RUN.exact(name, elements, bad, table=table, **info)
     if bad:
-        extra = f" first at {info.get('first')} max |diff| {info.get('max_abs_diff', float('nan')):g}"
-    if info.get("note"):
-        extra += f" ({info['note']})"
-    log(f"  {'OK ' if bad == 0 else 'BAD'} {name}: {bad} mismatches of {info['elements']}{extra}")
-
-
-def part(name: str, fn, *args, **kwargs):
-    t0 = time.time()
-    log(f"\n== {name}")
-    try:
-        fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - report and go on with the other parts
-        tb = traceback.format_exc()
-        RESULTS["errors"].append({"part": name, "error": f"{type(exc).__name__}: {exc}", "traceback": tb})
-        log(f"  PART FAILED: {type(exc).__name__}: {exc}\n{tb}")
-    log(f"   ({name}: {time.time() - t0:.1f} s)")
+        log(f"      first at {info.get('first')} max |diff| {info.get('max_abs_diff', float('nan')):g}")
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -350,7 +336,7 @@ def check_scalars(real, device, quick):
                 assert expected.dtype == torch.float32, expected.dtype
                 record("scalars", f"{name} {what} ({len(host)} steps)",
                        compare(torch.tensor(host, dtype=torch.float64), expected.double()))
-            RESULTS["scalars"][-1]["gamma_positive_steps"] = len(c_host)
+            RUN.result["scalars"][-1]["gamma_positive_steps"] = len(c_host)
 
 
 # -- 2. whole samplers against k-diffusion -----------------------------------------------------------------
@@ -376,7 +362,7 @@ def extension_built(device) -> bool:
         step_cuda.load_ops(jit=False)  # loads kve_fast._C if it is there; never builds
         return bool(step_cuda.has_cuda_kernels())
     except Exception as exc:  # noqa: BLE001 - no extension: the cuda rows are left out
-        RESULTS["notes"].append(f"backend 'cuda' left out of the exact part: {type(exc).__name__}: {exc}")
+        RUN.note(f"backend 'cuda' left out of the exact part: {type(exc).__name__}: {exc}")
         return False
 
 
@@ -421,9 +407,7 @@ def capture_used(model, x, backend: str, solver: str, hand_out: bool, noise: str
 
 
 def graphed_error(where: str, exc: BaseException):
-    RESULTS["errors"].append({"part": where, "error": f"{type(exc).__name__}: {exc}", "graphed": True,
-                              "traceback": traceback.format_exc()})
-    log(f"  GRAPHED RUN FAILED {where}: {type(exc).__name__}: {exc}")
+    RUN.failed(where, exc, graphed=True)
 
 
 def run_variants(real, sampler, model, x, sigmas, seed, case, runs, extra_args=None, before_graphed=None, clear=True,
@@ -545,9 +529,7 @@ def check_exact(real, device, sizes, steps):
                     try:
                         run_variants(real, sampler, model, x, sigmas, seed, case, runs, before_graphed=before, **churn)
                     except Exception as exc:  # noqa: BLE001 - one case's failure must not hide the others
-                        RESULTS["errors"].append({"part": f"exact {case}", "error": f"{type(exc).__name__}: {exc}",
-                                                  "traceback": traceback.format_exc()})
-                        log(f"  CASE FAILED {case}: {type(exc).__name__}: {exc}")
+                        RUN.failed(f"exact {case}", exc)
     check_extra_args(real, device, sizes["unet"], steps, churn_on, models["unet"], runs)
 
 
@@ -595,20 +577,18 @@ def check_extra_args(real, device, size, steps, churn, base, runs):
                                            extra_args={"cond": cond, "weight": 0.5}, clear=call == 0, **churn)
                 results.append(expected)
             except Exception as exc:  # noqa: BLE001
-                RESULTS["errors"].append({"part": f"exact {case}", "error": f"{type(exc).__name__}: {exc}",
-                                          "traceback": traceback.format_exc()})
-                log(f"  CASE FAILED {case}: {type(exc).__name__}: {exc}")
+                RUN.failed(f"exact {case}", exc)
             captures.append(held())
         if len(results) == 3:
             differ = not torch.equal(results[0], results[1]) and not torch.equal(results[1], results[2])
             reused = len(captures) == 3 and captures[0] == captures[1] == captures[2] and bool(captures[0])
-            RESULTS["notes"].append(f"{sampler} extra_args: k-diffusion's outputs differ between the three "
-                                    f"conditioning tensors: {differ} (else these checks would be vacuous); calls 2 "
-                                    f"and 3 replayed call 1's captures ({len(captures[0])}): {reused}")
+            RUN.note(f"{sampler} extra_args: k-diffusion's outputs differ between the three conditioning tensors: "
+                     f"{differ} (else these checks would be vacuous); calls 2 and 3 replayed call 1's captures "
+                     f"({len(captures[0])}): {reused}")
             if not differ:
-                RESULTS["errors"].append({"part": f"exact {sampler} extra_args", "graphed": True,
-                                          "error": "the conditioning tensor does not change k-diffusion's output: "
-                                                   "the extra_args checks test nothing"})
+                RUN.failed(f"exact {sampler} extra_args", RuntimeError(
+                    "the conditioning tensor does not change k-diffusion's output: the extra_args checks test nothing"),
+                    graphed=True)
 
 
 def check_callbacks(label, ours, real, graphed=None):
@@ -672,39 +652,31 @@ def timing(real, device, configs, reps_free, reps_unet):
         try:
             time_config(real, device, cfg, reps_free, reps_unet)
         except Exception as exc:  # noqa: BLE001 - one configuration's failure must not hide the others
-            RESULTS["errors"].append({"part": f"timing {cfg[0]}", "error": f"{type(exc).__name__}: {exc}",
-                                      "traceback": traceback.format_exc()})
-            log(f"  CONFIG FAILED {cfg[0]}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            RUN.failed(f"timing {cfg[0]}", exc)
 
 
-def time_config(real, device, cfg, reps_free, reps_unet):
-    import torch
+GRAPHED_VARIANTS = {"kve_fast triton graphed": "triton", "triton graphed, fast noise": "triton"}
 
+
+def timing_variants(real, sampler: str, model, x, sigmas, churn: dict) -> dict:
+    """name: one call of k-diffusion's loop or of kve_fast's drop-in (torch, triton, fast noise, graphed)."""
     from kve_fast import k_diffusion as kd
 
-    label, model_name, size, batch, steps, sampler, churn = cfg
-    model = make_model(model_name, device, size)
-    sigmas = real.get_sigmas_karras(steps, 0.002, 80.0, device=device)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * sigmas[0]
-    eager, graphed = {"cuda_graph": False}, {"cuda_graph": True}
-    variants = {
-        "k-diffusion": lambda: getattr(real, sampler)(model, x, sigmas, disable=True, **churn),
-        "kve_fast torch": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="torch", **eager,
-                                                       **churn),
-        "kve_fast triton": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton", **eager,
-                                                        **churn),
-        "kve_fast triton fast": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton",
-                                                             noise="fast", **eager, **churn),
-        "kve_fast triton graphed": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend="triton",
-                                                                **graphed, **churn),
-        "triton graphed, fast noise": lambda: getattr(kd, sampler)(model, x, sigmas, disable=True,
-                                                                   backend="triton", noise="fast", **graphed,
-                                                                   **churn),
-    }
-    is_graphed = {"kve_fast triton graphed": "triton", "triton graphed, fast noise": "triton"}
-    log(f"  {label}: {sampler} {model_name} {size}x{size} x {batch}, {steps} steps, {churn or 's_churn=0'}")
-    # each variant's first call, timed on its own (graphed: capture and warm-up included; not in the medians);
-    # its output is checked against k-diffusion's at this size too
+    def ours(backend, noise="exact", graphed=False):
+        return lambda: getattr(kd, sampler)(model, x, sigmas, disable=True, backend=backend, noise=noise,
+                                            cuda_graph=graphed, **churn)
+
+    return {"k-diffusion": lambda: getattr(real, sampler)(model, x, sigmas, disable=True, **churn),
+            "kve_fast torch": ours("torch"), "kve_fast triton": ours("triton"),
+            "kve_fast triton fast": ours("triton", "fast"), "kve_fast triton graphed": ours("triton", graphed=True),
+            "triton graphed, fast noise": ours("triton", "fast", graphed=True)}
+
+
+def first_calls(label: str, variants: dict, device) -> tuple[dict, dict]:
+    """Each variant's first call, timed on its own (graphed: capture and warm-up included; not in the medians):
+    (outputs, seconds). A graphed variant's failure is recorded and does not hide the eager rows."""
+    import torch
+
     outs, first = {}, {}
     for name, fn in variants.items():
         torch.manual_seed(0)
@@ -712,46 +684,70 @@ def time_config(real, device, cfg, reps_free, reps_unet):
         t0 = time.perf_counter()
         try:
             outs[name] = fn()
-        except Exception as exc:  # noqa: BLE001 - a graphed variant's failure must not hide the eager rows
-            if name not in is_graphed:
+        except Exception as exc:  # noqa: BLE001
+            if name not in GRAPHED_VARIANTS:
                 raise
             graphed_error(f"timing {label}: {name}", exc)
             continue
         sync(device)
         first[name] = time.perf_counter() - t0
+    return outs, first
+
+
+def check_first_outputs(label: str, outs: dict, model, x, sampler: str) -> None:
+    """The first calls' outputs against k-diffusion's at this size (fast noise: graphed = eager), and each graphed
+    variant's capture."""
+    import torch
+
     for name in ("kve_fast torch", "kve_fast triton", "kve_fast triton graphed"):
         if name in outs:
             record("exact", f"timing config {label}: {name} output", compare(outs[name], outs["k-diffusion"]),
-                   is_graphed.get(name))
+                   GRAPHED_VARIANTS.get(name))
     if "triton graphed, fast noise" in outs:  # fast noise is not k-diffusion's stream: graphed = eager
         record("exact", f"timing config {label}: triton graphed, fast noise output = eager fast noise's",
                compare(outs["triton graphed, fast noise"], outs["kve_fast triton fast"]), "triton")
-    for name in [n for n in is_graphed if n in outs]:
+    for name in [n for n in GRAPHED_VARIANTS if n in outs]:
         noise = "fast" if "fast" in name else "exact"
         why = capture_used(model, x, "triton", sampler.split("_", 1)[1], False, noise)
         if why:
             graphed_error(f"timing {label}: {name}", RuntimeError(f"cuda_graph=True: {why}"))
-    fast = outs["kve_fast triton fast"]
-    RESULTS["notes"].append(f"{label}: fast-noise output finite: {bool(torch.isfinite(fast).all())}")
-    variants = {name: fn for name, fn in variants.items() if name in outs}
-    del outs, fast
+    RUN.note(f"{label}: fast-noise output finite: {bool(torch.isfinite(outs['kve_fast triton fast']).all())}")
 
+
+def time_config(real, device, cfg, reps_free, reps_unet):
+    import torch
+
+    from kve_fast.benchmark.provenance import required_repeats
+
+    label, model_name, size, batch, steps, sampler, churn = cfg
+    model = make_model(model_name, device, size)
+    sigmas = real.get_sigmas_karras(steps, 0.002, 80.0, device=device)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * sigmas[0]
+    variants = timing_variants(real, sampler, model, x, sigmas, churn)
+    log(f"  {label}: {sampler} {model_name} {size}x{size} x {batch}, {steps} steps, {churn or 's_churn=0'}")
+    outs, first = first_calls(label, variants, device)
+    check_first_outputs(label, outs, model, x, sampler)
+    variants = {name: fn for name, fn in variants.items() if name in outs}
+    del outs
     # the model calls alone, with the noise levels the sampler would pass (precomputed)
     s_in = x.new_ones([batch])
     n_calls = 2 * steps - 1 if sampler == "sample_heun" else steps
-    levels = [sigmas[i] * s_in for i in range(steps)] + [sigmas[i + 1] * s_in for i in range(steps - 1)]
-    levels = levels[:n_calls]
+    levels = ([sigmas[i] * s_in for i in range(steps)] + [sigmas[i + 1] * s_in for i in range(steps - 1)])[:n_calls]
 
     def model_only():
         for lv in levels:
             model(x, lv)
 
     reps = reps_unet if model_name == "unet" else reps_free
-    from kve_fast.benchmark import required_repeats
-
     reps = max(reps, required_repeats(min(first.values())))  # issue 20: >= 5 calls where one is under 2 s, else >= 3
     with torch.no_grad():
         times = time_rounds({**variants, "model calls alone": model_only}, reps, device)
+    timing_rows(cfg, times, first, n_calls)
+
+
+def timing_rows(cfg, times: dict, first: dict, n_calls: int) -> None:
+    """Each variant's row: ms per call, its overhead per step over the model calls alone, ratios to k-diffusion."""
+    label, model_name, size, batch, steps, sampler, churn = cfg
     med = {name: statistics.median(ts) for name, ts in times.items()}
     model_s = med.pop("model calls alone")
     base_total = med["k-diffusion"]
@@ -759,7 +755,7 @@ def time_config(real, device, cfg, reps_free, reps_unet):
     for name, total in med.items():
         over = (total - model_s) / steps
         row = {"config": label, "sampler": sampler, "model": model_name, "image": size, "batch": batch,
-               "steps": steps, "churn": churn, "variant": name, "graphed": name in is_graphed,
+               "steps": steps, "churn": churn, "variant": name, "graphed": name in GRAPHED_VARIANTS,
                "model_calls": n_calls, "first_call_ms": first[name] * 1e3,
                "ms_per_call": total * 1e3, "ms_per_call_all": [t * 1e3 for t in times[name]],
                "min_ms": min(times[name]) * 1e3, "max_ms": max(times[name]) * 1e3, "n": len(times[name]),
@@ -767,7 +763,7 @@ def time_config(real, device, cfg, reps_free, reps_unet):
                "overhead_ms_per_step": over * 1e3,
                "speedup_total_vs_k_diffusion": base_total / total,
                "speedup_overhead_vs_k_diffusion": base_over / over if over > 0 else float("nan")}
-        RESULTS["timing"].append(row)
+        RUN.result["timing"].append(row)
         log(f"    {name:26s} {total * 1e3:9.2f} ms/call  overhead {over * 1e3:8.3f} ms/step  "
             f"x{row['speedup_total_vs_k_diffusion']:5.2f} total  x{row['speedup_overhead_vs_k_diffusion']:6.1f} "
             f"overhead  first call {first[name] * 1e3:.1f} ms  (model alone {model_s * 1e3:.2f} ms, {n_calls} calls)")
@@ -776,49 +772,47 @@ def time_config(real, device, cfg, reps_free, reps_unet):
 # -- report ----------------------------------------------------------------------------------------------
 
 
-def summary_markdown() -> str:
-    env = RESULTS["env"]
+def summary_markdown(result: dict) -> str:
+    env = result["env"]
     lines = [f"## kdiffusion_check: {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, "
              f"{env.get('date')}", "", f"Command: `{env.get('command')}`", ""]
     for table in ("scalars", "exact"):
-        rows = RESULTS[table]
+        rows = result[table]
         bad = [r for r in rows if r["mismatches"] != 0]
         lines.append(f"- {table}: {len(rows) - len(bad)} of {len(rows)} checks bit-exact"
                      + ("" if not bad else "; MISMATCHED: " + "; ".join(
                          f"{r['check']} ({r['mismatches']} of {r['elements']}, first {r.get('first')}, "
                          f"max |diff| {r.get('max_abs_diff')})" for r in bad[:8])))
-    for e in RESULTS["errors"]:
-        lines.append(f"- FAILED {e['part']}: {e['error']}")
-    for n in RESULTS["notes"]:
-        lines.append(f"- note: {n}")
-    if RESULTS["timing"]:
+    lines += [f"- FAILED {e['part']}: {e['error']}" for e in result["errors"]]
+    lines += [f"- note: {n}" for n in result["notes"]]
+    if result["timing"]:
         lines += ["", "| config | variant | ms per call | first call, ms (graphed: incl. capture) | model alone, ms "
                       "| overhead ms/step | vs k-diffusion (total) | vs k-diffusion (overhead) |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in RESULTS["timing"]:
+        for r in result["timing"]:
             lines.append(f"| {r['config']} | {r['variant']} | {r['ms_per_call']:.2f} | {r['first_call_ms']:.1f} | "
                          f"{r['model_alone_ms']:.2f} | {r['overhead_ms_per_step']:.3f} | "
                          f"{r['speedup_total_vs_k_diffusion']:.2f}x | {r['speedup_overhead_vs_k_diffusion']:.1f}x |")
-        if any(r.get("graphed") for r in RESULTS["timing"]):
+        if any(r.get("graphed") for r in result["timing"]):
             lines.append("")
             lines.append("Graphed rows: the model calls are replayed too, while \"model alone\" is timed eagerly, so "
                          "their overhead can be negative; compare totals.")
-    lines += ["", graphs_verdict()]
+    lines += ["", graphs_verdict(result)]
     return "\n".join(lines)
 
 
-def graphs_verdict() -> str:
+def graphs_verdict(result: dict) -> str:
     """The line that says whether kve_fast.graphs.KDIFFUSION_DEFAULT_MODE can be "auto"."""
-    rows = [r for r in RESULTS["exact"] if r.get("graphed")]
+    rows = [r for r in result["exact"] if r.get("graphed")]
     good = [r for r in rows if r["mismatches"] == 0]
     by_backend = {}
     for r in rows:
         n, m = by_backend.get(r["graphed"], (0, 0))
         by_backend[r["graphed"]] = (n + (r["mismatches"] == 0), m + 1)
     split = ", ".join(f"{b} {n} of {m}" for b, (n, m) in sorted(by_backend.items()))
-    errors = RESULTS["errors"]
+    errors = result["errors"]
     graphed_errors = [e for e in errors if e.get("graphed")]
-    real_cuda = RESULTS["env"].get("device", "").startswith("cuda") and not RESULTS["env"].get("fake_graphs")
+    real_cuda = result["env"].get("device", "").startswith("cuda") and not result["env"].get("fake_graphs")
     if not real_cuda:
         verdict, why = "keep False", ("CPU run: the CPU stand-in for CUDA graphs (KVE_FAST_FAKE_GRAPHS=1), not real "
                                       "capture; only a CUDA run decides")
@@ -835,13 +829,64 @@ def graphs_verdict() -> str:
             f"{f' ({split})' if split else ''} → {verdict}** ({why})")
 
 
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def record_env(args, device) -> None:
+    """The run's own facts beside its provenance: the device, the graph modes, the settings."""
+    import torch
+
+    from kve_fast import graphs
+
+    prov = RUN.provenance
+    RUN.result["env"].update({
+        "device": str(device), "device_name": prov["card"] or platform.processor() or "cpu", "torch": prov["torch"],
+        "cuda": prov["cuda"], "python": prov["python"], "date": prov["date_utc"], "command": prov["command"],
+        "quick": args.quick, "tf32": False, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+        "fake_graphs": graphs.fake(), "KDIFFUSION_DEFAULT_MODE": graphs.KDIFFUSION_DEFAULT_MODE,
+        "graphs_DEFAULT_MODE": graphs.DEFAULT_MODE, "KVE_FAST_CUDA_GRAPH": os.environ.get("KVE_FAST_CUDA_GRAPH"),
+        "triton": prov["triton"], "diffusers": prov["diffusers"], "kve_fast_commit": prov["commit"]})
+    if device.type == "cuda":
+        RUN.result["env"]["cpu_threads"] = torch.get_num_threads()
+
+
+def timing_configs(gpu: bool, quick: bool) -> tuple[list, int, int]:
+    """(configurations, repeats with the near-free model, repeats with the UNet) of the timing part."""
+    churn = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+    if not gpu:  # a smoke test of the code path: tiny, meaningless numbers
+        RUN.note("CPU run: tiny sizes, Triton in its interpreter; the timings mean nothing")
+        return ([("cpu smoke near-free 16x16 x2 heun churn", "near-free", 16, 2, 4, "sample_heun", churn),
+                 ("cpu smoke unet 8x8 x1 euler", "unet", 8, 1, 3, "sample_euler", {})], 3, 3)  # raised to the rule
+    free = [("near-free 256x256 x16 heun", "near-free", 256, 16, 50, "sample_heun", {}),
+            ("near-free 256x256 x16 heun churn", "near-free", 256, 16, 50, "sample_heun", churn)]
+    unet = [("unet 32x32 x1 heun", "unet", 32, 1, 50, "sample_heun", {})]
+    if not quick:
+        free += [("near-free 256x256 x16 euler", "near-free", 256, 16, 50, "sample_euler", {}),
+                 ("near-free 64x64 x64 heun", "near-free", 64, 64, 50, "sample_heun", {})]
+        unet += [("unet 32x32 x1 heun churn", "unet", 32, 1, 50, "sample_heun", churn)]
+    return free + unet, (5 if quick else 11), 5  # at least issue 20's rule
+
+
+def run_parts(args, real, device) -> None:
+    gpu = device.type == "cuda"
+    if "scalars" in args.parts:
+        RUN.section("scalars: KStep's host floats vs k-diffusion's device ops", check_scalars, real, device, args.quick)
+    if "exact" in args.parts:
+        sizes, steps = ({"near-free": 64, "unet": 32}, 12) if gpu else ({"near-free": 8, "unet": 8}, 5)
+        RUN.section("exact: kve_fast.k_diffusion vs k-diffusion", check_exact, real, device, sizes, steps)
+        log(f"\n{graphs_verdict(RUN.result)} (so far)")
+    if "timing" in args.parts:
+        configs, reps_free, reps_unet = timing_configs(gpu, args.quick)
+        RUN.section("timing: per-step overhead and total per call", timing, real, device, configs, reps_free,
+                    reps_unet)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    t_start = time.time()
     if args.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton backend runs on the CPU
     sys.path.insert(0, str(ROOT))
-    ensure_modules()
+    notes = ensure_modules()
     import torch
 
     if args.device == "auto":
@@ -851,117 +896,35 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("kdiffusion_check.py: --device cuda but torch sees no CUDA GPU")
     device = torch.device(args.device)
+    from kve_fast.precision import tf32_for_run
+
+    with tf32_for_run(False):  # float32 throughout; the caller's setting back after the run
+        return _run(args, device, notes)
+
+
+def _run(args, device, notes: list[str]) -> int:
+    """``main`` after its arguments: the run, its parts, its files."""
+    global RUN
+    from bench.harness import ScriptRun
+
     gpu = device.type == "cuda"
-    if gpu and os.environ.get("TRITON_INTERPRET") == "1":
-        RESULTS["notes"].append("TRITON_INTERPRET=1 on a CUDA run: the Triton timings are meaningless")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     if not gpu:  # CUDA graphs do not exist on the CPU: the graphed runs use kve_fast's stand-in
         os.environ["KVE_FAST_FAKE_GRAPHS"] = "1"
-        RESULTS["notes"].append("CPU run: the graphed runs (cuda_graph=True) use kve_fast.fake_graph's CPU stand-in for "
-                                "CUDA graphs (KVE_FAST_FAKE_GRAPHS=1): it replays what a capture recorded and fails "
-                                "where a real graph would, but it is not real capture")
-        log("CPU run: graphed runs use the CPU stand-in for CUDA graphs (KVE_FAST_FAKE_GRAPHS=1)")
-    from kve_fast import benchmark as kb
-    from kve_fast import graphs
-
-    RESULTS["provenance"] = kb.provenance(device)
-
-    env = RESULTS["env"]
-    name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or "cpu")
-    env.update({"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "command": " ".join([Path(sys.executable).name] + sys.argv), "quick": args.quick, "tf32": False,
-                "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"), "fake_graphs": graphs.fake(),
-                "KDIFFUSION_DEFAULT_MODE": graphs.KDIFFUSION_DEFAULT_MODE, "graphs_DEFAULT_MODE": graphs.DEFAULT_MODE,
-                "KVE_FAST_CUDA_GRAPH": os.environ.get("KVE_FAST_CUDA_GRAPH")})
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        env["triton"] = f"not importable: {exc}"
-    try:
-        import diffusers
-
-        env["diffusers"] = diffusers.__version__
-    except Exception as exc:  # noqa: BLE001
-        env["diffusers"] = f"not importable: {exc}"
-    env["kve_fast_commit"] = RESULTS["provenance"]["commit"]
-    if gpu:
-        env["cpu_threads"] = torch.get_num_threads()
-    log({k: v for k, v in env.items()})
-
-    out = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
-
-    def save(final: bool = False) -> str:
-        """Write the JSON and markdown as they stand (after every part: a run killed later keeps them)."""
-        RESULTS["seconds"] = time.time() - t_start
-        RESULTS["complete"] = final
-        md = summary_markdown()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "kdiffusion_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
-            (out / "kdiffusion_check.md").write_text(md + "\n")
-            if final:
-                log(f"\nwrote {out / 'kdiffusion_check.json'} and .md")
-        except OSError as exc:
-            log(f"could not write results to {out}: {exc}")
-        return md
-
-    real = None
-    try:
-        real = load_real_sampling()
-    except Exception as exc:  # noqa: BLE001
-        RESULTS["errors"].append({"part": "load k-diffusion", "error": f"{type(exc).__name__}: {exc}",
-                                  "traceback": traceback.format_exc()})
-        log(f"LOADING k-diffusion FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-
+    RUN = ScriptRun("kdiffusion_check", device, args.out or os.environ.get("OUT") or str(ROOT / "bench" / "out"))
+    RUN.result.update(copy.deepcopy(TABLES))
+    for note in notes:
+        RUN.note(note)
+    if gpu and os.environ.get("TRITON_INTERPRET") == "1":
+        RUN.note("TRITON_INTERPRET=1 on a CUDA run: the Triton timings are meaningless")
+    if not gpu:
+        RUN.note("CPU run: the graphed runs (cuda_graph=True) use kve_fast.fake_graph's CPU stand-in for CUDA graphs "
+                 "(KVE_FAST_FAKE_GRAPHS=1): it replays what a capture recorded and fails where a real graph would, but "
+                 "it is not real capture")
+    record_env(args, device)
+    real = RUN.section("load k-diffusion", load_real_sampling)
     if real is not None:
-        if "scalars" in args.parts:
-            part("scalars: KStep's host floats vs k-diffusion's device ops", check_scalars, real, device, args.quick)
-            save()
-        if "exact" in args.parts:
-            sizes, steps = ({"near-free": 64, "unet": 32}, 12) if gpu else ({"near-free": 8, "unet": 8}, 5)
-            part("exact: kve_fast.k_diffusion vs k-diffusion", check_exact, real, device, sizes, steps)
-            save()
-            log(f"\n{graphs_verdict()} (so far)")
-        if "timing" in args.parts:
-            churn = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
-            if gpu:
-                free = [("near-free 256x256 x16 heun", "near-free", 256, 16, 50, "sample_heun", {}),
-                        ("near-free 256x256 x16 heun churn", "near-free", 256, 16, 50, "sample_heun", churn)]
-                if not args.quick:
-                    free += [("near-free 256x256 x16 euler", "near-free", 256, 16, 50, "sample_euler", {}),
-                             ("near-free 64x64 x64 heun", "near-free", 64, 64, 50, "sample_heun", {})]
-                unet = [("unet 32x32 x1 heun", "unet", 32, 1, 50, "sample_heun", {})]
-                if not args.quick:
-                    unet += [("unet 32x32 x1 heun churn", "unet", 32, 1, 50, "sample_heun", churn)]
-                reps_free, reps_unet = (5, 5) if args.quick else (11, 5)  # at least issue 20's rule
-            else:  # a smoke test of the code path: tiny, meaningless numbers
-                free = [("cpu smoke near-free 16x16 x2 heun churn", "near-free", 16, 2, 4, "sample_heun", churn)]
-                unet = [("cpu smoke unet 8x8 x1 euler", "unet", 8, 1, 3, "sample_euler", {})]
-                reps_free, reps_unet = 3, 3  # raised to the rule's minimum by time_config
-                RESULTS["notes"].append("CPU run: tiny sizes, Triton in its interpreter; the timings mean nothing")
-            part("timing: per-step overhead and total per call", timing, real, device, free + unet, reps_free,
-                 reps_unet)
-
-    outcome = kb.Outcome()
-    gaps = kb.missing(RESULTS["provenance"])
-    outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
-    for t in ("scalars", "exact"):
-        for r in RESULTS[t]:
-            outcome.check(r["check"], r["mismatches"] == 0,
-                          f"{r['mismatches']} of {r['elements']} differ" if r["mismatches"] else "")
-    for e in RESULTS["errors"]:
-        outcome.stage(e["part"], "failed", e["error"][:300])
-    RESULTS["outcome"] = outcome.as_dict()
-    md = save(final=True)
-    bad = sum(1 for t in ("scalars", "exact") for r in RESULTS[t] if r["mismatches"] != 0)
-    log(f"\ntotal {RESULTS['seconds']:.0f} s; {bad} mismatched checks; {len(RESULTS['errors'])} failed parts/cases\n")
-    log(md)
-    log(f"\nkdiffusion_check: {outcome.summary()}")
-    return outcome.exit_code()
+        run_parts(args, real, device)
+    return RUN.finish(markdown=summary_markdown)
 
 
 if __name__ == "__main__":

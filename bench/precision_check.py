@@ -36,7 +36,7 @@ numbers still mean what they say.
 Writes precision_check.json (every per-image distance, settings, environment) and precision_check.md
 (the tables) under --out (default: $OUT, else bench/out), and prints the markdown last.
 
-On the GPU machine (no network, no diffusers: carry the wheel; see bench/run_gpu.sh for the download),
+On the GPU machine (no network, no diffusers: carry the wheel; bench/device_prepare.sh downloads it),
 about 1 to 2 minutes on an H100 with --quick, 2 to 4 without:
 
     run(carry=[".whl"], timeout_s=400, command="python3 -m pip install -q --no-index --no-deps --no-compile
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -133,24 +132,11 @@ def cases_for(tp, gpu: bool, quick: bool, names: list[str] | None, batch: int | 
     return chosen
 
 
-class _TF32:
-    """TF32 on for the plain TF32 run, put back afterwards."""
-
-    def __enter__(self):
-        import torch
-
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
-
-
 def run_case(tp, name: str, case, build, device, failures: list) -> dict:
     """Every column of one case: per-image distances to its float64 twin, and the twin's own checks."""
     import torch
+
+    from kve_fast.precision import tf32_for_run
 
     rec = {"case": dataclasses.asdict(case), "batch": {"fp32": case.batch, "fp16": case.fp16_batch}, "variants": {},
            "errors": []}
@@ -200,7 +186,7 @@ def run_case(tp, name: str, case, build, device, failures: list) -> dict:
         if case.autocast:
             record(f"{dtype_name} autocast", b,
                    lambda b=b, dtype=dtype: tp.kve_run(case, model, b, device=device, unet_dtype=dtype))
-    with _TF32():
+    with tf32_for_run(True):
         record("plain TF32", case.batch,
                lambda: tp.reference_run(case, model, case.batch, dtype=torch.float32, device=device))
     for dtype_name, dtype in tp.LOW.items():
@@ -240,6 +226,35 @@ FD_RTOL_OTHER_DIGITS = 0.35
 def quality(device, quick: bool, failures: list) -> dict:
     """The non-exact modes on this device (fast noise, bf16 native and autocast, TF32; NCSN++-free models) judged
     by the Gaussian oracle's W2 and the digits judge, each against float32's score (see the constants)."""
+    out = {"oracle": {}, "digits": {}, "bounds": {"oracle_stable": ORACLE_STABLE, "rtol": QUALITY_RTOL}}
+    backend = "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    n_ok = oracle_quality(out["oracle"], device, quick, failures, backend)
+    count = digits_quality(out["digits"], device, quick, failures, backend)
+    if count is not None and (count < JUDGE_N or not n_ok):
+        out["note"] = "a CPU dry run: fewer samples, so the bounds are not applied"
+    return out
+
+
+def _modes(model, low: dict, backend: str) -> dict:
+    """name: (model, sampler keywords) of float32 (torch), fast noise, ``low``'s low-precision runs and TF32."""
+    modes = {"fp32": (model, {"backend": "torch"}), "fast noise": (model, {"backend": backend, "noise": "fast"})}
+    modes.update({name: (m, {"backend": backend, **kw}) for name, (m, kw) in low.items()})
+    modes["TF32"] = (model, {"backend": backend, "tf32": True})
+    return modes
+
+
+def _score(out: dict, modes: dict, score, what: str, failures: list) -> None:
+    """``out[name] = score(model, **keywords)`` for each mode; a failure is named in ``failures``."""
+    for name, (model, kw) in modes.items():
+        try:
+            out[name] = score(model, **kw)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{what} {name}: {type(exc).__name__}: {exc}")
+
+
+def oracle_quality(out: dict, device, quick: bool, failures: list, backend: str) -> bool:
+    """The Gaussian oracle's W2 of each mode against float32's, and float32's against the exact value; whether
+    the sample is large enough for the bounds (a CPU dry run draws fewer)."""
     import torch
 
     import kve_fast
@@ -247,8 +262,6 @@ def quality(device, quick: bool, failures: list) -> dict:
     from kve_fast.oracle import GaussianScore, output_moments, w2_diagonal
     from kve_fast.sampler import plan_steps
 
-    out = {"oracle": {}, "digits": {}, "bounds": {"oracle_stable": ORACLE_STABLE, "rtol": QUALITY_RTOL}}
-    backend = "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
     n = ORACLE_N if not quick or device.type == "cuda" else 2048
     model = tp.ParamGaussian(GaussianScore.random(channels=1, size=8)).to(device)
     scheduler = kve_fast.KarrasVeScheduler()
@@ -256,8 +269,7 @@ def quality(device, quick: bool, failures: list) -> dict:
     m, v = output_moments(plan_steps(scheduler, ORACLE_STEPS), mu, var, scheduler.init_noise_sigma,
                           scheduler.config.s_noise)
     exact = w2_diagonal(m, v, mu, var)
-    out["oracle"]["exact_w2"] = exact
-    out["oracle"]["n"] = n
+    out.update(exact_w2=exact, n=n)
 
     def w2(mdl, **kwargs):
         x = kve_fast.sample_karras_ve(mdl, scheduler, (n, 1, 8, 8), ORACLE_STEPS, torch.Generator().manual_seed(0),
@@ -265,31 +277,34 @@ def quality(device, quick: bool, failures: list) -> dict:
         xs = x.double().cpu().reshape(n, *mu.shape).numpy()
         return w2_diagonal(xs.mean(0), xs.var(0), mu, var)
 
-    runs = {"fp32": (model, {"backend": "torch"}), "fast noise": (model, {"backend": backend, "noise": "fast"}),
-            "bf16": (tp.converted(model, torch.bfloat16), {"backend": backend}),
-            "bf16, fast noise": (tp.converted(model, torch.bfloat16), {"backend": backend, "noise": "fast"}),
-            "TF32": (model, {"backend": backend, "tf32": True})}
-    for name, (mdl, kw) in runs.items():
-        try:
-            out["oracle"][name] = w2(mdl, **kw)
-        except Exception as exc:  # noqa: BLE001
-            failures.append(f"oracle {name}: {type(exc).__name__}: {exc}")
-    fp32 = out["oracle"].get("fp32")
-    n_ok = n >= ORACLE_N  # the bound's statistics hold at ORACLE_N samples (a CPU dry run draws fewer)
+    low = tp.converted(model, torch.bfloat16)
+    runs = _modes(model, {"bf16": (low, {}), "bf16, fast noise": (low, {"noise": "fast"})}, backend)
+    _score(out, runs, w2, "oracle", failures)
+    fp32 = out.get("fp32")
+    n_ok = n >= ORACLE_N  # the bound's statistics hold at ORACLE_N samples
     if fp32 is not None and n_ok and not abs(fp32 - exact) <= ORACLE_STABLE * exact:
         failures.append(f"oracle: float32 W2 {fp32:.4f} vs exact {exact:.4f}: not stable")
     for name in runs:
-        w = out["oracle"].get(name)
+        w = out.get(name)
         if name != "fp32" and w is not None and fp32 is not None and n_ok and not abs(w - fp32) <= QUALITY_RTOL * fp32:
             failures.append(f"oracle {name}: W2 {w:.4f} vs float32 {fp32:.4f} (> {QUALITY_RTOL:.0%} apart)")
     log("  oracle W2 (exact {:.4f}, n={}): ".format(exact, n)
-        + ", ".join(f"{k} {out['oracle'][k]:.4f}" for k in runs if k in out["oracle"]))
+        + ", ".join(f"{k} {out[k]:.4f}" for k in runs if k in out))
+    return n_ok
+
+
+def digits_quality(out: dict, device, quick: bool, failures: list, backend: str) -> int | None:
+    """The digits judge's scores of each mode against float32's; how many digits it judged (None: no judge)."""
+    import torch
+
+    import kve_fast
+    import kve_fast.accuracy as tp
 
     try:
         from kve_fast.models import quality as q
     except Exception as exc:  # noqa: BLE001 - sklearn missing, say
         failures.append(f"digits judge: {type(exc).__name__}: {exc}")
-        return out
+        return None
     judge = q.fit_judge(0)
     unet = kve_fast.load_model("digits")[0].to(device)
     count = JUDGE_N if not quick or device.type == "cuda" else 32
@@ -301,17 +316,11 @@ def quality(device, quick: bool, failures: list) -> dict:
         res = q.evaluate_images(images, judge)
         return {k: res[k] for k in ("confidence", "accepted", "fd", "classes_covered")}
 
-    digits = {"fp32": (unet, {"backend": "torch"}), "fast noise": (unet, {"backend": backend, "noise": "fast"}),
-              "bf16": (tp.converted(unet, torch.bfloat16), {"backend": backend}),
-              "bf16 autocast": (unet, {"backend": backend, "unet_dtype": torch.bfloat16}),
-              "TF32": (unet, {"backend": backend, "tf32": True})}
-    for name, (mdl, kw) in digits.items():
-        try:
-            out["digits"][name] = judged(mdl, **kw)
-        except Exception as exc:  # noqa: BLE001
-            failures.append(f"digits {name}: {type(exc).__name__}: {exc}")
-    base = out["digits"].get("fp32")
-    for name, res in out["digits"].items():
+    digits = _modes(unet, {"bf16": (tp.converted(unet, torch.bfloat16), {}),
+                           "bf16 autocast": (unet, {"unet_dtype": torch.bfloat16})}, backend)
+    _score(out, digits, judged, "digits", failures)
+    base = out.get("fp32")
+    for name, res in out.items():
         if name == "fp32" or base is None or count < JUDGE_N:
             continue
         for key in ("confidence", "accepted", "fd"):
@@ -320,11 +329,8 @@ def quality(device, quick: bool, failures: list) -> dict:
             if not abs(res[key] - base[key]) <= rtol * base[key]:
                 failures.append(f"digits {name}: {key} {res[key]:.4f} vs float32 {base[key]:.4f} (> {rtol:.0%} apart)")
     log("  digits judge (n={}): ".format(count) + "; ".join(
-        f"{k}: conf {r['confidence']:.3f}, accepted {r['accepted']:.3f}, FD {r['fd']:.3f}"
-        for k, r in out["digits"].items()))
-    if count < JUDGE_N or not n_ok:
-        out["note"] = "a CPU dry run: fewer samples, so the bounds are not applied"
-    return out
+        f"{k}: conf {r['confidence']:.3f}, accepted {r['accepted']:.3f}, FD {r['fd']:.3f}" for k, r in out.items()))
+    return count
 
 
 def rule_rows(tp, name: str, rec: dict, failures: list) -> list[dict]:
@@ -391,7 +397,6 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    t_start = time.time()
     import torch
 
     if args.device == "auto":
@@ -405,8 +410,19 @@ def main(argv=None) -> int:
         # so NCSN++ FIR blocks keep diffusers' ops instead of running kve_fast's FIR kernel interpreted (~0.5 s
         # a forward). Set TRITON_INTERPRET=1 yourself to measure that path on the CPU.
         os.environ.setdefault("TRITON_INTERPRET", "0")
-    # TF32 off except where a column asks for it (the fp32 columns must be float32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    from kve_fast.precision import tf32_for_run
+
+    with tf32_for_run(False):  # TF32 off except where a column asks for it (the fp32 columns must be float32)
+        return _run(args, device)
+
+
+def _run(args, device) -> int:
+    """``main`` after its arguments: the cases, the quality part, the rule's checks, the files."""
+    import torch
+
+    from bench.harness import ScriptRun
+
+    gpu = device.type == "cuda"
     try:
         from diffusers.utils import logging as dlogging
 
@@ -415,17 +431,15 @@ def main(argv=None) -> int:
         pass
     import kve_fast.accuracy as tp  # the float64 twin, the plain runs, the cases: shared with the tests
 
-    from kve_fast.benchmark import environment
-
     names = args.cases.split(",") if args.cases else None
     cases = cases_for(tp, gpu, args.quick, names, args.batch)
+    run = ScriptRun("precision_check", device, args.out or os.environ.get("OUT") or str(ROOT / "bench" / "out"),
+                    record="env")
     failures: list[str] = []
-    result = {"env": environment(device, [Path(sys.executable).name] + sys.argv),
-              "settings": {"quick": args.quick, "yardstick_factor": tp.YARDSTICK_FACTOR,
-                           "loop_tolerance": tp.LOOP_TOLERANCE, "twin_mean_bound": TWIN_MEAN_BOUND,
-                           "distance": "per image RMS over pixels of (run - float64 twin), final sample, [-1, 1]"},
-              "cases": {}, "rule": [], "failures": failures}
-    log({k: result["env"].get(k) for k in ("device", "gpu", "torch", "cuda", "triton", "diffusers", "git")})
+    run.result.update(settings={"quick": args.quick, "yardstick_factor": tp.YARDSTICK_FACTOR,
+                                "loop_tolerance": tp.LOOP_TOLERANCE, "twin_mean_bound": TWIN_MEAN_BOUND,
+                                "distance": "per image RMS over pixels of (run - float64 twin), final sample, [-1, 1]"},
+                      cases={}, rule=[], failures=failures)
     for name, (case, build) in cases.items():
         try:
             rec = run_case(tp, name, case, build, device, failures)
@@ -433,39 +447,21 @@ def main(argv=None) -> int:
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
             log(traceback.format_exc())
             continue
-        result["cases"][name] = rec
-        result["rule"] += rule_rows(tp, name, rec, failures)
+        run.result["cases"][name] = rec
+        run.result["rule"] += rule_rows(tp, name, rec, failures)
         if gpu:
             torch.cuda.empty_cache()
     if args.quality:
         try:
-            result["quality"] = quality(device, args.quick, failures)
+            run.result["quality"] = quality(device, args.quick, failures)
         except Exception as exc:  # noqa: BLE001
             failures.append(f"quality: {type(exc).__name__}: {exc}")
             log(traceback.format_exc())
-    from kve_fast.benchmark import Outcome, missing
-
-    outcome = Outcome()
-    gaps = missing(result["env"])
-    outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
-    for r in result["rule"]:
-        outcome.check(f"{r['case']} {r['variant']} within {tp.YARDSTICK_FACTOR:g}x {r['yardstick']}", r["ok"])
+    for r in run.result["rule"]:
+        run.check(f"{r['case']} {r['variant']} within {tp.YARDSTICK_FACTOR:g}x {r['yardstick']}", r["ok"])
     for f in failures:
-        outcome.check(f, False)
-    result["outcome"] = outcome.as_dict()
-    result["seconds"] = time.time() - t_start
-    md = markdown(result)
-    out = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "precision_check.json").write_text(json.dumps(result, indent=1, default=str))
-        (out / "precision_check.md").write_text(md + "\n")
-        log(f"\nwrote {out / 'precision_check.json'} and .md")
-    except OSError as exc:
-        log(f"could not write results to {out}: {exc}")
-    log("\n" + md)
-    log(f"precision_check: {outcome.summary()}")
-    return outcome.exit_code()
+        run.check(f, False)
+    return run.finish(markdown=markdown)
 
 
 if __name__ == "__main__":

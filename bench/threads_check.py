@@ -25,21 +25,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import re
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from kve_fast.threads import busy_ticks
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import ScriptRun, busy_neighbour, measure_load, stats  # noqa: E402
 KVE = [sys.executable, "-m", "kve_fast"]
 API = """
 import sys, time, hashlib, torch, kve_fast
@@ -74,16 +70,11 @@ def run_one(name: str, out_dir: str) -> dict:
     png = os.path.join(out_dir, "grid.png")
     cmd = KVE + ["sample", "--out", png, "--device", "cpu"] + extra if kind == "cli" else \
         [sys.executable, "-c", API] + extra
-    usage0, ticks0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_ticks(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out_dir, timeout=900)
-    wall = time.perf_counter() - t0
-    ticks1, usage1 = busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with measure_load() as load:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out_dir, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: exit {proc.returncode}: {proc.stderr[-2000:]}")
-    own = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
-    cores = len(os.sched_getaffinity(0))
-    busy_cores = (ticks1[0] - ticks0[0]) / max(ticks1[1] - ticks0[1], 1) * cores
-    rec = {"config": name, "wall_s": wall, "others_busy_cores": max(busy_cores - own / wall, 0.0)}
+    rec = {"config": name, "wall_s": load.wall_s, "others_busy_cores": load.others_busy_cores}
     if kind == "cli":
         m = re.search(r"in ([0-9.]+) s on cpu, (\d+) thread", proc.stdout)
         rec.update(seconds=float(m.group(1)), threads=int(m.group(2)),
@@ -94,60 +85,35 @@ def run_one(name: str, out_dir: str) -> dict:
     return rec
 
 
-def summary(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    p.add_argument("--conditions", nargs="+", choices=("quiet", "busy"), default=["quiet", "busy"])
-    p.add_argument("--out", default=None, help="JSON file (default: print only)")
-    args = p.parse_args()
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    import torch
-
-    result = {"env": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
-                      "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-                      "torch": torch.__version__, "python": platform.python_version(),
-                      "commit": git.stdout.strip(), "tree_clean": not dirty,
-                      "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])},
-              "runs": []}
+def measure(run, args) -> None:
+    """Every repetition: each condition (the busy neighbour started for "busy"), each configuration in turn."""
     with tempfile.TemporaryDirectory() as out_dir:
         for rep in range(args.reps):
             for condition in args.conditions:
-                neighbour = None
-                if condition == "busy":
-                    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                    time.sleep(0.5)
-                try:
+                with busy_neighbour(condition == "busy"):
                     for name in args.configs:
                         rec = dict(run_one(name, out_dir), condition=condition, rep=rep)
-                        result["runs"].append(rec)
+                        run.result["runs"].append(rec)
                         print(f"rep {rep} {condition:5s} {name:13s} {rec['seconds']:7.2f} s ({rec['threads']} threads; "
                               f"others busy {rec['others_busy_cores']:.2f} cores)", flush=True)
-                finally:
-                    if neighbour is not None:
-                        neighbour.kill()
-                        neighbour.wait()
+
+
+def summarize(result: dict, args) -> None:
+    """min / median / max per condition and configuration, the issue's ratios of medians, the same images?"""
     table = {}
     for condition in args.conditions:
         for name in args.configs:
             runs = [r for r in result["runs"] if r["condition"] == condition and r["config"] == name]
-            table[f"{condition} / {name}"] = {"seconds": summary([r["seconds"] for r in runs]),
-                                              "others_busy_cores": summary([r["others_busy_cores"] for r in runs]),
+            table[f"{condition} / {name}"] = {"seconds": stats([r["seconds"] for r in runs]),
+                                              "others_busy_cores": stats([r["others_busy_cores"] for r in runs]),
                                               "threads": sorted({r["threads"] for r in runs})}
-    # the issue's targets, as ratios of medians measured in this run
     ratios = {}
     for condition in args.conditions:
         one = table.get(f"{condition} / cli 1 thread", {}).get("seconds", {}).get("median")
         for name in args.configs:
-            med = table[f"{condition} / {name}"]["seconds"]["median"]
             if one:
-                ratios[f"{condition} / {name} vs {condition} / cli 1 thread"] = med / one
+                ratios[f"{condition} / {name} vs {condition} / cli 1 thread"] = (
+                    table[f"{condition} / {name}"]["seconds"]["median"] / one)
         before = table.get(f"{condition} / cli before", {}).get("seconds", {}).get("median")
         now = table.get(f"{condition} / cli now", {}).get("seconds", {}).get("median")
         if before and now:
@@ -161,10 +127,30 @@ def main() -> int:
               f"threads {s['threads']}; others busy {s['others_busy_cores']['median']:.2f} cores (median)")
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
-    print("same images in every run (PNG for the command, latents for the API):", result["same_images"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
+    print("same images in every run (PNG for the command, latents for the API):", same)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--conditions", nargs="+", choices=("quiet", "busy"), default=["quiet", "busy"])
+    p.add_argument("--out", default=None, help="JSON file (default: print only)")
+    args = p.parse_args(argv)
+    import torch
+
+    from kve_fast.generate import device_identity
+
+    run = ScriptRun("threads_check", "cpu", path=args.out, argv=[os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    prov = run.provenance
+    run.result.update(env={"date": prov["date_utc"], "host": prov["host"], "cores": len(os.sched_getaffinity(0)),
+                           "cpu": device_identity(torch.device("cpu"))["cpu"], "torch": prov["torch"],
+                           "python": prov["python"], "commit": (prov["commit"] or "")[:7],
+                           "tree_clean": None if prov["dirty"] is None else not prov["dirty"],
+                           "command": prov["command"]}, runs=[])
+    measure(run, args)
+    summarize(run.result, args)
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from .precision import fp32_precision
+
 __all__ = ["FakeGraph", "StaleCapture", "CaptureRefused", "launch", "switches", "refusal"]
 
 
@@ -45,13 +47,13 @@ class CaptureRefused(RuntimeError):
 
 def switches() -> tuple:
     """The global switches that change which kernels run or how they round (a graph keeps the ones it
-    was captured with)."""
+    was captured with). The float32 precision (TF32) comes from ``kve_fast.precision.fp32_precision``: both of
+    torch's APIs, read without the error torch raises where a process mixed them."""
     b = torch.backends
-    return (("cuda.matmul.allow_tf32", b.cuda.matmul.allow_tf32),
+    return (*fp32_precision().switches,
             ("cuda.matmul.allow_fp16_reduced_precision_reduction", b.cuda.matmul.allow_fp16_reduced_precision_reduction),
             ("cuda.matmul.allow_bf16_reduced_precision_reduction", b.cuda.matmul.allow_bf16_reduced_precision_reduction),
-            ("float32_matmul_precision", torch.get_float32_matmul_precision()),
-            ("cudnn.enabled", b.cudnn.enabled), ("cudnn.allow_tf32", b.cudnn.allow_tf32),
+            ("cudnn.enabled", b.cudnn.enabled),
             ("cudnn.benchmark", b.cudnn.benchmark), ("cudnn.deterministic", b.cudnn.deterministic),
             ("deterministic_algorithms", torch.are_deterministic_algorithms_enabled()),
             ("sdp", (b.cuda.flash_sdp_enabled(), b.cuda.mem_efficient_sdp_enabled(), b.cuda.math_sdp_enabled())))

@@ -1,4 +1,5 @@
-"""The measuring tools cannot mislead (issue 20, part 1): provenance, exit status, the time budget, timing stats.
+"""The measuring tools cannot mislead: provenance, exit status, the time budget, timing stats, a script's run
+(``bench/harness``, and ``kve_fast.benchmark.provenance`` beneath it).
 
 CPU only and cheap: the stages here are tiny Python one-liners, not the bench scripts.
 """
@@ -13,7 +14,10 @@ import sys
 
 import pytest
 
-from kve_fast.benchmark.session import Stage, describe_exit, run_session
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository's bench package (not installed)
+harness = importlib.import_module("bench.harness")
+from bench.harness import Stage, describe_exit, run_session  # noqa: E402
 
 pv = importlib.import_module("kve_fast.benchmark.provenance")  # the package exports a function of that name
 
@@ -52,7 +56,7 @@ def test_git_state_records_the_dirty_flag(repo):
 
 
 def test_stamp_names_the_commit_without_git_and_sees_later_edits(repo, tmp_path, monkeypatch):
-    stamp = pv.write_stamp(str(repo))
+    stamp = harness.write_stamp(str(repo))
     assert stamp["dirty"] is False and "a.py" in stamp["files"] and ".whl/tree_stamp.json" not in stamp["files"]
     copy = tmp_path / "copy"  # the device machine's copy: the files and the carried .whl/, no .git
     copy.mkdir()
@@ -80,9 +84,10 @@ def test_provenance_fields_and_missing():
 
 
 def test_time_stats_and_repeat_rule():
-    s = pv.time_stats([0.003, 0.001, 0.002, 0.010, 0.004])  # mean 4 ms, median 3
+    s = harness.time_stats([0.003, 0.001, 0.002, 0.010, 0.004])  # mean 4 ms, median 3
     assert (s["n"], s["min_ms"], s["median_ms"], s["max_ms"]) == (5, 1.0, 3.0, 10.0)
-    assert pv.time_stats([0.001, 0.003])["median_ms"] == 2.0
+    assert harness.time_stats([0.001, 0.003])["median_ms"] == 2.0
+    assert harness.stats([3, 1, 2, 10]) == {"min": 1, "median": 2.5, "max": 10, "n": 4}
     assert pv.required_repeats(1.99) == 5 and pv.required_repeats(2.0) == 3
     from kve_fast.benchmark.timing import RepeatPolicy
 
@@ -91,14 +96,14 @@ def test_time_stats_and_repeat_rule():
 
 
 def test_outcome_exit_codes_and_summary():
-    o = pv.Outcome()
+    o = harness.Outcome()
     o.check("bits", True)
     assert o.exit_code() == 0 and o.summary().startswith("PASS")
     o.stage("later", "skipped", "no time")
     assert o.exit_code() == 3 and "skipped: later (no time)" in o.summary()
     o.check("pipeline eager", False, "3 of 10 differ")
     assert o.exit_code() == 1 and "FAILED checks: pipeline eager (3 of 10 differ)" in o.summary()
-    o2 = pv.Outcome()
+    o2 = harness.Outcome()
     o2.stage("tests", "timed out", "killed")
     assert o2.exit_code() == 1 and "FAILED stages: tests (timed out: killed)" in o2.summary()
 
@@ -139,7 +144,7 @@ def test_session_budget_skips_what_does_not_fit_and_says_so(tmp_path):
         Stage("too big", [PY, "-c", "print('must not run')"], 100, 300)], budget=20)
     assert rc == 3
     by = {s["stage"]: s for s in rec["stages"]}
-    from kve_fast.benchmark.session import MARGIN_S
+    from bench.harness.session import MARGIN_S
 
     assert by["fits"]["status"] == "ok" and int(by["fits"]["tail"][-1]) <= 20 - MARGIN_S  # {budget}: under its timeout
     assert by["too big"]["status"] == "skipped" and "needs about 100 s" in by["too big"]["why"]
@@ -175,8 +180,7 @@ def test_graph_bench_targets_need_a_measured_row_its_accuracy_and_a_graphed_floo
     """graph_bench's verdict on issue 20's targets: met only with the speed-up, the floor ratio against the
     graphed forward, and the accuracy gate all in hand (mutations: the accuracy gate dropped -> the inaccurate row
     is met; the floor's kind not read -> an eager floor meets the floor target; an unavailable row met)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "bench"))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         gb = importlib.import_module("graph_bench")
     finally:
@@ -198,7 +202,7 @@ def test_graph_bench_targets_need_a_measured_row_its_accuracy_and_a_graphed_floo
 
 
 def test_device_session_lists_both_scripts_stages():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     for name, must in (("correctness", ("crashed-once test", "cuda tests", "kdiffusion_check")),
                        ("speed", ("graph_bench", "cold_start"))):
         out = subprocess.run([PY, os.path.join(root, "bench", "device_session.py"), name, "--list"],
@@ -208,3 +212,56 @@ def test_device_session_lists_both_scripts_stages():
             assert stage in out.stdout
     text = open(os.path.join(root, "bench", "device_session.py")).read()
     assert "--deselect" in text and "test_operators_check_their_arguments" in text
+
+
+def test_a_script_run_records_its_sections_checks_and_ends_with_the_summary(tmp_path):
+    """A failed section is a failed stage and an entry of ``errors`` (the next section still runs); the JSON is on
+    disk after every section; ``finish`` writes the markdown beside it and prints the summary last (mutations: the
+    failure not recorded -> exit 0; ``save`` not called by ``section`` -> no JSON before ``finish``)."""
+    lines = []
+    run = harness.ScriptRun("demo", "cpu", str(tmp_path), log=lambda *a: lines.append(" ".join(map(str, a))))
+    run.section("one", lambda: run.exact("bits", 10, 0))
+    assert json.loads((tmp_path / "demo.json").read_text())["exact"][0]["check"] == "bits"
+    run.section("two", lambda: 1 / 0)
+    run.section("three", lambda: run.exact("more bits", 4, 1, table="scalars", note="why"))
+    rc = run.finish(markdown=lambda result: f"# {len(result['errors'])} error(s)")
+    rec = json.loads((tmp_path / "demo.json").read_text())
+    assert rc == 1 and rec["complete"] and rec["provenance"]["dirty"] is not None
+    assert [e["part"] for e in rec["errors"]] == ["two"] and "ZeroDivisionError" in rec["errors"][0]["traceback"]
+    assert {s["stage"]: s["status"] for s in rec["outcome"]["stages"]} == {"one": "ok", "two": "failed", "three": "ok"}
+    assert rec["scalars"] == [{"check": "more bits", "elements": 4, "mismatches": 1, "note": "why"}]
+    assert (tmp_path / "demo.md").read_text() == "# 1 error(s)\n"
+    assert lines[-1].startswith("demo: FAIL:") and "more bits (1 of 4 differ)" in lines[-1]
+
+
+def test_time_calls_repeats_until_the_rule_holds_at_the_median():
+    """One untimed call, then 5 timed calls where a call is under 2 s (``required_repeats``); the last output."""
+    calls = []
+    st, out = harness.time_calls(lambda: calls.append(len(calls)) or len(calls))
+    assert len(calls) == 6 and st["n"] == 5 and out == 6 and len(st["times_ms"]) == 5
+
+
+def test_the_load_around_a_child_counts_its_cpu_and_the_neighbour_ends():
+    """``measure_load`` charges a child's CPU time to it, not to the others; ``busy_neighbour`` ends its process
+    (mutation: the children's CPU time not read -> own_cpu_s 0)."""
+    with harness.measure_load() as load:
+        subprocess.run([PY, "-c", "import time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass"],
+                       check=True)
+    assert load.own_cpu_s >= 0.25 and load.wall_s >= load.own_cpu_s * 0.9 and load.others_busy_cores >= 0
+    with harness.busy_neighbour() as neighbour:
+        assert neighbour.poll() is None
+    assert neighbour.poll() is not None
+    with harness.busy_neighbour(False) as none:
+        assert none is None
+
+
+def test_the_installed_package_ships_no_harness():
+    """Repo-only tooling (a script's run, the device sessions, the stamp writer) lives under bench/, not in the
+    wheel's ``kve_fast.benchmark`` (mutation: kve_fast.benchmark exporting ScriptRun again)."""
+    import importlib.util
+
+    import kve_fast.benchmark as kb
+
+    assert importlib.util.find_spec("kve_fast.benchmark.session") is None
+    assert not {"Outcome", "ScriptRun", "run_session", "write_stamp", "time_stats"} & set(dir(kb))
+    assert {"Outcome", "ScriptRun", "run_session", "write_stamp", "time_stats"} <= set(harness.__all__)

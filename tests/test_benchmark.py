@@ -1,6 +1,6 @@
 """``kve-fast bench`` (the kve_fast/benchmark package) and bench/graph_bench.py on the CPU, with tiny sizes.
 
-The GPU numbers come from running bench/graph_bench.py on a GPU (bench/run_gpu.sh); here: the table's rows
+The GPU numbers come from running bench/graph_bench.py on a GPU (bench/device_speed.sh); here: the table's rows
 and columns, the JSON, graphed rows reported unavailable on the CPU (and, through a stand-in runner, the
 graphed-row bookkeeping), argument errors, and the model configurations of graph_bench.py.
 """
@@ -21,7 +21,9 @@ import torch
 
 import kve_fast
 from kve_fast import benchmark as kb
+from kve_fast.benchmark import report as kb_report
 from kve_fast.benchmark import rows as kb_rows
+from kve_fast.benchmark import timing as kb_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH_BENCH = ROOT / "bench" / "graph_bench.py"
@@ -43,7 +45,7 @@ def table_lines(out: str) -> list[dict[str, str]]:
     """The per-call table's rows, as {column: cell}; the columns are ``COLUMNS`` less those empty in every row."""
     lines = out.split("### Per call", 1)[1].strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert [c for c in kb.COLUMNS if c in header] == header and header[:2] == ["config", "row"]
+    assert [c for c in kb_report.COLUMNS if c in header] == header and header[:2] == ["config", "row"]
     rows = []
     for line in lines[2:]:
         if not line.startswith("|"):
@@ -201,6 +203,20 @@ def test_import_is_light():
     assert res.stdout.strip() == "[]"
 
 
+def test_the_benchmark_imports_nothing_that_runs_back_up_to_the_test_support():
+    """``kve-fast bench`` imports no test support (kve_fast.accuracy imports testing, which imports oracle): the
+    yardstick it gates accuracy with comes from kve_fast.precision (mutation: rows.py's yardstick from
+    kve_fast.accuracy again)."""
+    import ast
+
+    banned = {"accuracy", "testing", "oracle"}
+    for path in sorted((ROOT / "kve_fast" / "benchmark").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {(node.module or "").split(".")[-1]} | {a.name for a in node.names}
+                assert not names & banned, f"{path.name}:{node.lineno} imports {names & banned}"
+
+
 class _StandInGraphs:
     """kve_fast.graphs' API as the benchmark uses it: clear_graphs() and graph_info()["captures"]."""
 
@@ -239,7 +255,7 @@ def test_graphed_rows_bookkeeping(monkeypatch):
     monkeypatch.setattr(kb_rows, "_graphs_module", lambda: graphs)
     monkeypatch.setattr(kb_rows, "graph_support", lambda pipe, device: (True, ""))
     pipe = _graph_pipe(graphs)
-    assert kb.supports_cuda_graph(pipe) and kb.supports_cuda_graph(type(pipe))
+    assert kb_rows.supports_cuda_graph(pipe) and kb_rows.supports_cuda_graph(type(pipe))
     rec = kb.bench_pipeline(pipe, name="digits b2", batch_size=2, steps=2, device=torch.device("cpu"),
                             policy=kb.RepeatPolicy(fixed=1), log=lambda *a: None)
     rows = {(r["kind"], r["noise"]): r for r in rec["rows"]}
@@ -281,20 +297,20 @@ def test_repeat_policy_and_verdicts():
     assert [policy.repeats(s) for s in (0.1, 1.2, 2.6, 20.0)] == [5, 5, 3, 3]
     assert kb.RepeatPolicy(fixed=3).repeats(100.0) == 3
     eq = {"equal": True, "mismatches": 0, "elements": 4, "bitwise": True}
-    row = dict(kb._row_record("graphed", "exact"), status="ok", ms_per_call=103.0, first_call_s=0.5, repeats=5,
+    row = dict(kb_rows._row_record("graphed", "exact"), status="ok", ms_per_call=103.0, first_call_s=0.5, repeats=5,
                floor_ratio=1.03, speedup=5.1, equal_eager=eq, equal_reference_latent=eq, repeat_consistent=True)
     config = {"name": "tiny-b1", "rows": [row], "floor": {"floor_kind": "graphed"}}
-    (line,) = kb.verdicts([config])
+    (line,) = kb_report.verdicts([config])
     assert "1.030 x floor (target <= 1.05: met)" in line and "first image 0.50 s" in line
     assert "bit-identical: yes (2 checks)" in line
     row.update(floor_ratio=1.2, first_call_s=4.0, equal_eager=dict(eq, equal=False, mismatches=3, bitwise=False))
-    (line,) = kb.verdicts([config])
+    (line,) = kb_report.verdicts([config])
     assert "NOT met" in line and "bit-identical: NO" in line
     assert kb.exactness_failures([config]) == ["tiny-b1 / kve_fast graphed, exact noise: equal_eager"]
-    assert kb.compare(torch.tensor([0.0]), torch.tensor([-0.0])) == {"equal": True, "mismatches": 0, "elements": 1,
+    assert kb_timing.compare(torch.tensor([0.0]), torch.tensor([-0.0])) == {"equal": True, "mismatches": 0, "elements": 1,
                                                                     "bitwise": False}
     nan = torch.tensor([float("nan"), 1.0])
-    assert kb.compare(nan, nan.clone())["equal"]
+    assert kb_timing.compare(nan, nan.clone())["equal"]
 
 
 # ---- bench/graph_bench.py ------------------------------------------------------------------------------------
@@ -407,7 +423,7 @@ def test_bench_pipeline_bf16_on_cpu():
         f"rel. RMS {rel['value']:.2e} (latent; bf16: not bitwise)")
     assert table["kve_fast eager, fast noise, bf16 UNet"]["= diffusers"] == "n/a (own noise stream)"
     assert "### Targets (bf16, graphed, fast noise)" in text and "### Targets (graphed, exact noise)" not in text
-    assert json.loads(kb.to_json(rec))["rows"][1]["rel_rms_reference"]["value"] == rel["value"]
+    assert json.loads(kb_report.to_json(rec))["rows"][1]["rel_rms_reference"]["value"] == rel["value"]
 
 
 def test_bench_pipeline_default_has_no_precision_fields():
@@ -437,11 +453,11 @@ def test_bench_pipeline_precision_arguments():
     pipe.unet.to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32 UNet"):
         kb.bench_pipeline(pipe, unet_dtype=torch.bfloat16, **common)
-    assert kb.precision_label(None) is None and kb.precision_label(torch.float32) is None
-    assert kb.precision_label(torch.bfloat16) == "bf16" and kb.precision_label(torch.float16, True) == "fp16 + TF32"
-    assert kb.precision_label(None, True) == "fp32 + TF32"
-    assert kb.row_label("graphed", "fast", "fp32 + TF32") == "kve_fast graphed, fast noise, fp32 UNet + TF32"
-    assert kb.relative_rms(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0])) == pytest.approx(1 / math.sqrt(5))
+    assert kb_timing.precision_label(None) is None and kb_timing.precision_label(torch.float32) is None
+    assert kb_timing.precision_label(torch.bfloat16) == "bf16" and kb_timing.precision_label(torch.float16, True) == "fp16 + TF32"
+    assert kb_timing.precision_label(None, True) == "fp32 + TF32"
+    assert kb_rows.row_label("graphed", "fast", "fp32 + TF32") == "kve_fast graphed, fast noise, fp32 UNet + TF32"
+    assert kb_timing.relative_rms(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0])) == pytest.approx(1 / math.sqrt(5))
 
 
 def test_bf16_graphed_rows_and_issue_targets(monkeypatch):
@@ -469,21 +485,21 @@ def test_bf16_graphed_rows_and_issue_targets(monkeypatch):
     assert "fast noise, bf16 UNet: unavailable" in lines[1] and "targets NOT met (not measured)" in lines[1]
 
     # The verdicts on measured numbers.
-    row = dict(kb._row_record("graphed", "fast", precision="bf16"), status="ok", ms_per_call=100.0, first_call_s=0.5,
+    row = dict(kb_rows._row_record("graphed", "fast", precision="bf16"), status="ok", ms_per_call=100.0, first_call_s=0.5,
                repeats=1, floor_ratio=1.03, speedup=4.8, repeat_consistent=True)
     config = {"name": "ncsnpp-b64", "rows": [row], "precision": {"label": "bf16"},
               "floor": {"floor_kind": "graphed", "label": "bf16, FIR on Triton"}}
     targets = {"ncsnpp-b64": {"speedup": 4.5, "floor_ratio": 1.05}, "celebahq256-b8": {"speedup": 2.0}}
-    (line,) = kb.precision_verdicts([config], targets)
+    (line,) = kb_report.precision_verdicts([config], targets)
     assert "4.80x diffusers (fp32) (target >= 4.5x: met)" in line
     assert "1.030 x the floor (bf16, FIR on Triton) (target <= 1.05: met)" in line
     row.update(speedup=4.2, floor_ratio=1.2)
-    (line,) = kb.precision_verdicts([config], targets)
+    (line,) = kb_report.precision_verdicts([config], targets)
     assert "(target >= 4.5x: NOT met)" in line and "(target <= 1.05: NOT met)" in line
     config["name"] = "celebahq256-b8"
-    (line,) = kb.precision_verdicts([config], targets)
+    (line,) = kb_report.precision_verdicts([config], targets)
     assert "(target >= 2x: met)" in line and "no floor target for this configuration" in line
-    assert kb.verdicts([config]) == []  # the exact-path verdicts skip low-precision configurations
+    assert kb_report.verdicts([config]) == []  # the exact-path verdicts skip low-precision configurations
 
 
 def test_bench_cli_unet_dtype(rgb_model, tmp_path, capsys):

@@ -16,8 +16,8 @@ Without a GPU (the development and CI machines), what can be checked is checked:
   outputs overlapping inputs or one another refused (the exact aliasing the kernels allow gives the same
   bits), tensors for a stage the call does not run refused; nothing is written by a refused call.
 With a GPU, the same operator tests (the argument checks included) also run on CUDA tensors, through the
-CUDA implementation, against torch's CUDA ops (bench/csrc_check.py checks the pipeline, bandwidth and
-cold start there).
+CUDA implementation, against torch's CUDA ops (``bench/gpu_check.py --backends cuda`` checks the pipelines,
+bandwidth and cold start there).
 """
 
 from __future__ import annotations

@@ -118,16 +118,13 @@ def _run(args) -> int:
 
     pipe = load_for_command(args.model, device)  # as kve-fast sample loads it (diffusers' own warnings muted)
     pipe.set_progress_bar_config(disable=True)
-    from ..precision import parse_dtype
+    from ..precision import parse_dtype, tf32_for_run
 
     unet_dtype = parse_dtype(getattr(args, "unet_dtype", "fp32"))
     unet_dtype = None if unet_dtype == torch.float32 else unet_dtype
     use_tf32 = bool(getattr(args, "tf32", False))
 
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32_for_run(False):  # TF32 only where --tf32 asks for it (the rows' own switches)
         env = environment(device)
         if threads is not None:
             env["threads"] = threads
@@ -153,8 +150,6 @@ def _run(args) -> int:
                 steps=args.steps, device=device, seed=args.seed, noises=args.noise, kinds=args.backends,
                 reference=args.reference, step_backend=args.step_backend, output_type=args.output_type,
                 policy=policy, log=log, model_label=args.model, unet_dtype=unet_dtype, tf32=use_tf32))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     label = precision_label(unet_dtype, use_tf32)
     text = format_markdown(result, f"kve-fast bench: {args.model}" + (f" ({label})" if label else ""))

@@ -1,20 +1,18 @@
-"""What every GPU result says about itself, the repeat rule of its timings, and the status a script exits with.
+"""What every benchmark record says about itself, and the repeat rule of its timings.
 
-Issue 20's rules for the bench scripts (bench/*.py, ``kve-fast bench``), in one place so no script can drift:
+Issue 20's rules, in one place so no measurement can drift (``kve-fast bench`` and the repository's bench
+scripts, whose harness, ``bench/harness``, adds their exit status and files):
 
 - ``provenance()``: the code that ran (the commit, and ``dirty``: ``git status --porcelain`` printed anything,
   with the first changed paths), the card, its driver, the versions of torch, CUDA, cuDNN, Triton, diffusers,
-  k-diffusion and numpy, the exact command (interpreter and arguments, the working folder, the environment
-  variables that change what runs), the date in UTC and the host. Where git cannot answer (no ``.git`` on a
-  copied tree), ``KVE_FAST_COMMIT`` and ``KVE_FAST_TREE_CLEAN`` (``1``/``0``) given by the caller are used and
-  the record says so; before those, ``.whl/tree_stamp.json`` written by ``bench/device_prepare.sh`` (``write_stamp``:
-  the commit, the dirty flag, and a hash of every travelling file, so a later edit reads as dirty); otherwise the
-  field is None and ``missing()`` names it.
+  k-diffusion and numpy, TF32 as the kernels see it, the exact command (interpreter and arguments, the working
+  folder, the environment variables that change what runs), the date in UTC and the host. Where git cannot answer
+  (no ``.git`` on a copied tree), ``KVE_FAST_COMMIT`` and ``KVE_FAST_TREE_CLEAN`` (``1``/``0``) given by the caller
+  are used and the record says so; before those, ``.whl/tree_stamp.json`` written by ``bench/device_prepare.sh``
+  (the commit, the dirty flag, and a hash of every travelling file, so a later edit reads as dirty:
+  ``stamp_state``); otherwise the field is None and ``missing()`` names it.
 - ``required_repeats(call_s)``: timed calls after the first one: at least 5 where a call takes under 2 s, at
-  least 3 otherwise; ``time_stats`` reports min, median and max of them.
-- ``Outcome``: the checks and stages of one run; ``exit_code()`` is 1 when any check failed or any stage
-  failed (also when it timed out), 3 when nothing failed but something was skipped, else 0, and ``summary()``
-  says which.
+  least 3 otherwise.
 
 Import-light: torch loads inside ``provenance`` only.
 """
@@ -26,13 +24,12 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 
-__all__ = ["provenance", "git_state", "write_stamp", "stamp_state", "missing", "required_repeats", "time_stats", "Outcome", "ScriptRun", "REQUIRED",
-           "REQUIRED_CUDA", "SHORT_CALL_S"]
+__all__ = ["provenance", "git_state", "stamp_state", "tree_hash", "missing", "required_repeats", "jsonable", "REQUIRED",
+           "REQUIRED_CUDA", "SHORT_CALL_S", "STAMP"]
 
 SHORT_CALL_S = 2.0  # calls under this many seconds get at least 5 timed repeats, others at least 3
 # what every record must hold (None is "unknown"); on CUDA also the card and its driver
@@ -76,7 +73,8 @@ def git_state(root: str = ROOT) -> dict:
 STAMP = os.path.join(".whl", "tree_stamp.json")  # carried with the wheels (bench/device_prepare.sh)
 
 
-def _tree_hash(root: str, paths: list[str]) -> str:
+def tree_hash(root: str, paths: list[str]) -> str:
+    """SHA-256 over the files at ``paths`` under ``root``: each relative name and its bytes, in name order."""
     import hashlib
 
     h = hashlib.sha256()
@@ -91,35 +89,16 @@ def _tree_hash(root: str, paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def write_stamp(root: str = ROOT, path: str | None = None) -> dict:
-    """Record the commit, the dirty flag and a hash of every file that travels (tracked, and untracked files git
-    does not ignore) at ``root/.whl/tree_stamp.json``: a copy of the tree without ``.git`` (the device machine's)
-    then knows its commit, and whether a file changed after the stamp (``stamp_state``)."""
-    git = git_state(root)
-    if git["source"] != "git":
-        raise RuntimeError("write_stamp needs a git checkout")
-    files = _run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"], timeout=60)
-    if files is None or files.returncode != 0:
-        raise RuntimeError("git ls-files failed")
-    paths = sorted({p for p in files.stdout.split("\0") if p and os.path.isfile(os.path.join(root, p))})
-    stamp = {"commit": git["commit"], "dirty": git["dirty"], "dirty_files": git["dirty_files"], "files": paths,
-             "sha256": _tree_hash(root, paths), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    path = path or os.path.join(root, STAMP)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(stamp, f)
-    return stamp
-
-
 def stamp_state(root: str = ROOT) -> dict | None:
-    """``git_state``'s record from ``root/.whl/tree_stamp.json`` where the tree has no git; ``dirty`` is True
-    also when a file differs from the stamp's hash (changed after the stamp was written). None: no stamp."""
+    """``git_state``'s record from ``root/.whl/tree_stamp.json`` (``bench.harness.write_stamp``) where the tree has
+    no git; ``dirty`` is True also when a file differs from the stamp's hash (changed after the stamp was
+    written). None: no stamp."""
     try:
         with open(os.path.join(root, STAMP), encoding="utf-8") as f:
             stamp = json.load(f)
     except (OSError, ValueError):
         return None
-    same = _tree_hash(root, stamp.get("files", [])) == stamp.get("sha256")
+    same = tree_hash(root, stamp.get("files", [])) == stamp.get("sha256")
     rec = {"commit": stamp.get("commit"), "dirty": bool(stamp.get("dirty")) or not same,
            "dirty_files": stamp.get("dirty_files", []), "source": f"{STAMP} (written {stamp.get('date_utc')})"}
     if not same:
@@ -165,9 +144,12 @@ def provenance(device=None, argv: list[str] | None = None, script: str | None = 
     """The record described in the module docstring, for a run on ``device`` (a torch device or its name)."""
     import torch
 
+    from ..precision import fp32_precision
+
     device = torch.device(device) if device is not None else torch.device("cpu")
     argv = list(sys.argv if argv is None else argv)
     git = git_state()
+    fp32 = fp32_precision()
     rec = {
         "script": script or (os.path.relpath(os.path.abspath(argv[0]), ROOT) if argv and argv[0] else None),
         "command": shlex.join([os.path.basename(sys.executable)] + argv),
@@ -184,7 +166,7 @@ def provenance(device=None, argv: list[str] | None = None, script: str | None = 
         "kve_fast": _version("kve_fast"),
         "device": str(device), "card": None, "driver": None, "capability": None, "memory_gib": None,
         "cudnn": None,
-        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+        "tf32": {"matmul": fp32.matmul_tf32, "cudnn": fp32.cudnn_tf32},
         "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
         | {k: v for k, v in os.environ.items() if k.startswith("KVE_FAST_")},
         "cpu_count": os.cpu_count(),
@@ -211,69 +193,6 @@ def required_repeats(call_s: float) -> int:
     return 5 if call_s < SHORT_CALL_S else 3
 
 
-def time_stats(seconds: list[float]) -> dict:
-    """``{"n", "min_ms", "median_ms", "max_ms", "times_ms"}`` of timed calls (seconds in, milliseconds out)."""
-    ms = [s * 1e3 for s in seconds]
-    if not ms:
-        return {"n": 0, "min_ms": None, "median_ms": None, "max_ms": None, "times_ms": []}
-    return {"n": len(ms), "min_ms": min(ms), "median_ms": statistics.median(ms), "max_ms": max(ms), "times_ms": ms}
-
-
-class Outcome:
-    """The checks and the stages of one run, and what it exits with (see the module docstring)."""
-
-    def __init__(self):
-        self.checks: list[dict] = []
-        self.stages: list[dict] = []
-
-    def check(self, name: str, ok: bool, detail: str = "", **extra) -> bool:
-        """Record a check (a bit comparison, a bound, a target the run must meet); returns ``ok``."""
-        self.checks.append({"check": name, "ok": bool(ok), "detail": detail, **extra})
-        return bool(ok)
-
-    def stage(self, name: str, status: str, detail: str = "", **extra) -> None:
-        """Record a stage: ``status`` is ``"ok"``, ``"failed"``, ``"timed out"`` or ``"skipped"``."""
-        if status not in ("ok", "failed", "timed out", "skipped"):
-            raise ValueError(f"unknown stage status {status!r}")
-        self.stages.append({"stage": name, "status": status, "detail": detail, **extra})
-
-    def failed_checks(self) -> list[dict]:
-        return [c for c in self.checks if not c["ok"]]
-
-    def failed_stages(self) -> list[dict]:
-        return [s for s in self.stages if s["status"] in ("failed", "timed out")]
-
-    def skipped(self) -> list[dict]:
-        return [s for s in self.stages if s["status"] == "skipped"]
-
-    def exit_code(self) -> int:
-        if self.failed_checks() or self.failed_stages():
-            return 1
-        return 3 if self.skipped() else 0
-
-    def summary(self) -> str:
-        """One line: PASS / FAIL / INCOMPLETE, and what failed or was skipped."""
-        bad, broke, skipped = self.failed_checks(), self.failed_stages(), self.skipped()
-        parts = [f"{len(self.checks) - len(bad)} of {len(self.checks)} checks passed"]
-        if self.stages:
-            ok = sum(s["status"] == "ok" for s in self.stages)
-            parts[0] += f", {ok} of {len(self.stages)} stages ok"
-        if bad:
-            parts.append("FAILED checks: " + "; ".join(c["check"] + (f" ({c['detail']})" if c["detail"] else "")
-                                                    for c in bad[:12]) + (" ..." if len(bad) > 12 else ""))
-        if broke:
-            parts.append("FAILED stages: " + "; ".join(f"{s['stage']} ({s['status']}"
-                                                     + (f": {s['detail']}" if s["detail"] else "") + ")" for s in broke))
-        if skipped:
-            parts.append("skipped: " + "; ".join(f"{s['stage']} ({s['detail']})" for s in skipped))
-        word = {0: "PASS", 1: "FAIL", 3: "INCOMPLETE"}[self.exit_code()]
-        return f"{word}: " + "; ".join(parts)
-
-    def as_dict(self) -> dict:
-        return {"exit_code": self.exit_code(), "summary": self.summary(), "checks": self.checks,
-                "stages": self.stages}
-
-
 def jsonable(value, nonfinite=repr):
     """``value`` with only JSON types: a non-finite float as ``nonfinite(value)``, dict keys as str, tuples as
     lists, anything else not JSON as its str."""
@@ -286,85 +205,3 @@ def jsonable(value, nonfinite=repr):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-def dumps(obj) -> str:
-    """JSON for a record (non-finite floats as their repr, anything else not JSON as its str)."""
-    return json.dumps(jsonable(obj), indent=1)
-
-
-class ScriptRun:
-    """One run of a bench script: its provenance (taken first, before the run writes anything), its sections
-    (each in its own try/except: a failure is a failed stage, the rest still runs), its checks, its JSON
-    (``<out>/<name>.json``, saved after every section, so a run killed later keeps what it had) and the line
-    it ends with (``finish``: the ``Outcome`` summary; returns the exit status)."""
-
-    def __init__(self, name: str, device, out: str, argv: list[str] | None = None, log=None):
-        self.name, self.out = name, out
-        self.log = log or (lambda *parts: print(*parts, flush=True))
-        self.outcome = Outcome()
-        self.t0 = time.time()
-        prov = provenance(device, argv)
-        self.result: dict = {"provenance": prov, "exact": [], "notes": [], "complete": False}
-        gaps = missing(prov)
-        self.outcome.check("provenance", not gaps, "missing: " + ", ".join(gaps) if gaps else "")
-        self.log({k: prov.get(k) for k in ("card", "driver", "commit", "dirty", "torch", "triton", "diffusers",
-                                          "command")})
-
-    def section(self, name: str, fn, *args, **kwargs):
-        """Run ``fn``; an exception is a failed stage (the traceback in the JSON). Returns ``fn``'s result or None."""
-        import traceback
-
-        t0 = time.perf_counter()
-        self.log(f"\n== {name}")
-        try:
-            out = fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - a failed section is a finding; the others still run
-            tb = traceback.format_exc()
-            self.log(tb)
-            self.outcome.stage(name, "failed", f"{type(exc).__name__}: {str(exc)[:300]}", traceback=tb[-3000:],
-                               seconds=time.perf_counter() - t0)
-            out = None
-        else:
-            self.outcome.stage(name, "ok", seconds=time.perf_counter() - t0)
-        self.log(f"   ({name}: {time.perf_counter() - t0:.1f} s)")
-        self.save()
-        return out
-
-    def skip(self, name: str, why: str) -> None:
-        self.log(f"\n== {name}: skipped ({why})")
-        self.outcome.stage(name, "skipped", why)
-
-    def exact(self, name: str, elements: int, mismatches: int, **extra) -> bool:
-        """A bit-for-bit check: ``mismatches`` elements of ``elements`` differ (-1: shapes or dtypes differ)."""
-        self.result["exact"].append({"check": name, "elements": elements, "mismatches": mismatches, **extra})
-        self.log(f"  {'OK ' if mismatches == 0 else 'BAD'} {name}: {mismatches} mismatches of {elements}")
-        return self.outcome.check(name, mismatches == 0, f"{mismatches} of {elements} differ" if mismatches else "")
-
-    def check(self, name: str, ok: bool, detail: str = "", **extra) -> bool:
-        self.log(f"  {'OK ' if ok else 'BAD'} {name}" + (f": {detail}" if detail else ""))
-        return self.outcome.check(name, ok, detail, **extra)
-
-    def note(self, text: str) -> None:
-        self.result["notes"].append(text)
-        self.log("  note: " + text)
-
-    def save(self, final: bool = False) -> str:
-        os.makedirs(self.out, exist_ok=True)
-        self.result["seconds"] = time.time() - self.t0
-        self.result["complete"] = final
-        self.result["outcome"] = self.outcome.as_dict()
-        path = os.path.join(self.out, f"{self.name}.json")
-        from .._files import atomic_write
-
-        with atomic_write(path, "wb") as f:
-            f.write(dumps(self.result).encode("utf-8"))
-        return path
-
-    def finish(self) -> int:
-        """Save the final JSON, print the summary line last, return the exit status (``Outcome.exit_code``)."""
-        path = self.save(final=True)
-        self.log(f"\nwrote {path}; total {self.result['seconds']:.0f} s")
-        self.log(f"{self.name}: {self.outcome.summary()}")
-        return self.outcome.exit_code()
-

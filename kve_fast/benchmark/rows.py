@@ -259,7 +259,7 @@ def _accuracy(r: dict, out, *, noise: str, low: dict | None, has_fir: bool, fir_
     the float32 reference with the same noise, and its bound."""
     import math
 
-    from ..accuracy import YARDSTICK_FACTOR
+    from ..precision import YARDSTICK_FACTOR
 
     ref_name, ref = reference
     value = relative_rms(out, ref)
@@ -270,7 +270,7 @@ def _accuracy(r: dict, out, *, noise: str, low: dict | None, has_fir: bool, fir_
         yard = relative_rms(plain_out, ref)
         acc.update(yardstick={"run": plain_name, "value": yard}, bound=YARDSTICK_FACTOR * yard,
                    bound_rule=f"at most {YARDSTICK_FACTOR:g}x the plain run's distance (flash-attention's rule, "
-                              "kve_fast.accuracy.YARDSTICK_FACTOR), measured in this run")
+                              "kve_fast.precision.YARDSTICK_FACTOR), measured in this run")
     elif has_fir and fir_fast:
         acc.update(bound=FAST_FIR_FP32_BOUND, bound_rule=f"at most {FAST_FIR_FP32_BOUND:g}: the FIR kernel is the "
                    "only non-exact op (a priori bound, kve_fast.benchmark.rows.FAST_FIR_FP32_BOUND)")
@@ -348,241 +348,297 @@ def bench_pipeline(pipe, *, name: str, batch_size: int, steps: int = 50, device=
                 torch.cuda.empty_cache()
 
 
-def _bench_pipeline(pipe, run_pipe, *, name: str, batch_size: int, steps: int, device, seed: int, noises, kinds,
-                    reference: bool, step_backend: str, output_type: str, policy: RepeatPolicy | None,
-                    deadline: float | None, log, model_label: str | None, shared: SharedReference,
-                    precision: dict | None = None) -> dict:
+def _bench_pipeline(pipe, run_pipe, **settings) -> dict:
     """``bench_pipeline``'s rows: diffusers' on ``pipe`` (float32), kve_fast's on ``run_pipe`` (``pipe`` itself,
     or a copy holding the low-precision UNet); ``precision``: None (float32, exact) or bench_pipeline's record."""
-    import torch
+    config = _Config(pipe, run_pipe, **settings)
+    why = config.over_budget()
+    if why is not None:
+        return config.skipped(why)
+    for key in config.rows:
+        config.run_row(key)
+    return config.finish()
 
-    from .floor import has_fir
-    from .timing import _fast_fir_runs
 
-    device = torch.device(device) if device is not None else pipe.device
-    policy = policy or RepeatPolicy()
-    sync = _sync(device)
-    t_config = time.monotonic()
-    unet = pipe.unet
-    low = precision is not None
-    label = precision["label"] if low else None
-    shape = pipe._image_shape(batch_size)
-    calls = 2 * steps - 1
-    rec = {"name": name, "model": model_label, "params": _params(unet), "shape": list(shape), "batch_size": batch_size,
-           "steps": steps, "model_calls": calls, "output_type": output_type, "step_backend": step_backend,
-           "seed": seed, "repeat_policy": policy.as_dict(), "status": "ok", "floor": None, "floors": {}, "rows": [],
-           "notes": [], "inside_share": None}
-    if low:
-        rec["precision"] = dict(precision)
-    log(f"== {name}: image {'x'.join(map(str, shape[1:]))}, batch {batch_size}, {steps} steps ({calls} model calls), "
-        f"{(rec['params'] or 0) / 1e6:.1f} M parameters, {device}" + (f"; kve_fast rows in {label}" if low else ""))
+class _Config:
+    """One configuration's measurement (``_bench_pipeline``): its record, its floors, its rows' records and the
+    calls they time; one method per part."""
 
-    fir = has_fir(run_pipe.unet)
-    fir_fast = fir and _fast_fir_runs(device)  # where the sampler's fast modes run the FIR kernel
-    dtype = getattr(torch, precision["unet_dtype"]) if low else torch.float32
-    tf32 = bool(precision["tf32"]) if low else False
+    def __init__(self, pipe, run_pipe, *, name: str, batch_size: int, steps: int, device, seed: int, noises, kinds,
+                 reference: bool, step_backend: str, output_type: str, policy: RepeatPolicy | None,
+                 deadline: float | None, log, model_label: str | None, shared: SharedReference,
+                 precision: dict | None = None):
+        import torch
 
-    def floor_for(noise: str) -> str:
+        from .floor import has_fir
+        from .timing import _fast_fir_runs
+
+        self.pipe, self.run_pipe, self.shared, self.log, self.deadline = pipe, run_pipe, shared, log, deadline
+        self.batch_size, self.steps, self.seed, self.noises = batch_size, steps, seed, noises
+        self.step_backend, self.output_type = step_backend, output_type
+        self.device = torch.device(device) if device is not None else pipe.device
+        self.policy = policy or RepeatPolicy()
+        self.sync = _sync(self.device)
+        self.t_config = time.monotonic()
+        self.unet = pipe.unet
+        self.precision = precision
+        self.label = precision["label"] if precision is not None else None
+        self.shape = pipe._image_shape(batch_size)
+        self.calls = 2 * steps - 1
+        self.rec = {"name": name, "model": model_label, "params": _params(self.unet), "shape": list(self.shape),
+                    "batch_size": batch_size, "steps": steps, "model_calls": self.calls, "output_type": output_type,
+                    "step_backend": step_backend, "seed": seed, "repeat_policy": self.policy.as_dict(),
+                    "status": "ok", "floor": None, "floors": {}, "rows": [], "notes": [], "inside_share": None}
+        if precision is not None:
+            self.rec["precision"] = dict(precision)
+        log(f"== {name}: image {'x'.join(map(str, self.shape[1:]))}, batch {batch_size}, {steps} steps ({self.calls} "
+            f"model calls), {(self.rec['params'] or 0) / 1e6:.1f} M parameters, {self.device}"
+            + (f"; kve_fast rows in {self.label}" if precision is not None else ""))
+        self.fir = has_fir(run_pipe.unet)
+        self.fir_fast = self.fir and _fast_fir_runs(self.device)  # where the sampler's fast modes run the FIR kernel
+        self.dtype = getattr(torch, precision["unet_dtype"]) if precision is not None else torch.float32
+        self.tf32 = bool(precision["tf32"]) if precision is not None else False
+        self.rows = ([("reference", "exact")] if reference else []) + [(k, n) for k in KINDS if k in kinds
+                                                                         for n in NOISE_MODES if n in noises]
+        self.records = {key: _row_record(*key, precision=self.label) for key in self.rows}
+        self.rec["rows"] = list(self.records.values())
+        for (kind, noise), r in self.records.items():  # diffusers' row: the float32 floor, where this config has it
+            r["floor"] = self.floor_for(noise) if kind != "reference" else (
+                None if precision is not None else self.floor_for("exact"))
+        if not self.rec["floors"]:
+            self.floor_for("exact")
+        self.rec["floor"] = next(iter(self.rec["floors"].values()))  # the first: the float32 exact rows' (or the only)
+        self.shipped = _needs_patch(self.unet)  # NCSN++ as diffusers ships it: put back after the runner patched it
+        self.ref_pipe, self.ref_why = (None, "not asked for (--no-reference)") if not reference else \
+            _reference_pipeline(pipe)
+        if shared.row is not None:
+            self.ref_pipe, self.ref_why = None, f"measured once for {shared.config} in this run (shared)"
+        self.graphs_ok, self.graphs_why = graph_support(run_pipe, self.device)
+        self.cuda_graph_kw = supports_cuda_graph(run_pipe)
+        self.precision_kw = {"unet_dtype": self.dtype, "tf32": self.tf32} if precision is not None else {}
+        self.outputs: dict = {}
+
+    def floor_for(self, noise: str) -> str:
         """The floor a row of ``noise`` runs against: its forward (dtype, FIR kernel), measured once."""
-        fast_mode = low or noise == "fast"
-        key = (label or "fp32") + (", FIR on Triton" if fast_mode and fir_fast else "")
-        if key not in rec["floors"]:
-            log(f"    floor: {key} ...")
-            rec["floors"][key] = measure_floor(
-                run_pipe.unet, shape, device, calls, log, dtype=None if dtype == torch.float32 else dtype,
-                fast_fir=fast_mode, tf32=tf32)
+        import torch
+
+        fast_mode = self.precision is not None or noise == "fast"
+        key = (self.label or "fp32") + (", FIR on Triton" if fast_mode and self.fir_fast else "")
+        if key not in self.rec["floors"]:
+            self.log(f"    floor: {key} ...")
+            self.rec["floors"][key] = measure_floor(
+                self.run_pipe.unet, self.shape, self.device, self.calls, self.log,
+                dtype=None if self.dtype == torch.float32 else self.dtype, fast_fir=fast_mode, tf32=self.tf32)
         return key
 
-    rows = ([("reference", "exact")] if reference else []) + [(k, n) for k in KINDS if k in kinds
-                                                                for n in NOISE_MODES if n in noises]
-    records = {key: _row_record(*key, precision=label) for key in rows}
-    rec["rows"] = list(records.values())
-    for (kind, noise), r in records.items():  # diffusers' row: the float32 floor, where this config has it
-        r["floor"] = floor_for(noise) if kind != "reference" else (None if low else floor_for("exact"))
-    if not rec["floors"]:
-        floor_for("exact")
-    rec["floor"] = next(iter(rec["floors"].values()))  # the first: the float32 exact rows' (or the only one)
-
-    shipped = _needs_patch(unet)  # NCSN++ as diffusers ships it: put back after the graph runner patched it
-    ref_pipe, ref_why = (None, "not asked for (--no-reference)") if not reference else _reference_pipeline(pipe)
-    if shared.row is not None:
-        ref_pipe, ref_why = None, f"measured once for {shared.config} in this run (shared)"
-    graphs_ok, graphs_why = graph_support(run_pipe, device)
-    cuda_graph_kw = supports_cuda_graph(run_pipe)
-    precision_kw = {"unet_dtype": dtype, "tf32": tf32} if low else {}
-
-    # Skip the whole configuration if its rows (first call + the policy's repeats) and the accuracy references
-    # cannot fit the time left. (Low precision: the floor is the low-precision model's, so diffusers' float32 row
-    # is underestimated.)
-    if deadline is not None:
-        some_floor = rec["floor"] or {}
-        eager_call_s = calls * some_floor.get("forward_eager_ms", 0.0) / 1e3
+    def over_budget(self) -> str | None:
+        """Why the whole configuration is skipped: its rows (first call + the policy's repeats) and the accuracy
+        references cannot fit the time left (low precision: the floor is the low-precision model's, so diffusers'
+        float32 row is underestimated); None where it fits or there is no deadline."""
+        if self.deadline is None:
+            return None
+        some_floor = self.rec["floor"] or {}
+        eager_call_s = self.calls * some_floor.get("forward_eager_ms", 0.0) / 1e3
         graph_call_s = some_floor.get("floor_ms", 0.0) / 1e3
         est = sum(_row_estimate(graph_call_s if k == "graphed" else eager_call_s * (1.1 if k == "reference" else 1.0),
-                                policy) for k, _ in rows if not (k == "reference" and shared.row is not None))
-        est += eager_call_s * (("fast" in noises) + 2 * low)  # the untimed accuracy references
-        left = deadline - time.monotonic()
-        if est > left:
-            why = f"skipped: about {est:.0f} s needed, {max(left, 0):.0f} s left of the time budget (--budget-s)"
-            for r in rec["rows"]:
-                r.update(status="skipped", why=why)
-            rec.update(status="skipped", notes=[why], seconds=time.monotonic() - t_config)
-            log("    " + why)
-            return rec
+                                self.policy) for k, _ in self.rows
+                  if not (k == "reference" and self.shared.row is not None))
+        est += eager_call_s * (("fast" in self.noises) + 2 * (self.precision is not None))  # untimed references
+        left = self.deadline - time.monotonic()
+        if est <= left:
+            return None
+        return f"skipped: about {est:.0f} s needed, {max(left, 0):.0f} s left of the time budget (--budget-s)"
 
-    def generator():
-        return torch.Generator().manual_seed(seed)
+    def skipped(self, why: str) -> dict:
+        for r in self.rec["rows"]:
+            r.update(status="skipped", why=why)
+        self.rec.update(status="skipped", notes=[why], seconds=time.monotonic() - self.t_config)
+        self.log("    " + why)
+        return self.rec
 
-    def ours(kind, noise, out_type=output_type):
-        kwargs = {"cuda_graph": kind == "graphed"} if cuda_graph_kw else {}
-        return lambda: run_pipe(batch_size, steps, generator(), output_type=out_type, backend=step_backend,
-                                noise=noise, **kwargs, **precision_kw).images
+    # -- the calls ---------------------------------------------------------------------------------------------
 
-    def as_output(latent):
-        return latent if output_type == "latent" else _latent_to_np(latent)
+    def generator(self):
+        import torch
 
-    def sampled(model, noise, backend, tf32_run=False):
+        return torch.Generator().manual_seed(self.seed)
+
+    def ours(self, kind: str, noise: str):
+        """A timed row's call: kve_fast's pipeline, eager or graphed."""
+        kwargs = {"cuda_graph": kind == "graphed"} if self.cuda_graph_kw else {}
+        return lambda: self.run_pipe(self.batch_size, self.steps, self.generator(), output_type=self.output_type,
+                                     backend=self.step_backend, noise=noise, **kwargs, **self.precision_kw).images
+
+    def as_output(self, latent):
+        return latent if self.output_type == "latent" else _latent_to_np(latent)
+
+    def sampled(self, model, noise: str, backend: str, tf32: bool = False):
         """An untimed eager run of ``model`` (a function) with this row's scheduler, seed and noise."""
         from ..sampler import sample_karras_ve
 
-        return lambda: as_output(sample_karras_ve(model, pipe.scheduler, shape, steps, generator(), device=device,
-                                                  backend=backend, noise=noise, cuda_graph=False, output="latent",
-                                                  tf32=tf32_run))
+        return lambda: self.as_output(sample_karras_ve(
+            model, self.pipe.scheduler, self.shape, self.steps, self.generator(), device=self.device, backend=backend,
+            noise=noise, cuda_graph=False, output="latent", tf32=tf32))
 
-    def fp32_reference(noise):
+    def fp32_reference(self, noise: str):
         """(name, output): the float32 reference of a non-exact row with ``noise`` (see bench_pipeline)."""
+        shared = self.shared
         if noise == "exact" and shared.latent is not None:
-            return "diffusers' float32 pipeline (exact noise, the same stream)", as_output(shared.latent)
+            return "diffusers' float32 pipeline (exact noise, the same stream)", self.as_output(shared.latent)
         if noise == "exact":
             return ("kve_fast's exact float32 run (torch backend; bit-identical to diffusers')",
-                    _reference_run(shared, "fp32 exact", sampled(_as_function(unet), "exact", "torch"), log))
+                    _reference_run(shared, "fp32 exact", self.sampled(_as_function(self.unet), "exact", "torch"),
+                                   self.log))
         return ("kve_fast's eager float32 run with the same fast-noise keys, the UNet called as a function "
-                "(diffusers' FIR ops)", _reference_run(shared, "fp32 fast", sampled(_as_function(unet), "fast",
-                                                                                  step_backend), log))
+                "(diffusers' FIR ops)", _reference_run(shared, "fp32 fast", self.sampled(
+                    _as_function(self.unet), "fast", self.step_backend), self.log))
 
-    def plain_run(noise):
+    def plain_run(self, noise: str):
         """(name, output): the plain run in this row's precision, with ``noise``."""
-        backend = "torch" if noise == "exact" else step_backend
-        if dtype != torch.float32:
-            model, what = _Plain(run_pipe.unet, dtype), f"the {label} copy called plainly (input cast, output read " \
-                                                         "in float32)"
-        else:
-            model, what = _as_function(unet), "the float32 UNet"
-        return (f"{what}, {'TF32 on, ' if tf32 else ''}diffusers' ops, the float32 loop, {noise} noise",
-                _reference_run(shared, f"plain {label} {noise}", sampled(model, noise, backend, tf32_run=tf32), log))
+        import torch
 
-    outputs: dict = {}
-    for key in rows:
+        backend = "torch" if noise == "exact" else self.step_backend
+        if self.dtype != torch.float32:
+            model = _Plain(self.run_pipe.unet, self.dtype)
+            what = f"the {self.label} copy called plainly (input cast, output read in float32)"
+        else:
+            model, what = _as_function(self.unet), "the float32 UNet"
+        return (f"{what}, {'TF32 on, ' if self.tf32 else ''}diffusers' ops, the float32 loop, {noise} noise",
+                _reference_run(self.shared, f"plain {self.label} {noise}",
+                               self.sampled(model, noise, backend, tf32=self.tf32), self.log))
+
+    # -- the rows ----------------------------------------------------------------------------------------------
+
+    def run_row(self, key) -> None:
+        """Time one row and compare it; a failure is the row's, the others still run."""
         kind, noise = key
-        r = records[key]
-        if deadline is not None and time.monotonic() > deadline:
+        r = self.records[key]
+        if self.deadline is not None and time.monotonic() > self.deadline:
             r.update(status="skipped", why="skipped: the time budget (--budget-s) ran out")
-            log(f"    {r['row']}: {r['why']}")
-            continue
+            self.log(f"    {r['row']}: {r['why']}")
+            return
         try:
             if kind == "reference":
-                if shared.row is not None:
-                    r.update({k: v for k, v in shared.row.items() if k not in ("row", "floor")},
-                             shared_from=shared.config)
-                    continue
-                if ref_pipe is None:
-                    r.update(status="unavailable", why=ref_why)  # left out of the report, with the reason
-                    continue
-                log(f"    {r['row']} ...")
-                hook = _LatentHook(ref_pipe.scheduler)
-                call = lambda: ref_pipe(batch_size, steps, generator(), output_type="np").images  # noqa: E731
-                state = {"first": True}
-
-                def ref_call():
-                    if state["first"]:
-                        state["first"] = False
-                        with hook:
-                            return call()
-                    return call()
-
-                shared.np = _time_row(r, ref_call, sync, policy, log)
-                shared.latent = _host(hook.latent) if hook.latent is not None else None
-                shared.row = dict(r)
-                rec["inside_share"] = inside_share(shared.np)
+                self.reference_row(r)
             else:
-                if kind == "graphed" and not graphs_ok:
-                    r.update(status="unavailable", why=graphs_why)
-                    continue
-
-                def fresh(r=r):  # graphed rows start from no captures, so the first call includes capturing
-                    _clear_graphs(rec["notes"])
-                    r["captures_before"] = _captures()
-
-                log(f"    {r['row']} ...")
-                try:
-                    out = _time_row(r, ours(kind, noise), sync, policy, log,
-                                    before_first=fresh if kind == "graphed" else None)
-                except (ValueError, TypeError, NotImplementedError) as exc:
-                    # The runner's documented refusal (cuda_graph=True and the run cannot be captured) is a
-                    # ValueError; anything else is a failure, reported as such.
-                    if kind != "graphed":
-                        raise
-                    r.update(status="unavailable", why=f"graphs unavailable: {_first_line(exc)}")
-                    _settle(device)
-                    continue
-                if kind == "graphed":
-                    r["captures_after"] = _captures()
-                    if r.get("captures_after") == 0:
-                        rec["notes"].append(f"{r['row']}: graph_info() reports no capture after the run: it may "
-                                            "have run eagerly")
-                outputs[key] = out
-                if rec["inside_share"] is None:
-                    rec["inside_share"] = inside_share(_latent_to_np(out) if output_type == "latent" else out)
-                ref_latent, ref_np = shared.latent, shared.np
-                if noise == "exact" and low and ref_latent is not None and output_type == "latent":
-                    # Bits cannot match a float32 run: how far the final sample is from diffusers' instead.
-                    r["rel_rms_reference"] = {"of": "latent", "value": relative_rms(out, ref_latent)}
-                elif noise == "exact" and low and ref_np is not None and output_type != "latent":
-                    r["rel_rms_reference"] = {"of": "np", "value": relative_rms(out, ref_np)}
-                elif noise == "exact" and ref_np is not None:
-                    if output_type == "latent":
-                        if ref_latent is not None:
-                            r["equal_reference_latent"] = compare(out, ref_latent)
-                        # diffusers' own conversion, on the device diffusers ran it on
-                        r["equal_reference_np"] = compare(_latent_to_np(out.to(device)), ref_np)
-                    else:
-                        r["equal_reference_np"] = compare(out, ref_np)
-                if kind == "graphed" and ("eager", noise) in outputs:
-                    r["equal_eager"] = compare(out, outputs[("eager", noise)])
-                if low or noise == "fast":
-                    r["accuracy"] = _accuracy(r, out, noise=noise, low=precision, has_fir=fir, fir_fast=fir_fast,
-                                              shared=shared, reference=fp32_reference(noise),
-                                              plain=plain_run(noise) if low else None, log=log)
-                    a = r["accuracy"]
-                    log(f"    accuracy: {a['value']:.3g} (bound {a['bound']:.3g}: {'ok' if a['ok'] else 'OUT OF BOUND'})")
+                self.kve_row(r, kind, noise)
         except Exception as exc:
-            _settle(device)
+            _settle(self.device)
             r.update(status="failed", why=_first_line(exc))
-            log(f"    {r['row']}: FAILED {r['why']}")
+            self.log(f"    {r['row']}: FAILED {r['why']}")
             import traceback
 
             traceback.print_exc(file=sys.stderr)
-    if any(k == "graphed" for k, _ in rows) and graphs_ok:
-        _clear_graphs()
-        if shipped and not _needs_patch(unet):
-            from .. import ncsnpp
 
-            ncsnpp.restore(unet)
-            rec["notes"].append("the graph runner made the UNet capturable (kve_fast.ncsnpp); restored afterwards, "
-                                "so later configurations see the model as diffusers ships it")
+    def reference_row(self, r: dict) -> None:
+        """diffusers' row: timed, its final latent recorded on the first call (shared across precisions)."""
+        shared = self.shared
+        if shared.row is not None:
+            r.update({k: v for k, v in shared.row.items() if k not in ("row", "floor")}, shared_from=shared.config)
+            return
+        if self.ref_pipe is None:
+            r.update(status="unavailable", why=self.ref_why)  # left out of the report, with the reason
+            return
+        self.log(f"    {r['row']} ...")
+        hook = _LatentHook(self.ref_pipe.scheduler)
+        call = lambda: self.ref_pipe(self.batch_size, self.steps, self.generator(), output_type="np").images  # noqa: E731
+        state = {"first": True}
 
-    ref_row = records.get(("reference", "exact"))
-    ref_ms = ref_row["ms_per_call"] if ref_row is not None else None
-    for r in rec["rows"]:
-        floor = rec["floors"].get(r.get("floor"))
-        if r["ms_per_call"] and floor:
-            r["floor_ratio"] = r["ms_per_call"] / floor["floor_ms"]
-        if r["ms_per_call"] and ref_ms:
-            r["speedup"] = ref_ms / r["ms_per_call"]
-    rec["seconds"] = time.monotonic() - t_config
-    if any(r["status"] == "failed" for r in rec["rows"]):
-        rec["status"] = "partial"
-    return rec
+        def ref_call():
+            if state["first"]:
+                state["first"] = False
+                with hook:
+                    return call()
+            return call()
+
+        shared.np = _time_row(r, ref_call, self.sync, self.policy, self.log)
+        shared.latent = _host(hook.latent) if hook.latent is not None else None
+        shared.row = dict(r)
+        self.rec["inside_share"] = inside_share(shared.np)
+
+    def kve_row(self, r: dict, kind: str, noise: str) -> None:
+        """One of kve_fast's rows: timed (graphed: from no captures, so the first call includes capturing), then
+        compared."""
+        if kind == "graphed" and not self.graphs_ok:
+            r.update(status="unavailable", why=self.graphs_why)
+            return
+
+        def fresh():
+            _clear_graphs(self.rec["notes"])
+            r["captures_before"] = _captures()
+
+        self.log(f"    {r['row']} ...")
+        try:
+            out = _time_row(r, self.ours(kind, noise), self.sync, self.policy, self.log,
+                            before_first=fresh if kind == "graphed" else None)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            # The runner's documented refusal (cuda_graph=True and the run cannot be captured) is a ValueError;
+            # anything else is a failure, reported as such.
+            if kind != "graphed":
+                raise
+            r.update(status="unavailable", why=f"graphs unavailable: {_first_line(exc)}")
+            _settle(self.device)
+            return
+        if kind == "graphed":
+            r["captures_after"] = _captures()
+            if r.get("captures_after") == 0:
+                self.rec["notes"].append(f"{r['row']}: graph_info() reports no capture after the run: it may have run "
+                                         "eagerly")
+        self.outputs[(kind, noise)] = out
+        if self.rec["inside_share"] is None:
+            self.rec["inside_share"] = inside_share(_latent_to_np(out) if self.output_type == "latent" else out)
+        self.compare_row(r, kind, noise, out)
+
+    def compare_row(self, r: dict, kind: str, noise: str, out) -> None:
+        """A row's output against diffusers' (bits; low precision: the relative RMS), against the eager row's
+        (graphed), and, where it is not bit-exact, its accuracy gate."""
+        low, latent_out = self.precision is not None, self.output_type == "latent"
+        ref_latent, ref_np = self.shared.latent, self.shared.np
+        if noise == "exact" and low and ref_latent is not None and latent_out:
+            # Bits cannot match a float32 run: how far the final sample is from diffusers' instead.
+            r["rel_rms_reference"] = {"of": "latent", "value": relative_rms(out, ref_latent)}
+        elif noise == "exact" and low and ref_np is not None and not latent_out:
+            r["rel_rms_reference"] = {"of": "np", "value": relative_rms(out, ref_np)}
+        elif noise == "exact" and ref_np is not None:
+            if latent_out:
+                if ref_latent is not None:
+                    r["equal_reference_latent"] = compare(out, ref_latent)
+                # diffusers' own conversion, on the device diffusers ran it on
+                r["equal_reference_np"] = compare(_latent_to_np(out.to(self.device)), ref_np)
+            else:
+                r["equal_reference_np"] = compare(out, ref_np)
+        if kind == "graphed" and ("eager", noise) in self.outputs:
+            r["equal_eager"] = compare(out, self.outputs[("eager", noise)])
+        if low or noise == "fast":
+            r["accuracy"] = _accuracy(r, out, noise=noise, low=self.precision, has_fir=self.fir,
+                                      fir_fast=self.fir_fast, shared=self.shared,
+                                      reference=self.fp32_reference(noise),
+                                      plain=self.plain_run(noise) if low else None, log=self.log)
+            a = r["accuracy"]
+            self.log(f"    accuracy: {a['value']:.3g} (bound {a['bound']:.3g}: {'ok' if a['ok'] else 'OUT OF BOUND'})")
+
+    def finish(self) -> dict:
+        """Captures cleared (the UNet as diffusers ships it again), the ratios to the floor and to diffusers."""
+        if any(k == "graphed" for k, _ in self.rows) and self.graphs_ok:
+            _clear_graphs()
+            if self.shipped and not _needs_patch(self.unet):
+                from .. import ncsnpp
+
+                ncsnpp.restore(self.unet)
+                self.rec["notes"].append("the graph runner made the UNet capturable (kve_fast.ncsnpp); restored "
+                                         "afterwards, so later configurations see the model as diffusers ships it")
+        ref_row = self.records.get(("reference", "exact"))
+        ref_ms = ref_row["ms_per_call"] if ref_row is not None else None
+        for r in self.rec["rows"]:
+            floor = self.rec["floors"].get(r.get("floor"))
+            if r["ms_per_call"] and floor:
+                r["floor_ratio"] = r["ms_per_call"] / floor["floor_ms"]
+            if r["ms_per_call"] and ref_ms:
+                r["speedup"] = ref_ms / r["ms_per_call"]
+        self.rec["seconds"] = time.monotonic() - self.t_config
+        if any(r["status"] == "failed" for r in self.rec["rows"]):
+            self.rec["status"] = "partial"
+        return self.rec
 
 
 def jit_warmup(device, step_backend: str = "auto", log=print, unet_dtype=None, tf32: bool = False) -> float | None:

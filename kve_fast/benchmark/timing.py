@@ -177,8 +177,6 @@ def _params(model) -> int | None:
 def environment(device, command: list[str] | None = None) -> dict:
     """Card, driver, versions, commit and dirty flag, date and command, for the record
     (``kve_fast.benchmark.provenance.provenance``), with the names the report reads."""
-    import torch
-
     from .provenance import provenance
 
     env = provenance(device, argv=command)
@@ -186,7 +184,7 @@ def environment(device, command: list[str] | None = None) -> dict:
         gpu=env["card"], date=env["date_utc"],
         git=None if env["commit"] is None else env["commit"][:7] + {True: " (DIRTY tree)", False: " (clean tree)",
                                                                     None: " (tree state unknown)"}[env["dirty"]],
-        tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+        tf32_matmul=env["tf32"]["matmul"], tf32_cudnn=env["tf32"]["cudnn"],
         KVE_FAST_CUDA_GRAPH=os.environ.get(GRAPH_ENV))
     return env
 
