@@ -1,6 +1,6 @@
 """Step-backend selection: ``"torch"`` (the reference's ops), ``"triton"`` (fused Triton kernels), ``"cuda"``
 (the same kernels as a CUDA C++ extension, ``csrc/``), ``"auto"`` (Triton on CUDA where it imports, else torch;
-it does not pick ``"cuda"`` until measurements on a GPU say it should: bench/csrc_check.py)."""
+it does not pick ``"cuda"`` until measurements on a GPU say it should: ``bench/gpu_check.py --backends cuda``)."""
 
 from __future__ import annotations
 

@@ -179,6 +179,20 @@ class Fp32Precision:
     switches: tuple  # (name, value) of every switch of both APIs; a legacy flag torch refuses to read: MIXED
 
 
+_DEVICE_NODES = {  # the tree's nodes that reach a device kind's kernels, named as generate's record names them
+    "cpu": {"all": ("generic", "all"), "mkldnn": ("mkldnn", "all"), "mkldnn.matmul": ("mkldnn", "matmul"),
+            "mkldnn.conv": ("mkldnn", "conv"), "mkldnn.rnn": ("mkldnn", "rnn")},
+    "cuda": {"all": ("generic", "all"), "cuda": ("cuda", "all"), "cuda.matmul": ("cuda", "matmul"),
+             "cudnn.conv": ("cuda", "conv"), "cudnn.rnn": ("cuda", "rnn")},
+}
+
+
+def fp32_nodes(kind: str) -> dict:
+    """The ``fp32_precision`` tree's values that reach ``kind``'s kernels ('cpu': oneDNN, 'cuda': cuBLAS and
+    cuDNN; another kind: none): what a record of the bits a run depends on holds."""
+    return {name: _node(*node) for name, node in _DEVICE_NODES.get(kind, {}).items()}
+
+
 def fp32_precision() -> Fp32Precision:
     """Read torch's float32 precision switches in whichever API the process set them, without ever raising
     torch's "mix of the legacy and new APIs" error (see the comment above). A flip of TF32 by either API

@@ -93,28 +93,16 @@ BITS_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_I
 
 
 def _fp32_precision(kind: str) -> dict:
-    """torch's float32 precision switches that reach ``kind``'s kernels ('cpu': oneDNN, 'cuda': cuBLAS and cuDNN), as
-    set: read through the ``fp32_precision`` API, which the legacy flags (``allow_tf32``,
-    ``set_float32_matmul_precision``) also set, and which, unlike reading ``allow_tf32``, does not raise once a
-    caller has set one operator's precision through the new API."""
+    """torch's float32 precision switches that reach ``kind``'s kernels (``kve_fast.precision.fp32_nodes``: read
+    through the ``fp32_precision`` tree, which the legacy flags also set, and which never raises torch's "mix of
+    the legacy and new APIs" error), and on CUDA the reduced-precision reductions."""
     import torch
 
-    b = torch.backends
-    if kind == "cpu":
-        places = {"all": b, "mkldnn": b.mkldnn, "mkldnn.matmul": b.mkldnn.matmul, "mkldnn.conv": b.mkldnn.conv,
-                  "mkldnn.rnn": b.mkldnn.rnn}
-    elif kind == "cuda":
-        places = {"all": b, "cuda": b.cudnn, "cuda.matmul": b.cuda.matmul, "cudnn.conv": b.cudnn.conv,
-                  "cudnn.rnn": b.cudnn.rnn}
-    else:
-        return {}
-    try:
-        out = {name: str(place.fp32_precision) for name, place in places.items()}
-    except AttributeError:  # a torch before the fp32_precision API: its legacy flags
-        out = {"float32_matmul_precision": torch.get_float32_matmul_precision()}
-        if kind == "cuda":
-            out.update(matmul_tf32=b.cuda.matmul.allow_tf32, cudnn_tf32=b.cudnn.allow_tf32)
+    from ..precision import fp32_nodes
+
+    out = fp32_nodes(kind)
     if kind == "cuda":
+        b = torch.backends
         out["fp16_reduced_precision_reduction"] = bool(b.cuda.matmul.allow_fp16_reduced_precision_reduction)
         out["bf16_reduced_precision_reduction"] = bool(b.cuda.matmul.allow_bf16_reduced_precision_reduction)
     return out
