@@ -39,11 +39,14 @@ class NextChurn(NamedTuple):
     noise: bool = True
 
 
-def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+def _validate(name: str, t: torch.Tensor, like: torch.Tensor | None = None, dtypes=(torch.float32,)) -> None:
+    """A tensor argument of the kernels: one of ``dtypes``, ``like``'s shape and device, int32-indexable; else a
+    TypeError or ValueError naming ``name``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"`{name}` must be float32, got {t.dtype}")
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"`{name}` must be {names}, got {t.dtype}")
     if like is not None:
         if t.shape != like.shape:
             raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
@@ -51,7 +54,20 @@ def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torc
             raise ValueError(f"`{name}` is on {t.device}, expected {like.device}")
     if t.numel() > _MAX_ELEMENTS:
         raise ValueError(f"`{name}` has {t.numel()} elements; the kernels index with int32 (at most {_MAX_ELEMENTS})")
+
+
+def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 argument of the public ops (``_validate``), contiguous."""
+    _validate(name, t, like)
     return t.contiguous()
+
+
+def in_layout(t: torch.Tensor, layout: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` with ``layout``'s strides (the kernels index every tensor linearly): itself where they are the same,
+    else a copy (in ``dtype``, by default ``t``'s own)."""
+    if t.stride() == layout.stride():
+        return t
+    return torch.empty_like(layout, dtype=t.dtype if dtype is None else dtype).copy_(t)
 
 
 # Public ops: check inputs (wrong dtype or device is an error; non-contiguous inputs are copied), compute
@@ -215,9 +231,7 @@ class FusedStep:
         """``t`` in the state's layout (a copy only when its strides differ)."""
         if self.layout is None:
             return t.contiguous()
-        if t.stride() == self.layout.stride():
-            return t
-        return torch.empty_like(self.layout).copy_(t)
+        return in_layout(t, self.layout, self.layout.dtype)
 
     def _new(self, like: torch.Tensor, target, dtype: torch.dtype = torch.float32):
         """``target``'s tensor: itself, a new one in the state's layout (``NEW``), or None."""

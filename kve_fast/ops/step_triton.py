@@ -152,9 +152,14 @@ def _churn_store(x, eps_ptr, hat_ptr, xin_ptr, offs, mask, n, pid, seed, keys_pt
 
 @triton.jit
 def _divide(num, s, inv_s, TRUE_DIV: tl.constexpr):
-    # num / s, as torch rounds it on the device the kernel runs on
+    # num / s, as torch rounds it on the device the kernel runs on: true division is IEEE's, rounded to
+    # nearest (Triton's float32 `/` is approximate on GPUs, tl.div_rn takes float32 only, and its float64 `/`
+    # is div.rn.f64 on NVIDIA GPUs)
     if TRUE_DIV:
-        q = tl.div_rn(num, s)
+        if num.dtype == tl.float64:
+            q = num / s
+        else:
+            q = tl.div_rn(num, s)
     else:
         q = num * inv_s
     return q
