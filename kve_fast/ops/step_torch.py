@@ -14,7 +14,8 @@ import torch
 from ..images import to_image
 from ..noise import Draw, StepKeys, per_sample_randn
 
-__all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep", "KTorchStep"]
+__all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep", "KTorchStep",
+           "edm_churn_scale", "edm_churn", "edm_euler", "edm_heun"]
 
 
 def churn(sample: torch.Tensor, eps: torch.Tensor, sigma, sigma_hat) -> torch.Tensor:
@@ -56,6 +57,37 @@ def heun(model_output: torch.Tensor, sigma_hat, sigma_next, sample_hat, sample_n
     derivative_corr = (sample_next - pred_original_sample) / sigma_next
     sample = sample_hat + (sigma_next - sigma_hat) * (0.5 * derivative + 0.5 * derivative_corr)
     return sample, pred_original_sample
+
+
+# NVlabs' EDM and EDM2 samplers (docs/edm-reading.md: both ``edm_sampler`` functions), op for op in the state's
+# dtype (float64 in EDM, ``dtype`` in EDM2): every t a 0-d tensor of that dtype on the state's device, as the
+# originals hold them, so each division is torch's true division by a device tensor.
+
+
+def edm_churn_scale(t_cur, t_hat, s_noise):
+    """The churn's coefficient ``(t_hat ** 2 - t_cur ** 2).sqrt() * S_noise``: two squares, their difference,
+    the root, the product with the Python number ``S_noise`` (rounded to the dtype), all 0-d."""
+    return (t_hat**2 - t_cur**2).sqrt() * s_noise
+
+
+def edm_churn(x: torch.Tensor, eps: torch.Tensor, cs) -> torch.Tensor:
+    """Line 6: ``x + cs * eps`` with ``cs = edm_churn_scale(...)`` (the 0-d coefficient times S_noise rounded
+    first, then times the noise; at gamma = 0 still added: -0.0 becomes +0.0, an infinite draw NaN)."""
+    return x + cs * eps
+
+
+def edm_euler(denoised: torch.Tensor, x_hat: torch.Tensor, t_hat, t_next):
+    """Lines 7-8: ``d = (x_hat - D) / t_hat``; ``x_next = x_hat + (t_next - t_hat) * d``, D the net's output cast
+    to the state's dtype. Returns ``(x_next, d)``."""
+    d = (x_hat - denoised.to(x_hat.dtype)) / t_hat
+    return x_hat + (t_next - t_hat) * d, d
+
+
+def edm_heun(denoised: torch.Tensor, x_hat: torch.Tensor, x_next: torch.Tensor, d: torch.Tensor, t_hat, t_next):
+    """Lines 10-11: ``d' = (x_next - D') / t_next``; ``x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d')`` (two
+    halves then their sum: not ``(d + d') / 2``, which differs where the sum overflows or a half is subnormal)."""
+    d_prime = (x_next - denoised.to(x_hat.dtype)) / t_next
+    return x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
 
 
 class TorchStep:
