@@ -36,7 +36,7 @@ from . import graphs
 from ._warn import warn_once
 from ._checks import check_generator, check_real, check_shape
 from .backends import make_backend
-from .convention import REFERENCE, ModelOutputError, raw_output
+from .convention import REFERENCE, ModelOutputError
 from .engine import Engine
 from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
@@ -50,7 +50,6 @@ __all__ = ["sample_karras_ve", "sample_karras_ve_sigmas", "plan_steps", "Step", 
            "run", "Run"]
 
 OUTPUTS = ("latent", "float", "uint8")
-_raw_output = raw_output  # (kept for code that imported it from here)
 
 
 class _RngSnapshot:
