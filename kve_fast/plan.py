@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_bound, check_int, check_real
+from ._checks import check_bound, check_real
 from .options import SCHEDULES
 from .schedules import schedule_value
 
@@ -388,14 +388,12 @@ class PlanHandle:
                 total -= _plan_bytes(len(old))
 
 
-def scheduler_plan(scheduler, num_inference_steps: int) -> PlanHandle:
-    """The steps of a ``num_inference_steps`` run with ``scheduler``'s settings (not modifying it). A subclass that
-    makes its schedule its own way is planned from what its methods make (``subclass_plan``; not cached), one
-    that replaces the step arithmetic is refused (``kve_fast.scheduler.schedule_source``)."""
-    from .scheduler import schedule_source
-
-    n = check_int("num_inference_steps", num_inference_steps, 2)
-    if schedule_source(scheduler) == "methods":
+def scheduler_plan(scheduler, n: int, source: str) -> PlanHandle:
+    """The steps of an ``n``-step run (``n`` checked) with ``scheduler``'s settings (not modifying it), from where
+    ``source`` says (the front's ``kve_fast.scheduler.schedule_source(scheduler)``): ``"config"``, or ``"methods"``
+    for a subclass that makes its schedule its own way (planned from what its methods make: ``subclass_plan``;
+    not cached)."""
+    if source == "methods":
         return PlanHandle(subclass_plan(scheduler, n), None)
     c = scheduler.config
     key = _config_key(scheduler)
@@ -453,11 +451,6 @@ def subclass_plan(scheduler, n: int) -> "VectorPlan":
     if why:
         raise ValueError(f"`scheduler`: the noise levels {where} made {why}")
     return VectorPlan(sigma, nxt, c.s_churn, c.s_min, c.s_max, gamma_n=steps, timesteps=t, to_zero=to_zero)
-
-
-def plan_steps(scheduler, num_inference_steps: int) -> Plan:
-    """The steps of a run with ``scheduler``'s settings, computed like the reference pipeline does."""
-    return scheduler_plan(scheduler, num_inference_steps).plan
 
 
 def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf")) -> Plan:

@@ -34,13 +34,13 @@ import torch
 
 from . import graphs
 from ._warn import warn_once
-from ._checks import check_generator, check_real, check_shape
+from ._checks import check_generator, check_int, check_real, check_shape
 from .backends import make_backend
 from .convention import REFERENCE, ModelOutputError
 from .engine import Engine
 from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
-from .plan import PlanHandle, Step, plan_steps, scheduler_plan, sigmas_plan
+from .plan import Plan, PlanHandle, Step, scheduler_plan, sigmas_plan
 from .precision import Precision, resolve
 from .schedule import Schedule
 from .spec import RunSpec, resolve_device
@@ -354,6 +354,21 @@ def reference_run(model, plan, shape, generator, device, noise, initial, backend
                progress=progress, generator=generator)
 
 
+def _scheduler_plan(scheduler, num_inference_steps) -> PlanHandle:
+    """``kve_fast.plan.scheduler_plan`` from where ``scheduler``'s noise levels come (its config, or its own
+    methods), decided here after ``num_inference_steps`` is checked: ``kve_fast.scheduler.schedule_source``,
+    which refuses a scheduler that replaces the step arithmetic."""
+    from .scheduler import schedule_source  # (diffusers: loaded when a scheduler is first planned)
+
+    n = check_int("num_inference_steps", num_inference_steps, 2)
+    return scheduler_plan(scheduler, n, schedule_source(scheduler))
+
+
+def plan_steps(scheduler, num_inference_steps: int) -> Plan:
+    """The steps of a run with ``scheduler``'s settings, computed like the reference pipeline does."""
+    return _scheduler_plan(scheduler, num_inference_steps).plan
+
+
 @torch.no_grad()
 def sample_karras_ve(
     model: Callable,
@@ -401,7 +416,7 @@ def sample_karras_ve(
     device = _check_device(device)
     precision = resolve(model, unet_dtype, tf32, device)
     layout = _check_channels_last(channels_last, shape, device)
-    plan = scheduler_plan(scheduler, num_inference_steps)
+    plan = _scheduler_plan(scheduler, num_inference_steps)
     init_sigma = scheduler.init_noise_sigma
     # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not by the first sigma).
     r = reference_run(model, plan, shape, generator, device, noise, lambda src: (src.initial() * init_sigma).contiguous(),
