@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from . import graphs
+from . import backends, graphs
 from ._warn import warn_once
 from ._checks import check_generator, check_int, check_real, check_shape
 from .backends import make_backend
@@ -125,11 +125,11 @@ class Run:
     backend made from the spec; ``like``: the state's layout template (None: contiguous); ``source``: makes
     the noise source (``source()``); ``initial``: x_0 from the source (``initial(source)``), already scaled;
     ``graphed``: replay the steps from CUDA graphs (``kve_fast.graphs.decide``), with ``cuda_graph`` the
-    mode asked for; ``hand_out``: the callback at each ``HandOut`` stage (``(stage, step, state) -> new x
-    or None``; an object with a ``stop`` attribute ends the run after the step); ``restore_rng``: put the
-    generators and global RNGs back if the run fails; ``extra``: k-diffusion's ``extra_args``; ``s_in``: its
-    ``s_in``; ``fallback``: the backend that goes on where the chosen one cannot read a model output (or a
-    function that raises; None: a TypeError).
+    mode the front decided (``"auto"``, True or False); ``hand_out``: the callback at each ``HandOut`` stage
+    (``(stage, step, state) -> new x or None``; an object with a ``stop`` attribute ends the run after the
+    step); ``restore_rng``: put the generators and global RNGs back if the run fails; ``extra``: k-diffusion's
+    ``extra_args``; ``s_in``: its ``s_in``; ``fallback``: the backend that goes on where the chosen one cannot
+    read a model output (or a function that raises; None: a TypeError).
     """
 
     model: Callable
@@ -225,8 +225,7 @@ def _graphed(r: Run, schedule, steps, denoise, source, eager):
     from . import ncsnpp
     from .fake_graph import CaptureRefused
 
-    mode = graphs.check_cuda_graph(r.cuda_graph)
-    model, spec = r.model, r.spec
+    mode, model, spec = r.cuda_graph, r.model, r.spec
     cap = None
     try:
         if isinstance(model, torch.nn.Module) and ncsnpp.needs_patch(model):
@@ -337,10 +336,12 @@ def _strides(shape, like: torch.Tensor | None) -> tuple:
 
 def reference_run(model, plan, shape, generator, device, noise, initial, backend_name, callback, progress, output,
                   solver, cuda_graph, precision: Precision, layout, s_noise: float) -> Run:
-    """A ``Run`` in the reference's convention (the callers checked every argument)."""
+    """A ``Run`` in the reference's convention (the callers checked every argument but ``backend_name`` and
+    ``cuda_graph``): its device, step backend, graphs and noise are decided here, once, and handed down."""
     device = resolve_device(device)
-    backend = make_backend(backend_name, device, REFERENCE, shape=shape, layout=layout,
-                           model_dtype=precision.input_dtype)
+    backend = make_backend(backends.check_backend(backend_name, device), device, REFERENCE, shape=shape,
+                           layout=layout, model_dtype=precision.input_dtype)
+    mode = graphs.check_cuda_graph(cuda_graph)
     hand_out = None if callback is None else ReferenceCallback(callback)
     image = None if output == "latent" else output
     spec = RunSpec(convention=REFERENCE, backend=backend.name, device=device, shape=tuple(shape),
@@ -350,7 +351,7 @@ def reference_run(model, plan, shape, generator, device, noise, initial, backend
     steps = plan.plan if isinstance(plan, PlanHandle) else plan
     return Run(model=model, spec=spec, plan=plan, backend=backend, like=layout,
                source=lambda: make_noise(noise, shape, generator, device, len(steps)), initial=initial,
-               graphed=graphs.decide(cuda_graph, device, backend.name), cuda_graph=cuda_graph, hand_out=hand_out,
+               graphed=graphs.decide(mode, device, backend.name), cuda_graph=mode, hand_out=hand_out,
                progress=progress, generator=generator)
 
 

@@ -42,7 +42,7 @@ def test_every_reference_plan_churns_as_diffusers_does(config):
     vector = sigmas_plan(sigmas.tolist() + [0.0], c.s_churn, c.s_min, c.s_max)
     assert_bitwise(torch.stack([s.sigma_hat for s in vector]), expected, "VectorPlan")
     scheduler.set_timesteps(STEPS)
-    assert_bitwise(torch.stack([scheduler.churn_sigma(s)[0] for s in sigmas]), expected, "KarrasVeScheduler.churn_sigma")
+    assert_bitwise(torch.stack([scheduler.churn_sigma(s)[0] for s in sigmas]), expected, "the scheduler's churn_sigma")
     # these settings tell the orders apart: k-diffusion's sigma * (gamma + 1) differs at some churned steps
     gamma = min(c.s_churn / STEPS, 2**0.5 - 1)
     churned = [s for s in sigmas if c.s_min <= s <= c.s_max]
