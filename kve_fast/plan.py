@@ -458,8 +458,7 @@ def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float
     check_real("s_churn", s_churn, minimum=0)
     s_tmin = check_bound("s_tmin", s_tmin, minimum=0, finite=True)
     s_tmax = check_bound("s_tmax", s_tmax)
-    if not s_tmax >= s_tmin:
-        raise ValueError(f"`s_tmax` must be >= `s_tmin`, got {s_tmax!r}")
+    check_churn_range(s_tmin, s_tmax, ("s_tmin", "s_tmax"))
     try:
         sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -502,6 +501,13 @@ def _float32_range_problem(high: float, low: float, churn: bool = True) -> str:
     return ""
 
 
+def check_churn_range(s_min, s_max, names: tuple = ("s_min", "s_max")) -> None:
+    """The churn's range [S_min, S_max] is not empty (two real numbers; ``names``: the arguments'). The command
+    line checks its --s-min and --s-max with it before loading a model."""
+    if s_min > s_max:
+        raise ValueError(f"`{names[0]}` ({s_min}) must not be larger than `{names[1]}` ({s_max})")
+
+
 def check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule="diffusers",
                          rho=7.0) -> None:
     """Check a scheduler's settings, including that its float32 noise levels are finite and positive."""
@@ -513,8 +519,7 @@ def check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, s
     check_real("s_churn", s_churn, minimum=0)
     check_real("s_min", s_min, minimum=0)
     check_real("s_max", s_max, minimum=0)
-    if s_min > s_max:
-        raise ValueError(f"`s_min` ({s_min}) must not be larger than `s_max` ({s_max})")
+    check_churn_range(s_min, s_max)
     if not isinstance(sigma_schedule, str) or sigma_schedule not in SCHEDULES:
         raise ValueError(f"`sigma_schedule` must be one of {SCHEDULES}, got {sigma_schedule!r}")
     check_real("rho", rho, positive=True)
