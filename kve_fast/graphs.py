@@ -54,7 +54,6 @@ stale kernels.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import weakref
