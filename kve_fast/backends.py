@@ -12,7 +12,6 @@ from ._warn import warn_once
 from .options import BACKENDS
 
 
-
 def triton_available() -> tuple[bool, str]:
     """Whether the Triton backend can be imported, and why not."""
     try:
@@ -62,13 +61,15 @@ def check_backend(name: str, device: torch.device) -> str:
 
 def make_backend(name: str, device: torch.device, convention, shape=None, layout: torch.Tensor | None = None,
                  model_dtype: torch.dtype = torch.float32):
-    """The step backend object for a resolved or unresolved ``name`` (``shape``: checked against its limits).
+    """The step backend object ``name`` (resolved for ``device`` by the front: ``check_backend``'s answer, or
+    ``"torch"``); ``shape``: checked against its limits.
 
     ``convention``: ``kve_fast.convention.REFERENCE`` or ``K_DIFFUSION`` (the kernels' arithmetic);
     ``layout``: a tensor whose dense layout the fused backends keep their state in (default contiguous);
     ``model_dtype``: the UNet's dtype, which the Triton kernels write its input in (``kve_fast.precision``).
     """
-    name = check_backend(name, device)
+    if name not in ("torch", "triton", "cuda"):
+        raise ValueError(f"make_backend takes a resolved backend (check_backend's answer), got {name!r}")
     if name == "cuda":
         from .ops.step_cuda import CudaStep
 

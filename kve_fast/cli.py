@@ -168,6 +168,21 @@ def _ruled(option: str, check, *args):
         raise CliError(f"{option}: {exc}") from None
 
 
+def _check_churn_range(args, folder) -> None:
+    """--s-min <= --s-max, each the model's (its scheduler_config.json) where not given, before the model loads:
+    the scheduler's own rule and words (``kve_fast.plan.check_churn_range``). A bound the model's config leaves
+    out is the scheduler's default, which its own check (after loading) compares."""
+    given = {name: value for name, value in (("s_min", args.s_min), ("s_max", args.s_max)) if value is not None}
+    if not given:
+        return
+    from .plan import check_churn_range
+
+    config = folder.scheduler_config or {}
+    bounds = [given.get(name, config.get(name)) for name in ("s_min", "s_max")]
+    if all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+        _ruled(", ".join("--" + name.replace("_", "-") for name in given), check_churn_range, *bounds)
+
+
 def _check_cuda_graph(args, device) -> None:
     """--cuda-graph on needs a CUDA device (the rest of its conditions are the sampler's, checked before sampling)."""
     if args.cuda_graph == "on" and device.type != "cuda":
@@ -426,6 +441,7 @@ def sample_command(args) -> int:
     threads = _pin_threads(args.threads, device)
 
     # 3. The model and the sampler settings.
+    _check_churn_range(args, folder)
     pipe = _load(args, device)
     _apply_precision(pipe, args)
     _apply_scheduler_options(pipe, args)
@@ -513,6 +529,7 @@ def generate_command(args) -> int:
     import torch
 
     device, backend, workers = _generate_setup(args)
+    _check_churn_range(args, folder)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     comm = gen.connect(device)

@@ -54,7 +54,6 @@ stale kernels.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import weakref
@@ -103,22 +102,28 @@ def _env_off() -> bool:
     return value is not None and value.strip().lower() in ("0", "false", "off", "no")
 
 
-def decide(cuda_graph, device: torch.device, backend_name: str) -> bool:
-    """Whether this run is graphed. ``True`` with a reason it cannot be raises a ValueError naming it;
-    ``"auto"`` warns once (on CUDA) and runs eagerly, with the same bits."""
+def decide(cuda_graph, device: torch.device, backend_name: str, extra=()) -> bool:
+    """Whether a run on ``device`` with the step backend ``backend_name`` is graphed, ``cuda_graph`` the mode its
+    front decided (``check_cuda_graph``); ``extra``: k-diffusion's ``extra_signature`` (None: its ``extra_args``
+    cannot be captured). ``True`` with a reason it cannot be raises a ValueError naming it; ``"auto"`` warns
+    once (on CUDA, or for the ``extra_args``) and runs eagerly, with the same bits."""
     cuda_graph = check_cuda_graph(cuda_graph)
     if cuda_graph is False or _env_off():
         return False
+    key = None
     if device.type != "cuda" and not fake():
         reason = f"the device is {device}, not CUDA"
     elif backend_name not in ("triton", "cuda"):
         reason = "graphs run the fused kernels: use backend='triton' or 'cuda' (or 'auto' with Triton installed)"
+    elif extra is None:
+        reason, key = "`extra_args` holds values other than tensors, numbers, strings and None", ("extra_args",)
     else:
         return True
     if cuda_graph is True:
         raise ValueError(f"`cuda_graph`=True but {reason}")
-    if device.type == "cuda":
-        warn_once(("decide", reason), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same results")
+    if device.type == "cuda" or key is not None:
+        warn_once(key or ("decide", reason), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same "
+                                             "results")
     return False
 
 

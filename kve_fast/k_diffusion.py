@@ -24,17 +24,17 @@ from typing import Callable
 
 import torch
 
-from . import graphs
+from . import backends, graphs
 from ._warn import warn_once
 from ._checks import check_real
-from .backends import check_backend, make_backend
+from .backends import make_backend
 from .convention import K_DIFFUSION, raw_output
 from .noise import DeviceNoise, RandnLikeNoise
 from .options import NOISE_MODES
 from .plan import kdiffusion_plan
 from .precision import Precision
 from .sampler import Run, run
-from .spec import RunSpec, resolve_device
+from .spec import RunSpec
 
 __all__ = ["sample_heun", "sample_euler", "get_sigmas_karras", "get_sigmas_exponential", "append_zero",
            "score_to_denoiser", "denoiser_to_score"]
@@ -106,14 +106,15 @@ class KDiffusionCallback:
         return None
 
 
-def _fusable(x: torch.Tensor, sigmas: torch.Tensor) -> str:
-    """Why the fused float32 kernels cannot give k-diffusion's bits for this call ('' if they can)."""
+def _fusable(x: torch.Tensor, sigmas: torch.Tensor, device: torch.device) -> str:
+    """Why the fused float32 kernels cannot give k-diffusion's bits for this call on ``device`` (x's) ('' if they
+    can)."""
     if x.dtype != torch.float32:
         return f"`x` is {x.dtype} (the kernels keep a float32 state)"
     if sigmas.dtype != torch.float32:
         return f"`sigmas` are {sigmas.dtype} (the kernels take float32 noise levels)"
-    if sigmas.device != x.device:
-        return (f"`sigmas` are on {sigmas.device} and `x` on {x.device} (k-diffusion then divides by a "
+    if sigmas.device != device:
+        return (f"`sigmas` are on {sigmas.device} and `x` on {device} (k-diffusion then divides by a "
                 "0-d tensor of another device)")
     return ""
 
@@ -149,30 +150,38 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
     check_real("s_noise", s_noise, minimum=0)
     if not isinstance(noise, str) or noise not in NOISE_MODES:
         raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
-    check_backend(backend, x.device)
+    device = x.device  # (a tensor's device carries its index)
+    resolved = backends.check_backend(backend, device)
     plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
     if len(plan) == 0:
         return x  # one noise level (SplitSigmas' last): no step, x as it is, as k-diffusion returns it
-    why = _fusable(x, sigmas)
-    name = backend
-    if why:
-        if backend in ("triton", "cuda"):
-            raise ValueError(f"`backend`={backend!r} cannot run this call: {why}; use backend='torch' or 'auto'")
-        name = "torch"
-    x = x.detach()
+    return run(_kdiffusion_run(model, x.detach(), sigmas, plan, device, backend, resolved, cuda_graph, noise, solver,
+                               extra_args, callback, disable, s_noise))
+
+
+def _kdiffusion_run(model, x, sigmas, plan, device, backend, resolved, cuda_graph, noise, solver, extra_args, callback,
+                    disable, s_noise) -> Run:
+    """A ``Run`` of k-diffusion's convention on ``x``'s ``device`` (``_sample`` checked the arguments and resolved
+    ``backend`` for it into ``resolved``): its step backend, graphs and noise are decided here, once, and handed
+    down."""
+    why = _fusable(x, sigmas, device)
+    if why and backend in ("triton", "cuda"):
+        raise ValueError(f"`backend`={backend!r} cannot run this call: {why}; use backend='torch' or 'auto'")
     layout = torch.empty_like(x)  # the state keeps x's layout, as k-diffusion's tensors do
-    device = resolve_device(x.device)
-    stepper = make_backend(name, x.device, K_DIFFUSION, shape=x.shape, layout=layout)
+    stepper = make_backend("torch" if why else resolved, device, K_DIFFUSION, shape=x.shape, layout=layout)
     extra_args = {} if extra_args is None else extra_args
-    graphed = _decide_graphs(cuda_graph, x.device, stepper.name, extra_args)
+    extra = graphs.extra_signature(extra_args)
+    # cuda_graph=None: graphs.KDIFFUSION_DEFAULT_MODE, off until a GPU run has confirmed this convention's
+    # graphed output bit for bit ("auto"/True ask for them)
+    mode = graphs.KDIFFUSION_DEFAULT_MODE if cuda_graph is None else graphs.check_cuda_graph(cuda_graph)
+    graphed = graphs.decide(mode, device, stepper.name, extra)
     spec = RunSpec(convention=K_DIFFUSION, backend=stepper.name, device=device, shape=tuple(x.shape),
                    strides=tuple(layout.stride()), noise=noise, solver=solver, hand_out=callback is not None,
-                   image=None, precision=Precision(), fir="diffusers", extra=graphs.extra_signature(extra_args),
-                   s_noise=float(s_noise))
+                   image=None, precision=Precision(), fir="diffusers", extra=extra, s_noise=float(s_noise))
     steps = len(plan)
 
     def source():
-        return RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, x.device, steps)
+        return RandnLikeNoise(layout) if noise == "exact" else DeviceNoise(x.shape, None, device, steps)
 
     def progress(iterable):
         if disable is True:  # (tqdm(disable=True) shows nothing either)
@@ -183,27 +192,10 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
 
     # k-diffusion's side effects win over kve_fast's own rule: a failed call (an interrupt raised from the
     # callback, say) leaves the global RNG advanced by the draws it made, as k-diffusion leaves it
-    r = Run(model=model, spec=spec, plan=plan, backend=stepper, like=layout, source=source, initial=lambda _: x,
-            graphed=graphed, cuda_graph=cuda_graph, hand_out=None if callback is None else KDiffusionCallback(callback),
-            progress=progress, restore_rng=False, extra=extra_args, s_in=x.new_ones([x.shape[0]]),
-            fallback=_fallback(backend))
-    return run(r)
-
-
-def _decide_graphs(cuda_graph, device, backend_name: str, extra_args: dict) -> bool:
-    """Whether this run replays CUDA graphs. ``None`` means ``graphs.KDIFFUSION_DEFAULT_MODE`` (off until
-    a GPU run has confirmed this convention's graphed output bit for bit; ``"auto"``/True ask for them)."""
-    mode = graphs.KDIFFUSION_DEFAULT_MODE if cuda_graph is None else graphs.check_cuda_graph(cuda_graph)
-    if not graphs.decide(mode, device, backend_name):
-        return False
-    if graphs.extra_signature(extra_args) is None:
-        reason = "`extra_args` holds values other than tensors, numbers, strings and None"
-        if mode is True:
-            raise ValueError(f"`cuda_graph`=True but {reason}")
-        warn_once(("extra_args",), f"kve_fast: not using CUDA graphs ({reason}); running eagerly, same "
-                                           "results")
-        return False
-    return True
+    return Run(model=model, spec=spec, plan=plan, backend=stepper, like=layout, source=source, initial=lambda _: x,
+               graphed=graphed, cuda_graph=mode,
+               hand_out=None if callback is None else KDiffusionCallback(callback), progress=progress,
+               restore_rng=False, extra=extra_args, s_in=x.new_ones([x.shape[0]]), fallback=_fallback(backend))
 
 
 @torch.no_grad()

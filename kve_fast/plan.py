@@ -23,11 +23,12 @@ import numbers
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from ._checks import check_bound, check_int, check_real
+from ._checks import check_bound, check_real
 from .options import SCHEDULES
 from .schedules import schedule_value
 
@@ -42,19 +43,76 @@ def reciprocal(s) -> float:
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.as_tensor(s, dtype=torch.float32))
 
 
+# -- Algorithm 2, lines 4-6: gamma_i, the range test, sigma_hat and the churn's coefficient ---------------
+
+GAMMA_CAP = 2**0.5 - 1  # gamma_i's cap sqrt(2) - 1 (the same float64 as EDM's np.sqrt(2) - 1)
+
+
+@dataclass(frozen=True)
+class ChurnRule:
+    """gamma_i = min(S_churn / N, sqrt(2) - 1) where S_min <= sigma_i <= S_max (else 0), sigma_hat = sigma_i +
+    gamma_i sigma_i and line 6's c = sqrt(sigma_hat^2 - sigma_i^2), as one original rounds them. Every plan and
+    every check of where they overflow computes them here, and only here.
+
+    ``sigma`` is a tensor in the dtype the original computes in (the reference: float32 on the host; k-diffusion:
+    the sigmas' dtype; EDM's would be float64): 0-d for one step (``at``) or 1-D for a chunk of steps (``over``),
+    each element the same IEEE operations either way. gamma is a Python float (N, S_churn and the cap are
+    Python numbers in every original), which torch rounds to sigma's dtype inside each op; the range test
+    compares in sigma's dtype, inclusive at both ends.
+
+    ``order``: ``"add"`` is ``sigma + gamma * sigma`` (the reference's; EDM's, which then rounds it with its net's
+    ``round_sigma``), ``"scale"`` is ``sigma * (gamma + 1)`` (k-diffusion's: ``gamma + 1`` in Python floats).
+    ``outside``: gamma outside the range, as the original writes it (the reference's int 0, k-diffusion's 0.).
+    """
+
+    name: str
+    order: str
+    outside: float
+
+    @staticmethod
+    def gamma(s_churn, n: int) -> float:
+        """gamma_i of a step inside the range: min(S_churn / N, sqrt(2) - 1)."""
+        return min(s_churn / n, GAMMA_CAP)
+
+    @staticmethod
+    def in_range(sigma: torch.Tensor, s_min, s_max) -> torch.Tensor:
+        """S_min <= sigma <= S_max, element by element."""
+        return (sigma >= s_min) & (sigma <= s_max)
+
+    def sigma_hat(self, sigma: torch.Tensor, gamma) -> torch.Tensor:
+        """sigma + gamma sigma in this original's order of operations (``gamma`` a Python number)."""
+        return sigma + gamma * sigma if self.order == "add" else sigma * (gamma + 1)
+
+    @staticmethod
+    def coefficient(sigma: torch.Tensor, sigma_hat: torch.Tensor) -> torch.Tensor:
+        """Line 6's c: ``(sigma_hat ** 2 - sigma ** 2) ** 0.5``."""
+        return (sigma_hat**2 - sigma**2) ** 0.5
+
+    def at(self, sigma: torch.Tensor, s_churn, n: int, s_min, s_max) -> tuple:
+        """One step, ``sigma`` 0-d: ``(sigma_hat, gamma_i)`` (gamma computed only inside the range, as there)."""
+        gamma = self.gamma(s_churn, n) if bool(self.in_range(sigma, s_min, s_max)) else self.outside
+        return self.sigma_hat(sigma, gamma), gamma
+
+    def over(self, sigma: torch.Tensor, g: float, s_min, s_max) -> tuple:
+        """A chunk of steps, ``sigma`` 1-D, ``g`` their ``gamma(...)``: ``(inside the range, sigma_hat)``, each
+        element as ``at`` makes it."""
+        inside = self.in_range(sigma, s_min, s_max)
+        return inside, torch.where(inside, self.sigma_hat(sigma, g), self.sigma_hat(sigma, self.outside))
+
+
+REFERENCE_CHURN = ChurnRule("reference", "add", 0)
+K_DIFFUSION_CHURN = ChurnRule("k-diffusion", "scale", 0.0)
+
+
 def churn_sigma(sigma, num_inference_steps: int, s_churn, s_min, s_max):
-    """Algorithm 2, lines 4-5: gamma_i and sigma_hat = sigma + gamma_i * sigma, rounded as the reference does
-    (``sigma`` a 0-d float32 tensor; the range test and the products in float32)."""
-    if s_min <= sigma <= s_max:
-        gamma = min(s_churn / num_inference_steps, 2**0.5 - 1)
-    else:
-        gamma = 0
-    return sigma + gamma * sigma, gamma
+    """Algorithm 2, lines 4-5: ``(sigma_hat, gamma_i)`` as the reference rounds them (``sigma`` a 0-d float32
+    tensor)."""
+    return REFERENCE_CHURN.at(sigma, s_churn, num_inference_steps, s_min, s_max)
 
 
 def churn_coefficient(sigma, sigma_hat) -> float:
     """c = sqrt(sigma_hat^2 - sigma^2), computed with the reference's 0-d float32 tensor ops."""
-    return _f32((torch.as_tensor(sigma_hat) ** 2 - torch.as_tensor(sigma) ** 2) ** 0.5)
+    return _f32(REFERENCE_CHURN.coefficient(torch.as_tensor(sigma), torch.as_tensor(sigma_hat)))
 
 
 class Level(NamedTuple):
@@ -149,11 +207,11 @@ class Step:
 
 class _LazySteps(Sequence):
     """Steps made on access by ``_make(i)``; the last two made are kept, since the loop asks for steps i and
-    i+1 together (step i's stages fuse step i+1's churn). ``memo``: keep every step (cached plans). ``n``:
-    the number of steps."""
+    i+1 together (step i's stages fuse step i+1's churn). ``n``: the number of steps; ``memo``: keep every
+    step (cached plans)."""
 
     def __init__(self, n: int, memo: bool = False):
-        self._n = self.n = n
+        self._n = n
         self._memo = [None] * n if memo else None
         self._recent = ((None, None), (None, None))
 
@@ -249,7 +307,7 @@ class VectorPlan(_LazySteps):
     def __init__(self, sigma: torch.Tensor, nxt: torch.Tensor, s_churn, s_min, s_max, gamma_n: int | None = None,
                  timesteps: torch.Tensor | None = None, to_zero: bool = True):
         super().__init__(sigma.numel())
-        g = min(s_churn / (self._n if gamma_n is None else gamma_n), 2**0.5 - 1)
+        g = REFERENCE_CHURN.gamma(s_churn, self._n if gamma_n is None else gamma_n)
         self._timesteps = timesteps
         self._rows = _Chunks(self._n, lambda lo, hi: _step_rows(sigma[lo:hi], nxt[lo:hi], to_zero and hi == self._n,
                                                                  g, s_min, s_max))
@@ -263,9 +321,8 @@ def _step_rows(sigma: torch.Tensor, nxt: torch.Tensor, ends: bool, g, s_min, s_m
     """``(gamma, last, sigma, sigma_hat, sigma_next, noise_coef, at_hat, at_next)`` of the steps at ``sigma`` (to
     ``nxt``), as ``Step`` computes them (``churn_sigma`` with gamma ``g``, ``churn_coefficient``, ``level_at``),
     element by element; ``ends``: the last of these is the run's step to sigma = 0."""
-    churned = (sigma >= s_min) & (sigma <= s_max)  # (s_min <= sigma <= s_max, as churn_sigma tests it)
-    hat = torch.where(churned, sigma + g * sigma, sigma + 0 * sigma)
-    coef = (hat**2 - sigma**2) ** 0.5
+    churned, hat = REFERENCE_CHURN.over(sigma, g, s_min, s_max)
+    coef = REFERENCE_CHURN.coefficient(sigma, hat)
     one = torch.ones_like(hat)
     dt = nxt - hat  # (the last step's sigma_{i+1} is the int 0 there: 0 - sigma_hat, the same op)
     last_at = sigma.numel() - 1 if ends else -1
@@ -331,14 +388,12 @@ class PlanHandle:
                 total -= _plan_bytes(len(old))
 
 
-def scheduler_plan(scheduler, num_inference_steps: int) -> PlanHandle:
-    """The steps of a ``num_inference_steps`` run with ``scheduler``'s settings (not modifying it). A subclass that
-    makes its schedule its own way is planned from what its methods make (``subclass_plan``; not cached), one
-    that replaces the step arithmetic is refused (``kve_fast.scheduler.schedule_source``)."""
-    from .scheduler import schedule_source
-
-    n = check_int("num_inference_steps", num_inference_steps, 2)
-    if schedule_source(scheduler) == "methods":
+def scheduler_plan(scheduler, n: int, source: str) -> PlanHandle:
+    """The steps of an ``n``-step run (``n`` checked) with ``scheduler``'s settings (not modifying it), from where
+    ``source`` says (the front's ``kve_fast.scheduler.schedule_source(scheduler)``): ``"config"``, or ``"methods"``
+    for a subclass that makes its schedule its own way (planned from what its methods make: ``subclass_plan``;
+    not cached)."""
+    if source == "methods":
         return PlanHandle(subclass_plan(scheduler, n), None)
     c = scheduler.config
     key = _config_key(scheduler)
@@ -398,18 +453,12 @@ def subclass_plan(scheduler, n: int) -> "VectorPlan":
     return VectorPlan(sigma, nxt, c.s_churn, c.s_min, c.s_max, gamma_n=steps, timesteps=t, to_zero=to_zero)
 
 
-def plan_steps(scheduler, num_inference_steps: int) -> Plan:
-    """The steps of a run with ``scheduler``'s settings, computed like the reference pipeline does."""
-    return scheduler_plan(scheduler, num_inference_steps).plan
-
-
 def sigmas_plan(sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf")) -> Plan:
     """Steps for a user's descending ``sigmas`` (ending in 0), with the reference's per-step rounding."""
     check_real("s_churn", s_churn, minimum=0)
     s_tmin = check_bound("s_tmin", s_tmin, minimum=0, finite=True)
     s_tmax = check_bound("s_tmax", s_tmax)
-    if not s_tmax >= s_tmin:
-        raise ValueError(f"`s_tmax` must be >= `s_tmin`, got {s_tmax!r}")
+    check_churn_range(s_tmin, s_tmax, ("s_tmin", "s_tmax"))
     try:
         sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -442,7 +491,7 @@ def _float32_range_problem(high: float, low: float, churn: bool = True) -> str:
     bottom = torch.tensor(low, dtype=torch.float32)
     if not math.isfinite(float(top)) or not float(top) > 0:
         return f"reach {high:g}, which is not a finite positive float32"
-    hat = top + (2**0.5 - 1) * top if churn else top
+    hat = REFERENCE_CHURN.sigma_hat(top, GAMMA_CAP) if churn else top
     if not math.isfinite(float(hat * hat)):
         return f"reach {high:g}, whose square (sigma**2, computed every step) overflows float32"
     if not float(bottom) > 0 or not float(bottom / 2) > 0:
@@ -450,6 +499,13 @@ def _float32_range_problem(high: float, low: float, churn: bool = True) -> str:
     if not math.isfinite(reciprocal(bottom)):
         return f"go down to {low:g}, whose reciprocal overflows float32"
     return ""
+
+
+def check_churn_range(s_min, s_max, names: tuple = ("s_min", "s_max")) -> None:
+    """The churn's range [S_min, S_max] is not empty (two real numbers; ``names``: the arguments'). The command
+    line checks its --s-min and --s-max with it before loading a model."""
+    if s_min > s_max:
+        raise ValueError(f"`{names[0]}` ({s_min}) must not be larger than `{names[1]}` ({s_max})")
 
 
 def check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, sigma_schedule="diffusers",
@@ -463,8 +519,7 @@ def check_sampler_config(sigma_min, sigma_max, s_noise, s_churn, s_min, s_max, s
     check_real("s_churn", s_churn, minimum=0)
     check_real("s_min", s_min, minimum=0)
     check_real("s_max", s_max, minimum=0)
-    if s_min > s_max:
-        raise ValueError(f"`s_min` ({s_min}) must not be larger than `s_max` ({s_max})")
+    check_churn_range(s_min, s_max)
     if not isinstance(sigma_schedule, str) or sigma_schedule not in SCHEDULES:
         raise ValueError(f"`sigma_schedule` must be one of {SCHEDULES}, got {sigma_schedule!r}")
     check_real("rho", rho, positive=True)
@@ -527,7 +582,7 @@ class KStep:
         """``sigmas[i] * (gamma + 1)`` computed as k-diffusion does, on the sigmas' device (no sync): one tensor
         for the step, as k-diffusion's ``sigma_hat`` is (the callback gets it, and its line 8 reads it)."""
         if self._hat is None:
-            self._hat = self._sigmas[self.index] * (self.gamma + 1)
+            self._hat = K_DIFFUSION_CHURN.sigma_hat(self._sigmas[self.index], self.gamma)
             self._hat_version = self._hat._version
         return self._hat
 
@@ -555,7 +610,7 @@ class KPlan(_LazySteps):
         sigmas, (s_churn, s_tmin, s_tmax) = self.sigmas, self._churn
         self._cpu, self._version = cpu, sigmas._version
         self._device_churn = device_churn(sigmas, s_churn) if sigmas.device.type != "cpu" else None
-        g = min(s_churn / self._n, 2**0.5 - 1) if self._n else 0.0
+        g = K_DIFFUSION_CHURN.gamma(s_churn, self._n) if self._n else 0.0
         self._rows = _Chunks(self._n, lambda lo, hi: _kstep_rows(
             cpu[lo:hi], cpu[lo + 1:hi + 1], g, s_tmin, s_tmax,
             None if self._device_churn is None else self._device_churn[lo:hi]))
@@ -581,7 +636,7 @@ class KPlan(_LazySteps):
         if step.hat_edited():
             hat = step.sigma_hat_on_device().detach().cpu()
         else:
-            hat = old[i] * (gamma + 1)  # k-diffusion's sigma_hat, made from sigmas[i] before the edit
+            hat = K_DIFFUSION_CHURN.sigma_hat(old[i], gamma)  # k-diffusion's, made from sigmas[i] before the edit
         nxt = self._cpu[i + 1]
         row = (gamma, bool(nxt == 0), coef, _f32(hat), _f32(nxt), _f32(nxt - hat))
         self._rows.replace(i, row)
@@ -597,15 +652,15 @@ def _kstep_rows(sig: torch.Tensor, nxt: torch.Tensor, g, s_tmin, s_tmax, churn: 
     on the sigmas' device) and ``dt = sigmas[i + 1] - sigma_hat``, each an elementwise op in the sigmas' dtype
     like k-diffusion's 0-d one, the floats rounded to float32."""
     n = sig.numel()
-    churned = ((sig >= s_tmin) & (sig <= s_tmax)) if g > 0 else torch.zeros(n, dtype=torch.bool)
-    hat = torch.where(churned, sig * (g + 1), sig * (0.0 + 1))
+    inside, hat = K_DIFFUSION_CHURN.over(sig, g, s_tmin, s_tmax)
+    churned = inside if g > 0 else torch.zeros(n, dtype=torch.bool)  # (k-diffusion churns where gamma > 0)
     f32 = lambda t: t.to(torch.float32).tolist()  # noqa: E731 - (as _f32 rounds, element by element)
     if not bool(churned.any()):
         coefs = [None] * n
     elif churn is not None:
         coefs = churn.tolist()  # (its own dtype's values, as float(churn[i]) gives them)
     else:
-        coefs = f32((hat**2 - sig**2) ** 0.5)
+        coefs = f32(K_DIFFUSION_CHURN.coefficient(sig, hat))
     rows = []
     for c, last, coef_i, h, s_next, dt in zip(churned.tolist(), (nxt == 0).tolist(), coefs, f32(hat), f32(nxt),
                                               f32(nxt - hat)):
@@ -623,10 +678,8 @@ def device_churn(sigmas: torch.Tensor, s_churn: float) -> torch.Tensor | None:
     n = sigmas.numel() - 1
     if s_churn <= 0 or n < 1:
         return None
-    gamma = min(s_churn / n, 2**0.5 - 1)
-    sigma = sigmas[:-1]
-    sigma_hat = sigma * (gamma + 1)
-    return ((sigma_hat**2 - sigma**2) ** 0.5).cpu()
+    rule, sigma = K_DIFFUSION_CHURN, sigmas[:-1]
+    return rule.coefficient(sigma, rule.sigma_hat(sigma, rule.gamma(s_churn, n))).cpu()
 
 
 def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPlan:
@@ -651,10 +704,8 @@ def kdiffusion_plan(sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf")) -> KPl
         cpu = cpu.clone()  # the host floats are made as the run goes: from the sigmas as the call got them
     n = cpu.numel() - 1
     if n >= 1 and s_churn > 0:
-        gamma = min(s_churn / n, 2**0.5 - 1)
         sig = cpu[:-1]
-        churned = (sig >= s_tmin) & (sig <= s_tmax)
-        hat = sig * (gamma + 1)
+        churned, hat = K_DIFFUSION_CHURN.over(sig, K_DIFFUSION_CHURN.gamma(s_churn, n), s_tmin, s_tmax)
         overflow = churned & torch.isfinite(sig) & ~torch.isfinite(hat * hat)
         if bool(overflow.any()):
             k = int(overflow.nonzero()[0])

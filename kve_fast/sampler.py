@@ -32,15 +32,15 @@ from typing import Callable
 
 import torch
 
-from . import graphs
+from . import backends, graphs
 from ._warn import warn_once
-from ._checks import check_generator, check_real, check_shape
+from ._checks import check_generator, check_int, check_real, check_shape
 from .backends import make_backend
-from .convention import REFERENCE, ModelOutputError, raw_output
+from .convention import REFERENCE, ModelOutputError
 from .engine import Engine
 from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
-from .plan import PlanHandle, Step, plan_steps, scheduler_plan, sigmas_plan
+from .plan import Plan, PlanHandle, Step, scheduler_plan, sigmas_plan
 from .precision import Precision, resolve
 from .schedule import Schedule
 from .spec import RunSpec, resolve_device
@@ -50,7 +50,6 @@ __all__ = ["sample_karras_ve", "sample_karras_ve_sigmas", "plan_steps", "Step", 
            "run", "Run"]
 
 OUTPUTS = ("latent", "float", "uint8")
-_raw_output = raw_output  # (kept for code that imported it from here)
 
 
 class _RngSnapshot:
@@ -126,11 +125,11 @@ class Run:
     backend made from the spec; ``like``: the state's layout template (None: contiguous); ``source``: makes
     the noise source (``source()``); ``initial``: x_0 from the source (``initial(source)``), already scaled;
     ``graphed``: replay the steps from CUDA graphs (``kve_fast.graphs.decide``), with ``cuda_graph`` the
-    mode asked for; ``hand_out``: the callback at each ``HandOut`` stage (``(stage, step, state) -> new x
-    or None``; an object with a ``stop`` attribute ends the run after the step); ``restore_rng``: put the
-    generators and global RNGs back if the run fails; ``extra``: k-diffusion's ``extra_args``; ``s_in``: its
-    ``s_in``; ``fallback``: the backend that goes on where the chosen one cannot read a model output (or a
-    function that raises; None: a TypeError).
+    mode the front decided (``"auto"``, True or False); ``hand_out``: the callback at each ``HandOut`` stage
+    (``(stage, step, state) -> new x or None``; an object with a ``stop`` attribute ends the run after the
+    step); ``restore_rng``: put the generators and global RNGs back if the run fails; ``extra``: k-diffusion's
+    ``extra_args``; ``s_in``: its ``s_in``; ``fallback``: the backend that goes on where the chosen one cannot
+    read a model output (or a function that raises; None: a TypeError).
     """
 
     model: Callable
@@ -226,8 +225,7 @@ def _graphed(r: Run, schedule, steps, denoise, source, eager):
     from . import ncsnpp
     from .fake_graph import CaptureRefused
 
-    mode = graphs.check_cuda_graph(r.cuda_graph)
-    model, spec = r.model, r.spec
+    mode, model, spec = r.cuda_graph, r.model, r.spec
     cap = None
     try:
         if isinstance(model, torch.nn.Module) and ncsnpp.needs_patch(model):
@@ -338,10 +336,12 @@ def _strides(shape, like: torch.Tensor | None) -> tuple:
 
 def reference_run(model, plan, shape, generator, device, noise, initial, backend_name, callback, progress, output,
                   solver, cuda_graph, precision: Precision, layout, s_noise: float) -> Run:
-    """A ``Run`` in the reference's convention (the callers checked every argument)."""
+    """A ``Run`` in the reference's convention (the callers checked every argument but ``backend_name`` and
+    ``cuda_graph``): its device, step backend, graphs and noise are decided here, once, and handed down."""
     device = resolve_device(device)
-    backend = make_backend(backend_name, device, REFERENCE, shape=shape, layout=layout,
-                           model_dtype=precision.input_dtype)
+    backend = make_backend(backends.check_backend(backend_name, device), device, REFERENCE, shape=shape,
+                           layout=layout, model_dtype=precision.input_dtype)
+    mode = graphs.check_cuda_graph(cuda_graph)
     hand_out = None if callback is None else ReferenceCallback(callback)
     image = None if output == "latent" else output
     spec = RunSpec(convention=REFERENCE, backend=backend.name, device=device, shape=tuple(shape),
@@ -351,8 +351,23 @@ def reference_run(model, plan, shape, generator, device, noise, initial, backend
     steps = plan.plan if isinstance(plan, PlanHandle) else plan
     return Run(model=model, spec=spec, plan=plan, backend=backend, like=layout,
                source=lambda: make_noise(noise, shape, generator, device, len(steps)), initial=initial,
-               graphed=graphs.decide(cuda_graph, device, backend.name), cuda_graph=cuda_graph, hand_out=hand_out,
+               graphed=graphs.decide(mode, device, backend.name), cuda_graph=mode, hand_out=hand_out,
                progress=progress, generator=generator)
+
+
+def _scheduler_plan(scheduler, num_inference_steps) -> PlanHandle:
+    """``kve_fast.plan.scheduler_plan`` from where ``scheduler``'s noise levels come (its config, or its own
+    methods), decided here after ``num_inference_steps`` is checked: ``kve_fast.scheduler.schedule_source``,
+    which refuses a scheduler that replaces the step arithmetic."""
+    from .scheduler import schedule_source  # (diffusers: loaded when a scheduler is first planned)
+
+    n = check_int("num_inference_steps", num_inference_steps, 2)
+    return scheduler_plan(scheduler, n, schedule_source(scheduler))
+
+
+def plan_steps(scheduler, num_inference_steps: int) -> Plan:
+    """The steps of a run with ``scheduler``'s settings, computed like the reference pipeline does."""
+    return _scheduler_plan(scheduler, num_inference_steps).plan
 
 
 @torch.no_grad()
@@ -402,7 +417,7 @@ def sample_karras_ve(
     device = _check_device(device)
     precision = resolve(model, unet_dtype, tf32, device)
     layout = _check_channels_last(channels_last, shape, device)
-    plan = scheduler_plan(scheduler, num_inference_steps)
+    plan = _scheduler_plan(scheduler, num_inference_steps)
     init_sigma = scheduler.init_noise_sigma
     # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not by the first sigma).
     r = reference_run(model, plan, shape, generator, device, noise, lambda src: (src.initial() * init_sigma).contiguous(),

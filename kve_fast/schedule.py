@@ -160,25 +160,22 @@ class Schedule:
 
     def kind(self, plan, step) -> StepKind:
         """The kind of ``step`` (of ``plan``)."""
+        return StepKind(*self._kind_fields(plan, step))
+
+    def _kind_fields(self, plan, step) -> tuple:
+        """``kind(plan, step)``'s fields, as a plain tuple (equal to the ``StepKind``: a key of ``_stages``)."""
         i = step.index
         last = i == len(plan) - 1
         correct = self.heun and not step.last  # step.last: sigma_{i+1} = 0 (k-diffusion's sequences may end elsewhere)
         if self.convention.churn_every_step:  # (then no other step needs to be made to know)
-            return StepKind(correct, last, True, not last)
+            return correct, last, True, not last
         churns = self.convention.churns
-        return StepKind(correct, last, churns(step), not last and churns(plan[i + 1]))
+        return correct, last, churns(step), not last and churns(plan[i + 1])
 
     def step_stages(self, plan, step) -> tuple:
-        """``stages(kind(plan, step))``, in fewer calls (the eager loop asks once per step)."""
-        i = step.index
-        last = i == plan.n - 1 if hasattr(plan, "n") else i == len(plan) - 1
-        if self.convention.churn_every_step:
-            key = (self.heun and not step.last, last, True, not last)
-        else:  # Convention.churns, inline
-            key = (self.heun and not step.last, last, step.noise_coef is not None,
-                   not last and plan[i + 1].noise_coef is not None)
-        stages = self._stages.get(key)  # (a StepKind is a tuple: the same key as stages())
-        return stages if stages is not None else self.stages(StepKind(*key))
+        """``stages(kind(plan, step))``, with fewer calls (the eager loop asks every step)."""
+        stages = self._stages.get(self._kind_fields(plan, step))
+        return stages if stages is not None else self.stages(self.kind(plan, step))
 
     def rest_after(self, plan, step, stage: HandOut):
         """``(step, the stages after stage)`` once a callback at ``stage`` has run: ``plan.reread`` gives the
@@ -351,10 +348,7 @@ class HostFeed:
         return ChurnValues(step, step.noise_coef, self.s_noise, Draw(self.source))
 
     def model_level(self, at: str) -> torch.Tensor:
-        if self.convention.denoiser:  # (Convention.noise_level, inline: it runs twice a step)
-            step = self.step
-            return (step.sigma_hat_on_device() if at == "hat" else step.sigma_next) * self.s_in
-        return torch.tensor((self.step.at_hat if at == "hat" else self.step.at_next).half, dtype=torch.float32)
+        return self.convention.noise_level(self.step, at, self.s_in)
 
 
 # -- running the stages -----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch
 import kve_fast
 from kve_fast.convention import K_DIFFUSION, REFERENCE
 from kve_fast.ops.fused import FusedStep
-from kve_fast.plan import kdiffusion_plan, plan_steps
+from kve_fast.plan import kdiffusion_plan
+from kve_fast.sampler import plan_steps
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
