@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lent GPU's first command (issue 20): correctness, about 6 minutes (BUDGET_S, default 360, is hard: a stage
+# The lent GPU's first command: correctness, about 6 minutes (BUDGET_S, default 360, is hard: a stage
 # that would not fit is skipped and the summary says so). Stages: bench/device_session.py correctness --list.
 #   run(command="bash bench/device_correctness.sh", carry=[".whl"], timeout_s=420)
 # Prepare first, here: bash bench/device_prepare.sh. Writes $OUT/device_correctness.json and .log; exits 1 if a

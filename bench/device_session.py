@@ -1,4 +1,4 @@
-"""The lent GPU's two commands (issue 20): what each runs, in order, under one hard time budget.
+"""The lent GPU's two commands: what each runs, in order, under one hard time budget.
 
     python bench/device_session.py correctness [--budget-s 360] [--out DIR] [--dry-run]
     python bench/device_session.py speed       [--budget-s 240] [--out DIR] [--dry-run]
@@ -101,7 +101,7 @@ def speed_stages(dry: bool):
         Stage("graph_bench", [PY, _b("graph_bench.py"), "--unet-dtype", "fp32", "bf16", "--configs", "ncsnpp-b64",
                               "celebahq256-b8", "--no-eager", "--config-steps", "ncsnpp-b64=20",
                               "celebahq256-b8=10", "--budget-s", "{budget}", "--out", "{out}"], 140, 175,
-              what="issue 20's targets: CelebA-HQ-256 b8 fp32; NCSN++ 62M b64 bf16 >= 4.5x diffusers fp32 and "
+              what="the speed targets: CelebA-HQ-256 b8 fp32; NCSN++ 62M b64 bf16 >= 4.5x diffusers fp32 and "
                    "<= 1.05x its bf16 floor; CelebA-HQ-256 b8 bf16 >= 2x; each with its accuracy gate"),
         Stage("cold_start", [PY, _b("cold_start.py"), "--device", "cuda", "--reps", "3", "--triton-cache", "warm",
                              "--out", "{out}/cold_start.json"], 40, 55,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lent GPU's second command (issue 20): speed, about 4 minutes (BUDGET_S, default 240, is hard: a stage
+# The lent GPU's second command: speed, about 4 minutes (BUDGET_S, default 240, is hard: a stage
 # that would not fit is skipped and the summary says so). Stages: bench/device_session.py speed --list.
 #   run(command="bash bench/device_speed.sh", carry=[".whl"], timeout_s=300)
 # Prepare first, here: bash bench/device_prepare.sh. Writes $OUT/device_speed.json and .log; exits 1 if a

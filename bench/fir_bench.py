@@ -319,7 +319,7 @@ def _measure(args, device) -> int:
                                                                            for k in ("native", "fast")]
     short = [t for t in timed if not t["repeat_rule_met"]]
     if short and not args.smoke:
-        run.check("timings repeated per issue 20's rule", False, f"{len(short)} timings with too few calls")
+        run.check("timings repeated per the repeat rule", False, f"{len(short)} timings with too few calls")
     return run.finish(markdown=markdown)
 
 

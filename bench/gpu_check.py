@@ -34,7 +34,7 @@ Parts (default: kernels to per_step):
    extension launches on torch's current stream) against a device-to-device copy measured in the same run.
 6. per_step: the sampler's own per-step cost with a near-free stand-in model at 256x256 x 16 and 64x64 x 64
    (CPU: 16x16 x 2): diffusers against kve_fast (torch, each backend exact and fast, eager and graphed); n per
-   issue 20's rule, min / median / max, ratios of medians in this run.
+   the repeat rule, min / median / max, ratios of medians in this run.
 7. cold_start: process start to the first image (bundled digits model, 2 steps, ``cuda_graph=False``) in a fresh
    process per variant: the floor (``import torch`` and a first tensor), torch; on CUDA Triton with an empty and a
    warm kernel cache, and the extension installed (after the build part), built just in time into an empty cache,

@@ -22,13 +22,13 @@ user's own model):
   (``torch.equal``) and its ``np`` images (``np.array_equal``; the share of pixels strictly inside (0, 1)
   is reported because saturated images prove little), graphed rows against eager ones.
 
-Low precision (``--unet-dtype bf16|fp16``, ``--tf32``; issue 12): diffusers' row runs the float32 model as
+Low precision (``--unet-dtype bf16|fp16``, ``--tf32``): diffusers' row runs the float32 model as
 always (it cannot run a bf16 UNet); kve_fast's rows run a copy of the model converted to that dtype, natively
 (made once per configuration, freed after); the floor is 99 x one graphed forward of that copy (input in its
 dtype, NCSN++ FIR blocks on the Triton kernel as the sampler's fast modes run them); exact-noise rows report
 the relative RMS difference of their final latent from diffusers' float32 one instead of bit equality, graphed
 rows are still compared bit for bit with eager ones. Results go to graph_bench_bf16.* (graph_bench_fp16.*,
-graph_bench_tf32.*, ...). The Targets section states issue 12's for bf16:
+graph_bench_tf32.*, ...). The Targets section states the bf16 targets:
 
     python bench/graph_bench.py --unet-dtype bf16 --configs ncsnpp-b64 celebahq256-b8 --no-eager
 

@@ -739,7 +739,7 @@ def time_config(real, device, cfg, reps_free, reps_unet):
             model(x, lv)
 
     reps = reps_unet if model_name == "unet" else reps_free
-    reps = max(reps, required_repeats(min(first.values())))  # issue 20: >= 5 calls where one is under 2 s, else >= 3
+    reps = max(reps, required_repeats(min(first.values())))  # the repeat rule: >= 5 calls where one is under 2 s, else >= 3
     with torch.no_grad():
         times = time_rounds({**variants, "model calls alone": model_only}, reps, device)
     timing_rows(cfg, times, first, n_calls)
@@ -864,7 +864,7 @@ def timing_configs(gpu: bool, quick: bool) -> tuple[list, int, int]:
         free += [("near-free 256x256 x16 euler", "near-free", 256, 16, 50, "sample_euler", {}),
                  ("near-free 64x64 x64 heun", "near-free", 64, 64, 50, "sample_heun", {})]
         unet += [("unet 32x32 x1 heun churn", "unet", 32, 1, 50, "sample_heun", churn)]
-    return free + unet, (5 if quick else 11), 5  # at least issue 20's rule
+    return free + unet, (5 if quick else 11), 5  # at least the repeat rule
 
 
 def run_parts(args, real, device) -> None:

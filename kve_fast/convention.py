@@ -65,7 +65,7 @@ class Convention:
     def true_division(self, device: torch.device) -> bool:
         """Whether the step's divisions by sigma are true divisions on ``device`` (else a multiplication by
         the float32 reciprocal computed on the host: what torch on CUDA does with the reference's CPU 0-d
-        ``sigma_hat``; measured on an H200, ../shared/notes/gpu-baseline.md)."""
+        ``sigma_hat``; measured on an H200: docs/exactness.md)."""
         return self.denoiser or device.type != "cuda"
 
     def churns(self, step) -> bool:

@@ -45,7 +45,7 @@ and replays them:
 warning naming the reason; ``True`` raises that reason instead; ``False`` (or the environment variable
 ``KVE_FAST_CUDA_GRAPH=0``) never captures. The default (``cuda_graph=None``) is ``DEFAULT_MODE``, "auto"
 (the graphed output was confirmed bit for bit against eager runs and diffusers' pipeline on an H100,
-bench/RESULTS.md, 2026-11-26); in ``kve_fast.k_diffusion`` it is ``KDIFFUSION_DEFAULT_MODE``.
+bench/RESULTS.md); in ``kve_fast.k_diffusion`` it is ``KDIFFUSION_DEFAULT_MODE``.
 
 ``KVE_FAST_FAKE_GRAPHS=1`` runs all of this on the CPU with ``kve_fast.fake_graph.FakeGraph``, a stand-in
 that records what a capture runs and reads and fails where a real graph would read freed memory or

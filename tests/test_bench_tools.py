@@ -177,7 +177,7 @@ def test_session_a_must_run_test_stage_that_skipped_is_not_ok(tmp_path):
 
 
 def test_graph_bench_targets_need_a_measured_row_its_accuracy_and_a_graphed_floor():
-    """graph_bench's verdict on issue 20's targets: met only with the speed-up, the floor ratio against the
+    """graph_bench's verdict on the speed script's targets: met only with the speed-up, the floor ratio against the
     graphed forward, and the accuracy gate all in hand (mutations: the accuracy gate dropped -> the inaccurate row
     is met; the floor's kind not read -> an eager floor meets the floor target; an unavailable row met)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))

@@ -293,7 +293,7 @@ def test_budget_skips_a_configuration():
 
 def test_repeat_policy_and_verdicts():
     policy = kb.RepeatPolicy(row_seconds=5, min_repeats=1, max_repeats=5)
-    # issue 20's rule: at least 5 timed calls where a call takes under 2 s, else at least 3, whatever fits
+    # the repeat rule: at least 5 timed calls where a call takes under 2 s, else at least 3, whatever fits
     assert [policy.repeats(s) for s in (0.1, 1.2, 2.6, 20.0)] == [5, 5, 3, 3]
     assert kb.RepeatPolicy(fixed=3).repeats(100.0) == 3
     eq = {"equal": True, "mismatches": 0, "elements": 4, "bitwise": True}
@@ -369,7 +369,7 @@ def test_graph_bench_runs_on_cpu(tmp_path):
     assert res.stdout.rstrip().splitlines()[-1].startswith("graph_bench: PASS")
 
 
-# ---- low precision (issue 12): bf16 rows against diffusers' float32 ------------------------------------------
+# ---- low precision: bf16 rows against diffusers' float32 ------------------------------------------
 
 def _rgb_pipe(seed=0):
     from diffusers import UNet2DModel

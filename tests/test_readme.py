@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 FILES = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 # Linked from the README, written in other branches: a missing one is allowed only while it does not exist at all;
-# once it exists, its links and blocks are checked like the rest (docs/generate.md is, since issue 18).
+# once it exists, its links and blocks are checked like the rest (docs/generate.md is).
 PENDING: set[str] = set()
 
 

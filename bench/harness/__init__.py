@@ -4,7 +4,7 @@
   the commit and dirty flag, card, driver, versions, command), its sections each in its own try (a failure is a
   failed stage, the rest still runs), its checks, its JSON written whole after every section, and the line it ends
   with; ``Outcome``: the checks and stages of a run and its exit status (1 failed, 3 skipped, else 0);
-- ``stats``, ``time_stats``, ``time_calls``: min / median / max, and timed calls repeated per issue 20's rule
+- ``stats``, ``time_stats``, ``time_calls``: min / median / max, and timed calls repeated per the repeat rule (5 where a call is under 2 s, else 3)
   (``kve_fast.benchmark.provenance.required_repeats``); ``write_json``: a record written whole or not at all;
 - ``Stage`` and ``run_session`` (``session``): a lent GPU's command, its stages under one hard time budget
   (``bench/device_session.py``);

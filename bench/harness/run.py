@@ -35,7 +35,7 @@ def time_stats(seconds: list[float]) -> dict:
 
 
 def time_calls(fn, sync=lambda: None) -> tuple[dict, object]:
-    """``fn`` once untimed (compilation, a capture), then timed calls until there are as many as issue 20's rule
+    """``fn`` once untimed (compilation, a capture), then timed calls until there are as many as the repeat rule
     asks at their median (``required_repeats``); ``(time_stats, the last call's output)``. ``sync`` waits for the
     device before and after each timed call."""
     fn()

@@ -27,7 +27,7 @@ def measure_floor(unet, shape, device, calls: int, log=print, seconds: float = 1
     """``calls`` x one model forward: captured in a ``torch.cuda.CUDAGraph`` (device timestep) and replayed,
     median of CUDA-event timings; also the eager forward (0-d CPU timestep, as the sampler passes it).
 
-    The forward is the one the rows it is the floor of run (issue 20: a floor in another precision, FIR kernel
+    The forward is the one the rows it is the floor of run (a floor in another precision, FIR kernel
     or layout than its row measures something else):
 
     - ``dtype``: the dtype of the model's input (a bf16/fp16 model's own; None: float32), as the sampler's

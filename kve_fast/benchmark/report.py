@@ -198,7 +198,7 @@ def verdicts(configs: list[dict]) -> list[str]:
 def precision_verdicts(configs: list[dict], targets: dict | None = None) -> list[str]:
     """Low-precision configurations: one line per graphed row, its speedup over diffusers (float32) and its
     ratio to the floor in its own precision. ``targets``: ``{config name: {"speedup": x, "floor_ratio": y}}``
-    for the graphed fast-noise row (bench/graph_bench.py passes issue 12's); a configuration not named
+    for the graphed fast-noise row (bench/graph_bench.py passes its own); a configuration not named
     there gets the floor target ``FLOOR_TARGET`` only. The other graphed rows are for information."""
     lines = []
     for c in configs:

@@ -19,7 +19,7 @@ from .timing import (GRAPH_ENV, RepeatPolicy, _first_line, _host, _latent_to_np,
 
 __all__ = ["bench_pipeline", "SharedReference", "FAST_FIR_FP32_BOUND", "jit_warmup", "graph_support", "supports_cuda_graph", "row_label", "KINDS", "ROW_LABELS"]
 
-FLOOR_TARGET = 1.05  # issue 8's target: graphed exact total <= 1.05 x the floor
+FLOOR_TARGET = 1.05  # the target: graphed exact total <= 1.05 x the floor
 FIRST_IMAGE_TARGET_S = 3.0  # ... and the first image within 3 s (capture included)
 KINDS = ("eager", "graphed")
 
@@ -203,7 +203,7 @@ def _time_row(rec: dict, call, sync, policy: RepeatPolicy, log, before_first=Non
     return first
 
 
-# -- accuracy of the rows that are not bit-exact (issue 20) --------------------------------------------------------
+# -- accuracy of the rows that are not bit-exact -----------------------------------------------------------------
 
 # A fast-noise float32 row differs from the same-noise float32 reference only where an NCSN++ UNet's FIR blocks
 # run on the Triton kernel (the only non-exact op of that mode): each FIR output is within a few float32

@@ -20,7 +20,7 @@ GRAPH_ENV = "KVE_FAST_CUDA_GRAPH"
 class RepeatPolicy:
     """How many timed calls follow the first (untimed-for-the-median) call of a row.
 
-    ``fixed``: exactly that many (a user's ``--repeats``; the row then says whether issue 20's rule was met).
+    ``fixed``: exactly that many (a user's ``--repeats``; the row then says whether the repeat rule was met).
     Otherwise as many as fit in ``row_seconds`` at the first call's duration, between ``min_repeats`` and
     ``max_repeats``, and never fewer than the rule: 5 where a call takes under 2 s, 3 otherwise
     (``kve_fast.benchmark.provenance.required_repeats``; ``_time_row`` checks it again on the median).
