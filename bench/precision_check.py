@@ -146,7 +146,7 @@ def run_case(tp, name: str, case, build, device, failures: list) -> dict:
     def twin(batch):
         if batch not in twins:
             t0 = time.perf_counter()
-            twins[batch] = tp.reference_run(case, tp.converted(model, torch.float64), batch, device=device)
+            twins[batch] = tp.twin_sample(case, tp.converted(model, torch.float64), batch, device=device)
             rec.setdefault("float64_seconds", {})[batch] = time.perf_counter() - t0
         return twins[batch]
 
@@ -188,16 +188,16 @@ def run_case(tp, name: str, case, build, device, failures: list) -> dict:
                    lambda b=b, dtype=dtype: tp.kve_run(case, model, b, device=device, unet_dtype=dtype))
     with tf32_for_run(True):
         record("plain TF32", case.batch,
-               lambda: tp.reference_run(case, model, case.batch, dtype=torch.float32, device=device))
+               lambda: tp.twin_sample(case, model, case.batch, dtype=torch.float32, device=device))
     for dtype_name, dtype in tp.LOW.items():
         b = case.batch_for(dtype_name)
         record(f"plain {dtype_name}", b,
-               lambda b=b, dtype=dtype: tp.reference_run(case, tp.InDtype(model, dtype), b, dtype=torch.float32,
+               lambda b=b, dtype=dtype: tp.twin_sample(case, tp.InDtype(model, dtype), b, dtype=torch.float32,
                                                          device=device))
 
     # the twin is the sampler: the float32 loop gives kve_fast's float32 result, float64 lands next to it
     try:
-        loop32 = tp.reference_run(case, model, case.batch, dtype=torch.float32, device=device)
+        loop32 = tp.twin_sample(case, model, case.batch, dtype=torch.float32, device=device)
         fp32 = fp32_runs[case.batch]
         worst = float((loop32 - fp32).abs().max()) if fp32 is not None else float("nan")
         rec["loop32_vs_kve_fp32_max_abs"] = worst

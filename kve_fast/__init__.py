@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "KarrasVePipeline": "pipeline",
-    "KarrasVeScheduler": "scheduler",
-    "KarrasVeOutput": "scheduler",
+    "KarrasVeScheduler": "karras_ve_scheduler",
+    "KarrasVeOutput": "karras_ve_scheduler",
     "sample_karras_ve": "sampler",
     "sample_karras_ve_sigmas": "sampler",
     "load_model": "loading",

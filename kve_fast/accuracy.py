@@ -176,7 +176,7 @@ def image_shape(model, batch: int) -> tuple[int, int, int, int]:
     return (batch, getattr(model.config, "in_channels", 3), size, size)
 
 
-def reference_run(case: Case, model, batch: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
+def twin_sample(case: Case, model, batch: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
     """``algorithm2`` for ``case`` with ``model`` (the loop's state in ``dtype``) and the case's seed."""
     scheduler = case.make_scheduler()
     return algorithm2(model, plan_steps(scheduler, case.steps), image_shape(model, batch),
@@ -185,7 +185,7 @@ def reference_run(case: Case, model, batch: int, dtype=torch.float64, device="cp
 
 
 def kve_run(case: Case, model, batch: int, device="cpu", **kwargs) -> torch.Tensor:
-    """``kve_fast.sample_karras_ve`` for ``case`` (the same seed and noise as ``reference_run``)."""
+    """``kve_fast.sample_karras_ve`` for ``case`` (the same seed and noise as ``twin_sample``)."""
     return kve_fast.sample_karras_ve(model, case.make_scheduler(), image_shape(model, batch), case.steps,
                                      torch.Generator().manual_seed(case.seed), device=device, **kwargs)
 

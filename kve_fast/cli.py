@@ -403,7 +403,7 @@ def _apply_scheduler_options(pipe, args) -> None:
     overrides = {k: v for k, v in {"sigma_schedule": args.schedule, "s_churn": args.s_churn, "s_noise": args.s_noise,
                                    "s_min": args.s_min, "s_max": args.s_max}.items() if v is not None}
     if overrides:
-        from .scheduler import KarrasVeScheduler
+        from .karras_ve_scheduler import KarrasVeScheduler
 
         try:
             pipe.scheduler = KarrasVeScheduler.from_config(pipe.scheduler.config, **overrides)

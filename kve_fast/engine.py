@@ -1,4 +1,4 @@
-"""The eager engine: runs a run's declared stages (``kve_fast.schedule``) step by step on a step backend.
+"""The eager engine: runs a run's declared stages (``kve_fast.stages``) step by step on a step backend.
 
 ``Engine`` and the graph runner's ``GraphEngine`` (``kve_fast.graphs``) share this interface and the same
 stage lists; they differ only in where a step's values come from (here: the plan's floats and the noise
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import Buffers, HandOut, HostFeed, StepContext, run
+from .stages import Buffers, HandOut, HostFeed, StepContext, run_stages
 
 
 class Engine:
     """Runs ``plan`` with ``schedule`` on ``backend`` (see the module docstring).
 
     Args:
-        schedule: the run's ``kve_fast.schedule.Schedule``.
+        schedule: the run's ``kve_fast.stages.Schedule``.
         plan: its steps (``kve_fast.plan``).
         backend: a step backend (``kve_fast.ops``).
         denoise: the model caller (``Convention.caller``).
@@ -34,7 +34,7 @@ class Engine:
         callback: ``callback(stage, step, state)`` at each ``HandOut``, with ``state`` the named tensors it
             sees; returns a replacement for ``state[stage.x]`` or None.
         fallback: ``fallback(raw)``, the backend that goes on where ``backend`` cannot read a model output
-            (``kve_fast.schedule.StepContext``), or None.
+            (``kve_fast.stages.StepContext``), or None.
     """
 
     def __init__(self, schedule, plan, backend, denoise, source, s_noise: float, like: torch.Tensor | None,
@@ -54,11 +54,11 @@ class Engine:
         self.env["x"] = x0
         prologue = self.schedule.prologue(self.plan)
         if prologue:
-            run(prologue, self.ctx, self.feed.at(self.plan[0]))
+            run_stages(prologue, self.ctx, self.feed.at(self.plan[0]))
 
     def step(self, step) -> None:
         """Lines 4-11 of Algorithm 2 for ``step``: the stages of its kind."""
-        run(self.schedule.step_stages(self.plan, step), self.ctx, self.feed.at(step))
+        run_stages(self.schedule.step_stages(self.plan, step), self.ctx, self.feed.at(step))
 
     def _hand_out(self, stage: HandOut, feed):
         """The callback, with the live state; returns the rest of the step's stages where it has to change

@@ -1,4 +1,4 @@
-"""CUDA graphs around whole steps: the stage lists of ``kve_fast.schedule``, captured once, replayed every step.
+"""CUDA graphs around whole steps: the stage lists of ``kve_fast.stages``, captured once, replayed every step.
 
 At small batches a UNet forward is launch-bound (the reference's tiny test UNet: 6.4 ms eagerly, 1.4 ms
 replayed from a graph, on an H200). The graph runner captures the same stage lists the eager engine runs
@@ -65,7 +65,7 @@ import torch
 from . import fake_graph
 from ._warn import warn_once
 from .fingerprint import ModelState
-from .schedule import Advance, Buffers, Churn, ChurnValues, Denoise, HandOut, Heun, LevelValues, StepContext, run
+from .stages import Advance, Buffers, Churn, ChurnValues, Denoise, HandOut, Heun, LevelValues, StepContext, run_stages
 
 ENV_VAR = "KVE_FAST_CUDA_GRAPH"
 FAKE_ENV_VAR = "KVE_FAST_FAKE_GRAPHS"
@@ -346,7 +346,7 @@ class Capture:
             keep = sorted(live_out)
 
             def fn():
-                run(stages, ctx, self.feed)
+                run_stages(stages, ctx, self.feed)
                 for name in keep:  # a model output read after a HandOut: into a buffer of its own
                     value = self.env[name]
                     static = self.buffers.tensors.get(name)
@@ -614,7 +614,7 @@ class GraphEngine:
         eager = self.make_eager()
         eager.env.update({name: t.clone() for name, t in self.cap.env.items()})
         if rest:
-            run(rest, eager.ctx, eager.feed.at(step))
+            run_stages(rest, eager.ctx, eager.feed.at(step))
         self.eager = eager
 
     def sample(self) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .noise import DeviceNoise, RandnLikeNoise
 from .options import NOISE_MODES
 from .plan import kdiffusion_plan
 from .precision import Precision
-from .sampler import Run, run
+from .sampler import Run, execute
 from .spec import RunSpec
 
 __all__ = ["sample_heun", "sample_euler", "get_sigmas_karras", "get_sigmas_exponential", "append_zero",
@@ -155,11 +155,11 @@ def _sample(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_
     plan = kdiffusion_plan(sigmas, s_churn, s_tmin, s_tmax)
     if len(plan) == 0:
         return x  # one noise level (SplitSigmas' last): no step, x as it is, as k-diffusion returns it
-    return run(_kdiffusion_run(model, x.detach(), sigmas, plan, device, backend, resolved, cuda_graph, noise, solver,
+    return execute(_make_kdiffusion_run(model, x.detach(), sigmas, plan, device, backend, resolved, cuda_graph, noise, solver,
                                extra_args, callback, disable, s_noise))
 
 
-def _kdiffusion_run(model, x, sigmas, plan, device, backend, resolved, cuda_graph, noise, solver, extra_args, callback,
+def _make_kdiffusion_run(model, x, sigmas, plan, device, backend, resolved, cuda_graph, noise, solver, extra_args, callback,
                     disable, s_noise) -> Run:
     """A ``Run`` of k-diffusion's convention on ``x``'s ``device`` (``_sample`` checked the arguments and resolved
     ``backend`` for it into ``resolved``): its step backend, graphs and noise are decided here, once, and handed

@@ -274,7 +274,7 @@ def load_model(name_or_path: str | os.PathLike = "digits", device=None, *, downl
         warnings.warn(foreign_scheduler_message(folder), ForeignSchedulerWarning, stacklevel=2)
     from diffusers import UNet2DModel
 
-    from .scheduler import KarrasVeScheduler
+    from .karras_ve_scheduler import KarrasVeScheduler
 
     config_file = os.path.join(folder.unet_dir, "config.json")
     try:

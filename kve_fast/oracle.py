@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .sampler import plan_steps
-from .scheduler import KarrasVeScheduler
+from .karras_ve_scheduler import KarrasVeScheduler
 
 
 class GaussianScore(torch.nn.Module):

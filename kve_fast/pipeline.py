@@ -13,13 +13,13 @@ from ._checks import check_int
 from .images import uint8_to_pil
 from .options import CALLBACK_TENSOR_INPUTS, OUTPUT_TYPES
 from .sampler import sample_karras_ve
-from .scheduler import KarrasVeScheduler, diffusers_class, schedule_source
+from .karras_ve_scheduler import KarrasVeScheduler, diffusers_class, schedule_source
 
 
 def _as_kve_scheduler(scheduler):
     """The scheduler a run plans from: ours as it is; diffusers' own class as ours with its settings; a subclass of
     diffusers' as it is, its settings checked as ours are (a subclass's schedule is honoured, its step arithmetic
-    refused: ``kve_fast.scheduler.schedule_source``)."""
+    refused: ``kve_fast.karras_ve_scheduler.schedule_source``)."""
     if isinstance(scheduler, KarrasVeScheduler):
         schedule_source(scheduler)
         return scheduler

@@ -30,7 +30,7 @@ import torch
 
 from ._checks import check_bound, check_real
 from .options import SCHEDULES
-from .schedules import schedule_value
+from .noise_levels import schedule_value
 
 
 def _f32(x) -> float:
@@ -145,7 +145,7 @@ class LevelValues(NamedTuple):
 
 def _values(step) -> tuple:
     """``(LevelValues at sigma_hat, LevelValues at sigma_{i+1})`` of ``step``: what its Euler and Heun stages read
-    in an eager run (``kve_fast.schedule.HostFeed``), made once with the step."""
+    in an eager run (``kve_fast.stages.HostFeed``), made once with the step."""
     return LevelValues(step, step.at_hat), LevelValues(step, step.at_next)
 
 
@@ -390,7 +390,7 @@ class PlanHandle:
 
 def scheduler_plan(scheduler, n: int, source: str) -> PlanHandle:
     """The steps of an ``n``-step run (``n`` checked) with ``scheduler``'s settings (not modifying it), from where
-    ``source`` says (the front's ``kve_fast.scheduler.schedule_source(scheduler)``): ``"config"``, or ``"methods"``
+    ``source`` says (the front's ``kve_fast.karras_ve_scheduler.schedule_source(scheduler)``): ``"config"``, or ``"methods"``
     for a subclass that makes its schedule its own way (planned from what its methods make: ``subclass_plan``;
     not cached)."""
     if source == "methods":

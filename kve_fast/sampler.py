@@ -1,12 +1,12 @@
 """The sampler loop: Algorithm 2 of Karras et al. (2022), one step at a time, in either convention.
 
-``run`` is the one loop behind every entry point (``sample_karras_ve`` and ``sample_karras_ve_sigmas``
+``execute`` is the one loop behind every entry point (``sample_karras_ve`` and ``sample_karras_ve_sigmas``
 here, ``kve_fast.pipeline.KarrasVePipeline``, ``kve_fast.k_diffusion``): next to k-diffusion's
 ``sample_heun`` it reads::
 
     x = x_0                                  # line 1 (the front door drew and scaled it)
     for step in plan:                        # line 2
-        engine.step(step)                    # lines 4-11: the step's stages (kve_fast.schedule)
+        engine.step(step)                    # lines 4-11: the step's stages (kve_fast.stages)
         if the callback asked to stop: break
 
 Everything that differs between the conventions is the ``Convention``'s (``kve_fast.convention``); the
@@ -42,12 +42,12 @@ from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
 from .plan import Plan, PlanHandle, Step, scheduler_plan, sigmas_plan
 from .precision import Precision, resolve
-from .schedule import Schedule
+from .stages import Schedule
 from .spec import RunSpec, resolve_device
 from .threads import for_call
 
 __all__ = ["sample_karras_ve", "sample_karras_ve_sigmas", "plan_steps", "Step", "ModelOutputError", "OUTPUTS", "SOLVERS",
-           "run", "Run"]
+           "execute", "Run"]
 
 OUTPUTS = ("latent", "float", "uint8")
 
@@ -150,7 +150,7 @@ class Run:
     fallback: Callable | None = None
 
 
-def run(r: Run) -> torch.Tensor:
+def execute(r: Run) -> torch.Tensor:
     """The loop of Algorithm 2 (see the module docstring). Returns the final sample or image."""
     spec = r.spec
     device, convention = spec.device, spec.convention
@@ -334,7 +334,7 @@ def _strides(shape, like: torch.Tensor | None) -> tuple:
     return tuple(like.stride()) if like is not None else tuple(torch.empty(shape, device="meta").stride())
 
 
-def reference_run(model, plan, shape, generator, device, noise, initial, backend_name, callback, progress, output,
+def make_reference_run(model, plan, shape, generator, device, noise, initial, backend_name, callback, progress, output,
                   solver, cuda_graph, precision: Precision, layout, s_noise: float) -> Run:
     """A ``Run`` in the reference's convention (the callers checked every argument but ``backend_name`` and
     ``cuda_graph``): its device, step backend, graphs and noise are decided here, once, and handed down."""
@@ -357,9 +357,9 @@ def reference_run(model, plan, shape, generator, device, noise, initial, backend
 
 def _scheduler_plan(scheduler, num_inference_steps) -> PlanHandle:
     """``kve_fast.plan.scheduler_plan`` from where ``scheduler``'s noise levels come (its config, or its own
-    methods), decided here after ``num_inference_steps`` is checked: ``kve_fast.scheduler.schedule_source``,
+    methods), decided here after ``num_inference_steps`` is checked: ``kve_fast.karras_ve_scheduler.schedule_source``,
     which refuses a scheduler that replaces the step arithmetic."""
-    from .scheduler import schedule_source  # (diffusers: loaded when a scheduler is first planned)
+    from .karras_ve_scheduler import schedule_source  # (diffusers: loaded when a scheduler is first planned)
 
     n = check_int("num_inference_steps", num_inference_steps, 2)
     return scheduler_plan(scheduler, n, schedule_source(scheduler))
@@ -420,10 +420,10 @@ def sample_karras_ve(
     plan = _scheduler_plan(scheduler, num_inference_steps)
     init_sigma = scheduler.init_noise_sigma
     # Algorithm 2, line 1: x_0 ~ N(0, t_0^2 I) (the reference scales by sigma_max, not by the first sigma).
-    r = reference_run(model, plan, shape, generator, device, noise, lambda src: (src.initial() * init_sigma).contiguous(),
+    r = make_reference_run(model, plan, shape, generator, device, noise, lambda src: (src.initial() * init_sigma).contiguous(),
                       backend, callback, progress, output, solver, cuda_graph, precision, layout,
                       scheduler.config.s_noise)
-    return run(r)
+    return execute(r)
 
 
 @torch.no_grad()
@@ -469,7 +469,7 @@ def sample_karras_ve_sigmas(
     shape, generator = _check_common(model, x.shape, generator, callback, noise, "latent", solver)
     precision = resolve(model, unet_dtype, tf32, x.device)
     x0 = x.detach()
-    r = reference_run(model, PlanHandle(plan, None), shape, generator, x.device, noise,
+    r = make_reference_run(model, PlanHandle(plan, None), shape, generator, x.device, noise,
                       lambda _: x0.to(torch.float32).contiguous(), backend, callback, not disable, "latent", solver,
                       cuda_graph, precision, None, s_noise)
-    return run(r)
+    return execute(r)

@@ -1,7 +1,7 @@
 """``RunSpec``: the settings one run is built from, normalized once at the front door.
 
 The step backend, the schedule, the buffers and the noise source of a run are all made from its
-``RunSpec`` (``kve_fast.sampler.run``), and a CUDA-graph capture is keyed by it: every field is part of
+``RunSpec`` (``kve_fast.sampler.execute``), and a CUDA-graph capture is keyed by it: every field is part of
 the capture key (``key()``) unless it is marked ``FED``, which says that the captured work reads its value
 from device memory that is written before every replay (``kve_fast.graphs.DeviceFeed``). A new setting
 therefore changes the key unless someone decides, in its declaration, that graphs are fed with it.

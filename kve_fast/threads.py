@@ -10,7 +10,7 @@ neighbour (bench/RESULTS.md, "CPU threads"). Two remedies, both here:
   on a quiet machine (waking threads at every operator costs). It only works before torch is imported, so the
   ``kve-fast`` command decides at its start (``wait_policy_for``: passive only when a core is busy then), and so
   can a script that sets the variable itself; a Python session that already imported torch cannot.
-- ``for_call(device)``: every sampler call runs inside it (``kve_fast.sampler.run``). By default it leaves
+- ``for_call(device)``: every sampler call runs inside it (``kve_fast.sampler.execute``). By default it leaves
   torch's thread count alone: the thread count can change the last bits of some models' CPU operators (an
   NCSN++-style UNet: most values differ between 1 and 2 threads; the bundled digits model: a few images at small
   batches, docs/generate.md), and a drop-in must give the bits diffusers gives in the same process, whatever the

@@ -22,14 +22,14 @@ LAYERS = [
     ("leaves", ["kve_fast", "kve_fast.options", "kve_fast._checks", "kve_fast._warn", "kve_fast._files",
                 "kve_fast.images", "kve_fast.fingerprint", "kve_fast.edm_testing",
                 "kve_fast.models", "kve_fast.models.train_digits"]),
-    ("settings", ["kve_fast.precision", "kve_fast.schedules", "kve_fast.noise", "kve_fast.threads"]),
+    ("settings", ["kve_fast.precision", "kve_fast.noise_levels", "kve_fast.noise", "kve_fast.threads"]),
     # (the graph stand-in keys captures by the precision switches it reads through kve_fast.precision)
     ("the graph stand-in", ["kve_fast.fake_graph"]),
     ("conventions", ["kve_fast.convention"]),
     ("plans", ["kve_fast.plan", "kve_fast.spec"]),
-    ("stages", ["kve_fast.schedule"]),
+    ("stages", ["kve_fast.stages"]),
     ("ops", ["kve_fast.ops.*", "kve_fast.ncsnpp"]),
-    ("backends and the scheduler", ["kve_fast.backends", "kve_fast.scheduler"]),
+    ("backends and the scheduler", ["kve_fast.backends", "kve_fast.karras_ve_scheduler", "kve_fast.scheduler"]),
     ("engines", ["kve_fast.engine", "kve_fast.graphs"]),
     ("the loop", ["kve_fast.sampler"]),
     ("beside the loop", ["kve_fast.oracle", "kve_fast.loading"]),
@@ -44,8 +44,8 @@ LAYERS = [
 # submodules it hands out by name. These are the only imports allowed to climb.
 LAZY_EXPORTS = {
     "KarrasVePipeline": "kve_fast.pipeline",
-    "KarrasVeScheduler": "kve_fast.scheduler",
-    "KarrasVeOutput": "kve_fast.scheduler",
+    "KarrasVeScheduler": "kve_fast.karras_ve_scheduler",
+    "KarrasVeOutput": "kve_fast.karras_ve_scheduler",
     "sample_karras_ve": "kve_fast.sampler",
     "sample_karras_ve_sigmas": "kve_fast.sampler",
     "load_model": "kve_fast.loading",
@@ -135,7 +135,7 @@ def test_the_lazy_exports_are_the_listed_ones():
 
 
 def test_no_import_climbs_a_layer():
-    """Mutations (each fails): kve_fast.plan importing kve_fast.scheduler again inside scheduler_plan;
+    """Mutations (each fails): kve_fast.plan importing kve_fast.karras_ve_scheduler again inside scheduler_plan;
     kve_fast.images taking make_grid from kve_fast.cli; kve_fast.ops.fused using ``kve_fast.sample_karras_ve``
     through the package."""
     climbs = []

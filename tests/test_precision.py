@@ -64,7 +64,7 @@ from conftest import CAN_RUN_TRITON, assert_bitwise
 import kve_fast
 from kve_fast.accuracy import (  # the yardstick, shared with bench/precision_check.py
     CASES, FP32_TOLERANCE, LOOP_TOLERANCE, LOW, TOOK_EFFECT, YARDSTICK_FACTOR, Case, InDtype, ParamGaussian,
-    algorithm2, converted, distances, image_shape, kve_run, make_model, reference_run,
+    algorithm2, converted, distances, image_shape, kve_run, make_model, twin_sample,
 )
 from kve_fast.oracle import GaussianScore, output_moments, w2_diagonal
 from kve_fast.sampler import plan_steps
@@ -73,7 +73,7 @@ from kve_fast.sampler import plan_steps
 def _baseline(name: str, batch: int) -> dict:
     """The float64 twin and kve_fast's float32 run of a case at one batch size (cached across tests)."""
     case, model = CASES[name], make_model(CASES[name].model)
-    ref = reference_run(case, converted(model, torch.float64), batch)
+    ref = twin_sample(case, converted(model, torch.float64), batch)
     return {"float64": ref, "fp32": kve_run(case, model, batch, backend="torch")}
 
 
@@ -82,7 +82,7 @@ def _plain(name: str, dtype_name: str) -> torch.Tensor:
     """The plain-PyTorch run of a case in a low dtype: the float32 loop around ``InDtype``."""
     case = CASES[name]
     model = InDtype(make_model(case.model), LOW[dtype_name])
-    return reference_run(case, model, case.batch_for(dtype_name), dtype=torch.float32)
+    return twin_sample(case, model, case.batch_for(dtype_name), dtype=torch.float32)
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +102,7 @@ def test_the_float64_twin_is_the_sampler(name):
     case = CASES[name]
     model = make_model(case.model)
     base = _baseline(name, case.batch)
-    loop32 = reference_run(case, model, case.batch, dtype=torch.float32)
+    loop32 = twin_sample(case, model, case.batch, dtype=torch.float32)
     worst = (loop32 - base["fp32"]).abs().max().item()
     assert worst <= LOOP_TOLERANCE, f"float32 loop vs kve_fast: max |diff| {worst:g}"
     assert base["float64"].dtype == torch.float64
@@ -168,8 +168,8 @@ def test_the_fast_fir_path_is_within_the_yardstick(monkeypatch):
     monkeypatch.setattr(fir_triton, "upfirdn2d", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     case = dataclasses.replace(CASES["ncsnpp+gaussian"], steps=4, batch=2)
     model = make_model(case.model)
-    ref = reference_run(case, converted(model, torch.float64), case.batch)
-    plain = reference_run(case, InDtype(model, torch.bfloat16), case.batch, dtype=torch.float32)
+    ref = twin_sample(case, converted(model, torch.float64), case.batch)
+    plain = twin_sample(case, InDtype(model, torch.bfloat16), case.batch, dtype=torch.float32)
     yard = distances(plain, ref)
     for label, run_model, kwargs in (("native", converted(model, torch.bfloat16), {}),
                                      ("autocast", model, {"unet_dtype": torch.bfloat16})):
@@ -192,7 +192,7 @@ def test_yardstick_rejects_a_low_precision_state(dtype_name):
     name = "gaussian-300"
     case, dtype = CASES[name], LOW[dtype_name]
     model = InDtype(make_model(case.model), dtype)
-    lowp_state = reference_run(case, model, case.batch_for(dtype_name), dtype=dtype)
+    lowp_state = twin_sample(case, model, case.batch_for(dtype_name), dtype=dtype)
     ref = _baseline(name, case.batch_for(dtype_name))["float64"]
     bad, yard = distances(lowp_state, ref), distances(_plain(name, dtype_name), ref)
     assert bad.mean() > YARDSTICK_FACTOR * yard.mean(), (bad.mean(), yard.mean())

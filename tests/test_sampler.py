@@ -11,7 +11,7 @@ from conftest import GaussianScore, assert_bitwise, needs_triton
 
 import kve_fast
 from kve_fast import plan as plan_module
-from kve_fast.schedules import edm_sigmas, ve_sigmas
+from kve_fast.noise_levels import edm_sigmas, ve_sigmas
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]  # without Triton, its cases skip with the reason
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA tensors outside its interpreter

@@ -196,3 +196,14 @@ def test_a_saved_and_reloaded_config_equals_the_saved_one(tmp_path, config):
         assert (folder / "scheduler_config.json").read_text() == text
     if not {"sigma_schedule", "rho"} & set(config):
         assert text == text.replace('"_kve_fast"', ""), "at its defaults the file is diffusers' own"
+
+
+def test_the_old_module_name_still_imports_with_a_deprecation_warning():
+    """kve_fast.scheduler was renamed kve_fast.karras_ve_scheduler; code importing the old name keeps working."""
+    import importlib
+    import sys
+
+    sys.modules.pop("kve_fast.scheduler", None)
+    with pytest.warns(DeprecationWarning, match="kve_fast.scheduler is deprecated"):
+        old = importlib.import_module("kve_fast.scheduler")
+    assert old.KarrasVeScheduler is kve_fast.KarrasVeScheduler

@@ -653,7 +653,7 @@ def jit_warmup(device, step_backend: str = "auto", log=print, unet_dtype=None, t
     from diffusers import UNet2DModel
 
     from ..pipeline import KarrasVePipeline
-    from ..scheduler import KarrasVeScheduler
+    from ..karras_ve_scheduler import KarrasVeScheduler
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

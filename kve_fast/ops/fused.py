@@ -18,7 +18,7 @@ from ..convention import REFERENCE
 from ..images import to_image
 from ..noise import Draw, StepKeys
 from ..plan import _f32, churn_coefficient, level_at
-from ..schedule import NEW
+from ..stages import NEW
 
 MAX_ELEMENTS = 2**31 - 1024  # int32 offsets and Philox counters in both kernel sets
 _MAX_ELEMENTS = MAX_ELEMENTS
@@ -188,20 +188,20 @@ class FusedStep:
 
     Subclasses name the module whose launchers run the kernels (``launch``): ``TritonStep``
     (``step_triton``) and ``CudaStep`` (``step_cuda``, the CUDA C++ extension). The stages of
-    ``kve_fast.schedule`` call ``churn``, ``euler`` and ``heun`` with the step's values (floats, or device
+    ``kve_fast.stages`` call ``churn``, ``euler`` and ``heun`` with the step's values (floats, or device
     tensors in a CUDA graph) and, for each output, a tensor to write, ``NEW`` or None.
 
     ``convention`` (``kve_fast.convention``) fixes the kernels' arithmetic for the run: the score model's
     or the denoiser's, and true division or the float32 reciprocal on ``device``. ``layout``: a tensor whose
     dense layout every tensor the kernels touch shares (they index linearly), contiguous by default.
     ``model_dtype``: the dtype the kernels write a score model's inputs in (``model_dtypes``), else float32.
-    The backend holds nothing of a call: a run's buffers are ``kve_fast.schedule.Buffers``.
+    The backend holds nothing of a call: a run's buffers are ``kve_fast.stages.Buffers``.
     """
 
     name = "fused"
     launch = None  # the module with _launch_churn / _launch_euler / _launch_heun
     # The model output dtypes the float32 kernels read as torch would promote them (a float64 output would
-    # make the original's state float64: ``kve_fast.schedule.StepContext.cannot_read``)
+    # make the original's state float64: ``kve_fast.stages.StepContext.cannot_read``)
     reads = (torch.float32, torch.bfloat16, torch.float16)
     # The dtypes the kernels write model inputs in and read model outputs in (others are cast around them)
     model_dtypes = (torch.float32,)
@@ -272,7 +272,7 @@ class FusedStep:
         return values.scalars if isinstance(values.scalars, torch.Tensor) else tuple(values.scalars)
 
     def churn(self, x, values, *, noise: bool, hat, model_input):
-        """Lines 5-6 (``kve_fast.schedule.Churn``); returns ``(hat, model_input)``."""
+        """Lines 5-6 (``kve_fast.stages.Churn``); returns ``(hat, model_input)``."""
         x = self.like(x)
         eps, seed = self._noise(values.noise, x)  # drawn also where it adds nothing, as the originals draw it
         if not noise:  # x_hat is x itself (k-diffusion's gamma = 0): a copy only into a buffer
@@ -283,7 +283,7 @@ class FusedStep:
         return hat, model_input
 
     def euler(self, raw, hat, values, *, x_next, d, model_input, denoised, image):
-        """Lines 7-8 (``kve_fast.schedule.Euler``); ``image``: None or ``(kind, target)``. Returns
+        """Lines 7-8 (``kve_fast.stages.Euler``); ``image``: None or ``(kind, target)``. Returns
         ``(x_next, d, model_input, denoised, image)``."""
         x_next, d = self._new(hat, x_next), self._new(hat, d)
         model_input, denoised = self._new(hat, model_input, self.model_dtype), self._new(hat, denoised)
@@ -297,14 +297,14 @@ class FusedStep:
         return x_next, d, model_input, denoised, img
 
     def advance(self, hat, d, values, *, x_next):
-        """Line 8 from a ``d`` computed earlier (``kve_fast.schedule.Advance``): ``hat + d * dt``, torch's two ops
+        """Line 8 from a ``d`` computed earlier (``kve_fast.stages.Advance``): ``hat + d * dt``, torch's two ops
         (k-diffusion's expression; ``dt`` a float or the device slot of a graph)."""
         dt = values.scalars[3] if isinstance(values.scalars, torch.Tensor) else values.scalars.dt
         step = torch.mul(d, dt)
         return torch.add(hat, step) if x_next is NEW else torch.add(hat, step, out=x_next)
 
     def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
-        """Lines 9-11 (``kve_fast.schedule.Heun``), with ``then``: None or ``(ChurnValues, noise, hat target,
+        """Lines 9-11 (``kve_fast.stages.Heun``), with ``then``: None or ``(ChurnValues, noise, hat target,
         model input target)`` of the next step's churn. Returns ``(x, denoised, hat_next, model_input_next)``."""
         x, denoised = self._new(hat, x), self._new(hat, denoised)
         fused = None

@@ -379,7 +379,7 @@ class StepContext:
         return self.backend
 
 
-def run(stages, ctx: StepContext, feed) -> None:
+def run_stages(stages, ctx: StepContext, feed) -> None:
     """Run ``stages`` with the step values of ``feed`` (a ``HostFeed``, or a graph's device feed)."""
     env, be = ctx.env, ctx.backend
     program = ctx.programs.get(id(stages))  # (stage lists are cached by the schedule: their ids are stable)
@@ -391,12 +391,12 @@ def run(stages, ctx: StepContext, feed) -> None:
             raw = env[s.out] = ctx.denoise(env[s.x], feed.model_level(s.at), feed.extra)
             if be.reads is not None and raw.dtype not in be.reads:  # a float64 denoiser, say: the torch ops go on
                 ctx.cannot_read(raw)
-                return run(stages[k + 1:], ctx, feed)
+                return run_stages(stages[k + 1:], ctx, feed)
             continue
         if kind is HandOut:
             rest = ctx.hand_out(s, feed)
             if rest is not None:  # the step was planned again meanwhile (see Schedule.rest_after): its own stages
-                return run(rest, ctx, feed)
+                return run_stages(rest, ctx, feed)
             continue
         if kind is Churn:
             written = be.churn(env[s.x], feed.churn(s.of), noise=s.noise, hat=out[0], model_input=out[1])
