@@ -1,4 +1,8 @@
-"""Helpers for checking kve_fast against the reference packages (the tests and bench/ scripts share them).
+"""Helpers for checking kve_fast against the reference packages. The tests and bench/ scripts share all of them;
+three are also public, used as documented by the README and docs/ (their names and calls are kept):
+``FoldChannels`` (README, docs/python.md: a 1-channel model in diffusers' 3-channel pipeline),
+``import_k_diffusion_sampling`` (docs/k-diffusion.md: the original beside the drop-in) and ``NearFreeScore``
+(docs/speed.md). The rest may change with the tests.
 
 - ``import_k_diffusion_sampling(root)``: the real k-diffusion ``sampling`` module from the folder
   holding its ``k_diffusion`` package, without running the package ``__init__`` (which imports its

@@ -14,6 +14,7 @@ What is tested, and where it holds (docs/generate.md says only what is here):
   completes the set; symlinks, FIFOs, devices and folders where generate writes are refused, not replaced;
 - seeds are ranges: parsed and walked lazily, overlaps counted once, ASCII digits only;
 - the progress bar moves within a batch, in images, and rank 0's covers the whole job;
+- no torchrun rank leaves a gloo thread to the interpreter's shutdown (one left then can abort the process);
 - an image depends only on its seed: the sampler (noise and step arithmetic) gives the same image at any batch
   size and place in the batch, in exact mode and in fast mode (per-sample Philox keys in the Triton kernels, per-
   sample generators in the torch backend). Checked with a model without batch-coupled kernels (the exact Gaussian
@@ -509,10 +510,82 @@ def test_no_worker_process_outlives_a_killed_job(tmp_path):
 
 # --- many processes ---------------------------------------------------------------------------------------
 
+# Every rank reports the gloo threads it has just before its group is closed, and those left when the interpreter
+# is about to shut down (the last atexit handler: registered first). A gloo thread left then can take the GIL
+# during the shutdown, which ends it inside a C++ destructor: SIGABRT (ranks.Distributed's docstring).
+GLOO_THREADS_AT_EXIT = """
+import atexit, os, sys
+import kve_fast.generate.ranks as ranks
+
+def gloo_threads():
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return sorted(n for n in names if "gloo" in n)
+
+before = []
+close = ranks.Distributed.close
+def closing(self):
+    before[:] = gloo_threads()
+    close(self)
+ranks.Distributed.close = closing
+atexit.register(lambda: print(f"rank {os.environ['RANK']} gloo threads: {before} at close, {gloo_threads()} at exit",
+                              file=sys.stderr))
+"""
+
+
 def test_torchrun_two_processes_write_the_files_of_one(tmp_path, reference):
-    proc = _torchrun(tmp_path / "out")
+    """Also: no rank leaves a gloo thread to the interpreter's shutdown (mutations: ``Distributed.close`` without
+    ``destroy_process_group``, or without ``import torch.distributed.nn`` before ``init_process_group``, whose
+    functions' default arguments then hold the default group -> its threads are left, fails)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    linux = os.path.isdir("/proc/self/task")
+    if linux:
+        (site / "sitecustomize.py").write_text(GLOO_THREADS_AT_EXIT)
+    proc = _torchrun(tmp_path / "out", site=site)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     _check_complete(tmp_path / "out", SEED_LIST, reference)
+    if linux:
+        reports = re.findall(r"rank (\d) gloo threads: (\[.*?\]) at close, (\[.*?\]) at exit", proc.stderr)
+        assert sorted(r for r, _, _ in reports) == ["0", "1"], proc.stderr[-3000:]
+        for rank, at_close, at_exit in reports:
+            assert at_close != "[]", "the check sees gloo's threads"
+            assert at_exit == "[]", f"rank {rank} left gloo threads to the interpreter's shutdown: {at_exit}"
+
+
+# One process as a torchrun job of one: the default group held by someone else (as torch.distributed.nn's default
+# arguments held it), the group that ran the job's collectives must still be freed by close().
+HELD_DEFAULT_GROUP = """
+import weakref
+import torch.distributed as dist
+from kve_fast.generate.ranks import Distributed
+
+used = []
+gather = dist.all_gather_object
+def recording(out, obj, group=None):
+    used.append(group or dist.group.WORLD)
+    return gather(out, obj, group=group)
+dist.all_gather_object = recording
+comm = Distributed("gloo")
+held = dist.group.WORLD
+assert comm.all_gather({"rank": comm.rank}) == [{"rank": 0}]
+group = weakref.ref(used.pop())
+comm.close()
+print("freed" if group() is None else "alive")
+"""
+
+
+def test_the_group_of_the_collectives_is_freed_whoever_holds_the_default_one():
+    """(mutation: the collectives on the default group, ``group=None`` for gloo -> "alive", fails)"""
+    env = _env(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = _run([sys.executable, "-c", HELD_DEFAULT_GROUP], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["freed"], proc.stdout + proc.stderr[-3000:]
 
 
 RANK_1_FAILS = """

@@ -22,6 +22,8 @@ FILES = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 # Linked from the README, written in other branches: a missing one is allowed only while it does not exist at all;
 # once it exists, its links and blocks are checked like the rest (docs/generate.md is).
 PENDING: set[str] = set()
+# Pages whose blocks write image files at the model's size, as FID sets need (the digits model's are 8x8).
+AT_THE_MODELS_SIZE = {os.path.join("docs", "generate.md")}
 
 
 def rel(path: str) -> str:
@@ -48,10 +50,11 @@ def test_the_readme_is_short_and_has_examples():
 @pytest.mark.parametrize("path, k, block", PYTHON, ids=[f"{p}:{k + 1}" for p, k, _ in PYTHON])
 def test_python_block_runs_on_its_own(path, k, block, tmp_path, monkeypatch):
     """Each block runs; a block that needs a package the docs tell how to install says so in its first line
-    (``# needs: k_diffusion``) and is skipped where that package is missing. What a README block makes can fail
-    it: the images it saves are a size one can look at (mutation: the README's 8x8 digit -> fails), and the float
-    images it keeps (NHWC arrays in [0, 1], compared bit for bit) are mostly inside (0, 1), where equality says
-    something (mutation: the README's drop-in example on a random UNet -> every pixel clamped, fails)."""
+    (``# needs: k_diffusion``) and is skipped where that package is missing. What a block makes can fail it: the
+    images it saves are a size one can look at (mutation: the README's 8x8 digit, or docs/python.md's 8x8
+    samples -> fails), and the float images it keeps (NHWC arrays in [0, 1], compared bit for bit) are mostly
+    inside (0, 1), where equality says something (mutation: the drop-in example of the README or of
+    docs/python.md on a random UNet -> every pixel clamped, fails)."""
     needs = re.match(r"# needs: (\w+)", block)
     if needs and importlib.util.find_spec(needs.group(1)) is None:
         pytest.skip(f"{path} python block {k + 1} needs {needs.group(1)}, which is not installed")
@@ -61,9 +64,7 @@ def test_python_block_runs_on_its_own(path, k, block, tmp_path, monkeypatch):
         exec(compile(block, f"{path} python block {k + 1}", "exec"), namespace)
     except Exception as exc:  # name the block that failed
         pytest.fail(f"{path} python block {k + 1} failed on its own: {type(exc).__name__}: {exc}\n{block}")
-    if path != rel(README):  # (docs/generate.md writes files at the model's size, as FID sets need)
-        return
-    for image in tmp_path.rglob("*.png"):
+    for image in tmp_path.rglob("*.png") if path not in AT_THE_MODELS_SIZE else ():
         with Image.open(image) as opened:
             assert min(opened.size) >= 32, f"{path} python block {k + 1} saves {image.name} at {opened.size}"
     for name, value in namespace.items():

@@ -25,15 +25,25 @@ class Single:
 
 
 class Distributed:
-    """torch.distributed under torchrun; small Python objects go through a gloo group (also next to NCCL)."""
+    """torch.distributed under torchrun; small Python objects go through a gloo group of this object's own (also
+    next to NCCL), which ``close()`` frees, joining its threads, before the interpreter shuts down.
+
+    Why: a gloo worker thread that lets go of a finished all-gather's tensors takes the GIL; if the interpreter is
+    shutting down by then, CPython ends that thread inside a C++ destructor and the process aborts ("terminate
+    called without an active exception", SIGABRT: a busy machine delays the thread). ``destroy_process_group``
+    frees a group only if nothing else holds it, and ``torch.distributed.nn``, imported after
+    ``init_process_group`` (diffusers imports it, through ``torch._dynamo``, when the model loads), holds the
+    default group in its functions' default arguments. So it is imported first, and the collectives run on a
+    group that only this object holds, freed whatever else holds the default one."""
 
     def __init__(self, backend: str):
         import torch.distributed as dist
+        import torch.distributed.nn  # noqa: F401  (before init_process_group: see above)
 
         self.dist = dist
         dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+        self.group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
 
     def all_gather(self, obj) -> list:
         out = [None] * self.world
@@ -45,8 +55,12 @@ class Distributed:
         return out
 
     def close(self) -> None:
+        """Destroy every group, then let go of this object's own: freed, it joins its gloo threads now."""
+        if self.group is None:
+            return
         with contextlib.suppress(Exception):
             self.dist.destroy_process_group()
+        self.group = None
 
 
 def launched_by_torchrun() -> bool:
