@@ -32,6 +32,15 @@ def _as_kve_scheduler(scheduler):
     return ours if type(scheduler) is reference and source == "config" else scheduler
 
 
+def _pipeline_output(image: torch.Tensor, output_type: str, return_dict: bool):
+    """The sampled images as the reference hands them out: PIL images, a BHWC array or the tensor."""
+    if output_type == "pil":
+        image = uint8_to_pil(image)
+    elif output_type in ("np", "numpy"):
+        image = image.cpu().permute(0, 2, 3, 1).numpy()
+    return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
 class KarrasVePipeline(DiffusionPipeline):
     """Unconditional image generation with the stochastic sampler of Karras et al. (2022), Algorithm 2.
 
@@ -245,11 +254,4 @@ class KarrasVePipeline(DiffusionPipeline):
         )
         # Leave the scheduler as the reference does after a call.
         self.scheduler.set_timesteps(num_inference_steps)
-
-        if output_type == "pil":
-            image = uint8_to_pil(image)
-        elif output_type in ("np", "numpy"):
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        return _pipeline_output(image, output_type, return_dict)

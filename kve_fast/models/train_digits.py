@@ -164,6 +164,42 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def lr_at(step: int, args) -> float:
+    """Linear warm-up, then cosine decay to ``lr_min_frac`` of the peak."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.lr_min_frac + (1 - args.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(unet, ema, data, args, device) -> tuple:
+    """Adam on the denoising loss for ``args.steps`` steps, the EMA updated after each: ``(losses, seconds)``."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.lr)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    t0 = time.time()
+    recent = []
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        y_noisy, sigma, z = (t.to(device) for t in make_batch(data, g, args, args.batch_size))
+        loss = dsm_loss(unet, y_noisy, sigma, z).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(p, 1 - args.ema)
+        recent.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            print(f"step {step + 1:6d}  loss {np.mean(recent[-args.log_every:]):.4f}  lr {lr_at(step, args):.2e}  "
+                  f"{time.time() - t0:7.1f}s", flush=True)
+    return recent, time.time() - t0
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     argv_used = sys.argv[1:] if argv is None else list(argv)
@@ -184,41 +220,10 @@ def main(argv=None) -> dict:
     n_trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     ema = copy.deepcopy(unet).eval().requires_grad_(False) if args.ema > 0 else None
 
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=args.lr)
-
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        t = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (args.lr_min_frac + (1 - args.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-    g = torch.Generator().manual_seed(args.seed + 2)
     print(f"digits: {tuple(data.shape)}; UNet2DModel channels={channels} layers_per_block={args.layers_per_block} "
           f"attention={args.attention}; params {n_params} ({n_trainable} trainable); torch {torch.__version__}, "
           f"{args.threads} thread(s)", flush=True)
-    t0 = time.time()
-    recent = []
-    for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        y_noisy, sigma, z = (t.to(device) for t in make_batch(data, g, args, args.batch_size))
-        loss = dsm_loss(unet, y_noisy, sigma, z).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(p, 1 - args.ema)
-        recent.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            el = time.time() - t0
-            print(f"step {step + 1:6d}  loss {np.mean(recent[-args.log_every:]):.4f}  lr {lr_at(step):.2e}  "
-                  f"{el:7.1f}s", flush=True)
-    wall = time.time() - t0
+    recent, wall = train(unet, ema, data, args, device)
     final = ema if ema is not None else unet.eval()
     final = final.to("cpu").eval()
     tail = max(1, args.steps // 20)
