@@ -26,7 +26,7 @@ LAYERS = [
     # (the graph stand-in keys captures by the precision switches it reads through kve_fast.precision)
     ("the graph stand-in", ["kve_fast.fake_graph"]),
     ("conventions", ["kve_fast.convention"]),
-    ("plans", ["kve_fast.plan", "kve_fast.spec"]),
+    ("plans", ["kve_fast.plan", "kve_fast.spec", "kve_fast.edm_plan"]),
     ("stages", ["kve_fast.stages"]),
     ("ops", ["kve_fast.ops.*", "kve_fast.ncsnpp"]),
     ("backends and the scheduler", ["kve_fast.backends", "kve_fast.karras_ve_scheduler", "kve_fast.scheduler"]),
