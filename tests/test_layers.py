@@ -33,7 +33,7 @@ LAYERS = [
     ("engines", ["kve_fast.engine", "kve_fast.graphs"]),
     ("the loop", ["kve_fast.sampler"]),
     ("beside the loop", ["kve_fast.oracle", "kve_fast.loading"]),
-    ("fronts", ["kve_fast.pipeline", "kve_fast.k_diffusion", "kve_fast.edm"]),
+    ("fronts", ["kve_fast.pipeline", "kve_fast.k_diffusion", "kve_fast.edm", "kve_fast.edm2"]),
     ("tools", ["kve_fast.testing", "kve_fast.accuracy", "kve_fast.models.quality"]),
     ("command helpers", ["kve_fast.cli_common"]),
     ("commands", ["kve_fast.generate.*", "kve_fast.benchmark.*"]),
