@@ -1,4 +1,4 @@
-"""``kve_fast.edm2.edm_sampler`` against our reading of NVlabs' EDM2 ``edm_sampler`` (tests/edm_reading.py), bit for
+"""``kve_fast.edm2.edm_sampler`` against our reading of NVlabs' EDM2 ``edm_sampler`` (kve_fast/edm_reading.py), bit for
 bit (``torch.equal``, dtype included), with the generators' states after the call; eagerly on the torch ops and the
 Triton kernels (tests/test_graphs_edm.py: graphed). Each test names the mutation of the code it catches (applied,
 seen to fail, reverted)."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_bitwise, needs_triton
 from edm_cases import SEEDS, Logged, informative, names, same_states
-from edm_reading import edm2_sampler_reading
+from kve_fast.edm_reading import edm2_sampler_reading
 
 import kve_fast.edm2
 from kve_fast.edm_testing import RecordingNet, script_inputs, tiny_edm2_net, tiny_edm_net

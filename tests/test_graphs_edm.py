@@ -2,7 +2,7 @@
 (``kve_fast.fake_graph.FakeGraph``, which replays what it recorded and fails where a real graph would): every value
 that changes per step or per call must come through the capture's feed (the step's scalars, the noise drawn from the
 caller's ``randn_like`` between two replays, the labels), so the graphed sample must be our reading of the original
-(tests/edm_reading.py) bit for bit, with the generators where the original leaves them. The input layouts (eager and
+(kve_fast/edm_reading.py) bit for bit, with the generators where the original leaves them. The input layouts (eager and
 graphed) are here too. Each test names the mutation of the code it catches (applied, seen to fail, reverted)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_bitwise, needs_triton
 from edm_cases import SEEDS, informative, same_states
-from edm_reading import edm2_sampler_reading, edm_sampler_reading
+from kve_fast.edm_reading import edm2_sampler_reading, edm_sampler_reading
 
 import kve_fast.edm
 import kve_fast.edm2

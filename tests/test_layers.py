@@ -20,7 +20,7 @@ ROOT = pathlib.Path(kve_fast.__file__).parent
 # A name ending in ".*" is every module of that package (the package itself included).
 LAYERS = [
     ("leaves", ["kve_fast", "kve_fast.options", "kve_fast._checks", "kve_fast._warn", "kve_fast._files",
-                "kve_fast.images", "kve_fast.fingerprint", "kve_fast.edm_testing",
+                "kve_fast.images", "kve_fast.fingerprint", "kve_fast.edm_testing", "kve_fast.edm_reading",
                 "kve_fast.models", "kve_fast.models.train_digits"]),
     ("settings", ["kve_fast.precision", "kve_fast.noise_levels", "kve_fast.noise", "kve_fast.threads"]),
     # (the graph stand-in keys captures by the precision switches it reads through kve_fast.precision)
