@@ -38,9 +38,10 @@ class Boom(RuntimeError):
 
 
 class RaisesAt(torch.nn.Module):
-    """``net``, raising ``Boom`` at its ``at``-th call (counted from 1)."""
+    """``net``, raising ``Boom`` at its ``at``-th call (counted from 1), or at every call (``at`` None: a capture
+    fails on it, and so does an eager run)."""
 
-    def __init__(self, net, at: int):
+    def __init__(self, net, at: int | None):
         super().__init__()
         self.net, self.at, self.calls = net, at, 0
 
@@ -52,8 +53,8 @@ class RaisesAt(torch.nn.Module):
 
     def forward(self, *args):
         self.calls += 1
-        if self.calls == self.at:
-            raise Boom(f"call {self.at}")
+        if self.at is None or self.calls == self.at:
+            raise Boom(f"the net fails at call {self.calls}")
         return self.net(*args)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_bitwise, needs_triton
-from edm_cases import SEEDS, informative, same_states
+from edm_cases import SEEDS, Boom, RaisesAt, informative, same_states
 from kve_fast.edm_reading import edm2_sampler_reading, edm_sampler_reading
 
 import kve_fast.edm
@@ -182,37 +182,20 @@ def test_any_noise_layout_gives_edm2s_bits(layout):
     assert same_states(ours, theirs)
 
 
-class AlwaysRaises(torch.nn.Module):
-    """An EDM net whose forward always raises (a capture fails on it, and so does an eager run)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def __getattr__(self, item):
-        try:
-            return super().__getattr__(item)
-        except AttributeError:
-            return getattr(self._modules["net"], item)
-
-    def forward(self, *args):
-        raise RuntimeError("the net fails")
-
-
 @pytest.mark.filterwarnings("ignore:kve_fast. this model cannot be captured")
 def test_a_net_that_fails_in_the_capture(fake_graphs):
     """docs/edm.md's promise: ``cuda_graph="auto"`` runs the call eagerly, so the net's own error comes after the
     draw EDM makes before its first call (the generators where EDM leaves them); ``cuda_graph=True`` is a ValueError
     before any draw. Mutation caught: ``sampler._graphed`` not catching the net's RuntimeError (no eager run: "auto"
     leaves the generators untouched)."""
-    net = AlwaysRaises(tiny_edm_net(3, 6))
+    net = RaisesAt(tiny_edm_net(3, 6), None)
     for mode, error in (("auto", RuntimeError), (True, ValueError)):
         ours, latents, _ = script_inputs(net, SEEDS)
         theirs, _, _ = script_inputs(net, SEEDS)
         with pytest.raises(error, match="the net fails"):
             kve_fast.edm.edm_sampler(net, latents, None, ours.randn_like, num_steps=3, backend="triton",
                                      cuda_graph=mode)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(Boom):
             edm_sampler_reading(net, latents, None, theirs.randn_like, num_steps=3)
         fresh, _, _ = script_inputs(net, SEEDS)
         assert same_states(ours, theirs if mode == "auto" else fresh), mode
