@@ -176,3 +176,22 @@ def test_an_edm_net_runs_too():
     net = tiny_edm_net(1, 6, sigma_min=1.0, sigma_max=10.0)
     got, expected, _ = _both(net, None, "torch", num_steps=4)
     assert_bitwise(got, expected, "an EDM net in EDM2's sampler")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_randn_like_on_the_global_rng_with_channels_last_noise(backend):
+    """EDM2's default ``randn_like=torch.randn_like``, churning: the global RNG draws in the strides of the tensor it
+    gets, which is the state's, the noise's layout (channels_last here); the RNG ends where EDM2 leaves it. Mutation
+    caught (Triton; the torch ops hand ``randn_like`` the state itself): the state contiguous whatever the noise's
+    layout (``layout = torch.empty(x.shape, dtype=dtype)`` in ``kve_fast.edm.make_run``)."""
+    net, gnet = _nets(4, 0)
+    noise = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    noise = noise.contiguous(memory_format=torch.channels_last)
+    kwargs = dict(num_steps=4, guidance=1.7, **CHURN)
+    torch.manual_seed(4)
+    expected = edm2_sampler_reading(net, noise, None, gnet, **kwargs)
+    state = torch.get_rng_state()
+    torch.manual_seed(4)
+    got = kve_fast.edm2.edm_sampler(net, noise, None, gnet, backend=backend, **kwargs)
+    assert_bitwise(got, expected, "torch.randn_like on channels_last noise")
+    assert torch.equal(torch.get_rng_state(), state)
