@@ -1,7 +1,7 @@
 """The lent GPU's two commands: what each runs, in order, under one hard time budget.
 
     python bench/device_session.py correctness [--budget-s 360] [--out DIR] [--dry-run]
-    python bench/device_session.py speed       [--budget-s 240] [--out DIR] [--dry-run]
+    python bench/device_session.py speed       [--budget-s 290] [--out DIR] [--dry-run]
     python bench/device_session.py correctness --list      # the stages, their estimates and caps
 
 Called by bench/device_correctness.sh and bench/device_speed.sh (which first install the carried wheels);
@@ -96,6 +96,9 @@ def speed_stages(dry: bool):
                                  "{out}/cold_start.json"], 5, 300, what="import to first image in a fresh process"),
             Stage("fir_bench", [PY, _b("fir_bench.py"), "--device", "cpu", "--smoke", "--no-forward", "--out",
                                 "{out}"], 5, 300, what="the FIR kernel vs diffusers' FIR ops (dry: smoke)"),
+            Stage("edm_bench", [PY, _b("edm_bench.py"), "--device", "cpu", "--tiny", "--repeats", "1", "--out",
+                                "{out}"], 30, 300,
+                  what="NVlabs' EDM sampler: the published loop vs kve_fast.edm (dry: 8x8 NCSN++, b1, 2 steps)"),
         ]
     return [
         Stage("graph_bench", [PY, _b("graph_bench.py"), "--unet-dtype", "fp32", "bf16", "--configs", "ncsnpp-b64",
@@ -108,10 +111,15 @@ def speed_stages(dry: bool):
               what="first image cold: a fresh process, import to image, with the breakdown (n = 3)"),
         Stage("fir_bench", [PY, _b("fir_bench.py"), "--repeats", "5", "--forward-repeats", "3", "--out", "{out}"],
               40, 60, what="the FIR kernel vs diffusers' FIR ops, per op and per forward (n = 5 / 3)"),
+        # (about 2 x 35 forwards of the 62 M UNet at b64 per timed call, three rows, n >= 3, plus the floors)
+        Stage("edm_bench", [PY, _b("edm_bench.py"), "--out", "{out}"], 45, 80,
+              what="NVlabs' EDM sampler on a CIFAR-10-sized stand-in (NCSN++-like 62 M behind EDM's preconditioner), "
+                   "b1 and b64, 18 steps: the published loop vs kve_fast.edm eager and graphed, each against its "
+                   "floor; graphed <= 1.05x its floor and bit-identical"),
     ]
 
 
-SESSIONS = {"correctness": (correctness_stages, 360), "speed": (speed_stages, 240)}
+SESSIONS = {"correctness": (correctness_stages, 360), "speed": (speed_stages, 290)}
 
 
 def main(argv=None) -> int:

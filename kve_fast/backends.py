@@ -59,17 +59,48 @@ def check_backend(name: str, device: torch.device) -> str:
     return "triton"
 
 
+def edm_backend(name: str, device: torch.device, dtype: torch.dtype, numel: int) -> str:
+    """``check_backend`` for NVlabs' samplers, whose state is ``dtype`` with ``numel`` elements: the Triton kernels
+    keep a float32 or float64 state (indexed with int32) and the CUDA extension has none of their kernels.
+    ``"auto"`` runs a call they cannot serve on the torch ops (the originals' own, the same bits); naming one is a
+    ValueError."""
+    from .edm_plan import KERNEL_DTYPES
+    from .ops.fused import MAX_ELEMENTS
+
+    resolved = check_backend(name, device)
+    why = ""
+    if resolved == "cuda":
+        why = "the CUDA extension has no kernels for NVlabs' samplers"
+    elif resolved == "triton" and dtype not in KERNEL_DTYPES:
+        why = f"the Triton kernels keep a float32 or float64 state, not {dtype}"
+    elif resolved == "triton" and numel > MAX_ELEMENTS:
+        why = f"the sample has {numel} elements; the Triton kernels index at most {MAX_ELEMENTS}"
+    if not why:
+        return resolved
+    if name != "auto":
+        raise ValueError(f"`backend`={name!r} cannot run this call: {why}; use backend='torch' or 'auto'")
+    return "torch"
+
+
 def make_backend(name: str, device: torch.device, convention, shape=None, layout: torch.Tensor | None = None,
                  model_dtype: torch.dtype = torch.float32):
     """The step backend object ``name`` (resolved for ``device`` by the front: ``check_backend``'s answer, or
     ``"torch"``); ``shape``: checked against its limits.
 
-    ``convention``: ``kve_fast.convention.REFERENCE`` or ``K_DIFFUSION`` (the kernels' arithmetic);
+    ``convention``: ``kve_fast.convention.REFERENCE``, ``K_DIFFUSION``, ``EDM`` or ``EDM2`` (the kernels' arithmetic);
     ``layout``: a tensor whose dense layout the fused backends keep their state in (default contiguous);
     ``model_dtype``: the UNet's dtype, which the Triton kernels write its input in (``kve_fast.precision``).
     """
     if name not in ("torch", "triton", "cuda"):
         raise ValueError(f"make_backend takes a resolved backend (check_backend's answer), got {name!r}")
+    if convention.edm:  # (``edm_backend``'s answer; ``layout``: the state's dtype and strides)
+        if name == "triton":
+            from .ops.edm_triton import EDMTritonStep
+
+            return EDMTritonStep(layout)
+        from .ops.step_torch import EDMTorchStep
+
+        return EDMTorchStep()
     if name == "cuda":
         from .ops.step_cuda import CudaStep
 

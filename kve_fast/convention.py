@@ -1,8 +1,8 @@
-"""The two conventions the one sampler loop runs in: how the model is called, and how a step is rounded.
+"""The conventions the one sampler loop runs in: how the model is called, and how a step is rounded.
 
 A convention is chosen once, at the front door (``kve_fast.sampler`` and ``kve_fast.pipeline`` pick
-``REFERENCE``, ``kve_fast.k_diffusion`` picks ``K_DIFFUSION``), and everything that differs between the two
-is asked of it here, in one place:
+``REFERENCE``, ``kve_fast.k_diffusion`` picks ``K_DIFFUSION``, ``kve_fast.edm`` and ``kve_fast.edm2`` pick
+``EDM`` and ``EDM2``), and everything that differs between them is asked of it here, in one place:
 
 =====================  ==============================================  ==============================================
                        ``REFERENCE`` (diffusers' KarrasVePipeline)      ``K_DIFFUSION`` (k-diffusion's sample_heun)
@@ -19,17 +19,29 @@ line 6 (the churn)     every step (it adds 0 * eps where gamma = 0)    only wher
 =====================  ==============================================  ==============================================
 
 Both draw one churn noise per step, also where gamma = 0, as their originals do.
+
+The third convention, ``EDMConvention`` (NVlabs' EDM and EDM2 ``edm_sampler``, docs/edm-reading.md), is a
+denoiser convention with its own step arithmetic (``kve_fast.ops.step_torch.EDMTorchStep``,
+``kve_fast.ops.edm_triton``) in the state's dtype (float64 in EDM, ``dtype`` in EDM2): the net is called
+``net(x_hat, t_hat, class_labels)`` with t_hat a 0-d tensor of the state's dtype on its device
+(``kve_fast.edm_plan.EStep``), EDM2's guiding net after it and ``torch.lerp`` between them; division is true;
+line 6 runs at every step in ``EDM`` (adding 0 * eps where gamma = 0) and only where it churns in ``EDM2``, and
+the noise is drawn only where line 6 runs, from the caller's ``randn_like`` between two model calls, where the
+originals draw it (``kve_fast.stages.HostDraw``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .precision import UNET_DTYPES, Precision
+from .fingerprint import nets
+from .precision import UNET_DTYPES
 
-__all__ = ["Convention", "REFERENCE", "K_DIFFUSION", "ModelOutputError", "raw_output"]
+__all__ = ["Convention", "EDMConvention", "REFERENCE", "K_DIFFUSION", "EDM", "EDM2", "ModelOutputError",
+           "raw_output"]
 
 
 class ModelOutputError(ValueError):
@@ -61,6 +73,7 @@ class Convention:
     name: str
     denoiser: bool  # the model returns D itself (k-diffusion), else a score in [0, 1] image space
     churn_every_step: bool  # line 6 runs where gamma = 0 too (adding 0 * eps), as the reference does
+    edm: ClassVar[bool] = False  # NVlabs' step arithmetic and noise draws (EDMConvention)
 
     def true_division(self, device: torch.device) -> bool:
         """Whether the step's divisions by sigma are true divisions on ``device`` (else a multiplication by
@@ -74,10 +87,10 @@ class Convention:
 
     # -- the model call -------------------------------------------------------------------------------
 
-    def caller(self, model, precision: Precision, device: torch.device, extra: dict | None = None):
+    def caller(self, model, spec, extra: dict | None = None):
         """``denoise(x_in, level, extra=None)``: the model's raw output at ``x_in`` and noise-level argument
-        ``level``, checked (a tensor shaped like ``x_in``); ``extra`` replaces the call's ``extra_args``
-        (k-diffusion's, for static copies in graphs)."""
+        ``level``, checked (a tensor shaped like ``x_in``), for the run of ``spec`` (``kve_fast.spec.RunSpec``);
+        ``extra`` replaces the call's ``extra_args`` (k-diffusion's, for static copies in graphs)."""
         if self.denoiser:
             kwargs = {} if extra is None else extra
 
@@ -86,7 +99,7 @@ class Convention:
                 return _checked(model(x, level, **(kwargs if extra is None else extra)), x)
 
             return denoise
-        forward = precision.call(model, device)
+        forward = spec.precision.call(model, spec.device)
 
         def score(x, level, extra=None):
             out = _checked(forward(x, level), x)
@@ -120,3 +133,44 @@ class Convention:
 
 REFERENCE = Convention("reference", denoiser=False, churn_every_step=True)
 K_DIFFUSION = Convention("k-diffusion", denoiser=True, churn_every_step=False)
+
+
+@dataclass(frozen=True)
+class EDMConvention(Convention):
+    """NVlabs' samplers (the module docstring): ``EDM`` (line 6 and its draw at every step) and ``EDM2`` (only
+    where it churns). A run's model is its net, or ``kve_fast.fingerprint.Nets((net, gnet))`` where EDM2 guides
+    (``RunSpec.guidance``); ``extra`` is ``{"class_labels": labels}``, passed positionally as the originals pass
+    them; the state's dtype is ``RunSpec.dtype``."""
+
+    edm: ClassVar[bool] = True
+
+    def churns(self, step) -> bool:
+        return step.churned
+
+    def caller(self, model, spec, extra: dict | None = None):
+        """EDM's ``net(x, t, class_labels)``; EDM2's guided denoiser: ``net(x, t, labels)``, then, where it guides,
+        ``gnet(x, t, labels)`` and ``torch.lerp(ref, D, guidance)`` in the state's dtype (an FMA inside torch:
+        kept as torch's own op). Unguided, the net's output is returned as it is: the step casts it to the state's
+        dtype (``.to(dtype)``, or the kernels' exact widening)."""
+        members = nets(model)
+        net, guide = members[0], (members[1] if len(members) > 1 else None)
+        weight, dtype = spec.guidance, spec.dtype
+        labels = None if extra is None else extra["class_labels"]
+
+        def denoise(x, level, extra=None):
+            y = labels if extra is None else extra["class_labels"]
+            out = _checked(net(x, level, y), x)
+            if guide is None:
+                return out
+            ref = _checked(guide(x, level, y), x)
+            return torch.lerp(ref.to(dtype), out.to(dtype), weight)
+
+        return denoise
+
+    def noise_level(self, step, at: str, s_in: torch.Tensor | None = None) -> torch.Tensor:
+        """t_hat (``at="hat"``) or t_{i+1}: the step's 0-d tensors, as the originals hand them to the net."""
+        return step.t_hat if at == "hat" else step.t_next
+
+
+EDM = EDMConvention("edm", denoiser=True, churn_every_step=True)
+EDM2 = EDMConvention("edm2", denoiser=True, churn_every_step=False)

@@ -25,6 +25,9 @@ below the second level, module-level globals a forward calls (a function of ``to
 replaced), and state outside the model (the capture key holds the global switches). After changing one of
 those, call ``kve_fast.clear_graphs(model)``.
 
+A call may run several models (EDM2's net and its guiding net): ``Nets`` holds them, and a snapshot of a
+``Nets`` covers every module of every net (``nets``).
+
 ``state.difference(model)`` is None while all of it is as it was, else what changed (one short phrase). The
 graph runner calls it once per graphed call, and after each callback of a call that has one (a callback may
 change the model between two steps). Objects that could reference the model (modules, functions, methods,
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 from torch.nn.modules import module as _module
 
-__all__ = ["ModelState"]
+__all__ = ["ModelState", "Nets", "nets"]
 
 _PATCH = "_kve_ncsnpp_patch"  # kve_fast.ncsnpp's per-module record
 _MAX_MODULES = 1_000_000  # a module tree larger than this is a cycle
@@ -62,12 +65,23 @@ _BOOKKEEPING = frozenset(vars(torch.nn.Module()))
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, np.generic, torch.dtype, torch.device)
 
 
+class Nets(tuple):
+    """The models one call runs, in the order it calls them (EDM2's net, then its guiding net): a CUDA-graph
+    capture keys, snapshots, watches and holds each one (``kve_fast.graphs``), never the tuple."""
+
+    __slots__ = ()
+
+
+def nets(model) -> tuple:
+    """The models behind ``model``: a ``Nets``' members, else ``model`` alone."""
+    return tuple(model) if isinstance(model, Nets) else (model,)
+
+
 def _modules(model) -> list:
     """The module tree in a fixed order (``model.modules()`` without the names it builds; a module shared by
-    two parents appears twice; ``None`` entries of ``_modules`` are skipped)."""
-    if not isinstance(model, torch.nn.Module):
-        return []
-    out, i = [model], 0
+    two parents appears twice; ``None`` entries of ``_modules`` are skipped); of a ``Nets``, each net's in turn."""
+    out = [m for m in nets(model) if isinstance(m, torch.nn.Module)]
+    i = 0
     while i < len(out):
         m = out[i]
         i += 1

@@ -54,6 +54,7 @@ stale kernels.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import weakref
@@ -64,8 +65,12 @@ import torch
 
 from . import fake_graph
 from ._warn import warn_once
-from .fingerprint import ModelState
-from .stages import Advance, Buffers, Churn, ChurnValues, Denoise, HandOut, Heun, LevelValues, StepContext, run_stages
+from .edm_plan import SLOTS as EDM_SLOTS
+from .edm_plan import slots as edm_slots
+from .fingerprint import ModelState, Nets, nets
+from .stages import (
+    Advance, Buffers, Churn, ChurnValues, Denoise, HandOut, Heun, HostDraw, LevelValues, StepContext, run_stages,
+)
 
 ENV_VAR = "KVE_FAST_CUDA_GRAPH"
 FAKE_ENV_VAR = "KVE_FAST_FAKE_GRAPHS"
@@ -73,6 +78,8 @@ MODES = ("auto", True, False)
 DEFAULT_MODE = "auto"  # what cuda_graph=None means (see the module docstring)
 # ... in kve_fast.k_diffusion: off until a GPU run confirms that convention's graphed output bit for bit
 KDIFFUSION_DEFAULT_MODE = False
+# ... in kve_fast.edm and kve_fast.edm2: likewise
+EDM_DEFAULT_MODE = False
 MAX_CAPTURES = 4
 _RING = 4  # pinned staging rows for the step's scalars, used in turn
 
@@ -148,18 +155,19 @@ def extra_signature(extra: dict) -> tuple | None:
 
 @dataclass(frozen=True)
 class CaptureKey:
-    """What a capture is cached under: the model (by identity; the capture checks it is the same object),
-    every setting of the run that the captured work depends on (``RunSpec.key()``), and the global switches
-    that pick kernels (``kve_fast.fake_graph.switches``: TF32, cuDNN, deterministic algorithms, SDPA). What
-    the capture bakes in of the model itself is checked per call (``ModelState``)."""
+    """What a capture is cached under: the models a step calls (``fingerprint.nets``: the model, or EDM2's net and
+    guiding net; by identity, their ids in call order; the capture checks they are the same objects), every
+    setting of the run that the captured work depends on (``RunSpec.key()``), and the global switches that pick
+    kernels (``kve_fast.fake_graph.switches``: TF32, cuDNN, deterministic algorithms, SDPA). What the capture
+    bakes in of the models themselves is checked per call (``ModelState``)."""
 
-    model: int
+    model: tuple
     spec: tuple
     switches: tuple
 
     @classmethod
     def of(cls, model, spec) -> "CaptureKey":
-        return cls(id(model), spec.key(), fake_graph.switches())
+        return cls(tuple(map(id, nets(model))), spec.key(), fake_graph.switches())
 
     def fields(self) -> dict:
         """The key as names and values (``graph_info``)."""
@@ -178,9 +186,9 @@ def clear_graphs(model=None) -> None:
     """Free every capture (or only ``model``'s) and the memory pools they use. A capture a run is using now
     is freed when that run ends (it is not cached again)."""
     with _LOCK:
-        for key in [k for k in _CACHE if model is None or k.model == id(model)]:
+        for key in [k for k in _CACHE if model is None or id(model) in k.model]:
             _CACHE.pop(key)
-        doomed = [c for c in list(_LIVE) if model is None or c.key.model == id(model)]
+        doomed = [c for c in list(_LIVE) if model is None or id(model) in c.key.model]
         for cap in doomed:
             cap.cleared = True
     for cap in doomed:
@@ -193,19 +201,41 @@ def _forget_model(model_id: int) -> None:
     """The model was garbage-collected: drop its captures (their graphs point at its freed memory)."""
     with _LOCK:
         _FINALIZERS.pop(model_id, None)
-        for key in [k for k in _CACHE if k.model == model_id]:
+        for key in [k for k in _CACHE if model_id in k.model]:
             _CACHE.pop(key).cleared = True
         for cap in list(_LIVE):
-            if cap.key.model == model_id:
+            if model_id in cap.key.model:
                 cap.cleared = True
 
 
 def _watch_model(model) -> None:
-    if id(model) not in _FINALIZERS:
-        try:
-            _FINALIZERS[id(model)] = weakref.finalize(model, _forget_model, id(model))
-        except TypeError:  # not weakly referenceable: its captures live until clear_graphs()
-            pass
+    for net in nets(model):
+        if id(net) not in _FINALIZERS:
+            try:
+                _FINALIZERS[id(net)] = weakref.finalize(net, _forget_model, id(net))
+            except TypeError:  # not weakly referenceable: its captures live until clear_graphs()
+                pass
+
+
+def _reference(model):
+    """``ref()``: ``model`` while it lives, else None, without keeping it alive (each net of a ``Nets``; a model
+    that cannot be weakly referenced is held)."""
+    if isinstance(model, Nets):
+        refs = [_reference(net) for net in model]
+
+        def ref():
+            members = [r() for r in refs]
+            return None if any(m is None for m in members) else Nets(members)
+
+        return ref
+    return weakref.ref(model) if _weakrefable(model) else (lambda m=model: m)
+
+
+def _same(held, model) -> bool:
+    """Whether the capture's models (``held``, from ``_reference``) are ``model``'s, object for object."""
+    if isinstance(held, Nets):
+        return isinstance(model, Nets) and len(held) == len(model) and all(map(operator.is_, held, model))
+    return held is model
 
 
 # -- where a step's values live ------------------------------------------------------------------------------
@@ -284,11 +314,45 @@ class DeviceFeed:
         return self.convention.graph_noise_level(scalars, None if self._levels is None else self._levels[at])
 
 
+class EDMFeed(DeviceFeed):
+    """``DeviceFeed`` of NVlabs' samplers (``Convention.edm``): a step's ``kve_fast.edm_plan.SLOTS`` in the state's
+    dtype, written on the device from the plan's 0-d tensors (``edm_plan.slots``: nothing goes through the host),
+    the churn noise in a buffer of the state's dtype and layout, and the net's noise level a 0-d view of the t_hat
+    or t_next slot. Every stage reads the one slot tensor (the kernels pick their slots)."""
+
+    def __init__(self, convention, device: torch.device, noise: str, like: torch.Tensor):
+        self.convention, self.device, self.fast, self.extra = convention, device, False, None
+        self.scalars = torch.zeros(len(EDM_SLOTS), dtype=like.dtype, device=device)
+        self.noise = torch.zeros_like(like)
+        self._levels = {"hat": self.scalars[EDM_SLOTS.index("t_hat")], "next": self.scalars[EDM_SLOTS.index("t_next")]}
+
+    def load(self, step, nxt, s_noise: float) -> None:
+        edm_slots(step, nxt, out=self.scalars)
+
+    def churn(self, of: str) -> ChurnValues:
+        return ChurnValues(None, self.scalars, None, self.noise)
+
+    @property
+    def at_hat(self) -> LevelValues:
+        return LevelValues(None, self.scalars)
+
+    at_next = at_hat
+
+    def model_level(self, at: str) -> torch.Tensor:
+        return self._levels[at]
+
+
+def _host(part) -> bool:
+    """Whether ``part`` of ``segments`` is host work between graphs (a callback, a draw)."""
+    return isinstance(part, (HandOut, HostDraw))
+
+
 def segments(stages) -> list:
-    """``stages`` split at ``HandOut`` stages: tuples of stages a graph captures, and the ``HandOut``s between."""
+    """``stages`` split at ``HandOut`` and ``HostDraw`` stages: tuples of stages a graph captures, and the host
+    work between."""
     out, current = [], []
     for s in stages:
-        if isinstance(s, HandOut):
+        if _host(s):
             if current:
                 out.append(tuple(current))
             out.append(s)
@@ -326,11 +390,11 @@ class Capture:
 
     def __init__(self, key: CaptureKey, spec, model, backend, like: torch.Tensor, model_dtype: torch.dtype):
         self.key, self.spec, self.backend = key, spec, backend
-        self.model_ref = weakref.ref(model) if _weakrefable(model) else (lambda m=model: m)
+        self.model_ref = _reference(model)
         self.state = ModelState(model)
         self.compiled = compiled(model)
         self.buffers = Buffers(like, model_dtype, reuse=None, image_kind=spec.image)
-        self.feed = DeviceFeed(spec.convention, spec.device, spec.noise, like)
+        self.feed = (EDMFeed if spec.convention.edm else DeviceFeed)(spec.convention, spec.device, spec.noise, like)
         self.env: dict = {}
         self.graphs: dict = {}
         self.busy = threading.Lock()
@@ -386,6 +450,8 @@ def _weakrefable(obj) -> bool:
 def compiled(model) -> bool:
     """Whether ``torch.compile`` wraps ``model`` or part of it: an ``OptimizedModule`` in the tree, a module
     compiled in place (``module.compile()``), a compiled instance ``forward``, or a compiled function."""
+    if isinstance(model, Nets):
+        return any(map(compiled, model))
     if hasattr(model, "_torchdynamo_orig_callable"):
         return True
     if not isinstance(model, torch.nn.Module):
@@ -456,7 +522,7 @@ def checkout(model, spec, backend, like: torch.Tensor, model_dtype: torch.dtype,
     stale = None
     with _LOCK:
         cap = _CACHE.get(key)
-        if cap is not None and (cap.model_ref() is not model or cap.state.difference(model) is not None):
+        if cap is not None and (not _same(cap.model_ref(), model) or cap.state.difference(model) is not None):
             stale = _CACHE.pop(key)  # what it baked in changed: a new capture, and the old one freed
             stale.cleared = True
             cap = None
@@ -519,6 +585,7 @@ class GraphEngine:
         self.eager = None  # the eager engine that took over, if one did
         self.ctx = StepContext(cap.backend, cap.buffers, denoise)
         self.ctx.env = cap.env
+        self._segments: dict = {}  # id(stage list) -> (the list, segments(list))
         if extra is not None:
             cap.feed.set_extra(extra)
 
@@ -544,10 +611,10 @@ class GraphEngine:
         for stages in self._stage_lists():
             parts = segments(stages)
             for k, part in enumerate(parts):
-                if isinstance(part, HandOut):
+                if _host(part):
                     continue
                 later = parts[k + 1:]
-                read = set().union(*[_reads(p) for p in later if not isinstance(p, HandOut)])
+                read = set().union(*[_reads(p) for p in later if not _host(p)])
                 read |= {n for p in later if isinstance(p, HandOut) for n in (p.x, p.denoised)}
                 outputs = {s.out for s in part if isinstance(s, Denoise)}  # the only names not in buffers
                 cap.graph(part, self.ctx, outputs & read)
@@ -569,7 +636,10 @@ class GraphEngine:
         fused = any(isinstance(s, Heun) and s.then is not None or isinstance(s, Churn) and s.of == "next"
                     for s in stages)
         cap.feed.load(step, self.plan[step.index + 1] if fused else None, self.s_noise)
-        for part in segments(stages):
+        held = self._segments.get(id(stages))
+        if held is None or held[0] is not stages:
+            held = self._segments[id(stages)] = (stages, segments(stages))
+        for part in held[1]:
             if isinstance(part, HandOut):
                 why = self._hand_out(part, step)
                 now, rest = self.schedule.rest_after(self.plan, step, part)
@@ -579,7 +649,10 @@ class GraphEngine:
                     self._hand_over(stages[_index(stages, part) + 1:] if rest is None else rest, now, why)
                     return
                 continue
-            if _churns(part):
+            if isinstance(part, HostDraw):  # the next churn's noise, drawn where the original draws it
+                cap.feed.set_noise(self.source.step())
+                continue
+            if not self.schedule.host_draws and _churns(part):
                 cap.feed.set_noise(self.source.step())
             cap.graphs[part].replay()
 

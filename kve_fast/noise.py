@@ -24,7 +24,7 @@ import torch
 
 from .options import NOISE_MODES
 
-__all__ = ["NOISE_MODES", "draw_randn", "ReferenceNoise", "DeviceNoise", "StepKeys", "sample_keys",
+__all__ = ["NOISE_MODES", "draw_randn", "ReferenceNoise", "DeviceNoise", "StepKeys", "sample_keys", "CallerNoise",
            "per_sample_randn", "make_noise"]
 PREFETCH = True  # exact mode on CUDA with CPU generators: draw ahead on a thread (False: draw in the loop)
 
@@ -307,6 +307,33 @@ class RandnLikeNoise:
 
     def step(self, like: torch.Tensor | None = None) -> torch.Tensor:
         return torch.randn_like(self.template if like is None else like)
+
+    def close(self) -> None:
+        pass
+
+
+class CallerNoise:
+    """NVlabs' samplers' stream: the caller's ``randn_like(x)`` (their scripts' per-seed ``randn_like``, or
+    ``torch.randn_like`` on the global RNG), called where the original calls it with a tensor of the state's shape,
+    dtype, layout, device and strides (``like``, else ``template``; its values are those of the state only with
+    the torch step backend). What it returns must be a tensor of that shape, dtype and device: else a TypeError or
+    ValueError naming ``randn_like``, at that draw."""
+
+    mode = "exact"
+
+    def __init__(self, randn_like, template: torch.Tensor):
+        self.randn_like, self.template = randn_like, template
+
+    def step(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        like = self.template if like is None else like
+        eps = self.randn_like(like)
+        if not isinstance(eps, torch.Tensor) or eps.dtype != like.dtype:
+            got = eps.dtype if isinstance(eps, torch.Tensor) else type(eps).__name__
+            raise TypeError(f"`randn_like` must return a tensor of its input's dtype {like.dtype}, got {got}")
+        if eps.shape != like.shape or eps.device != like.device:
+            raise ValueError(f"`randn_like` must return a tensor of its input's shape {tuple(like.shape)} on "
+                             f"{like.device}, got {tuple(eps.shape)} on {eps.device}")
+        return eps
 
     def close(self) -> None:
         pass

@@ -63,11 +63,14 @@ class ChurnRule:
     ``order``: ``"add"`` is ``sigma + gamma * sigma`` (the reference's; EDM's, which then rounds it with its net's
     ``round_sigma``), ``"scale"`` is ``sigma * (gamma + 1)`` (k-diffusion's: ``gamma + 1`` in Python floats).
     ``outside``: gamma outside the range, as the original writes it (the reference's int 0, k-diffusion's 0.).
+    ``root``: how line 6's square root is taken: ``"pow"`` is ``** 0.5`` (the reference's, k-diffusion's),
+    ``"sqrt"`` is ``.sqrt()`` (NVlabs' EDM and EDM2).
     """
 
     name: str
     order: str
     outside: float
+    root: str = "pow"
 
     @staticmethod
     def gamma(s_churn, n: int) -> float:
@@ -83,10 +86,10 @@ class ChurnRule:
         """sigma + gamma sigma in this original's order of operations (``gamma`` a Python number)."""
         return sigma + gamma * sigma if self.order == "add" else sigma * (gamma + 1)
 
-    @staticmethod
-    def coefficient(sigma: torch.Tensor, sigma_hat: torch.Tensor) -> torch.Tensor:
-        """Line 6's c: ``(sigma_hat ** 2 - sigma ** 2) ** 0.5``."""
-        return (sigma_hat**2 - sigma**2) ** 0.5
+    def coefficient(self, sigma: torch.Tensor, sigma_hat: torch.Tensor) -> torch.Tensor:
+        """Line 6's c: ``(sigma_hat ** 2 - sigma ** 2) ** 0.5`` (or ``.sqrt()``: ``root``)."""
+        square = sigma_hat**2 - sigma**2
+        return square.sqrt() if self.root == "sqrt" else square**0.5
 
     def at(self, sigma: torch.Tensor, s_churn, n: int, s_min, s_max) -> tuple:
         """One step, ``sigma`` 0-d: ``(sigma_hat, gamma_i)`` (gamma computed only inside the range, as there)."""
@@ -102,6 +105,9 @@ class ChurnRule:
 
 REFERENCE_CHURN = ChurnRule("reference", "add", 0)
 K_DIFFUSION_CHURN = ChurnRule("k-diffusion", "scale", 0.0)
+# NVlabs' EDM and EDM2 (``kve_fast.edm_plan``): "t_cur + gamma * t_cur" (EDM then through its net's round_sigma;
+# EDM2 only where it churns, else t_hat is t_cur itself), gamma 0 outside the range, "(...).sqrt()"
+EDM_CHURN = ChurnRule("edm", "add", 0, root="sqrt")
 
 
 def churn_sigma(sigma, num_inference_steps: int, s_churn, s_min, s_max):

@@ -38,6 +38,7 @@ from ._checks import check_generator, check_int, check_real, check_shape
 from .backends import make_backend
 from .convention import REFERENCE, ModelOutputError
 from .engine import Engine
+from .fingerprint import nets
 from .noise import make_noise
 from .options import NOISE_MODES, SOLVERS
 from .plan import Plan, PlanHandle, Step, scheduler_plan, sigmas_plan
@@ -168,7 +169,7 @@ def execute(r: Run) -> torch.Tensor:
                 if ncsnpp.needs_patch(r.model):
                     ncsnpp.make_capturable(r.model)  # bit-identical; the fast kernel needs the patched helpers
                 stack.enter_context(ncsnpp.fast_fir())
-            denoise = convention.caller(r.model, spec.precision, device, r.extra)
+            denoise = convention.caller(r.model, spec, r.extra)
             source = r.source()
             schedule = Schedule(convention, spec.solver == "heun", spec.hand_out, spec.image,
                                 getattr(r.backend, "fuses_image", False))
@@ -228,8 +229,9 @@ def _graphed(r: Run, schedule, steps, denoise, source, eager):
     mode, model, spec = r.cuda_graph, r.model, r.spec
     cap = None
     try:
-        if isinstance(model, torch.nn.Module) and ncsnpp.needs_patch(model):
-            ncsnpp.make_capturable(model)  # host-built FIR filters -> device-cached, bit-identical
+        for net in nets(model):
+            if isinstance(net, torch.nn.Module) and ncsnpp.needs_patch(net):
+                ncsnpp.make_capturable(net)  # host-built FIR filters -> device-cached, bit-identical
         like = r.like if r.like is not None else torch.empty(spec.shape, dtype=torch.float32, device=spec.device)
         cap = graphs.checkout(model, spec, r.backend, like, r.backend.model_dtype, wait=mode is True)
         if cap is None:

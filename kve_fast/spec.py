@@ -46,6 +46,8 @@ class RunSpec:
     fir: str  # NCSN++ FIR resampling: "diffusers" (its ops) or "triton" (kve_fast.ncsnpp's fast kernel)
     extra: tuple | None = None  # k-diffusion's extra_args: tensors' shapes, dtypes, devices, strides; other values
     s_noise: float = field(default=1.0, metadata=FED)
+    dtype: torch.dtype = torch.float32  # the state's (EDM: float64; EDM2: its `dtype`)
+    guidance: float | None = None  # EDM2's guidance weight where it calls a guiding net (torch.lerp's weight)
 
     def key(self) -> tuple:
         """``((name, value), ...)`` of every field a capture bakes in (all but the ``FED`` ones)."""

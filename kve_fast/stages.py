@@ -120,6 +120,17 @@ class Advance:
 
 
 @dataclass(frozen=True)
+class HostDraw:
+    """Host work: the churn noise of the stage after this one is drawn here, from the caller's ``randn_like``
+    (NVlabs' samplers, ``Convention.edm``), after the model call before and before the launch that adds it, as
+    the originals draw it: a graph ends here and the next one starts after the draw (the eager engine draws in
+    the churn that follows, at the same point: nothing runs in between)."""
+
+    def writes(self) -> tuple:
+        return ()
+
+
+@dataclass(frozen=True)
 class HandOut:
     """Host work: the callback sees ``x`` and ``denoised`` (and may replace ``x`` or stop the run)."""
 
@@ -156,6 +167,8 @@ class Schedule:
     def __init__(self, convention: Convention, heun: bool, hand_out: bool, image: str | None, fuses_image: bool):
         self.convention, self.heun, self.hand_out, self.image = convention, heun, hand_out, image
         self.fuses_image = fuses_image and image is not None and not hand_out
+        # each churn that draws is preceded by a declared HostDraw (NVlabs' samplers; they take no callback)
+        self.host_draws = convention.edm and not hand_out
         self._stages: dict = {}  # StepKind -> its stages (a run has a few kinds)
 
     def kind(self, plan, step) -> StepKind:
@@ -202,7 +215,13 @@ class Schedule:
 
     def _prologue(self, churns: bool) -> tuple:
         _, model_input = self._input("hat", "input")
-        return (Churn(x="x", hat="hat", model_input=model_input, noise=churns),)
+        return self._drawn(Churn(x="x", hat="hat", model_input=model_input, noise=churns))
+
+    def _drawn(self, stage) -> tuple:
+        """``stage`` (a churn, or a Heun fused with one), preceded by its ``HostDraw`` where the schedule declares
+        them and it draws."""
+        churn = stage if isinstance(stage, Churn) else stage.then
+        return (HostDraw(), stage) if self.host_draws and churn is not None and churn.noise else (stage,)
 
     def stages(self, kind: StepKind) -> tuple:
         """The stages of a step of ``kind``, in the paper's order."""
@@ -237,11 +256,11 @@ class Schedule:
                                 image=image, image_kind=self.image if image else None))
         if kind.correct:  # lines 9-11
             stages.append(Denoise(x=at_next, at="next", out="raw_next"))
-            stages.append(Heun(raw="raw_next", hat="hat", x_next="next", d="d",
-                               x="x" if self.hand_out or kind.last else None,
-                               denoised="denoised" if reference_callback else None, then=then))
+            stages.extend(self._drawn(Heun(raw="raw_next", hat="hat", x_next="next", d="d",
+                                           x="x" if self.hand_out or kind.last else None,
+                                           denoised="denoised" if reference_callback else None, then=then)))
         elif then is not None:
-            stages.append(then)
+            stages.extend(self._drawn(then))
         if reference_callback:  # the reference's callback sees the sample after the step
             stages.append(HandOut(x="x", denoised="denoised"))
         return tuple(stages)
@@ -272,8 +291,9 @@ class Buffers:
     """Where each named tensor of a step is written: a buffer reused every step (``reuse``), or ``NEW``.
 
     ``reuse``: the names to keep in buffers (None: all of them, as graphs need). Buffers are allocated on
-    first use in the state's layout (``like``), in float32, or the model's input dtype for model inputs;
-    ``image`` as the final image of kind ``image_kind`` (float32 BCHW, or uint8 BHWC).
+    first use in the state's layout and dtype (``like``: float32, or NVlabs' samplers' float64 or ``dtype``), or
+    the model's input dtype for model inputs; ``image`` as the final image of kind ``image_kind`` (float32 BCHW,
+    or uint8 BHWC).
     """
 
     MODEL_INPUTS = ("input", "input_next")
@@ -308,7 +328,7 @@ class Buffers:
         if name == "image" and self.image_kind == "uint8":
             b, c, h, w = like.shape
             return torch.zeros((b, h, w, c), dtype=torch.uint8, device=like.device)
-        dtype = self.model_dtype if name in self.MODEL_INPUTS else torch.float32
+        dtype = self.model_dtype if name in self.MODEL_INPUTS else torch.float32 if name == "image" else like.dtype
         return torch.zeros_like(like, dtype=dtype)
 
 
@@ -409,6 +429,8 @@ def run_stages(stages, ctx: StepContext, feed) -> None:
             then = None if s.then is None else (feed.churn(s.then.of), s.then.noise, out[2], out[3])
             written = be.heun(env[s.raw], env[s.hat], env[s.x_next], env[s.d], feed.at_next, x=out[0],
                               denoised=out[1], then=then)
+        elif kind is HostDraw:  # (the churn after it draws, at this point)
+            continue
         else:  # pragma: no cover - a stage type without a runner
             raise TypeError(f"unknown stage {s!r}")
         for name, t in zip(names, written):

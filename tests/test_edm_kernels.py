@@ -1,5 +1,5 @@
 """The EDM/EDM2 step kernels (``kve_fast.ops.edm_triton``) in Triton's interpreter: bit for bit against torch's ops
-(``step_torch.edm_*``) and against our reading of NVlabs' samplers (tests/edm_reading.py), float32 and float64.
+(``step_torch.edm_*``) and against our reading of NVlabs' samplers (kve_fast/edm_reading.py), float32 and float64.
 
 The interpreter never forms FMAs and divides exactly, so a pass here shows the kernels do the originals'
 operations in their order and dtype, not that a GPU rounds the same: ``test_compiled_gpu_arithmetic`` compiles
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import HAS_TRITON, assert_bitwise, needs_triton
-from edm_reading import (
+from kve_fast.edm_reading import (
     GAMMA_CAP, _heun_step, edm2_guided_denoiser, edm2_levels_reading, edm2_sampler_reading, edm_levels_reading,
     edm_sampler_reading, karras_levels,
 )

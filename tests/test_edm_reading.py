@@ -1,4 +1,4 @@
-"""Properties of our reading of NVlabs' EDM and EDM2 samplers (tests/edm_reading.py), the oracles the drop-ins
+"""Properties of our reading of NVlabs' EDM and EDM2 samplers (kve_fast/edm_reading.py), the oracles the drop-ins
 will be compared with: each test checks one thing docs/edm-reading.md says the originals do, and names the
 mutation of the reading it catches."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_bitwise
-from edm_reading import (
+from kve_fast.edm_reading import (
     GAMMA_CAP, edm2_guided_denoiser, edm2_levels_reading, edm2_sampler_reading, edm_levels_reading, edm_sampler_reading,
 )
 

@@ -20,20 +20,20 @@ ROOT = pathlib.Path(kve_fast.__file__).parent
 # A name ending in ".*" is every module of that package (the package itself included).
 LAYERS = [
     ("leaves", ["kve_fast", "kve_fast.options", "kve_fast._checks", "kve_fast._warn", "kve_fast._files",
-                "kve_fast.images", "kve_fast.fingerprint", "kve_fast.edm_testing",
+                "kve_fast.images", "kve_fast.fingerprint", "kve_fast.edm_testing", "kve_fast.edm_reading",
                 "kve_fast.models", "kve_fast.models.train_digits"]),
     ("settings", ["kve_fast.precision", "kve_fast.noise_levels", "kve_fast.noise", "kve_fast.threads"]),
     # (the graph stand-in keys captures by the precision switches it reads through kve_fast.precision)
     ("the graph stand-in", ["kve_fast.fake_graph"]),
     ("conventions", ["kve_fast.convention"]),
-    ("plans", ["kve_fast.plan", "kve_fast.spec"]),
+    ("plans", ["kve_fast.plan", "kve_fast.spec", "kve_fast.edm_plan"]),
     ("stages", ["kve_fast.stages"]),
     ("ops", ["kve_fast.ops.*", "kve_fast.ncsnpp"]),
     ("backends and the scheduler", ["kve_fast.backends", "kve_fast.karras_ve_scheduler", "kve_fast.scheduler"]),
     ("engines", ["kve_fast.engine", "kve_fast.graphs"]),
     ("the loop", ["kve_fast.sampler"]),
     ("beside the loop", ["kve_fast.oracle", "kve_fast.loading"]),
-    ("fronts", ["kve_fast.pipeline", "kve_fast.k_diffusion"]),
+    ("fronts", ["kve_fast.pipeline", "kve_fast.k_diffusion", "kve_fast.edm", "kve_fast.edm2"]),
     ("tools", ["kve_fast.testing", "kve_fast.accuracy", "kve_fast.models.quality"]),
     ("command helpers", ["kve_fast.cli_common"]),
     ("commands", ["kve_fast.generate.*", "kve_fast.benchmark.*"]),

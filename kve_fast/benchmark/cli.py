@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TF32 matmuls and convolutions in kve_fast's rows and the floor (CUDA; not bit-exact)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads for every row, fixed for the run (default: torch's, one per core)")
+    parser.add_argument("--edm", action="store_true",
+                        help="time NVlabs' EDM sampler instead (use --steps 18, EDM's default): the model's UNet behind "
+                             "an EDM preconditioner (kve_fast.edm_testing.cifar_standin); EDM's published loop (our "
+                             "reading) vs kve_fast.edm eager and graphed, each against its floor, compared bit for bit")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--markdown", default=None, metavar="FILE", help="also write the report as markdown")
     parser.add_argument("--plot", default=None, metavar="FILE",
@@ -92,6 +96,27 @@ def _check_plot(path: str | None) -> None:
                          "(or leave out --plot)")
 
 
+def _check_edm(args) -> None:
+    """``--edm`` times float32 nets with exact noise only."""
+    if not getattr(args, "edm", False):
+        return
+    if args.unet_dtype != "fp32" or args.tf32:
+        raise BenchError("--edm times the net in float32 (EDM's sampler's own); leave out --unet-dtype and --tf32")
+    if args.noise != list(NOISE_MODES) and args.noise != ["exact"]:
+        raise BenchError("--edm draws its noise from EDM's per-seed generators: leave out --noise (or pass exact)")
+
+
+def _bench_edm(pipe, args, batch: int, device, policy, log) -> dict:
+    from ..edm_testing import cifar_standin
+    from .edm_rows import bench_edm
+
+    net = cifar_standin(pipe.unet)
+    name = f"{os.path.basename(os.path.normpath(args.model))} EDM b{batch}"
+    return bench_edm(net, name=name, batch_size=batch, steps=args.steps, device=device, seed=args.seed,
+                     kinds=args.backends, reference=args.reference, step_backend=args.step_backend, policy=policy,
+                     log=log)
+
+
 def run(args) -> int:
     """``kve-fast bench``: returns 0, 1 when an exactness check failed, 2 for a user error (printed)."""
     try:
@@ -106,6 +131,7 @@ def _run(args) -> int:
     _check_out_file(args.json, "--json")
     _check_out_file(args.markdown, "--markdown")
     _check_plot(args.plot)
+    _check_edm(args)
     folder = check_model(args.model)
 
     import torch
@@ -145,6 +171,9 @@ def _run(args) -> int:
         if warm is not None:
             result["notes"].append(f"kernel warm-up (Triton JIT, before any timing): {warm:.1f} s")
         for batch in args.batch_size:
+            if getattr(args, "edm", False):
+                result["configs"].append(_bench_edm(pipe, args, batch, device, policy, log))
+                continue
             result["configs"].append(bench_pipeline(
                 pipe, name=f"{os.path.basename(os.path.normpath(args.model))} b{batch}", batch_size=batch,
                 steps=args.steps, device=device, seed=args.seed, noises=args.noise, kinds=args.backends,

@@ -267,6 +267,14 @@ def _precision_paragraph(configs: list[dict]) -> str:
             "bit equality (same kernels, same precision).")
 
 
+def _columns(configs: list[dict]) -> tuple:
+    """``COLUMNS``, with the reference row's name where every configuration names another (``reference_name``: the
+    EDM rows' published loop) instead of diffusers' pipeline."""
+    names = {c.get("reference_name", "diffusers") for c in configs}
+    name = names.pop() if len(names) == 1 else "the reference"
+    return tuple(h.replace("diffusers", name) for h in COLUMNS)
+
+
 def format_markdown(result: dict, title: str = "kve_fast benchmark") -> str:
     env = result.get("env", {})
     cuda = str(env.get("device", "")).startswith("cuda")
@@ -284,7 +292,7 @@ def format_markdown(result: dict, title: str = "kve_fast benchmark") -> str:
         head += "\n" + _precision_paragraph(configs) + "\n"
     rows = table_rows(configs)
     keep = _visible_columns(rows)
-    table = _md_table([COLUMNS[k] for k in keep], [[row[k] for k in keep] for row in rows])
+    table = _md_table([_columns(configs)[k] for k in keep], [[row[k] for k in keep] for row in rows])
     parts = [head, "### Floors\n", floors_table(configs), "", "### Per call\n", table]
     left = left_out_lines(configs)
     if left:

@@ -53,7 +53,8 @@ def supports_cuda_graph(pipe) -> bool:
 
 
 def graph_support(pipe, device) -> tuple[bool, str]:
-    """``(True, "")`` when graphed rows can be tried, else ``(False, why)``."""
+    """``(True, "")`` when graphed rows can be tried, else ``(False, why)`` (``pipe``: None for a sampler function
+    that takes ``cuda_graph=``)."""
     graphs = _graphs_module()
     fake = graphs is not None and hasattr(graphs, "fake") and graphs.fake()
     if device.type != "cuda" and not fake:
@@ -61,7 +62,7 @@ def graph_support(pipe, device) -> tuple[bool, str]:
     value = os.environ.get(GRAPH_ENV)
     if value is not None and value.strip().lower() in ("0", "false", "off", "no"):
         return False, f"graphs unavailable: {GRAPH_ENV}={value} in the environment"
-    if not supports_cuda_graph(pipe):
+    if pipe is not None and not supports_cuda_graph(pipe):
         return False, "graphs unavailable: this kve_fast's pipeline has no cuda_graph option"
     return True, ""
 

@@ -44,6 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import edm_plan
+from ..noise import Draw
+from ..stages import NEW
 from . import fused
 from .step_triton import _divide, _launch
 
@@ -51,14 +54,14 @@ from .step_triton import _divide, _launch
 # kernel reads at these positions. cs: this step's churn coefficient (c * S_noise, rounded); t_hat; dt =
 # t_next - t_hat; t_next; cs_next: the next step's churn coefficient (the Heun launch fused with that churn).
 # Unused slots may hold anything (``step_scalars`` writes 0).
-SLOTS = ("cs", "t_hat", "dt", "t_next", "cs_next")
+SLOTS = edm_plan.SLOTS  # (the plan writes them in this order: ``edm_plan.slots``)
 _CS = tl.constexpr(SLOTS.index("cs"))
 _T_HAT = tl.constexpr(SLOTS.index("t_hat"))
 _DT = tl.constexpr(SLOTS.index("dt"))
 _T_NEXT = tl.constexpr(SLOTS.index("t_next"))
 _CS_NEXT = tl.constexpr(SLOTS.index("cs_next"))
 
-STATE_DTYPES = (torch.float32, torch.float64)
+STATE_DTYPES = edm_plan.KERNEL_DTYPES  # float32 and float64
 # The dtypes of D each state dtype's kernels read and widen themselves (exact); another (a float64 D for a
 # float32 state) is cast with torch's ``.to(dtype)`` first.
 READS = {torch.float32: (torch.float32, torch.float16, torch.bfloat16),
@@ -249,3 +252,71 @@ def heun(denoised: torch.Tensor, x_hat: torch.Tensor, x_next: torch.Tensor, d: t
     launch_heun(denoised, x_hat, x_next, d, scalars, x=x, eps_next=eps_next[0] if eps_next else None,
                 hat_next=hat_next)
     return x, hat_next
+
+
+class EDMTritonStep:
+    """The step backend of NVlabs' samplers on these kernels (``kve_fast.convention.EDM``/``EDM2``): one launch per
+    stage, the state in ``layout``'s dtype (float32 or float64) and dense strides, every buffer and noise draw in
+    them (``fused.in_layout``). The step's scalars come as a ``SLOTS`` tensor: a CUDA graph's feed (``values[1]``), or
+    the plan's (``EStep.slots``) in an eager run. The net's output is read in its own dtype where the kernels widen
+    it exactly (``READS``), else cast with torch's ``.to(dtype)`` first. Line 6 draws its noise only where it runs
+    (the caller's ``randn_like``, just before the launch that adds it: after the model call before it)."""
+
+    name = "triton"
+    fuses_image = False
+    reads = None  # any dtype (cast as above)
+
+    def __init__(self, layout: torch.Tensor):
+        fused._validate("layout", layout, dtypes=STATE_DTYPES)
+        self.layout, self.dtype = layout, layout.dtype
+        self.model_dtype = layout.dtype
+
+    def _new(self, target):
+        return torch.empty_like(self.layout) if target is NEW else target
+
+    def _dense(self, t: torch.Tensor) -> torch.Tensor:
+        return fused.in_layout(t, self.layout)
+
+    def _raw(self, raw: torch.Tensor) -> torch.Tensor:
+        return self._dense(raw if raw.dtype in READS[self.dtype] else raw.to(self.dtype))
+
+    def _eps(self, noise, like: torch.Tensor) -> torch.Tensor:
+        """The churn noise: drawn now from the run's source (``Draw``, with ``like``), or a graph's static buffer."""
+        return self._dense(noise.get(like) if isinstance(noise, Draw) else noise)
+
+    @staticmethod
+    def _slots(values) -> torch.Tensor:
+        """The ``SLOTS`` tensor of a stage's values (``LevelValues`` or ``ChurnValues``)."""
+        step = values[0]
+        return values[1] if step is None else step.slots()
+
+    def churn(self, x, values, *, noise: bool, hat, model_input):
+        """Line 6 (slot cs) into ``hat``; where it does not run (EDM2), x_hat is x (a copy only into a buffer)."""
+        x = self._dense(x)
+        if not noise:
+            return (x if hat is NEW else hat.copy_(x)), None
+        eps = self._eps(values.noise, x)
+        hat = self._new(hat)
+        launch_churn(x, eps, self._slots(values), hat=hat)
+        return hat, None
+
+    def euler(self, raw, hat, values, *, x_next, d, model_input, denoised, image):
+        x_next, d = self._new(x_next), self._new(d)
+        launch_euler(self._raw(raw), hat, self._slots(values), x_next=x_next, d=d)
+        return x_next, d, None, None, None
+
+    def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
+        """Lines 10-11 and, with ``then``, the next step's line 6 (slot cs_next) fused into the same launch; where
+        the next step does not churn (EDM2) the corrected sample is its x_hat."""
+        raw, scalars, x = self._raw(raw), self._slots(values), self._new(x)
+        if then is None:
+            launch_heun(raw, hat, x_next, d, scalars, x=x)
+            return x, None, None, None
+        values_next, noise, hat_next, _ = then
+        hat_next = self._new(hat_next)
+        if not noise:
+            launch_heun(raw, hat, x_next, d, scalars, x=hat_next)
+            return (None if x is None else x.copy_(hat_next)), None, hat_next, None
+        eps = self._eps(values_next.noise, hat)
+        launch_heun(raw, hat, x_next, d, scalars, x=x, eps_next=eps, hat_next=hat_next)
+        return x, None, hat_next, None

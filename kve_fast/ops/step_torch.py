@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from ..edm_plan import churn_scale
 from ..images import to_image
 from ..noise import Draw, StepKeys, per_sample_randn
 
 __all__ = ["churn", "model_input", "scale_model_output", "euler", "heun", "to_image", "TorchStep", "KTorchStep",
-           "edm_churn_scale", "edm_churn", "edm_euler", "edm_heun"]
+           "edm_churn_scale", "edm_churn", "edm_euler", "edm_heun", "EDMTorchStep"]
 
 
 def churn(sample: torch.Tensor, eps: torch.Tensor, sigma, sigma_hat) -> torch.Tensor:
@@ -64,10 +65,9 @@ def heun(model_output: torch.Tensor, sigma_hat, sigma_next, sample_hat, sample_n
 # originals hold them, so each division is torch's true division by a device tensor.
 
 
-def edm_churn_scale(t_cur, t_hat, s_noise):
-    """The churn's coefficient ``(t_hat ** 2 - t_cur ** 2).sqrt() * S_noise``: two squares, their difference,
-    the root, the product with the Python number ``S_noise`` (rounded to the dtype), all 0-d."""
-    return (t_hat**2 - t_cur**2).sqrt() * s_noise
+# The churn's coefficient ``(t_hat ** 2 - t_cur ** 2).sqrt() * S_noise``: two squares, their difference, the root,
+# the product with the Python number ``S_noise`` (rounded to the dtype), all 0-d (the plans' own formula)
+edm_churn_scale = churn_scale
 
 
 def edm_churn(x: torch.Tensor, eps: torch.Tensor, cs) -> torch.Tensor:
@@ -201,3 +201,36 @@ class KTorchStep:
 
     def to_image(self, sample, kind: str):
         return to_image(sample, kind)
+
+
+class EDMTorchStep:
+    """NVlabs' EDM/EDM2 step arithmetic in plain torch (``edm_churn``, ``edm_euler``, ``edm_heun``: the originals'
+    ops in the state's dtype), with the step's 0-d tensors (``kve_fast.edm_plan.EStep``) on the state's device. Line
+    6 draws its noise only where it runs (``noise``: every step in EDM, where it churns in EDM2), and is
+    handed the state itself, as the originals hand it to their ``randn_like``. The net's output is cast to the
+    state's dtype by ``edm_euler``/``edm_heun`` (``.to(dtype)``, as the originals cast it)."""
+
+    name = "torch"
+    fuses_image = False
+    reads = None
+
+    def churn(self, x, values, *, noise: bool, hat, model_input):
+        """``x + cs * randn_like(x)`` where line 6 runs; else x itself (EDM2), nothing drawn."""
+        if not noise:
+            return x, None
+        eps = values.noise.get(x) if isinstance(values.noise, Draw) else values.noise
+        return edm_churn(x, eps, values.coef), None
+
+    def euler(self, raw, hat, values, *, x_next, d, model_input, denoised, image):
+        step = values.step
+        x_next, d = edm_euler(raw, hat, step.t_hat, step.t_next)
+        return x_next, d, None, None, None
+
+    def heun(self, raw, hat, x_next, d, values, *, x, denoised, then):
+        """The corrected sample, then (``then``) the next step's line 6 of it."""
+        step = values.step
+        sample = edm_heun(raw, hat, x_next, d, step.t_hat, step.t_next)
+        if then is None:
+            return sample, None, None, None
+        values_next, noise, hat_next, input_next = then
+        return (sample, None) + self.churn(sample, values_next, noise=noise, hat=hat_next, model_input=input_next)

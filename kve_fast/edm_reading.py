@@ -1,5 +1,5 @@
 """Our reading of NVlabs' two ``edm_sampler`` functions as plain torch: the oracles the drop-ins are compared
-with by ``torch.equal``.
+with by ``torch.equal`` (tests), and the published loop that ``kve-fast bench --edm`` times beside them.
 
 Written from docs/edm-reading.md, not copied: the originals are CC BY-NC-SA 4.0. Each line says what it reads
 in the original, quoting the expression it reads:
