@@ -94,11 +94,11 @@ def speed_stages(dry: bool):
                   5, 400, what="speed rows with their floors and accuracy gates (dry: tiny-b1, 2 steps)"),
             Stage("cold_start", [PY, _b("cold_start.py"), "--device", "cpu", "--reps", "1", "--out",
                                  "{out}/cold_start.json"], 5, 300, what="import to first image in a fresh process"),
-            Stage("fir_bench", [PY, _b("fir_bench.py"), "--device", "cpu", "--smoke", "--no-forward", "--out",
-                                "{out}"], 5, 300, what="the FIR kernel vs diffusers' FIR ops (dry: smoke)"),
             Stage("edm_bench", [PY, _b("edm_bench.py"), "--device", "cpu", "--tiny", "--repeats", "1", "--out",
                                 "{out}"], 30, 300,
                   what="NVlabs' EDM sampler: the published loop vs kve_fast.edm (dry: 8x8 NCSN++, b1, 2 steps)"),
+            Stage("fir_bench", [PY, _b("fir_bench.py"), "--device", "cpu", "--smoke", "--no-forward", "--out",
+                                "{out}"], 5, 300, what="the FIR kernel vs diffusers' FIR ops (dry: smoke)"),
         ]
     return [
         Stage("graph_bench", [PY, _b("graph_bench.py"), "--unet-dtype", "fp32", "bf16", "--configs", "ncsnpp-b64",
@@ -109,13 +109,13 @@ def speed_stages(dry: bool):
         Stage("cold_start", [PY, _b("cold_start.py"), "--device", "cuda", "--reps", "3", "--triton-cache", "warm",
                              "--out", "{out}/cold_start.json"], 40, 55,
               what="first image cold: a fresh process, import to image, with the breakdown (n = 3)"),
-        Stage("fir_bench", [PY, _b("fir_bench.py"), "--repeats", "5", "--forward-repeats", "3", "--out", "{out}"],
-              40, 60, what="the FIR kernel vs diffusers' FIR ops, per op and per forward (n = 5 / 3)"),
         # (about 2 x 35 forwards of the 62 M UNet at b64 per timed call, three rows, n >= 3, plus the floors)
         Stage("edm_bench", [PY, _b("edm_bench.py"), "--out", "{out}"], 45, 80,
               what="NVlabs' EDM sampler on a CIFAR-10-sized stand-in (NCSN++-like 62 M behind EDM's preconditioner), "
                    "b1 and b64, 18 steps: the published loop vs kve_fast.edm eager and graphed, each against its "
                    "floor; graphed <= 1.05x its floor and bit-identical"),
+        Stage("fir_bench", [PY, _b("fir_bench.py"), "--repeats", "5", "--forward-repeats", "3", "--out", "{out}"],
+              40, 60, what="the FIR kernel vs diffusers' FIR ops, per op and per forward (n = 5 / 3)"),
     ]
 
 
