@@ -4,7 +4,7 @@ Bits cannot match the reference here (it cannot run a half-precision UNet at all
 state and the result stay float32; the model sees its own dtype; the Triton kernels (which write the
 model input in that dtype and read its output as is) give the torch backend's bits, which cast around
 the call, so the backends stay interchangeable; graphs give the eager bits; bad arguments fail before
-any draw. Accuracy against float64 is tests/test_precision.py's.
+any draw. Accuracy against float64 is tests/test_accuracy.py's.
 """
 
 from __future__ import annotations

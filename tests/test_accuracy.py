@@ -1,4 +1,5 @@
-"""Low precision: how far bf16 / fp16 / TF32 runs land from a float64 run of the same sampler.
+"""kve_fast.accuracy, the yardstick of the non-exact modes: how far bf16 / fp16 / TF32 runs land from a float64 run
+of the same sampler (the modes themselves, kve_fast.precision: tests/test_lowp.py).
 
 ``unet_dtype`` (kve_fast.precision) changes only the model's arithmetic: the sampler's state stays
 float32. The yardstick is the sampler's float64 twin, ``algorithm2``: Algorithm 2 as diffusers'
