@@ -1,5 +1,5 @@
 """kve_fast.accuracy, the yardstick of the non-exact modes: how far bf16 / fp16 / TF32 runs land from a float64 run
-of the same sampler (the modes themselves, kve_fast.precision: tests/test_lowp.py).
+of the same sampler (the modes themselves, kve_fast.precision: tests/test_precision.py).
 
 ``unet_dtype`` (kve_fast.precision) changes only the model's arithmetic: the sampler's state stays
 float32. The yardstick is the sampler's float64 twin, ``algorithm2``: Algorithm 2 as diffusers'
@@ -150,7 +150,7 @@ def test_low_precision_is_within_the_yardstick(name, dtype_name, mode):
     assert ours.mean() >= TOOK_EFFECT * fp32.mean(), f"the run did not compute in {dtype_name}: {report}"
     if mode == "native":
         # The same computation as the plain run: the float32 input cast to the dtype, the output read in
-        # float32 (torch backend; tests/test_lowp.py checks that Triton gives the torch backend's bits).
+        # float32 (torch backend; tests/test_precision.py checks that Triton gives the torch backend's bits).
         assert_bitwise(got, plain, f"{name}: native {dtype_name} vs the plain PyTorch run")
 
 

@@ -4,24 +4,23 @@ Bits cannot match the reference here (it cannot run a half-precision UNet at all
 state and the result stay float32; the model sees its own dtype; the Triton kernels (which write the
 model input in that dtype and read its output as is) give the torch backend's bits, which cast around
 the call, so the backends stay interchangeable; graphs give the eager bits; bad arguments fail before
-any draw. Accuracy against float64 is tests/test_accuracy.py's.
+any draw. Accuracy against float64 is tests/test_accuracy.py's; TF32 under both of torch's APIs,
+tests/test_tf32.py's; channels_last, tests/test_layouts.py's.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CAN_RUN_TRITON, assert_bitwise, kve_pipe, make_generator, reference_test_unet
+from conftest import (
+    CAN_RUN_TRITON, CHURN_EVERY_STEP, assert_bitwise, assert_meaningful, kve_pipe, make_generator, reference_test_unet,
+)
 
 import kve_fast
 from kve_fast import graphs
 from kve_fast.precision import Precision, model_dtype, resolve
 
 BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
-# Small noise levels keep the tiny random UNet's activations far from fp16's range (65504): at the
-# reference's sigma_max = 100 its activations overflow fp16 and every pixel turns NaN, which would make
-# equality checks vacuous.
-SCHEDULE = {"sigma_min": 0.02, "sigma_max": 2.0, "s_churn": 10.0, "s_min": 1e-4}  # s_min: churn on every step
 
 
 class Recording(torch.nn.Module):
@@ -39,15 +38,8 @@ class Recording(torch.nn.Module):
 
 def _sample(model, backend="torch", steps=3, **kw):
     kw.setdefault("generator", make_generator("single", 0, 2))
-    return kve_fast.sample_karras_ve(model, kve_fast.KarrasVeScheduler(**SCHEDULE), (2, 3, 8, 8), steps,
+    return kve_fast.sample_karras_ve(model, kve_fast.KarrasVeScheduler(**CHURN_EVERY_STEP), (2, 3, 8, 8), steps,
                                      backend=backend, **kw)
-
-
-def _assert_meaningful(x: torch.Tensor) -> None:
-    """Equality of NaNs or of saturated values proves little: most values must be finite and varied."""
-    assert x.dtype == torch.float32
-    assert torch.isfinite(x).float().mean() > 0.99
-    assert x.std() > 0.1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -59,7 +51,7 @@ def test_a_half_precision_unet_runs_with_float32_state_and_the_backends_agree(dt
         states.append(state["sample"].dtype)
 
     ref = _sample(model, "torch", callback=callback, output="latent")
-    _assert_meaningful(ref)
+    assert_meaningful(ref)
     assert {x for x, _, _ in model.seen} == {dtype}, "the model must be called in its own dtype"
     assert set(states) == {torch.float32}, "the sampler's state stays float32"
     for backend in BACKENDS[1:]:
@@ -81,7 +73,7 @@ def test_a_float32_unet_asked_for_bf16_runs_under_autocast(backend):
     model = Recording(unet)
     exact = _sample(unet, backend)
     lowp = _sample(model, backend, unet_dtype=torch.bfloat16)
-    _assert_meaningful(lowp)
+    assert_meaningful(lowp)
     assert all(autocast for _, autocast, _ in model.seen) and model.seen
     assert {x for x, _, _ in model.seen} == {torch.float32}, "under autocast the input stays float32"
     assert not torch.equal(lowp, exact), "bf16 matmuls must change some bits (else the mode did nothing)"
@@ -152,9 +144,9 @@ def test_tf32_is_on_for_the_run_only(fail, tf32_off):
 
 
 def test_the_pipeline_takes_unet_dtype():
-    pipe = kve_pipe(reference_test_unet(8), **SCHEDULE)
+    pipe = kve_pipe(reference_test_unet(8), **CHURN_EVERY_STEP)
     latent = pipe(2, 3, torch.Generator().manual_seed(0), output_type="latent", unet_dtype=torch.bfloat16).images
-    _assert_meaningful(latent)
+    assert_meaningful(latent)
     assert not torch.equal(latent, pipe(2, 3, torch.Generator().manual_seed(0), output_type="latent").images)
     with pytest.raises(TypeError, match="unet_dtype"):
         pipe(1, 2, unet_dtype="bfloat16")
@@ -163,7 +155,7 @@ def test_the_pipeline_takes_unet_dtype():
 @pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
 def test_graphed_low_precision_gives_the_eager_bits_and_its_own_capture(fake_graphs):
     unet = reference_test_unet(8)
-    pipe = kve_pipe(unet, **SCHEDULE)
+    pipe = kve_pipe(unet, **CHURN_EVERY_STEP)
     run = lambda **kw: pipe(2, 3, torch.Generator().manual_seed(0), output_type="latent",  # noqa: E731
                             backend="triton", **kw).images
     eager = run(cuda_graph=False, unet_dtype=torch.bfloat16)
@@ -186,7 +178,7 @@ def test_the_cli_runs_a_bf16_unet(tmp_path):
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     model = tmp_path / "model"
     unet.save_pretrained(model)
-    kve_fast.KarrasVeScheduler(**SCHEDULE).save_config(model)
+    kve_fast.KarrasVeScheduler(**CHURN_EVERY_STEP).save_config(model)
     out = tmp_path / "bf16.png"
     assert main(["sample", "--model", str(model), "--steps", "3", "--batch-size", "2", "--device", "cpu", "--quiet",
                  "--unet-dtype", "bf16", "--out", str(out)]) == 0
@@ -215,7 +207,7 @@ def test_fast_modes_put_ncsnpp_fir_blocks_on_the_triton_kernel_for_the_run_only(
     from kve_fast.ops import fir_triton
 
     unet = ncsnpp_unet(8)
-    pipe = kve_pipe(unet, **SCHEDULE)
+    pipe = kve_pipe(unet, **CHURN_EVERY_STEP)
     run = lambda **kw: pipe(2, 2, torch.Generator().manual_seed(0), output_type="latent",  # noqa: E731
                             backend="triton", cuda_graph=False, **kw).images
     calls = []
@@ -228,7 +220,7 @@ def test_fast_modes_put_ncsnpp_fir_blocks_on_the_triton_kernel_for_the_run_only(
     # the patches stay (switched back to diffusers' ops): a CUDA graph captured in fast mode keeps reading
     # the device filters they hold, which must not be freed after the call
     assert not ncsnpp.needs_patch(unet)
-    _assert_meaningful(fast)
+    assert_meaningful(fast)
     assert_bitwise(run(), exact, "an exact run after a fast one")
     calls.clear()
     run(unet_dtype=torch.bfloat16)
@@ -243,88 +235,6 @@ def test_a_model_of_buffers_runs_in_its_buffers_dtype():
     assert model_dtype(model.to(torch.bfloat16)) == torch.bfloat16
 
 
-# --- channels_last ----------------------------------------------------------------------------------------
-
-
-def _cl_run(pipe, channels_last, cuda_graph, **kw):
-    kw.setdefault("output_type", "latent")
-    out = pipe(2, 3, make_generator(kw.pop("form", "list"), 5, 2), backend="triton", cuda_graph=cuda_graph,
-               channels_last=channels_last, **kw).images
-    if kw["output_type"] == "pil":
-        import numpy as np
-
-        return torch.from_numpy(np.stack([np.asarray(i) for i in out]))
-    return out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
-
-
-@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
-@pytest.mark.parametrize("noise", ["exact", "fast"])
-@pytest.mark.parametrize("output_type", ["latent", "np", "pil"])
-@pytest.mark.parametrize("cuda_graph", [False, True])
-def test_channels_last_gives_the_contiguous_bits(fake_graphs, noise, output_type, cuda_graph):
-    unet = reference_test_unet(8).to(memory_format=torch.channels_last)
-    pipe = kve_pipe(unet, **SCHEDULE)
-    seen = []
-    model_forward = unet.forward
-
-    def spy(x, *a, **k):
-        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        return model_forward(x, *a, **k)
-
-    unet.forward = spy
-    from kve_fast.ops.fused import FusedStep
-
-    raw_layouts = []
-    original_raw = FusedStep._raw
-
-    def raw_spy(self, raw):
-        raw_layouts.append(raw.is_contiguous(memory_format=torch.channels_last))
-        return original_raw(self, raw)
-
-    FusedStep._raw = raw_spy
-    try:
-        cl = _cl_run(pipe, True, cuda_graph, noise=noise, output_type=output_type)
-        assert seen and all(seen), "the model must get channels_last input"
-        assert raw_layouts and all(raw_layouts), "the model's output must reach the kernels without a layout copy"
-        ref = _cl_run(pipe, False, cuda_graph, noise=noise, output_type=output_type)
-    finally:
-        del unet.forward
-        FusedStep._raw = original_raw
-    assert_bitwise(cl, ref, f"channels_last vs contiguous ({noise}, {output_type}, graphs {cuda_graph})")
-    if output_type == "latent":
-        _assert_meaningful(ref)
-    if cuda_graph:
-        assert graphs.graph_info()["captures"] == 2, "one capture per layout"
-
-
-@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
-def test_channels_last_with_a_callback_and_euler(fake_graphs):
-    # the model converted too: torch's convolutions pick their algorithm by the input's and weights' layout,
-    # so a contiguous model fed channels_last input may round differently (the model's bits, not the sampler's)
-    pipe = kve_pipe(reference_test_unet(8).to(memory_format=torch.channels_last), **SCHEDULE)
-    runs = {}
-    for cl in (False, True):
-        samples = []
-
-        def callback(p, i, t, kw, samples=samples):
-            samples.append(kw["sample"].clone())
-            return {}
-
-        out = pipe(2, 3, torch.Generator().manual_seed(1), output_type="latent", backend="triton", cuda_graph=True,
-                   channels_last=cl, solver="euler", callback_on_step_end=callback).images
-        runs[cl] = samples + [out]
-    for a, b in zip(runs[True], runs[False]):
-        assert_bitwise(a, b, "euler with a callback, channels_last vs contiguous")
-
-
-def test_channels_last_needs_a_4d_shape_and_a_bool():
-    model, sched = reference_test_unet(8), kve_fast.KarrasVeScheduler()
-    with pytest.raises(ValueError, match="channels_last"):
-        kve_fast.sample_karras_ve(lambda x, t: x, sched, (2, 3, 8), 2, channels_last=True)
-    with pytest.raises(TypeError, match="channels_last"):
-        kve_fast.sample_karras_ve(model, sched, (2, 3, 8, 8), 2, channels_last="yes")
-
-
 @pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs Triton")
 def test_a_failing_fast_run_puts_everything_back():
     """A model that raises mid-run in a fast mode: the generator, the TF32 switches and the NCSN++ FIR
@@ -334,8 +244,8 @@ def test_a_failing_fast_run_puts_everything_back():
     from kve_fast import ncsnpp
 
     unet = ncsnpp_unet(8)
-    exact = kve_pipe(unet, **SCHEDULE)(2, 2, torch.Generator().manual_seed(0), output_type="latent",
-                                       backend="triton", cuda_graph=False).images
+    exact = kve_pipe(unet, **CHURN_EVERY_STEP)(2, 2, torch.Generator().manual_seed(0), output_type="latent",
+                                               backend="triton", cuda_graph=False).images
     calls = {"n": 0}
     forward = unet.forward
 
@@ -351,12 +261,13 @@ def test_a_failing_fast_run_puts_everything_back():
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            kve_pipe(unet, **SCHEDULE)(2, 2, gen, output_type="latent", backend="triton", cuda_graph=False,
-                                       noise="fast", tf32=True)
+            kve_pipe(unet, **CHURN_EVERY_STEP)(2, 2, gen, output_type="latent", backend="triton", cuda_graph=False,
+                                               noise="fast", tf32=True)
     finally:
         del unet.forward
     assert torch.equal(gen.get_state(), state)
     assert torch.backends.cuda.matmul.allow_tf32 == tf32
     assert not ncsnpp.is_fast(unet)
-    assert_bitwise(kve_pipe(unet, **SCHEDULE)(2, 2, torch.Generator().manual_seed(0), output_type="latent",
-                                              backend="triton", cuda_graph=False).images, exact, "exact after a failure")
+    assert_bitwise(kve_pipe(unet, **CHURN_EVERY_STEP)(
+        2, 2, torch.Generator().manual_seed(0), output_type="latent", backend="triton", cuda_graph=False).images,
+        exact, "exact after a failure")
