@@ -26,8 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PY = sys.executable
-CUDA_TESTS = ["tests/test_graphs.py", "tests/test_graphs_kdiffusion.py", "tests/test_lowp.py", "tests/test_csrc.py",
-              "tests/test_k_diffusion.py", "tests/test_fir.py", "tests/test_ncsnpp.py"]
+CUDA_TESTS = ["tests/test_graphs.py", "tests/test_graphs_kdiffusion.py", "tests/test_precision.py",
+              "tests/test_layouts.py", "tests/test_csrc.py", "tests/test_k_diffusion.py", "tests/test_fir.py",
+              "tests/test_ncsnpp.py"]
 CRASHED_ONCE = "tests/test_csrc.py::test_operators_check_their_arguments"  # SIGSEGV'd on a GPU once: own process
 PYTEST = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "--tb=short"]
 

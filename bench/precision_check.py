@@ -4,7 +4,7 @@
 
 For each case (a model, a schedule, a step count, a batch), every run uses the same seed and the
 reference's noise stream, and is compared per image with the sampler's float64 twin
-(``tests/test_precision.py``'s ``algorithm2``: state, scalars and a float64 copy of the model in
+(``tests/test_accuracy.py``'s ``algorithm2``: state, scalars and a float64 copy of the model in
 float64): the RMS over pixels of the final sample ([-1, 1] space), reported as mean / max over the
 batch. Columns (on CUDA, kve_fast's fast modes run NCSN++ FIR blocks on its Triton kernel, so the
 NCSN++ rows measure that too):
@@ -24,7 +24,7 @@ loop equals kve_fast's float32 run (max |diff| <= 1e-5; the twin is the sampler)
 1e-4 RMS (mean over the batch) of float64. Exit status 1 if a check fails or a run raises (each run is in
 its own try/except, so one failure does not hide the rest).
 
-Cases: those of tests/test_precision.py (the exact Gaussian score over 300 steps; Gaussian + diffusers'
+Cases: those of tests/test_accuracy.py (the exact Gaussian score over 300 steps; Gaussian + diffusers'
 test UNet; Gaussian + a small NCSN++; the bundled digits model on the paper's schedule), plus
 ``digits-default`` (the reference schedule, 30 steps: bf16-sized perturbations send some trajectories
 to another digit there, so its max mostly measures that chaos) and, without --quick on a GPU,
@@ -63,7 +63,7 @@ LOW_VARIANTS = ("bf16", "bf16 autocast", "fp16", "fp16 autocast")
 VARIANTS = ("fp32", "TF32") + LOW_VARIANTS + ("plain TF32", "plain bf16", "plain fp16")
 # The float64 twin is the sampler if float32 lands next to it: mean per-image distance at most 1e-4. Measured
 # 6e-8 to 2e-7 on the test cases and 2e-5 on digits-default, whose reference schedule amplifies float32's
-# rounding ~1000x (its max, 1.5e-4, is why this is the mean, not tests/test_precision.py's 1e-5 max); a twin
+# rounding ~1000x (its max, 1.5e-4, is why this is the mean, not tests/test_accuracy.py's 1e-5 max); a twin
 # with another noise draw or another step lands O(0.1) to O(1) away.
 TWIN_MEAN_BOUND = 1e-4
 # kve_fast column -> its yardstick column
@@ -211,7 +211,7 @@ def run_case(tp, name: str, case, build, device, failures: list) -> dict:
     return rec
 
 
-# Quality where it is known (tests/test_precision.py's settings; constants repeated here, since bench scripts do not
+# Quality where it is known (tests/test_accuracy.py's settings; constants repeated here, since bench scripts do not
 # import tests/): the Gaussian oracle's empirical W2 from 16384 samples at 40 steps (float32 within 5 % of the exact
 # value: the statistic is stable to ~2 %), and the digits judge's scores of 256 digits (the paper's schedule, 20
 # steps); each non-exact mode within 10 % of float32's.
@@ -219,7 +219,7 @@ ORACLE_N, ORACLE_STEPS, ORACLE_STABLE = 16384, 40, 0.05
 JUDGE_N, JUDGE_STEPS = 256, 20
 QUALITY_RTOL = 0.10
 # ... except the FD of fast noise, which judges other digits than float32's run: the Frechet distance of 256 digits
-# moves +-17 % from seed to seed (tests/test_precision.py), so 35 % (about 2x that) is its bound.
+# moves +-17 % from seed to seed (tests/test_accuracy.py), so 35 % (about 2x that) is its bound.
 FD_RTOL_OTHER_DIGITS = 0.35
 
 

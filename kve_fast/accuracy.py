@@ -1,7 +1,7 @@
 """The accuracy yardstick for kve_fast's non-exact modes (low precision, TF32, the fast FIR kernel), shared by
-tests/test_precision.py and bench/precision_check.py: the float64 twin of Algorithm 2 (``algorithm2``), the
+tests/test_accuracy.py and bench/precision_check.py: the float64 twin of Algorithm 2 (``algorithm2``), the
 plain PyTorch way of running a model in a low dtype (``InDtype``), the cases, and the rule
-(``YARDSTICK_FACTOR``: flash-attention's; see tests/test_precision.py for what each constant was measured as).
+(``YARDSTICK_FACTOR``: flash-attention's; see tests/test_accuracy.py for what each constant was measured as).
 """
 
 from __future__ import annotations

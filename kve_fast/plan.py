@@ -308,7 +308,7 @@ class VectorPlan(_LazySteps):
     not a dozen 0-d tensor ops per step. ``gamma_n``: what gamma_i divides S_churn by (the scheduler's
     ``num_inference_steps``; default: the number of steps); ``timesteps``: each step's timestep (default:
     n - 1 - i); ``to_zero``: the last step goes to sigma = 0 (the int 0, as the reference's), not to its ``nxt``.
-    tests/test_sampler.py checks every field against ``Step``'s 0-d arithmetic."""
+    tests/test_plan.py checks every field against ``Step``'s 0-d arithmetic."""
 
     def __init__(self, sigma: torch.Tensor, nxt: torch.Tensor, s_churn, s_min, s_max, gamma_n: int | None = None,
                  timesteps: torch.Tensor | None = None, to_zero: bool = True):

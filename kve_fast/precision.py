@@ -17,7 +17,7 @@ meets half weights); this is the mode for people who want images fast. What is k
   ``fp32_precision`` and ``tf32_for_run`` below).
 
 Accuracy against a float64 run is measured in ``bench/precision_check.py`` and guarded in
-``tests/test_precision.py``.
+``tests/test_accuracy.py``.
 """
 
 from __future__ import annotations

@@ -755,7 +755,7 @@ def test_cuda_backend_with_callback_euler_and_fast_noise(models, run_with):
 
 def test_cuda_backend_with_a_bf16_unet_gives_the_torch_backends_bits(models, run_with):
     """The extension's kernels are float32 only: CudaStep casts around a bf16 UNet, with the same values as
-    the torch backend's casts (and the Triton kernels' own, tests/test_lowp.py)."""
+    the torch backend's casts (and the Triton kernels' own, tests/test_precision.py)."""
     unet = copy.deepcopy(models("test_unet")).to(DEVICE).to(torch.bfloat16)
     pipe = kve_pipe(unet, sigma_min=0.02, sigma_max=2.0, s_churn=10.0)  # small sigmas: no bf16 saturation
     run = lambda backend: pipe(2, 3, torch.Generator().manual_seed(3), output_type="latent",  # noqa: E731

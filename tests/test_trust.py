@@ -199,7 +199,7 @@ def test_the_noise_thread_never_outlives_a_failed_call(monkeypatch, where):
 
 
 def test_a_float64_model_fails_before_any_draw():
-    # (fp16 and bf16 models run, with float32 state: tests/test_lowp.py)
+    # (fp16 and bf16 models run, with float32 state: tests/test_precision.py)
     unet = reference_test_unet(8).double()
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()

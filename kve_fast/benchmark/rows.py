@@ -213,7 +213,7 @@ def _time_row(rec: dict, call, sync, policy: RepeatPolicy, log, before_first=Non
 # without FIR blocks must be equal.
 FAST_FIR_FP32_BOUND = 1e-3
 QUALITY_NOTE = ("neither the digits judge nor the Gaussian oracle applies to this model (random weights): "
-                "bench/precision_check.py and tests/test_precision.py check those models")
+                "bench/precision_check.py and tests/test_accuracy.py check those models")
 
 
 class SharedReference:
