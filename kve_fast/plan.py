@@ -344,7 +344,7 @@ def _step_rows(sigma: torch.Tensor, nxt: torch.Tensor, ends: bool, g, s_min, s_m
 
 # -- the plan cache ------------------------------------------------------------------------------------
 
-STEP_BYTES = 1024  # a memoized step (object, floats, tuples), rounded up; measured in tests/test_trust.py
+STEP_BYTES = 1024  # a memoized step (object, floats, tuples), rounded up; measured in tests/test_plan.py
 CACHE_BYTES = 16 * 2**20  # all cached plans together
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_LOCK = threading.Lock()

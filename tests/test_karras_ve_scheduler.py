@@ -1,17 +1,21 @@
 """kve_fast.karras_ve_scheduler.KarrasVeScheduler: the reference's schedule, step arithmetic and config files, bit for
-bit (and kve_fast.scheduler, its old module name). Its subclasses, ours and diffusers': a subclass's own schedule is
-sampled as diffusers' pipeline samples it (bit for bit, against the real pipeline run with the same subclass); one
-that replaces the per-step arithmetic is refused by name before any work; diffusers' class is recognised by what it
-is, not by its name."""
+bit (and kve_fast.scheduler, its old module name); settings whose float32 schedule is not finite and positive are
+refused at construction; the schedule is made when it is read (a pipeline call of 10**7 steps builds none). Its
+subclasses, ours and diffusers': a subclass's own schedule is sampled as diffusers' pipeline samples it (bit for bit,
+against the real pipeline run with the same subclass); one that replaces the per-step arithmetic is refused by name
+before any work; diffusers' class is recognised by what it is, not by its name."""
 
 from __future__ import annotations
 
 import json
+import tracemalloc
 import types
 
 import pytest
 import torch
-from conftest import RefPipeline, RefScheduler, assert_bitwise, assert_mostly_inside, needs_triton
+from conftest import (
+    GaussianScore, RefPipeline, RefScheduler, assert_bitwise, assert_mostly_inside, kve_pipe, needs_triton,
+)
 
 import kve_fast
 from kve_fast import KarrasVeScheduler
@@ -213,6 +217,60 @@ def test_the_old_module_name_still_imports_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="kve_fast.scheduler is deprecated"):
         old = importlib.import_module("kve_fast.scheduler")
     assert old.KarrasVeScheduler is kve_fast.KarrasVeScheduler
+
+
+# --- settings whose float32 schedule is not finite and positive are rejected at construction -----------
+
+
+@pytest.mark.parametrize("config, name", [
+    ({"sigma_min": 1e-30}, "sigma_min"),
+    ({"sigma_max": 1e30}, "sigma_max"),
+    ({"sigma_max": 1e200}, "sigma_max"),
+    ({"sigma_max": 1e15}, "sigma_max"),  # sigma_max**2 = 1e30 is finite, but its square is not
+    ({"sigma_min": 1e-40, "sigma_schedule": "ve"}, "sigma_min"),  # a float32 denormal: 1/sigma overflows
+    ({"sigma_max": 1e30, "sigma_schedule": "edm"}, "sigma_max"),
+])
+def test_settings_that_overflow_float32_are_rejected_at_construction(config, name):
+    with pytest.raises(ValueError, match=name):
+        kve_fast.KarrasVeScheduler(**config)
+
+
+def test_extreme_but_finite_settings_sample_finite_images():
+    scheduler = kve_fast.KarrasVeScheduler(sigma_min=1e-6, sigma_max=1e4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = kve_fast.sample_karras_ve(GaussianScore(8), scheduler, (1, 3, 8, 8), 6,
+                                        torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out).all())
+
+
+# --- the schedule is made when it is read ------------------------------------------------------------------
+
+
+def test_a_pipeline_call_with_a_huge_step_count_builds_no_schedule():
+    """pipe(num_inference_steps=10**7) used to build the whole schedule in set_timesteps after the call
+    (a list of 10**7 tensors: bad_alloc in 6 GB); the scheduler now makes it when it is read."""
+    pipe = kve_pipe(GaussianScore(8))
+
+    def stop(p, i, t, kw):
+        p._interrupt = True
+        return {}
+
+    tracemalloc.start()
+    try:
+        pipe(1, 10**7, torch.Generator().manual_seed(0), output_type="latent", callback_on_step_end=stop)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert pipe.scheduler.num_inference_steps == 10**7
+    pipe.scheduler.set_timesteps(5)
+    ref = RefScheduler()
+    ref.set_timesteps(5)
+    assert_bitwise(pipe.scheduler.schedule, ref.schedule, "the schedule, read after set_timesteps")
+    assert_bitwise(pipe.scheduler.timesteps, ref.timesteps, "the timesteps")
 
 
 # --- subclasses, ours and diffusers' ----------------------------------------------------------------------------------

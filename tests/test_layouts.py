@@ -1,16 +1,22 @@
-"""Any layout in, the contiguous bits out: ``channels_last=True`` (the model fed channels_last input, its output read by
-the kernels without a copy, eager and graphed)."""
+"""Any layout in, the contiguous bits out: every layout a user can hand in (contiguous, channels_last, permuted,
+sliced) and a callback's channels_last sample give the torch backend's bits on every backend; ``channels_last=True``
+(the model fed channels_last input, its output read by the kernels without a copy, eager and graphed)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import (
-    CAN_RUN_TRITON, CHURN_EVERY_STEP, assert_bitwise, assert_meaningful, kve_pipe, make_generator, reference_test_unet,
+    CAN_RUN_TRITON, CHURN_EVERY_STEP, GaussianScore, assert_bitwise, assert_meaningful, kve_pipe, make_generator,
+    reference_test_unet,
 )
 
 import kve_fast
 from kve_fast import graphs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch"] + (["triton"] if CAN_RUN_TRITON else [])
+SIGMAS = [20.0, 5.0, 1.0, 0.3, 0.0]
 
 
 def _cl_run(pipe, channels_last, cuda_graph, **kw):
@@ -90,3 +96,48 @@ def test_channels_last_needs_a_4d_shape_and_a_bool():
         kve_fast.sample_karras_ve(lambda x, t: x, sched, (2, 3, 8), 2, channels_last=True)
     with pytest.raises(TypeError, match="channels_last"):
         kve_fast.sample_karras_ve(model, sched, (2, 3, 8, 8), 2, channels_last="yes")
+
+
+def _layouts(x: torch.Tensor) -> dict:
+    """The same values in the layouts a user can hand in."""
+    wide = torch.zeros(x.shape[0] * 2, *x.shape[1:], device=x.device)
+    wide[::2] = x
+    return {
+        "contiguous": x.clone(),
+        "channels_last": x.clone().to(memory_format=torch.channels_last),
+        "permuted": x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+        "sliced": wide[::2],
+    }
+
+
+# --- every layout gives the torch backend's bits on every backend ----------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["gaussian", "unet"])
+def test_every_layout_gives_the_same_bits_on_every_backend(model_name):
+    model = GaussianScore(8) if model_name == "gaussian" else reference_test_unet(8)
+    model = model.to(DEVICE)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) * SIGMAS[0]
+    expected = kve_fast.sample_karras_ve_sigmas(model, x, SIGMAS, s_churn=2.0, generator=torch.Generator().manual_seed(1),
+                                    backend="torch")
+    for name, xl in _layouts(x).items():
+        assert torch.equal(xl, x)
+        for backend in BACKENDS:
+            got = kve_fast.sample_karras_ve_sigmas(model, xl, SIGMAS, s_churn=2.0, generator=torch.Generator().manual_seed(1),
+                                       backend=backend)
+            assert_bitwise(got, expected, f"{backend} backend, {name} input")
+            assert got.is_contiguous()
+
+
+def test_a_callback_may_return_any_layout():
+    model = GaussianScore(8).to(DEVICE)
+    pipe = kve_pipe(model)
+
+    def to_channels_last(p, i, t, kw):
+        return {"sample": kw["sample"].to(memory_format=torch.channels_last)}
+
+    out = {b: pipe(2, 4, torch.Generator().manual_seed(3), output_type="latent", backend=b,
+                   callback_on_step_end=to_channels_last).images for b in BACKENDS}
+    plain = pipe(2, 4, torch.Generator().manual_seed(3), output_type="latent", backend="torch").images
+    for b, latent in out.items():
+        assert_bitwise(latent, plain, f"{b}: a channels_last sample from the callback")

@@ -1,4 +1,5 @@
-"""kve_fast.KarrasVePipeline against diffusers' KarrasVePipeline: same call, same outputs, bit for bit. It refuses what
+"""kve_fast.KarrasVePipeline against diffusers' KarrasVePipeline: same call, same outputs, bit for bit; its callback
+protocol typed (a callback returns a dict, tensor inputs are a list). It refuses what
 it cannot finish before the first model call: images PIL cannot make, a config's ``sample_size`` or channel counts
 that are not what they must be, ints torch cannot hold, each naming the field."""
 
@@ -132,6 +133,24 @@ def test_callback_can_replace_the_sample_and_interrupt(models):
     calls.clear()
     pipe(1, 3, torch.Generator().manual_seed(0), output_type="latent", callback_on_step_end=lambda p, i, t, k: calls.append(i))
     assert calls == [0, 1, 2], "a new call must not stay interrupted"
+
+
+def test_callback_protocol_is_typed():
+    pipe = kve_pipe(GaussianScore(8))
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(TypeError, match="callback_on_step_end"):
+        pipe(1, 3, gen, callback_on_step_end=lambda p, i, t, k: k["sample"])
+    with pytest.raises(TypeError, match="callback_on_step_end"):
+        pipe(1, 3, gen, callback_on_step_end=lambda p, i, t, k: [k["sample"]])
+    with pytest.raises(TypeError, match="callback_on_step_end_tensor_inputs"):
+        pipe(1, 3, gen, callback_on_step_end=lambda p, i, t, k: None, callback_on_step_end_tensor_inputs="sample")
+    seen = []
+    pipe(1, 3, gen, callback_on_step_end=lambda p, i, t, k: seen.append(sorted(k)),
+         callback_on_step_end_tensor_inputs=None)
+    assert seen == [[], [], []]
+    with pytest.raises(TypeError, match="callback"):
+        kve_fast.sample_karras_ve(GaussianScore(8), kve_fast.KarrasVeScheduler(), (1, 3, 8, 8), 3,
+                                  callback=lambda s: s["sample"])
 
 
 def test_from_pipe_swaps_into_a_diffusers_pipeline(models):

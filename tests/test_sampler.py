@@ -1,4 +1,7 @@
-"""The sampler loop's other entry points and options: sample_karras_ve_sigmas, the paper's schedules, Euler-only."""
+"""The sampler loop's other entry points and options: sample_karras_ve_sigmas, the paper's schedules, Euler-only.
+Every entry point is inference only (no autograd tape, also in what a callback gets); user sigmas that overflow
+float32 are refused; a callback that scribbles on what it gets cannot change a later call; a non-finite final sample
+is reported (kve_fast.sampler's warning), in every output type."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import GaussianScore, assert_bitwise, needs_triton
+from conftest import GaussianScore, assert_bitwise, kve_pipe, needs_triton, reference_test_unet
 
 import kve_fast
 from kve_fast import plan as plan_module
@@ -15,6 +18,7 @@ from kve_fast.noise_levels import edm_sigmas, ve_sigmas
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]  # without Triton, its cases skip with the reason
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA tensors outside its interpreter
+SIGMAS = [20.0, 5.0, 1.0, 0.3, 0.0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,3 +144,80 @@ def test_numpy_scalars_are_taken_for_every_real_argument():
     for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
         with pytest.raises(TypeError, match=name):
             run(**{name: np.True_})
+
+
+# --- no autograd tape -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_entry_point_records_an_autograd_tape(backend):
+    unet = reference_test_unet(8).to(DEVICE)
+    assert any(p.requires_grad for p in unet.parameters())
+    x = (torch.randn(1, 3, 8, 8) * SIGMAS[0]).to(DEVICE).requires_grad_(True)
+    out = kve_fast.sample_karras_ve_sigmas(unet, x, SIGMAS, backend=backend)
+    assert not out.requires_grad and out.grad_fn is None
+    out = kve_fast.sample_karras_ve(unet, kve_fast.KarrasVeScheduler(), (1, 3, 8, 8), 3, device=DEVICE, backend=backend)
+    assert not out.requires_grad and out.grad_fn is None
+    seen = []
+    kve_fast.sample_karras_ve(unet, kve_fast.KarrasVeScheduler(), (1, 3, 8, 8), 3, device=DEVICE, backend=backend,
+                              callback=lambda s: seen.append(s["sample"].requires_grad or s["denoised"].requires_grad))
+    assert seen == [False, False, False]
+
+
+# --- a callback that scribbles on what it gets cannot change a later call ----------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_callback_that_mutates_what_it_gets_cannot_corrupt_later_calls(backend):
+    model, scheduler = GaussianScore(8), kve_fast.KarrasVeScheduler(s_churn=10.0)
+    run = lambda cb=None: kve_fast.sample_karras_ve(  # noqa: E731
+        model, scheduler, (2, 3, 8, 8), 5, torch.Generator().manual_seed(0), backend=backend, callback=cb)
+    before = run()
+
+    def vandal(state):
+        for key in ("sigma", "sigma_hat", "sigma_prev", "timestep"):
+            if isinstance(state[key], torch.Tensor):
+                state[key].mul_(100)
+
+    run(vandal)
+    assert_bitwise(run(), before, "a run after a callback scribbled on its tensors")
+
+
+# --- user sigmas that overflow float32 are rejected ------------------------------------------------------
+
+
+def test_user_sigmas_that_overflow_float32_are_rejected():
+    with pytest.raises(ValueError, match="sigmas"):
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1e30, 1.0, 0.0])
+    with pytest.raises(ValueError, match="sigmas"):
+        kve_fast.sample_karras_ve_sigmas(GaussianScore(8), torch.zeros(1, 3, 8, 8), [1.0, 1e-45, 0.0])
+
+
+# --- non-finite output is reported ----------------------------------------------------------------------
+
+
+class _NanAfter(torch.nn.Module):
+    def __init__(self, calls: int):
+        super().__init__()
+        self.base, self.calls, self.config = GaussianScore(8), calls, GaussianScore(8).config
+
+    def forward(self, x, sigma):
+        self.calls -= 1
+        out = self.base(x, sigma).sample
+        return out * float("nan") if self.calls < 0 else out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("output_type", ["np", "pil", "latent"])
+def test_nan_output_is_reported(backend, output_type):
+    pipe = kve_pipe(_NanAfter(3))
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        pipe(1, 4, torch.Generator().manual_seed(0), output_type=output_type, backend=backend)
+
+
+def test_finite_output_is_not_reported():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kve_pipe(GaussianScore(8))(1, 4, torch.Generator().manual_seed(0), output_type="np")
