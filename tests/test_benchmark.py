@@ -2,7 +2,8 @@
 
 The GPU numbers come from running bench/graph_bench.py on a GPU (bench/device_speed.sh); here: the table's rows
 and columns, the JSON, graphed rows reported unavailable on the CPU (and, through a stand-in runner, the
-graphed-row bookkeeping), argument errors, and the model configurations of graph_bench.py.
+graphed-row bookkeeping), argument errors, and the model configurations of graph_bench.py and its verdict on
+the speed targets.
 """
 
 from __future__ import annotations
@@ -367,6 +368,31 @@ def test_graph_bench_runs_on_cpu(tmp_path):
     # the table, then the total, then the verdict, last
     assert res.stdout.index("### Per call") < res.stdout.rindex("\ntotal ")
     assert res.stdout.rstrip().splitlines()[-1].startswith("graph_bench: PASS")
+
+
+def test_graph_bench_targets_need_a_measured_row_its_accuracy_and_a_graphed_floor():
+    """graph_bench's verdict on the speed script's targets: met only with the speed-up, the floor ratio against the
+    graphed forward, and the accuracy gate all in hand (mutations: the accuracy gate dropped -> the inaccurate row
+    is met; the floor's kind not read -> an eager floor meets the floor target; an unavailable row met)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        gb = importlib.import_module("graph_bench")
+    finally:
+        sys.path.pop(0)
+
+    def verdict(floor_kind="graphed", **row):
+        r = {"kind": "graphed", "noise": "fast", "row": "graphed fast", "status": "ok", "speedup": 5.0,
+             "floor_ratio": 1.01, "floor": "f", "accuracy": {"ok": True}, **row}
+        c = {"name": "ncsnpp-b64", "precision": {"label": "bf16"}, "floors": {"f": {"floor_kind": floor_kind}},
+             "rows": [r, {**r, "noise": "exact", "speedup": 0.1}]}
+        return gb.target_results([c], {"ncsnpp-b64": {"speedup": 4.5, "floor_ratio": 1.05}})[0]["met"]
+
+    assert verdict() is True
+    assert verdict(speedup=4.4) is False and verdict(floor_ratio=1.06) is False
+    assert verdict(accuracy={"ok": False}) is False and verdict(accuracy=None) is False
+    assert verdict(floor_kind="eager") is None and verdict(status="unavailable") is None
+    assert gb.target_results([], {"ncsnpp-b64": {"speedup": 4.5}})[0]["met"] is None
+    assert gb._measured({"speedup": 2.5, "floor_ratio": None, "accuracy_ok": True}).startswith("speedup 2.50x, n/a")
 
 
 # ---- low precision: bf16 rows against diffusers' float32 ------------------------------------------
