@@ -31,7 +31,8 @@ def _bench(argv, capsys):
 def test_bench_edm_rows_on_the_cpu(capsys):
     """``kve-fast bench --edm``: EDM's loop and kve_fast.edm eager, each against its floor, kve_fast's bit for bit
     equal to the loop's; the graphed row left out on the CPU with its reason. Mutation caught: the rows compared
-    with nothing (``equal_reference_latent`` not set: the "= EDM's loop" column empty)."""
+    with nothing (``equal_reference_latent`` not set: the "= EDM's loop" column empty); the note that the bits are
+    compared before any clamping dropped (a reader of a 0 % "pixels inside (0,1)" would doubt the equality)."""
     rc, out, err = _bench(["--edm", "--steps", "2", "--repeats", "1", "--device", "cpu"], capsys)
     assert rc == 0, err
     table = out.split("### Per call", 1)[1]
@@ -40,6 +41,7 @@ def test_bench_edm_rows_on_the_cpu(capsys):
     eager = next(line for line in table.splitlines() if "kve_fast.edm eager" in line)
     assert "1.00x" in loop and "latent yes" in eager
     assert "kve_fast.edm graphed: CUDA graphs need a CUDA device" in out
+    assert "compared on the float64 latents before any clamping" in out
 
 
 def test_bench_edm_fails_when_the_bits_differ(capsys, monkeypatch):

@@ -114,6 +114,10 @@ def bench_edm(net, *, name: str, batch_size: int, steps: int = 18, device=None, 
     first = next(iter(outputs.values()), None)
     if first is not None:
         rec["inside_share"] = inside_share(((first.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+        if outputs.keys() - {"reference"} and "reference" in outputs:
+            rec["notes"].append(f"the bits are compared on the float64 latents before any clamping, so a saturated "
+                                f"image (pixels inside (0,1): {rec['inside_share']:.1%}; a stand-in net's images "
+                                f"need not look like anything) cannot hide a difference")
     ref_ms = rec["rows"][0]["ms_per_call"] if reference and rec["rows"] else None
     for r in rec["rows"]:
         if r["ms_per_call"]:
